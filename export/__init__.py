@@ -1,0 +1,1 @@
+"""toolchain.export: exporters that read a compressed model's integer state (blob, ONNX, interop)."""

@@ -1,0 +1,1 @@
+"""toolchain.sim: integer golden models, cocotb benches and simulator runners for the FPGA target."""

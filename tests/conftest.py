@@ -1,0 +1,66 @@
+"""Tiny random models of both supported families, built here (nothing is downloaded)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE trained in a blink on CPython's docs, wrapped for transformers."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = [topics[k] for k in sorted(topics)[:20]]
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def make_llama(vocab_size: int, seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_opt(vocab_size: int, seed: int = 0, layers: int = 2):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                    vocab_size=vocab_size, max_position_embeddings=256, word_embed_proj_dim=64)
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-opt")
+    make_opt(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(params=["llama", "opt"])
+def tiny_dir(request, tiny_llama_dir, tiny_opt_dir):
+    return tiny_llama_dir if request.param == "llama" else tiny_opt_dir

@@ -1,0 +1,248 @@
+"""Pruning: mask rules, methods, Barber, allocation, determinism and bad input, on tiny random models."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import make_llama, make_opt
+from toolchain.engine import LayerEngine
+from toolchain.errors import ConfigError
+from toolchain.models import adapter_for
+from toolchain.models.loading import LoadedModel
+from toolchain.pipeline import PruneConfig, prune_loaded
+from toolchain.prune import SparseGPT, SparsityTarget, Wanda, Magnitude, check_nm, rebuild_mask
+from toolchain.prune.barber import Barber, block_loss
+from toolchain.prune.stats import InputStats
+
+VOCAB = 320
+
+
+def loaded(family="llama", seed=0, layers=2):
+    model = make_llama(VOCAB, seed, layers) if family == "llama" else make_opt(VOCAB, seed, layers)
+    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source={})
+
+
+def calib(n=8, t=32, seed=0):
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def all_linears(lm):
+    for i, layer in enumerate(lm.adapter.decoder_layers(lm.model)):
+        for name, lin in lm.adapter.linears(layer).items():
+            yield f"{i}.{name}", lin.weight.detach()
+
+
+METHOD_CASES = [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("barber", "wanda"),
+                ("barber", "sparsegpt"), ("barber", "magnitude")]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("method,init", METHOD_CASES)
+@pytest.mark.parametrize("sparsity", ["0.5", "0.3", "2:4", "4:8", "1:4"])
+def test_pattern_exact(family, method, init, sparsity):
+    lm = loaded(family)
+    cfg = PruneConfig(method=method, init=init, sparsity=sparsity, rebuild_ratio=0.5, batch_size=4)
+    report = prune_loaded(lm, calib(), cfg, device="cpu", progress=False)
+    target = SparsityTarget.parse(sparsity)
+    for name, w in all_linears(lm):
+        pruned = w == 0
+        if target.is_nm:
+            assert check_nm(pruned, target.n, target.m), name
+        else:
+            per_row = pruned.sum(dim=1)
+            assert (per_row == round(target.sparsity * w.shape[1])).all(), (name, per_row.tolist())
+    assert report["global_sparsity"] == pytest.approx(target.sparsity, abs=1.0 / 64)
+
+
+def _correlated_inputs(cols=64, tokens=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) * torch.logspace(0, -2, cols)[None, :]
+    x = torch.randn(tokens, cols, generator=g) @ mix.T
+    x[:, :4] *= 10  # a few outlier features, as in LLM activations
+    return x
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4", "0.7"])
+def test_sparsegpt_beats_magnitude_and_wanda_on_layer_error(sparsity):
+    x = _correlated_inputs()
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    stats = InputStats(64, hessian=True)
+    stats.add_batch(x)
+    target = SparsityTarget.parse(sparsity)
+
+    def err(method):
+        w_new, _ = method.prune(w, stats, target)
+        return float(((w - w_new) @ x.T).square().sum())
+
+    e_mag, e_wanda, e_sgpt = err(Magnitude()), err(Wanda()), err(SparseGPT())
+    assert e_sgpt < e_wanda < e_mag
+
+
+def test_rebuild_mask_swaps_floor_ratio_of_beneficial_pairs():
+    # One row, 8 weights, 4 pruned. Pruned scores 9, 8, 1, 0; kept scores 5, 4, 3, 2.
+    score = torch.tensor([[9.0, 8.0, 1.0, 0.0, 5.0, 4.0, 3.0, 2.0]])
+    pruned = torch.tensor([[True, True, True, True, False, False, False, False]])
+    target = SparsityTarget.parse("0.5")
+    # Beneficial pairs: (9 vs 2), (8 vs 3): R = 2.
+    assert rebuild_mask(pruned, score, 0.4, target).equal(pruned)          # floor(0.8) = 0 swaps
+    one = rebuild_mask(pruned, score, 0.5, target)                           # 1 swap: revive 9, prune 2
+    assert one.tolist() == [[False, True, True, True, False, False, False, True]]
+    two = rebuild_mask(pruned, score, 1.0, target)
+    assert two.tolist() == [[False, False, True, True, False, False, True, True]]
+
+
+@pytest.mark.parametrize("nm", ["2:4", "1:4", "4:8"])
+def test_rebuild_mask_preserves_nm(nm):
+    target = SparsityTarget.parse(nm)
+    g = torch.Generator().manual_seed(0)
+    from toolchain.prune.masks import nm_prune_mask
+    pruned = nm_prune_mask(torch.rand(32, 64, generator=g), target.n, target.m)
+    score = torch.rand(32, 64, generator=g)
+    new = rebuild_mask(pruned, score, 1.0, target)
+    assert check_nm(new, target.n, target.m)
+    assert not new.equal(pruned)  # random scores leave plenty of beneficial swaps
+
+
+def _plant_outliers(model, adapter):
+    """Large gains on a few norm channels: magnitude ignores them, the block loss does not."""
+    for layer in adapter.decoder_layers(model):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            weight = layer.get_submodule(norm).weight
+            weight.data[:3] = 25.0
+
+
+def test_barber_keeps_counts_and_lowers_block_loss():
+    lm = loaded("llama", layers=1)
+    _plant_outliers(lm.model, lm.adapter)
+    engine = LayerEngine(lm.model, lm.adapter, calib(16, 32), batch_size=4, device="cpu")
+    hidden = engine.capture_inputs()
+    layer = engine.layers[0]
+    dense = copy.deepcopy(layer)
+    target = SparsityTarget.parse("0.5")
+    masks, targets = {}, {}
+    for name, lin in lm.adapter.linears(layer).items():
+        w, m = Magnitude().prune(lin.weight, None, target)
+        lin.weight.data, masks[name], targets[name] = w, m, target
+    blocks = lm.adapter.subblocks(layer)
+    before_attn = block_loss(engine, layer, dense, hidden, blocks[0])
+    counts = {name: m.sum(dim=1).clone() for name, m in masks.items()}
+    report = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets)
+    after_attn = block_loss(engine, layer, dense, hidden, blocks[0])
+    after_mlp = block_loss(engine, layer, dense, hidden, blocks[1])
+    assert report["attn_loss_before"] == pytest.approx(before_attn, rel=1e-4)
+    assert after_attn < 0.9 * before_attn
+    assert after_mlp < 0.9 * report["mlp_loss_before"]
+    assert sum(report["swaps"].values()) > 0
+    for name, lin in lm.adapter.linears(layer).items():
+        assert ((lin.weight == 0).sum(dim=1) == counts[name]).all(), name
+        assert lin.weight[~masks[name]].equal(dense.get_submodule(name).weight[~masks[name]])
+
+
+def test_barber_per_window_gradients_match_autograd():
+    """The batched per-window gradient (g_n^T x_n) equals one backward per window, as in the reference."""
+    from toolchain.prune.barber import block_grad_sq
+
+    lm = loaded("llama", layers=1)
+    engine = LayerEngine(lm.model, lm.adapter, calib(4, 16), batch_size=4, device="cpu")
+    hidden = engine.capture_inputs()
+    layer = engine.layers[0]
+    dense = copy.deepcopy(layer).requires_grad_(True)
+    for lin in lm.adapter.linears(layer).values():
+        lin.weight.data, _ = Magnitude().prune(lin.weight, None, SparsityTarget.parse("0.5"))
+    block = lm.adapter.subblocks(layer)[1]
+    g2, _ = block_grad_sq(engine, layer, dense, hidden, block)
+    expected = {n: torch.zeros_like(g) for n, g in g2.items()}
+    for i in range(4):
+        one = LayerEngine(lm.model, lm.adapter, calib(4, 16), batch_size=1, device="cpu")
+        one.layer_kwargs = engine.layer_kwargs
+        args, kwargs, y_s = one.capture_block(layer, hidden[i:i + 1], block)
+        loss = (block.run(dense, args, kwargs) - y_s).square().mean()
+        grads = torch.autograd.grad(loss, [dense.get_submodule(n).weight for n in block.linears])
+        for n, g in zip(block.linears, grads):
+            expected[n] += g.square() / 4
+    for n in block.linears:
+        torch.testing.assert_close(g2[n], expected[n], rtol=1e-4, atol=1e-12)
+
+
+def test_same_seed_same_masks_and_different_seed_differs(tiny_llama_dir):
+    from toolchain.models import load_model
+    from toolchain.pipeline import calibration_data
+
+    def run(seed):
+        lm = load_model(tiny_llama_dir)
+        cfg = PruneConfig(method="barber", init="wanda", sparsity="0.5", calib_samples=4, seqlen=32, seed=seed,
+                          rebuild_ratio=0.2)
+        ids, _ = calibration_data(lm, cfg)
+        prune_loaded(lm, ids, cfg, device="cpu", progress=False)
+        return ids, [w.clone() for _, w in all_linears(lm)]
+
+    ids_a, a = run(0)
+    ids_b, b = run(0)
+    ids_c, c = run(1)
+    assert ids_a.equal(ids_b) and not ids_a.equal(ids_c)
+    assert all(x.equal(y) for x, y in zip(a, b))
+    assert not all((x == 0).equal(y == 0) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("allocation", ["owl", "hessian"])
+def test_allocation_varies_layers_and_keeps_global_ratio(allocation):
+    lm = loaded("llama", layers=4)
+    _plant_outliers(lm.model, lm.adapter)
+    lm.model.model.layers[0].input_layernorm.weight.data[:8] = 60.0  # layer 0 stands out
+    cfg = PruneConfig(method="wanda", sparsity="0.6", allocation=allocation, batch_size=4, hessian_samples=2)
+    report = prune_loaded(lm, calib(), cfg, device="cpu", progress=False)
+    per_layer = report["layer_sparsity"]
+    assert max(per_layer) - min(per_layer) > 0.05
+    assert sum(per_layer) / len(per_layer) == pytest.approx(0.6, abs=1e-9)
+    assert report["global_sparsity"] == pytest.approx(0.6, abs=1.0 / 64)
+    for entry in report["layers"]:
+        got = sum(v["sparsity"] for v in entry["linears"].values()) / len(entry["linears"])
+        assert got == pytest.approx(per_layer[entry["layer"]], abs=1.0 / 64)
+
+
+@pytest.mark.parametrize("text", ["0", "1", "1.5", "-0.1", "abc", "4:4", "5:4", "0:4", "2:1"])
+def test_bad_sparsity_is_rejected(text):
+    with pytest.raises(ConfigError, match="sparsity|N:M"):
+        SparsityTarget.parse(text)
+
+
+def test_input_dim_not_divisible_by_m():
+    lm = loaded("llama")  # in-dims 64 and 128
+    with pytest.raises(ConfigError, match="not divisible by M=5"):
+        prune_loaded(lm, calib(), PruneConfig(method="wanda", sparsity="3:5"), device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (PruneConfig(method="obs"), "unknown --method"),
+    (PruneConfig(method="barber", init="barber"), "unknown --init"),
+    (PruneConfig(method="wanda", init="magnitude"), "--init only applies"),
+    (PruneConfig(method="wanda", sparsity="2:4", allocation="owl"), "N:M"),
+    (PruneConfig(method="wanda", allocation="random"), "--allocation"),
+    (PruneConfig(method="barber", rebuild_ratio=1.5), "--rebuild-ratio"),
+    (PruneConfig(method="wanda", calib_samples=0), "--calib-samples"),
+])
+def test_bad_config_is_rejected(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg.resolve()
+
+
+def test_cli_rejects_unknown_method(capsys):
+    from toolchain.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--model", "smollm2", "--method", "obs", "--sparsity", "0.5", "--out", "x"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'obs'" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_sparsity_without_traceback(capsys, tiny_llama_dir, tmp_path):
+    from toolchain.cli import main
+
+    code = main(["prune", "--model", str(tiny_llama_dir), "--method", "wanda", "--sparsity", "1.5",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sparsity must be in (0, 1)" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

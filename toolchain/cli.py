@@ -1,0 +1,143 @@
+"""`toolchain` command line. Thin: parse, then call one pipeline function."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import ToolchainError
+
+PRUNE_EXAMPLES = """examples:
+  toolchain prune --model smollm2 --method wanda --sparsity 0.5 --out out/wanda50
+  toolchain prune --model smollm2 --method barber --init sparsegpt --sparsity 2:4 --out out/barber24
+  toolchain prune --model ./my-llama --method sparsegpt --sparsity 0.6 --allocation owl --out out/sgpt60
+
+N:M means N kept of every M consecutive input weights (2:4 = 50%, along the reduction dimension).
+The output directory is a Hugging Face model (AutoModelForCausalLM.from_pretrained loads it) plus
+compression.json, which records what was done per layer."""
+
+
+def _add_data_args(p: argparse.ArgumentParser, samples_default: int = 128) -> None:
+    p.add_argument("--calib-samples", type=int, default=samples_default, help="calibration windows (default %(default)s)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window, capped at the model's maximum "
+                   "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default %(default)s)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", choices=["pydoc", "wikitext2", "c4", "ptb"], default=None,
+                     help="calibration text (default: pydoc, CPython's reference docs; others need `datasets` "
+                          "and a local copy)")
+    src.add_argument("--text-file", metavar="PATH", help="calibrate on any UTF-8 text file (its last 10%% is held out)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default %(default)s)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolchain", description="Prune, quantize and export LLMs to hardware.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model layer by layer", epilog=PRUNE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "barber"])
+    p.add_argument("--init", choices=["magnitude", "wanda", "sparsegpt"], default=None,
+                   help="Barber's initial pruner (default wanda)")
+    p.add_argument("--sparsity", required=True, help="fraction in (0,1) such as 0.5, or N:M such as 2:4 / 4:8")
+    p.add_argument("--allocation", choices=["uniform", "owl", "hessian"], default="uniform",
+                   help="per-layer sparsity: uniform, OWL outlier-weighted, or Hessian-trace sensitivity "
+                        "(unstructured only; the global ratio is kept)")
+    p.add_argument("--rebuild-ratio", type=float, default=0.01,
+                   help="Barber's alpha: fraction of the beneficial pruned<->kept swaps made per row "
+                        "(default %(default)s)")
+    p.add_argument("--keep-updates", action="store_true",
+                   help="Barber: keep the init method's updated weights (e.g. SparseGPT's) on kept positions "
+                        "instead of resetting them to dense values")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+
+    e = sub.add_parser("eval", help="perplexity of a model on the evaluation split(s)")
+    e.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
+    e.add_argument("--seqlen", type=int, default=2048, help="window length (default %(default)s)")
+    e.add_argument("--datasets", default="pydoc,wikitext2,c4,ptb",
+                   help="comma list; unavailable ones are reported and skipped (default %(default)s)")
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", action="store_true", help="print JSON for machines")
+    e.add_argument("--quiet", action="store_true")
+
+    d = sub.add_parser("demo", help="the main job on the default model: Barber 2:4, dense vs pruned perplexity")
+    d.add_argument("--model", default="smollm2")
+    d.add_argument("--out", default="out/demo")
+
+    b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
+    b.add_argument("what", choices=["prune"])
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--out", default="bench/results")
+    b.add_argument("--only", default=None, help="comma list of configuration names to run")
+    return parser
+
+
+def _device(name):
+    return name if name else None
+
+
+def cmd_prune(args) -> int:
+    from .pipeline import PruneConfig, run_prune
+
+    cfg = PruneConfig(method=args.method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
+                      rebuild_ratio=args.rebuild_ratio, keep_updates=args.keep_updates,
+                      calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, dataset=args.dataset,
+                      text_file=args.text_file, batch_size=args.batch_size)
+    report = run_prune(args.model, args.out, cfg, device=_device(args.device), progress=not args.quiet)
+    print(f"pruned {args.model} with {report['method']}"
+          f"{' (init ' + report['init'] + ')' if report['init'] else ''} at {report['sparsity']}: "
+          f"global sparsity {report['global_sparsity']:.4f}, {report['seconds']['total']:.1f} s, "
+          f"peak RSS {report['peak_rss_mib']:.0f} MiB -> {report['out']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    from .models import load_model
+
+    loaded = load_model(args.model)
+    names = tuple(n.strip() for n in args.datasets.split(",") if n.strip())
+    result = evaluate(loaded, args.seqlen, names, device=_device(args.device) or "cpu", progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, ppl in result["perplexity"].items():
+            print(f"{name:10s} perplexity {ppl:10.3f}  ({result['tokens'][name]} tokens, seqlen {result['seqlen']})")
+        for name, why in result["unavailable"].items():
+            print(f"{name:10s} unavailable: {why}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .bench import run_demo
+
+    return run_demo(args.model, args.out)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_prune_bench
+
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    run_prune_bench(args.model, args.out, only=only)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}[args.command]
+    try:
+        return handler(args)
+    except ToolchainError as exc:
+        print(f"toolchain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

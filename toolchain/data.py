@@ -1,0 +1,128 @@
+"""Calibration and evaluation text, with fixed splits so calibration never overlaps evaluation.
+
+Default corpus: CPython's reference documentation, `pydoc_data.topics` (ships with every CPython).
+Split rule (documented in docs/data.md): topics sorted by key; topic i goes to the evaluation split when
+i % 5 == 0 (15% of the text), otherwise to calibration. Topics are joined with a blank line. Because the split is on text,
+not on tokens, it is the same for every tokenizer.
+
+Calibration windows are `seqlen` consecutive tokens starting at offsets drawn from a seeded generator,
+all inside the calibration split. Evaluation uses non-overlapping windows of the evaluation split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+DATASETS = ("pydoc", "wikitext2", "c4", "ptb")
+EVAL_EVERY = 5  # pydoc split: every 5th topic is held out for evaluation
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    calib_text: str
+    eval_text: str
+
+
+def pydoc_corpus() -> Corpus:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    calib = [topics[k] for i, k in enumerate(keys) if i % EVAL_EVERY != 0]
+    evals = [topics[k] for i, k in enumerate(keys) if i % EVAL_EVERY == 0]
+    return Corpus("pydoc", "\n\n".join(calib), "\n\n".join(evals))
+
+
+def text_file_corpus(path: str | Path) -> Corpus:
+    """Any UTF-8 text: the last 10% (cut at a line break) is evaluation, the rest calibration."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--text-file {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--text-file {p} is not UTF-8 text: {exc}") from None
+    if not text.strip():
+        raise DataError(f"--text-file {p} is empty")
+    cut = int(len(text) * 0.9)
+    newline = text.find("\n", cut)
+    cut = newline if newline != -1 else cut
+    return Corpus(f"file:{p.name}", text[:cut], text[cut:])
+
+
+def hub_corpus(name: str) -> Corpus:
+    """wikitext2 / c4 / ptb through `datasets`, from the user's local cache (nothing is downloaded here)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--dataset {name} needs the `datasets` package: pip install 'toolchain[data]'") from None
+    try:
+        if name == "wikitext2":
+            train = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+            test = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+            return Corpus(name, "\n\n".join(train["text"]), "\n\n".join(test["text"]))
+        if name == "ptb":
+            train = datasets.load_dataset("ptb_text_only", "penn_treebank", split="train")
+            test = datasets.load_dataset("ptb_text_only", "penn_treebank", split="test")
+            return Corpus(name, " ".join(train["sentence"]), " ".join(test["sentence"]))
+        if name == "c4":
+            train = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                                          split="train")
+            val = datasets.load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                                        split="validation")
+            return Corpus(name, "\n\n".join(train["text"][:20000]), " ".join(val["text"][:1100]))
+    except Exception as exc:
+        raise DataError(f"could not load dataset {name!r} through `datasets` (is it in your local cache? "
+                        f"this machine may be offline): {type(exc).__name__}: {exc}") from None
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def get_corpus(dataset: str | None = None, text_file: str | None = None) -> Corpus:
+    if dataset and text_file:
+        raise DataError("give either --dataset or --text-file, not both")
+    if text_file:
+        return text_file_corpus(text_file)
+    if dataset in (None, "pydoc"):
+        return pydoc_corpus()
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return hub_corpus(dataset)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    if tokenizer is None:
+        raise DataError("this model has no tokenizer; save one beside the weights to use text data")
+    # One long sequence; windows are cut from it. The length warning for long inputs does not apply.
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    return ids
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens with seeded random starts: LongTensor [nsamples, seqlen]."""
+    if nsamples < 1:
+        raise DataError(f"--calib-samples must be >= 1, got {nsamples}")
+    if seqlen < 2:
+        raise DataError(f"--seqlen must be >= 2, got {seqlen}")
+    if ids.numel() <= seqlen:
+        raise DataError(f"calibration split has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return ids[starts[:, None] + torch.arange(seqlen)[None, :]]
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows covering the evaluation split: LongTensor [n, seqlen]."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise DataError(f"evaluation split has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def model_max_seqlen(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)

@@ -1,0 +1,145 @@
+"""The layer-by-layer engine shared by every pruning (and later quantization) method.
+
+It embeds the calibration windows once, captures what the model passes to its first decoder layer
+(hidden states plus keyword arguments such as RoPE tables and masks), then walks the decoder layers one
+at a time: gather statistics with hooks, let a method rewrite the weights, and recompute the layer's
+outputs as the next layer's inputs. Memory: the model (on the CPU when a GPU is used), one layer on the
+device, and two [N, T, d] activation buffers.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .models.base import ArchAdapter, SubBlock, first_tensor
+from .prune.stats import InputStats
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early once the wanted activations are captured."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LayerEngine:
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, calib_ids: torch.Tensor, batch_size: int = 8,
+                 device: torch.device | str | None = None):
+        if calib_ids.dim() != 2:
+            raise ValueError(f"calibration ids must be [samples, seqlen], got {tuple(calib_ids.shape)}")
+        self.model = model
+        self.adapter = adapter
+        self.layers = adapter.decoder_layers(model)
+        self.calib_ids = calib_ids
+        self.batch_size = max(1, int(batch_size))
+        self.device = torch.device(device) if device is not None else default_device()
+        self.layer_kwargs: dict = {}
+
+    # ---------------------------------------------------------------- batching and layer calls
+    def batches(self, n: int | None = None) -> Iterator[slice]:
+        n = self.calib_ids.shape[0] if n is None else n
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(start + self.batch_size, n))
+
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return first_tensor(layer(hidden, **self.layer_kwargs))
+
+    @torch.no_grad()
+    def forward_layer(self, layer: nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `layer` on every calibration window (batched); returns `out` ([N, T, d])."""
+        out = torch.empty_like(hidden) if out is None else out
+        for s in self.batches():
+            out[s] = self.call_layer(layer, hidden[s])
+        return out
+
+    # ---------------------------------------------------------------- first-layer inputs
+    def _move_outside_layers(self, device: torch.device) -> None:
+        inside = {id(t) for t in list(self.layers.parameters()) + list(self.layers.buffers())}
+        for module in self.model.modules():
+            for key, param in list(module._parameters.items()):
+                if param is not None and id(param) not in inside:
+                    param.data = param.data.to(device)
+            for key, buf in list(module._buffers.items()):
+                if buf is not None and id(buf) not in inside:
+                    module._buffers[key] = buf.to(device)
+
+    @torch.no_grad()
+    def capture_inputs(self) -> torch.Tensor:
+        """Hidden states entering decoder layer 0 for every window: float32 [N, T, d] on the device."""
+        first = self.layers[0]
+        captured: list[torch.Tensor] = []
+        engine = self
+
+        class Catcher(nn.Module):
+            def __init__(self):
+                super().__init__()
+                # Some families pick a mask per layer by this attribute (sliding vs full attention).
+                if hasattr(first, "attention_type"):
+                    self.attention_type = first.attention_type
+
+            def forward(self, hidden_states, *args, **kwargs):
+                captured.append(hidden_states)
+                if not engine.layer_kwargs:
+                    engine.layer_kwargs = {k: v for k, v in kwargs.items()
+                                           if k not in ("past_key_values", "past_key_value", "cache", "use_cache",
+                                                        "output_attentions")}
+                raise _StopForward
+
+        self._move_outside_layers(self.device)
+        self.layers[0] = Catcher()
+        try:
+            # One window per call: every window gets identical masks and positions (no padding), so the
+            # keyword arguments captured with batch 1 broadcast over any batch later.
+            for i in range(self.calib_ids.shape[0]):
+                with contextlib.suppress(_StopForward):
+                    self.model(self.calib_ids[i:i + 1].to(self.device), use_cache=False)
+        finally:
+            self.layers[0] = first
+            if self.device.type != "cpu":
+                self._move_outside_layers(torch.device("cpu"))
+        return torch.cat(captured, dim=0).float()
+
+    # ---------------------------------------------------------------- statistics
+    @torch.no_grad()
+    def collect_stats(self, layer: nn.Module, hidden: torch.Tensor, hessian: bool) -> dict[str, InputStats]:
+        """Input statistics for every linear of `layer`; linears that read the same tensor share one object."""
+        stats: dict[str, InputStats] = {}
+        handles = []
+        for group in self.adapter.input_groups():
+            module = layer.get_submodule(group[0])
+            shared = InputStats(module.in_features, hessian=hessian, device=self.device)
+            for name in group:
+                stats[name] = shared
+            handles.append(module.register_forward_pre_hook(lambda m, args, st=shared: st.add_batch(args[0])))
+        try:
+            for s in self.batches():
+                self.call_layer(layer, hidden[s])
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    def capture_block(self, layer: nn.Module, hidden: torch.Tensor, block: SubBlock):
+        """Run `layer` on one batch until `block` has run; return its entry (args, kwargs) and its output."""
+        seen: dict = {}
+
+        def on_entry(module, args, kwargs):
+            seen["args"], seen["kwargs"] = args, kwargs
+
+        def on_exit(module, args, output):
+            seen["out"] = first_tensor(output)
+            raise _StopForward
+
+        entry = layer.get_submodule(block.entry).register_forward_pre_hook(on_entry, with_kwargs=True)
+        exit_ = layer.get_submodule(block.exit).register_forward_hook(on_exit)
+        try:
+            with torch.no_grad(), contextlib.suppress(_StopForward):
+                self.call_layer(layer, hidden)
+        finally:
+            entry.remove()
+            exit_.remove()
+        return seen["args"], seen["kwargs"], seen["out"]

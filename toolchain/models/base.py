@@ -1,0 +1,61 @@
+"""What the layer engine needs to know about a model family, and nothing more.
+
+An adapter names a family's decoder layers, the linear layers of each sub-block, which linears share an
+input (so their statistics are gathered once), and how to run one sub-block on captured inputs. Calling
+the decoder layers themselves goes through transformers' own modules with the keyword arguments that
+the model passes them (captured once), so RoPE, masks and GQA stay transformers' business.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SubBlock:
+    """A residual branch of a decoder layer: attention or MLP.
+
+    entry: module whose call receives the branch input (after the norm) as its first argument or as
+           `hidden_states=`; exit: module whose output is the branch output, before the residual add.
+    run(layer, args, kwargs): recompute the branch output of `layer` from the captured entry call.
+    """
+
+    name: str
+    linears: tuple[str, ...]
+    entry: str
+    exit: str
+    run: Callable[[nn.Module, tuple, dict], torch.Tensor]
+
+
+class ArchAdapter(ABC):
+    """Base class for one model family."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+
+    @abstractmethod
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers, in order."""
+
+    @abstractmethod
+    def subblocks(self, layer: nn.Module) -> Sequence[SubBlock]:
+        """Attention then MLP."""
+
+    @abstractmethod
+    def input_groups(self) -> Sequence[tuple[str, ...]]:
+        """Linears that read the same tensor; the first one's input is hooked for the whole group."""
+
+    def linear_names(self) -> list[str]:
+        return [name for group in self.input_groups() for name in group]
+
+    def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        return {name: layer.get_submodule(name) for name in self.linear_names()}
+
+
+def first_tensor(out) -> torch.Tensor:
+    """Modules return a tensor or a tuple whose first item is the tensor, depending on version."""
+    return out[0] if isinstance(out, (tuple, list)) else out

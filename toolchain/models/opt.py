@@ -1,0 +1,36 @@
+"""OPT decoders (q/k/v/out_proj attention, fc1/fc2 MLP with ReLU)."""
+from __future__ import annotations
+
+from .base import ArchAdapter, SubBlock, first_tensor
+
+
+def _run_attention(layer, args, kwargs):
+    return first_tensor(layer.self_attn(*args, **kwargs))
+
+
+def _run_mlp(layer, args, kwargs):
+    # OPT has no MLP module: the branch is fc2(act(fc1(x))) on the flattened, normed hidden state.
+    return layer.fc2(layer.activation_fn(layer.fc1(*args, **kwargs)))
+
+
+class OPTAdapter(ArchAdapter):
+    family = "opt"
+    model_types = ("opt",)
+
+    def decoder_layers(self, model):
+        return model.model.decoder.layers
+
+    def subblocks(self, layer):
+        return (
+            SubBlock("attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+                     "self_attn", "self_attn", _run_attention),
+            SubBlock("mlp", ("fc1", "fc2"), "fc1", "fc2", _run_mlp),
+        )
+
+    def input_groups(self):
+        return (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        )

@@ -1,0 +1,37 @@
+"""Statistics of a linear layer's input, gathered by the layer engine and shared by the methods."""
+from __future__ import annotations
+
+import torch
+
+
+class InputStats:
+    """Running sums over calibration tokens x (rows of the layer input):
+
+    sq_sum[j] = sum_t x_tj^2   (Wanda's ||X_j||^2)
+    xtx       = sum_t x_t x_t^T (the layer Hessian up to scale; only when `hessian=True`)
+    """
+
+    def __init__(self, cols: int, hessian: bool, device: torch.device | str = "cpu"):
+        self.cols = cols
+        self.tokens = 0
+        self.sq_sum = torch.zeros(cols, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device) if hessian else None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.cols).float()
+        self.tokens += x.shape[0]
+        self.sq_sum += x.square().sum(dim=0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.T, x)
+
+    @property
+    def col_norms(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens."""
+        return self.sq_sum.sqrt()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X X^T / tokens, the Hessian of the layer-wise squared error ||W X - W' X||^2 / tokens."""
+        if self.xtx is None:
+            raise RuntimeError("these statistics were gathered without the Hessian")
+        return self.xtx * (2.0 / max(self.tokens, 1))
