@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-ratio", type=float, default=0.01,
                    help="Barber's alpha: fraction of the beneficial pruned<->kept swaps made per row "
                         "(default %(default)s)")
-    p.add_argument("--keep-updates", action="store_true",
-                   help="Barber: keep the init method's updated weights (e.g. SparseGPT's) on kept positions "
-                        "instead of resetting them to dense values")
+    p.add_argument("--keep-updates", action=argparse.BooleanOptionalAction, default=True,
+                   help="Barber: kept weights keep the init method's values (SparseGPT's OBS updates; a no-op "
+                        "for magnitude/Wanda, which do not update weights), revived ones take dense values. "
+                        "--no-keep-updates resets every kept weight to its dense value, as the reference code "
+                        "does by default (default: keep)")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
 

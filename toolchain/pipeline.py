@@ -28,7 +28,7 @@ class PruneConfig:
     sparsity: str = "0.5"            # fraction, or N:M (N kept of every M)
     allocation: str = "uniform"
     rebuild_ratio: float = 0.01      # Barber's alpha: fraction of the beneficial swaps that are made
-    keep_updates: bool = False       # Barber: keep the init method's updated weights on kept positions
+    keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
     calib_samples: int = 128
     seqlen: int = 2048
     seed: int = 0

@@ -138,8 +138,8 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
     one is complete. Refuses to write over the model that was loaded.
     """
     out = Path(out_dir).resolve()
-    src = Path(loaded.source.get("path", "")).resolve()
-    if src == out or (src.is_file() and src.parent == out) or out in src.parents:
+    src = Path(loaded.source["path"]).resolve() if loaded.source.get("path") else None
+    if src is not None and (src == out or (src.is_file() and src.parent == out) or out in src.parents):
         raise ModelLoadError(f"--out {out} would overwrite the input model {src}; choose another directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -10,8 +10,9 @@ Per decoder layer, attention sub-block first, then MLP (which sees the rebuilt a
 4. Score S = |W_dense| * sqrt(G2). Per output row: R = number of pruned/kept pairs (best pruned against
    worst kept, and so on) in which the pruned weight scores higher; swap floor(ratio * R) of them.
    With N:M, every group prunes as many of its weakest kept weights as it revived, so N:M holds.
-Kept weights take their dense values (as in the reference), or keep the init method's updated values with
-`keep_updates` (revived weights always take dense values).
+Kept weights keep the init method's values (`keep_updates`, our default: for magnitude and Wanda these are
+the dense values anyway, for SparseGPT they carry its OBS updates), or are all reset to their dense values
+as the reference code does by default. Revived weights always take their dense values.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def block_loss(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBlock
 
 
 class Barber:
-    def __init__(self, ratio: float = 0.01, keep_updates: bool = False):
+    def __init__(self, ratio: float = 0.01, keep_updates: bool = True):
         self.ratio = ratio
         self.keep_updates = keep_updates
 
