@@ -246,3 +246,46 @@ def test_cli_rejects_bad_sparsity_without_traceback(capsys, tiny_llama_dir, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "sparsity must be in (0, 1)" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_sparsegpt_solve_with_mask_reproduces_prune_and_beats_plain_masking():
+    x = _correlated_inputs()
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(2))
+    stats = InputStats(64, hessian=True)
+    stats.add_batch(x)
+    sgpt = SparseGPT()
+    pruned, mask = sgpt.prune(w, stats, SparsityTarget.parse("0.5"))
+    torch.testing.assert_close(sgpt.solve_with_mask(w, stats, mask), pruned, rtol=0, atol=1e-6)
+    # Any other mask: the OBS re-solve keeps the mask and has a lower layer error than masking alone.
+    other = Wanda().prune(w, stats, SparsityTarget.parse("2:4"))[1]
+    solved = sgpt.solve_with_mask(w, stats, other)
+    assert ((solved == 0) == other).all()
+    err = lambda v: float(((w - v) @ x.T).square().sum())  # noqa: E731
+    assert err(solved) < err(w.masked_fill(other, 0.0))
+
+
+def test_barber_on_sparsegpt_resolves_changed_rows_only():
+    lm = loaded("llama", layers=1)
+    _plant_outliers(lm.model, lm.adapter)
+    engine = LayerEngine(lm.model, lm.adapter, calib(16, 32), batch_size=4, device="cpu")
+    hidden = engine.capture_inputs()
+    layer = engine.layers[0]
+    dense = copy.deepcopy(layer)
+    target = SparsityTarget.parse("0.5")
+    sgpt = SparseGPT()
+    stats = engine.collect_stats(layer, hidden, hessian=True)
+    masks, targets, init = {}, {}, {}
+    for name, lin in lm.adapter.linears(layer).items():
+        w, m = sgpt.prune(lin.weight, stats[name], target)
+        lin.weight.data, masks[name], targets[name], init[name] = w, m, target, w.clone()
+    old = {n: m.clone() for n, m in masks.items()}
+    report = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets, stats, sgpt.solve_with_mask)
+    assert sum(report["resolved_rows"].values()) > 0
+    for name, lin in lm.adapter.linears(layer).items():
+        changed = (masks[name] != old[name]).any(dim=1)
+        w = lin.weight.detach()
+        assert ((w == 0) == masks[name]).all(), name
+        assert torch.equal(w[~changed], init[name][~changed])   # untouched rows keep SparseGPT's weights
+        if changed.any():
+            expected = sgpt.solve_with_mask(dense.get_submodule(name).weight, stats[name], masks[name])
+            torch.testing.assert_close(w[changed], expected[changed], rtol=0, atol=1e-5)

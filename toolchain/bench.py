@@ -102,6 +102,14 @@ def run_prune_bench(model: str, out_dir: str | Path, only: list[str] | None = No
               "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / "prune_smollm2" if str(model) == "smollm2" else out_dir / f"prune_{Path(model).name}"
+    if only and Path(f"{stem}.json").is_file():  # a partial run replaces its own rows and keeps the others
+        fresh = {(r["name"], r["sparsity"]) for r in rows}
+        kept = [r for r in json.loads(Path(f"{stem}.json").read_text())["rows"]
+                if (r["name"], r["sparsity"]) not in fresh]
+        order = ["dense"] + [f"{n}@{s}" for s in SPARSITIES for n, *_ in PRUNE_CONFIGS]
+        key = lambda r: order.index("dense" if r["name"] == "dense" else f"{r['name']}@{r['sparsity']}")  # noqa: E731
+        rows = sorted(kept + rows, key=key)
+        result["rows"] = rows
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{stem}.md").write_text(markdown_table(result))
     print(markdown_table(result))

@@ -17,6 +17,15 @@ The output directory is a Hugging Face model (AutoModelForCausalLM.from_pretrain
 compression.json, which records what was done per layer."""
 
 
+QUANT_EXAMPLES = """examples:
+  toolchain quantize --model smollm2 --method gptq --bits 4 --group-size 64 --out out/gptq4
+  toolchain quantize --model out/barber24 --method gptq --bits 4 --out out/barber24-gptq4   # keeps 2:4
+
+Weights that are exactly zero (pruned) stay exactly zero. The output directory holds the dequantized
+float model (transformers and `toolchain eval` load it), quant_state.safetensors (codes, fp16 scales,
+zeros, masks: the integer truth for every exporter) and compression.json."""
+
+
 def _add_data_args(p: argparse.ArgumentParser, samples_default: int = 128) -> None:
     p.add_argument("--calib-samples", type=int, default=samples_default, help="calibration windows (default %(default)s)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window, capped at the model's maximum "
@@ -50,12 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Barber's alpha: fraction of the beneficial pruned<->kept swaps made per row "
                         "(default %(default)s)")
     p.add_argument("--keep-updates", action=argparse.BooleanOptionalAction, default=True,
-                   help="Barber: kept weights keep the init method's values (SparseGPT's OBS updates; a no-op "
-                        "for magnitude/Wanda, which do not update weights), revived ones take dense values. "
-                        "--no-keep-updates resets every kept weight to its dense value, as the reference code "
-                        "does by default (default: keep)")
+                   help="Barber with --init sparsegpt: rows whose mask changed are re-solved with SparseGPT's OBS "
+                        "update under the new mask, other rows keep SparseGPT's weights (a no-op for magnitude "
+                        "and Wanda, which do not update weights). --no-keep-updates resets every kept weight to "
+                        "its dense value, as the reference code does by default (default: keep)")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+
+    q = sub.add_parser("quantize", help="quantize a (dense or pruned) model's decoder weights",
+                       epilog=QUANT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
+    q.add_argument("--method", required=True, choices=["rtn", "gptq"],
+                   help="round-to-nearest, or GPTQ with the layer Hessian (APTQ is not implemented yet)")
+    q.add_argument("--bits", required=True, help="code width: 2, 3, 4 or 8")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="input columns per scale; -1 = one scale per output row; a shorter last group is "
+                        "allowed (default %(default)s)")
+    q.add_argument("--asym", action="store_true", help="asymmetric (min/max with a zero point) instead of symmetric")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups, natural-order codes)")
+    _add_data_args(q)
+    q.add_argument("--out", required=True, help="output directory (written atomically)")
 
     e = sub.add_parser("eval", help="perplexity of a model on the evaluation split(s)")
     e.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
@@ -97,6 +121,20 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .pipeline import QuantConfig, run_quantize
+
+    cfg = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, asym=args.asym,
+                      act_order=args.act_order, calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
+                      dataset=args.dataset, text_file=args.text_file, batch_size=args.batch_size)
+    report = run_quantize(args.model, args.out, cfg, device=_device(args.device), progress=not args.quiet)
+    q = report["quantization"]
+    print(f"quantized {args.model} with {q['method']} at {q['bits']} bits (group {q['group_size']}, "
+          f"{'symmetric' if q['symmetric'] else 'asymmetric'}): {q['avg_bits']:.3f} bits/weight, "
+          f"{q['avg_bits_with_params']:.3f} with scales/zeros, {q['seconds']['total']:.1f} s -> {report['out']}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .models import load_model
@@ -130,7 +168,7 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}[args.command]
+    handler = {"prune": cmd_prune, "quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except ToolchainError as exc:

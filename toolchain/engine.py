@@ -9,10 +9,12 @@ device, and two [N, T, d] activation buffers.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .models.base import ArchAdapter, SubBlock, first_tensor
 from .prune.stats import InputStats
@@ -102,6 +104,27 @@ class LayerEngine:
             if self.device.type != "cpu":
                 self._move_outside_layers(torch.device("cpu"))
         return torch.cat(captured, dim=0).float()
+
+    # ---------------------------------------------------------------- the walk
+    def walk(self, process: Callable[[int, nn.Module, torch.Tensor | None], dict], needs_inputs: bool = True,
+             desc: str = "", progress: bool = True) -> list[dict]:
+        """Call `process(i, layer, hidden)` for every decoder layer in order, with the layer on the device and
+        `hidden` its inputs from the already-processed layers; then run the processed layer to make the next
+        layer's inputs. Returns the per-layer entries (`process`'s dict plus index and seconds)."""
+        hidden = self.capture_inputs() if needs_inputs else None
+        spare = torch.empty_like(hidden) if hidden is not None else None
+        entries = []
+        bar = tqdm(list(enumerate(self.layers)), desc=desc, disable=not progress, unit="layer")
+        for i, layer in bar:
+            start = time.perf_counter()
+            layer.to(self.device)
+            entry = {"layer": i, **process(i, layer, hidden)}
+            if hidden is not None and i + 1 < len(self.layers):
+                hidden, spare = self.forward_layer(layer, hidden, spare), hidden
+            layer.to("cpu")
+            entry["seconds"] = round(time.perf_counter() - start, 3)
+            entries.append(entry)
+        return entries
 
     # ---------------------------------------------------------------- statistics
     @torch.no_grad()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import resource
 import time
@@ -9,14 +10,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .data import calibration_windows, get_corpus, model_max_seqlen, tokenize
 from .engine import LayerEngine, default_device
 from .errors import ConfigError
 from .models import LoadedModel, load_model, save_model
+from .models.loading import check_out_dir
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
+from .quant import QuantizedWeight, QuantSpec, gptq_quantize, rtn_quantize, write_quant_state
 from .prune.allocation import ALLOCATIONS, check_allocation, hessian_traces, owl_from_outlier_ratios, \
     owl_outlier_ratios, rank_linear
 
@@ -68,6 +70,14 @@ def library_versions() -> dict:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter survives fork+exec, so a
+    child started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -102,14 +112,9 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     method = make_method(init)
     barber = Barber(cfg.rebuild_ratio, cfg.keep_updates) if cfg.method == "barber" else None
     engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
-    hidden = engine.capture_inputs() if method.needs_stats or barber else None
-    out_buf = torch.empty_like(hidden) if hidden is not None else None
-    per_layer, pruned_total, weights_total = [], 0, 0
-    bar = tqdm(list(enumerate(layers)), desc=f"prune {cfg.method}{'/' + init if barber else ''} {target.label}",
-               disable=not progress, unit="layer")
-    for i, layer in bar:
-        t_layer = time.perf_counter()
-        layer.to(device)
+    counts = {"pruned": 0, "total": 0}
+
+    def prune_layer(i, layer, hidden):
         layer_target = target if target.is_nm else SparsityTarget.unstructured(sparsities[i])
         dense_layer = copy.deepcopy(layer) if barber else None
         stats = engine.collect_stats(layer, hidden, method.needs_hessian) if method.needs_stats else {}
@@ -118,35 +123,32 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
             weight, mask = method.prune(lin.weight, stats.get(name), layer_target)
             lin.weight.data = weight.to(lin.weight.dtype)
             masks[name], targets[name] = mask, layer_target
-        del stats
-        entry = {"layer": i, "target": layer_target.label}
+        entry = {"target": layer_target.label}
         if barber:
-            entry["barber"] = barber.rebuild_layer(engine, layer, dense_layer, hidden, masks, targets)
-            del dense_layer
-        pruned_total += sum(int(m.sum()) for m in masks.values())
-        weights_total += sum(m.numel() for m in masks.values())
+            entry["barber"] = barber.rebuild_layer(engine, layer, dense_layer, hidden, masks, targets, stats,
+                                                   getattr(method, "solve_with_mask", None))
+        counts["pruned"] += sum(int(m.sum()) for m in masks.values())
+        counts["total"] += sum(m.numel() for m in masks.values())
         entry["linears"] = {
             name: {"sparsity": float(mask.float().mean()),
                    **({"nm_valid": check_nm(mask, target.n, target.m)} if target.is_nm else {})}
             for name, mask in masks.items()}
-        if hidden is not None and i + 1 < len(layers):
-            hidden, out_buf = engine.forward_layer(layer, hidden, out_buf), hidden
-        layer.to("cpu")
-        entry["seconds"] = round(time.perf_counter() - t_layer, 3)
-        per_layer.append(entry)
-        bar.set_postfix(s=f"{sum(m['sparsity'] for m in entry['linears'].values()) / len(masks):.3f}")
+        return entry
 
+    desc = f"prune {cfg.method}{'/' + init if barber else ''} {target.label}"
+    per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats or barber is not None, desc=desc,
+                            progress=progress)
     return {
         "method": cfg.method, "init": init if barber else None, "sparsity": target.label,
         "nm": [target.n, target.m] if target.is_nm else None,
-        "global_sparsity": pruned_total / weights_total, "allocation": cfg.allocation, "allocation_info": alloc_info,
+        "global_sparsity": counts["pruned"] / counts["total"], "allocation": cfg.allocation, "allocation_info": alloc_info,
         "layer_sparsity": sparsities,
         "seconds": {"allocation": round(t_alloc, 3), "total": round(time.perf_counter() - t0, 3)},
         "layers": per_layer,
     }
 
 
-def calibration_data(loaded: LoadedModel, cfg: PruneConfig) -> tuple[torch.Tensor, dict]:
+def calibration_data(loaded: LoadedModel, cfg) -> tuple[torch.Tensor, dict]:
     corpus = get_corpus(cfg.dataset, cfg.text_file)
     seqlen = min(cfg.seqlen, model_max_seqlen(loaded.model))
     ids = tokenize(loaded.tokenizer, corpus.calib_text)
@@ -158,6 +160,8 @@ def calibration_data(loaded: LoadedModel, cfg: PruneConfig) -> tuple[torch.Tenso
 def run_prune(model_spec: str, out: str | Path, cfg: PruneConfig, device=None, progress: bool = True) -> dict:
     """Load, calibrate, prune, and write an HF directory plus compression.json (atomically)."""
     cfg.resolve()
+    if str(model_spec) != "smollm2":
+        check_out_dir(model_spec, out)  # before any work, not after it
     t0 = time.perf_counter()
     loaded = load_model(model_spec)
     t_load = time.perf_counter() - t0
@@ -169,3 +173,124 @@ def run_prune(model_spec: str, out: str | Path, cfg: PruneConfig, device=None, p
     path = save_model(loaded, out, extra_json={"compression.json": report})
     report["out"] = str(path)
     return report
+
+
+# ------------------------------------------------------------------------------------------- quantization
+QUANT_METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class QuantConfig:
+    method: str = "gptq"
+    bits: str | int = 4
+    group_size: int = 128            # -1: one group per output row
+    asym: bool = False
+    act_order: bool = False          # GPTQ: columns by decreasing Hessian diagonal, static groups
+    percdamp: float = 0.01
+    calib_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    dataset: str | None = None
+    text_file: str | None = None
+    batch_size: int = 8
+
+    def resolve(self) -> QuantSpec:
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"unknown quantization method {self.method!r}; choose one of {', '.join(QUANT_METHODS)}")
+        try:
+            bits = float(self.bits)
+        except ValueError:
+            raise ConfigError(f"--bits {self.bits!r} is not a number") from None
+        if bits != int(bits):
+            raise ConfigError(f"--bits {self.bits}: a fractional average needs --method aptq; "
+                              f"{self.method} takes one of 2, 3, 4, 8")
+        if self.calib_samples < 1:
+            raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if not 0 < self.percdamp < 1:
+            raise ConfigError(f"damping must be in (0, 1), got {self.percdamp}")
+        return QuantSpec(int(bits), self.group_size, not self.asym)
+
+
+def average_bits(weights: dict[str, QuantizedWeight]) -> dict:
+    """Average bits per weight over all quantized weights, without and with scale/zero storage."""
+    n = sum(qw.codes.numel() for qw in weights.values())
+    code_bits = sum(qw.codes.numel() * qw.spec.bits for qw in weights.values())
+    param_bits = sum(qw.scales.numel() * (16 + (0 if qw.spec.symmetric else qw.spec.bits))
+                     for qw in weights.values())
+    return {"weights": n, "avg_bits": code_bits / n, "avg_bits_with_params": (code_bits + param_bits) / n}
+
+
+def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantConfig, device=None,
+                    progress: bool = True) -> tuple[dict, dict[str, QuantizedWeight]]:
+    """Quantize every decoder linear of `loaded.model` in place (weights become their dequantized values).
+
+    Exact zeros in a weight are treated as pruned and stay exactly zero (their code is the zero code).
+    Returns the report and the integer state per full module name.
+    """
+    spec = cfg.resolve()
+    device = torch.device(device) if device is not None else default_device()
+    adapter, model = loaded.adapter, loaded.model
+    layers = adapter.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        for name, lin in adapter.linears(layer).items():
+            spec.check_weight(f"layer {i} {name}", lin.weight)
+    full_names = {id(module): name for name, module in model.named_modules()}
+    needs_hessian = cfg.method == "gptq"
+    engine = LayerEngine(model, adapter, calib if calib is not None else torch.zeros(1, 2, dtype=torch.long),
+                         cfg.batch_size, device)
+    state: dict[str, QuantizedWeight] = {}
+
+    def quantize_layer(i, layer, hidden):
+        stats = engine.collect_stats(layer, hidden, hessian=True) if needs_hessian else {}
+        entry = {"linears": {}}
+        for name, lin in adapter.linears(layer).items():
+            w = lin.weight.detach().float()
+            zero = w == 0
+            mask = zero if bool(zero.any()) else None
+            if needs_hessian:
+                H = stats[name].hessian
+                qw = gptq_quantize(w, H, spec, mask, percdamp=cfg.percdamp, act_order=cfg.act_order,
+                                   name=f"layer {i} {name}")
+            else:
+                qw = rtn_quantize(w, spec, mask)
+            deq = qw.dequantize()
+            info = {"bits": spec.bits, "pruned": float(zero.float().mean())}
+            if needs_hessian:  # relative output error on the calibration inputs: tr(dW H dW^T) / tr(W H W^T)
+                dw = deq - w
+                info["rel_error"] = float(((dw @ H) * dw).sum() / ((w @ H) * w).sum().clamp(min=1e-30))
+            lin.weight.data = deq.to(lin.weight.dtype)
+            state[full_names[id(lin)]] = qw
+            entry["linears"][name] = info
+        return entry
+
+    t0 = time.perf_counter()
+    per_layer = engine.walk(quantize_layer, needs_inputs=needs_hessian,
+                            desc=f"quantize {cfg.method} {spec.bits}-bit g{spec.group_size}", progress=progress)
+    report = {"method": cfg.method, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+              "act_order": cfg.act_order, **average_bits(state),
+              "seconds": {"total": round(time.perf_counter() - t0, 3)}, "layers": per_layer}
+    return report, state
+
+
+def run_quantize(model_spec: str, out: str | Path, cfg: QuantConfig, device=None, progress: bool = True) -> dict:
+    """Load, calibrate (GPTQ), quantize, and write the HF directory + quant_state.safetensors + compression.json."""
+    cfg.resolve()
+    if str(model_spec) != "smollm2":
+        check_out_dir(model_spec, out)
+    t0 = time.perf_counter()
+    loaded = load_model(model_spec)
+    t_load = time.perf_counter() - t0
+    previous = None
+    if loaded.source.get("kind") == "hf" and (Path(model_spec) / "compression.json").is_file():
+        previous = json.loads((Path(model_spec) / "compression.json").read_text())
+    calib, calib_info = calibration_data(loaded, cfg) if cfg.method == "gptq" else (None, None)
+    report, state = quantize_loaded(loaded, calib, cfg, device=device, progress=progress)
+    report["seconds"]["load"] = round(t_load, 3)
+    compression = {"format": "toolchain.compression/1", "quantization": report,
+                   "prune": (previous or {}).get("prune", previous) if previous else None,
+                   "source": loaded.source, "calibration": calib_info, "config": asdict(cfg),
+                   "versions": library_versions(), "peak_rss_mib": round(peak_rss_mib(), 1)}
+    path = save_model(loaded, out, extra_json={"compression.json": compression},
+                      extra_files={"quant_state.safetensors": lambda p: write_quant_state(p, state)})
+    compression["out"] = str(path)
+    return compression

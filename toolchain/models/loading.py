@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -131,16 +132,26 @@ def load_model(spec: str | os.PathLike, *, with_tokenizer: bool = True) -> Loade
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)
 
 
-def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, dict] | None = None) -> Path:
-    """Write the model (+ tokenizer + extra JSON files) to a temporary directory beside `out_dir`, then rename.
+def check_out_dir(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Refuse an output directory that is, contains, or holds the input model: it is never modified."""
+    src, out = Path(model_path).resolve(), Path(out_dir).resolve()
+    if src == out or (src.is_file() and src.parent == out) or out in src.parents:
+        raise ModelLoadError(f"--out {out} would overwrite the input model {src}; choose another directory")
+
+
+def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, dict] | None = None,
+               extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write the model (+ tokenizer + extra files) to a temporary directory beside `out_dir`, then rename.
+
+    `extra_json` maps file names to JSON payloads; `extra_files` maps file names to writers called with the
+    file's temporary path.
 
     A half-written output never exists under `out_dir`; an existing `out_dir` is replaced only once the new
     one is complete. Refuses to write over the model that was loaded.
     """
     out = Path(out_dir).resolve()
-    src = Path(loaded.source["path"]).resolve() if loaded.source.get("path") else None
-    if src is not None and (src == out or (src.is_file() and src.parent == out) or out in src.parents):
-        raise ModelLoadError(f"--out {out} would overwrite the input model {src}; choose another directory")
+    if loaded.source.get("path"):
+        check_out_dir(loaded.source["path"], out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -149,6 +160,8 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
             loaded.tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, old)

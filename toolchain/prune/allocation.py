@@ -56,17 +56,14 @@ def rank_linear(sensitivity: list[float], target: float, alpha: float = HESSIAN_
 @torch.no_grad()
 def owl_outlier_ratios(engine, m: float = OWL_M, progress: bool = True) -> list[float]:
     """One dense pass: per layer, the fraction of Wanda scores above m times the layer's mean score."""
-    hidden = engine.capture_inputs()
-    ratios = []
-    for layer in tqdm(engine.layers, desc="owl: outlier ratios", disable=not progress, leave=False):
-        layer.to(engine.device)
+
+    def outlier_ratio(i, layer, hidden):
         stats = engine.collect_stats(layer, hidden, hessian=False)
         scores = torch.cat([(lin.weight.detach().float().abs() * stats[name].col_norms[None, :]).flatten()
                             for name, lin in engine.adapter.linears(layer).items()])
-        ratios.append(float((scores > m * scores.mean()).float().mean()))
-        hidden = engine.forward_layer(layer, hidden)
-        layer.to("cpu")
-    return ratios
+        return {"ratio": float((scores > m * scores.mean()).float().mean())}
+
+    return [e["ratio"] for e in engine.walk(outlier_ratio, desc="owl: outlier ratios", progress=progress)]
 
 
 def hessian_traces(model, adapter, calib_ids: torch.Tensor, samples: int = 4, seed: int = 0,

@@ -10,13 +10,16 @@ Per decoder layer, attention sub-block first, then MLP (which sees the rebuilt a
 4. Score S = |W_dense| * sqrt(G2). Per output row: R = number of pruned/kept pairs (best pruned against
    worst kept, and so on) in which the pruned weight scores higher; swap floor(ratio * R) of them.
    With N:M, every group prunes as many of its weakest kept weights as it revived, so N:M holds.
-Kept weights keep the init method's values (`keep_updates`, our default: for magnitude and Wanda these are
-the dense values anyway, for SparseGPT they carry its OBS updates), or are all reset to their dense values
-as the reference code does by default. Revived weights always take their dense values.
+Weights after the rebuild (`keep_updates`, our default): for magnitude and Wanda init, dense values on the
+new mask; for SparseGPT init, every row whose mask changed is re-solved by SparseGPT's OBS sweep with the
+new mask fixed, so its kept weights carry OBS updates consistent with the final mask (unchanged rows keep
+SparseGPT's weights). `keep_updates=False` resets every kept weight to its dense value, as the reference
+code does by default.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -114,24 +117,41 @@ class Barber:
         self.keep_updates = keep_updates
 
     def rebuild_layer(self, engine, layer, dense_layer, hidden, masks: dict[str, torch.Tensor],
-                      targets: dict[str, SparsityTarget]) -> dict:
-        """Rebuild the masks of every linear in `layer` in place; `masks` is updated. Returns a report."""
+                      targets: dict[str, SparsityTarget], stats: dict | None = None,
+                      solver: Callable | None = None) -> dict:
+        """Rebuild the masks of every linear in `layer` in place; `masks` is updated. Returns a report.
+
+        With `keep_updates` and a `solver` (the init method's reconstruction, e.g. SparseGPT's OBS sweep with
+        a fixed mask, given the init pass's `stats`), every row whose mask changed is re-solved from its dense
+        values under the new mask, so the kept weights stay consistent with it; unchanged rows keep the init
+        method's weights, which that solve would reproduce exactly.
+        """
         for p in dense_layer.parameters():
             p.requires_grad_(True)
-        report: dict = {}
+        report: dict = {"swaps": {}, "resolved_rows": {}}
         for block in engine.adapter.subblocks(layer):
             g2, loss_before = block_grad_sq(engine, layer, dense_layer, hidden, block)
             report[f"{block.name}_loss_before"] = loss_before
             for name in block.linears:
                 lin = layer.get_submodule(name)
                 dense_w = dense_layer.get_submodule(name).weight.detach().float()
+                current = lin.weight.detach().float()
                 score = dense_w.abs() * g2[name].sqrt()
                 old = masks[name]
                 new = rebuild_mask(old, score, self.ratio, targets[name])
-                base = torch.where(old, dense_w, lin.weight.detach().float()) if self.keep_updates else dense_w
+                if not self.keep_updates:
+                    base = dense_w
+                elif solver is not None and stats is not None:
+                    base = current.clone()
+                    rows = (new != old).any(dim=1)
+                    if bool(rows.any()):
+                        base[rows] = solver(dense_w[rows], stats[name], new[rows])
+                    report["resolved_rows"][name] = int(rows.sum())
+                else:
+                    base = torch.where(old, dense_w, current)
                 lin.weight.data = base.masked_fill(new, 0.0).to(lin.weight.dtype)
                 masks[name] = new
-                report.setdefault("swaps", {})[name] = int((new & ~old).sum())
+                report["swaps"][name] = int((new & ~old).sum())
         for p in dense_layer.parameters():
             p.requires_grad_(False)
         return report

@@ -1,0 +1,162 @@
+"""Quantizer core, RTN and GPTQ on synthetic layers; the quant_state file."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolchain.errors import ConfigError, ToolchainError
+from toolchain.prune.masks import check_nm, nm_prune_mask
+from toolchain.prune.stats import InputStats
+from toolchain.quant import QuantSpec, gptq_quantize, read_quant_state, rtn_quantize, write_quant_state
+
+
+def _layer(rows=48, cols=96, tokens=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) * torch.logspace(0, -1.5, cols)[None, :]
+    x = torch.randn(tokens, cols, generator=g) @ mix.T
+    x[:, :3] *= 8
+    stats = InputStats(cols, hessian=True)
+    stats.add_batch(x)
+    return torch.randn(rows, cols, generator=g), x, stats
+
+
+SPECS = [QuantSpec(b, gs, sym) for b in (2, 3, 4, 8) for gs in (32, 40, -1) for sym in (True, False)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_codes_in_range_and_dequant_is_scale_times_code_minus_zero(spec, method):
+    w, _, stats = _layer()
+    qw = rtn_quantize(w, spec) if method == "rtn" else gptq_quantize(w, stats.hessian, spec)
+    assert qw.codes.min() >= spec.qmin and qw.codes.max() <= spec.qmax
+    groups = spec.groups(w.shape[1])
+    assert qw.scales.shape == (w.shape[0], len(groups))
+    if spec.group_size == 40:
+        assert groups[-1] == (80, 96)  # a shorter last group, as 576 = 4 x 128 + 64 needs
+    assert torch.equal(qw.scales, qw.scales.half().float())  # fp16-exact scales
+    deq = qw.dequantize()
+    for gi, (a, b) in enumerate(groups):
+        expected = qw.scales[:, gi:gi + 1] * (qw.codes[:, a:b] - qw.zeros[:, gi:gi + 1]).float()
+        assert torch.equal(deq[:, a:b], expected)
+    if spec.symmetric:
+        assert (qw.zeros == 0).all()
+    if method == "rtn":
+        # Round to nearest: half a step inside the grid; up to one step where the range end clips (the
+        # symmetric grid stops one level short of +absmax, the asymmetric one has a rounded zero point).
+        step = qw.scales.repeat_interleave(torch.tensor([b - a for a, b in groups]), dim=1)
+        inside = (qw.codes > spec.qmin) & (qw.codes < spec.qmax)
+        assert ((deq - w).abs()[inside] <= 0.5 * step[inside] + 1e-6).all()
+        assert ((deq - w).abs() <= step + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_layer_error_below_rtn(bits, sym):
+    w, x, stats = _layer()
+    spec = QuantSpec(bits, 32, sym)
+
+    def err(qw):
+        return float(((w - qw.dequantize()) @ x.T).square().sum())
+
+    assert err(gptq_quantize(w, stats.hessian, spec)) < 0.9 * err(rtn_quantize(w, spec))
+
+
+def test_gptq_act_order_static_groups_natural_order():
+    w, x, stats = _layer()
+    spec = QuantSpec(3, 32, True)
+    plain = gptq_quantize(w, stats.hessian, spec)
+    ordered = gptq_quantize(w, stats.hessian, spec, act_order=True)
+    # Static groups: the scales are those of the original weights' groups, in natural column order.
+    rtn = rtn_quantize(w, spec)
+    assert torch.equal(ordered.scales, rtn.scales)
+    e = lambda qw: float(((w - qw.dequantize()) @ x.T).square().sum())  # noqa: E731
+    assert e(ordered) < e(rtn) and e(plain) < e(rtn)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_mask_preserved(method, sym):
+    w, _, stats = _layer()
+    mask = nm_prune_mask(w.abs(), 2, 4)
+    w = w.masked_fill(mask, 0.0)
+    spec = QuantSpec(4, 32, sym)
+    qw = rtn_quantize(w, spec, mask) if method == "rtn" else gptq_quantize(w, stats.hessian, spec, mask)
+    deq = qw.dequantize()
+    assert (deq[mask] == 0).all()
+    assert check_nm(deq == 0, 2, 4) or check_nm(mask, 2, 4)
+    assert ((deq == 0) | ~mask).all()
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16, 0])
+def test_unsupported_bits(bits):
+    with pytest.raises(ConfigError, match="unsupported bit width"):
+        QuantSpec(bits)
+
+
+def test_bad_group_size_and_non_finite_weights():
+    with pytest.raises(ConfigError, match="group-size"):
+        QuantSpec(4, 0)
+    w = torch.randn(4, 8)
+    w[1, 2] = float("nan")
+    with pytest.raises(ConfigError, match="non-finite"):
+        QuantSpec(4, 8).check_weight("layer 0 q_proj", w)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_quant_state_round_trip(tmp_path, sym):
+    w, _, stats = _layer()
+    mask = nm_prune_mask(w.abs(), 2, 4)
+    weights = {"model.layers.0.mlp.up_proj": gptq_quantize(w.masked_fill(mask, 0), stats.hessian,
+                                                           QuantSpec(3, 40, sym), mask),
+               "model.layers.0.mlp.down_proj": rtn_quantize(w, QuantSpec(8, -1, sym))}
+    path = tmp_path / "quant_state.safetensors"
+    write_quant_state(path, weights)
+    back = read_quant_state(path)
+    assert set(back) == set(weights)
+    for name, qw in weights.items():
+        r = back[name]
+        assert r.spec == qw.spec
+        assert torch.equal(r.codes, qw.codes) and torch.equal(r.scales, qw.scales) and torch.equal(r.zeros, qw.zeros)
+        assert torch.equal(r.dequantize(), qw.dequantize())
+        assert (r.prune_mask is None) == (qw.prune_mask is None or not qw.prune_mask.any())
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ToolchainError, match="cannot read quant state"):
+        read_quant_state(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_cli_on_pruned_model_keeps_mask_and_state_matches_weights(tiny_dir, tmp_path, method):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from toolchain.cli import main
+
+    pruned, quant = tmp_path / "pruned", tmp_path / "quant"
+    assert main(["prune", "--model", str(tiny_dir), "--method", "sparsegpt", "--sparsity", "2:4",
+                 "--calib-samples", "4", "--seqlen", "64", "--out", str(pruned), "--quiet"]) == 0
+    assert main(["quantize", "--model", str(pruned), "--method", method, "--bits", "3", "--group-size", "32",
+                 "--calib-samples", "4", "--seqlen", "64", "--out", str(quant), "--quiet"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(quant)
+    params = dict(model.named_parameters())
+    state = read_quant_state(quant / "quant_state.safetensors")
+    assert state and all(qw.spec.bits == 3 for qw in state.values())
+    for name, qw in state.items():
+        w = params[f"{name}.weight"].detach()
+        assert torch.equal(w, qw.dequantize()), name                     # weights == scale * (code - zero)
+        # 2:4 survived: the recorded mask is 2:4 and every masked weight is exactly zero (a kept weight may
+        # also round to zero; its slot stays a kept slot).
+        assert qw.prune_mask is not None and check_nm(qw.prune_mask, 2, 4), name
+        assert (w[qw.prune_mask] == 0).all(), name
+    report = json.loads((quant / "compression.json").read_text())
+    assert report["quantization"]["avg_bits"] == 3.0
+    assert report["quantization"]["avg_bits_with_params"] > 3.0
+    assert report["prune"]["method"] == "sparsegpt"
+
+
+def test_quantize_rejects_fractional_bits_without_aptq(tiny_llama_dir, tmp_path, capsys):
+    from toolchain.cli import main
+
+    code = main(["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--bits", "3.5",
+                 "--out", str(tmp_path / "q"), "--quiet"])
+    assert code == 2 and "fractional average needs --method aptq" in capsys.readouterr().err
