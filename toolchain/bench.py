@@ -69,7 +69,8 @@ def run_prune_one(model_dir: Path, out: Path, method: str, init: str | None, spa
     wall = time.perf_counter() - t0
     report = json.loads((out / "compression.json").read_text())
     return {"prune_seconds": report["seconds"]["total"], "process_seconds": round(wall, 1),
-            "peak_rss_mib": report["peak_rss_mib"], "global_sparsity": report["global_sparsity"],
+            "peak_rss_mib": report["peak_rss_mib"], "peak_anon_mib": report.get("peak_anon_mib"),
+            "global_sparsity": report["global_sparsity"],
             "command": "toolchain " + " ".join(cmd[3:])}
 
 
@@ -85,13 +86,14 @@ def run_prune_bench(model: str, out_dir: str | Path, only: list[str] | None = No
         print(f"dense: ppl {rows[-1]['ppl']:.3f}", flush=True)
     for sparsity in SPARSITIES:
         for name, method, init, extra in PRUNE_CONFIGS:
-            if only and name not in only:
+            if only and name not in only and f"{name}@{sparsity}" not in only:
                 continue
             target = work / f"{name.replace('(', '-').replace(')', '').replace('+', '-')}-{sparsity.replace(':', 'of')}"
             row = {"name": name, "sparsity": sparsity,
                    **run_prune_one(src, target, method, init, sparsity, extra)}
             row["ppl"] = _eval_ppl(target)
             row["peak_rss_x_fp32"] = round(row["peak_rss_mib"] / fp32_mib, 2)
+            row["peak_anon_x_fp32"] = round(row["peak_anon_mib"] / fp32_mib, 2)
             rows.append(row)
             print(f"{name} {sparsity}: ppl {row['ppl']:.3f}, {row['prune_seconds']:.1f} s, "
                   f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
@@ -119,11 +121,13 @@ def run_prune_bench(model: str, out_dir: str | Path, only: list[str] | None = No
 def markdown_table(result: dict) -> str:
     lines = [f"Model: {result['model']}; calibration {result['calibration']}; eval {result['eval']}; "
              f"fp32 weights {result['model_fp32_mib']} MiB.", "",
-             "| method | sparsity | perplexity | prune time (s) | peak RSS (MiB) | peak / fp32 size |",
-             "|---|---|---|---|---|---|"]
+             "| method | sparsity | perplexity | prune time (s) | peak RSS (MiB) | peak RSS / fp32 | "
+             "peak anon (MiB) | peak anon / fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['name']} | {r['sparsity']} | {r['ppl']:.2f} | {r.get('prune_seconds', '-')} | "
-                     f"{r.get('peak_rss_mib', '-')} | {r.get('peak_rss_x_fp32', '-')} |")
+                     f"{r.get('peak_rss_mib', '-')} | {r.get('peak_rss_x_fp32', '-')} | "
+                     f"{r.get('peak_anon_mib', '-')} | {r.get('peak_anon_x_fp32', '-')} |")
     return "\n".join(lines) + "\n"
 
 
