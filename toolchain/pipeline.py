@@ -24,19 +24,33 @@ from .prune.allocation import ALLOCATIONS, check_allocation, hessian_traces, owl
 
 
 @dataclass
-class PruneConfig:
-    method: str = "wanda"
-    init: str | None = None          # Barber's initial pruner (default wanda)
-    sparsity: str = "0.5"            # fraction, or N:M (N kept of every M)
-    allocation: str = "uniform"
-    rebuild_ratio: float = 0.01      # Barber's alpha: fraction of the beneficial swaps that are made
-    keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
+class CalibConfig:
+    """Calibration settings shared by every layer-by-layer job."""
+
     calib_samples: int = 128
     seqlen: int = 2048
     seed: int = 0
     dataset: str | None = None
     text_file: str | None = None
     batch_size: int = 8
+
+    def check_calibration(self) -> None:
+        if self.calib_samples < 1:
+            raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if self.seqlen < 2:
+            raise ConfigError(f"--seqlen must be >= 2, got {self.seqlen}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class PruneConfig(CalibConfig):
+    method: str = "wanda"
+    init: str | None = None          # Barber's initial pruner (default wanda)
+    sparsity: str = "0.5"            # fraction, or N:M (N kept of every M)
+    allocation: str = "uniform"
+    rebuild_ratio: float = 0.01      # Barber's alpha: fraction of the beneficial swaps that are made
+    keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
     hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
 
     def resolve(self) -> tuple[SparsityTarget, str]:
@@ -50,10 +64,7 @@ class PruneConfig:
             raise ConfigError(f"unknown --init {init!r}; choose one of {', '.join(INIT_METHODS)}")
         if not 0.0 <= self.rebuild_ratio <= 1.0:
             raise ConfigError(f"--rebuild-ratio must be in [0, 1], got {self.rebuild_ratio}")
-        if self.calib_samples < 1:
-            raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
-        if self.seqlen < 2:
-            raise ConfigError(f"--seqlen must be >= 2, got {self.seqlen}")
+        self.check_calibration()
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         target = SparsityTarget.parse(self.sparsity)
@@ -186,7 +197,7 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     }
 
 
-def calibration_data(loaded: LoadedModel, cfg) -> tuple[torch.Tensor, dict]:
+def calibration_data(loaded: LoadedModel, cfg: CalibConfig) -> tuple[torch.Tensor, dict]:
     corpus = get_corpus(cfg.dataset, cfg.text_file)
     seqlen = min(cfg.seqlen, model_max_seqlen(loaded.model))
     ids = tokenize(loaded.tokenizer, corpus.calib_text)
@@ -220,19 +231,13 @@ QUANT_METHODS = ("rtn", "gptq")
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(CalibConfig):
     method: str = "gptq"
     bits: str | int = 4
     group_size: int = 128            # -1: one group per output row
     asym: bool = False
     act_order: bool = False          # GPTQ: columns by decreasing Hessian diagonal, static groups
     percdamp: float = 0.01
-    calib_samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    dataset: str | None = None
-    text_file: str | None = None
-    batch_size: int = 8
 
     def resolve(self) -> QuantSpec:
         if self.method not in QUANT_METHODS:
@@ -244,8 +249,7 @@ class QuantConfig:
         if bits != int(bits):
             raise ConfigError(f"--bits {self.bits}: a fractional average needs --method aptq; "
                               f"{self.method} takes one of 2, 3, 4, 8")
-        if self.calib_samples < 1:
-            raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        self.check_calibration()
         if not 0 < self.percdamp < 1:
             raise ConfigError(f"damping must be in (0, 1), got {self.percdamp}")
         return QuantSpec(int(bits), self.group_size, not self.asym)
