@@ -60,10 +60,10 @@ def _model_fp32_mib(model_dir: Path) -> float:
 
 
 def run_prune_one(model_dir: Path, out: Path, method: str, init: str | None, sparsity: str, extra: list[str],
-                  calib: int = CALIB, seqlen: int = SEQLEN) -> dict:
+                  calib: int = CALIB, seqlen: int = SEQLEN, quiet: bool = True) -> dict:
     cmd = [sys.executable, "-m", "toolchain.cli", "prune", "--model", str(model_dir), "--method", method,
            "--sparsity", sparsity, "--calib-samples", str(calib), "--seqlen", str(seqlen), "--out", str(out),
-           "--quiet", *(["--init", init] if init else []), *extra]
+           *(["--quiet"] if quiet else []), *(["--init", init] if init else []), *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
@@ -140,7 +140,7 @@ def run_demo(model: str, out: str | Path) -> int:
     src = dense_dir(model, work)
     print("[2/3] pruning: LLM-Barber (Wanda init) at 2:4, 32 calibration windows of 512 tokens", flush=True)
     pruned = out / "barber-2of4"
-    row = run_prune_one(src, pruned, "barber", "wanda", "2:4", [])
+    row = run_prune_one(src, pruned, "barber", "wanda", "2:4", [], quiet=False)
     print("[3/3] perplexity on the held-out pydoc split (seqlen 512)", flush=True)
     dense_ppl, pruned_ppl = _eval_ppl(src), _eval_ppl(pruned)
     print()

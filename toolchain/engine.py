@@ -42,10 +42,11 @@ class LayerEngine:
         self.layer_kwargs: dict = {}
 
     # ---------------------------------------------------------------- batching and layer calls
-    def batches(self, n: int | None = None) -> Iterator[slice]:
+    def batches(self, n: int | None = None, size: int | None = None) -> Iterator[slice]:
         n = self.calib_ids.shape[0] if n is None else n
-        for start in range(0, n, self.batch_size):
-            yield slice(start, min(start + self.batch_size, n))
+        size = self.batch_size if size is None else max(1, size)
+        for start in range(0, n, size):
+            yield slice(start, min(start + size, n))
 
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return first_tensor(layer(hidden, **self.layer_kwargs))

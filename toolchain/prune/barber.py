@@ -77,7 +77,9 @@ def block_grad_sq(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBl
              for name, lin in linears.items()]
     loss_total, windows = 0.0, 0
     try:
-        for s in engine.batches():
+        # Half batches: a backward pass keeps every activation of the block (attention probabilities
+        # included), so this bounds the transient memory near that of a plain forward at full batch.
+        for s in engine.batches(size=engine.batch_size // 2):
             batch = s.stop - s.start
             args, kwargs, y_sparse = engine.capture_block(layer, hidden[s], block)
             with torch.enable_grad():
