@@ -114,7 +114,8 @@ def _plant_outliers(model, adapter):
             weight.data[:3] = 25.0
 
 
-def test_barber_keeps_counts_and_lowers_block_loss():
+def _one_pruned_layer(method, hessian=False):
+    """A one-layer LLaMA with planted outliers, its captured inputs, a dense copy, and `method`'s 50% masks."""
     lm = loaded("llama", layers=1)
     _plant_outliers(lm.model, lm.adapter)
     engine = LayerEngine(lm.model, lm.adapter, calib(16, 32), batch_size=4, device="cpu")
@@ -122,10 +123,16 @@ def test_barber_keeps_counts_and_lowers_block_loss():
     layer = engine.layers[0]
     dense = copy.deepcopy(layer)
     target = SparsityTarget.parse("0.5")
-    masks, targets = {}, {}
+    stats = engine.collect_stats(layer, hidden, hessian=True) if hessian else {}
+    masks, targets, init = {}, {}, {}
     for name, lin in lm.adapter.linears(layer).items():
-        w, m = Magnitude().prune(lin.weight, None, target)
-        lin.weight.data, masks[name], targets[name] = w, m, target
+        w, m = method.prune(lin.weight, stats.get(name), target)
+        lin.weight.data, masks[name], targets[name], init[name] = w, m, target, w.clone()
+    return lm, engine, hidden, layer, dense, stats, masks, targets, init
+
+
+def test_barber_keeps_counts_and_lowers_block_loss():
+    lm, engine, hidden, layer, dense, _, masks, targets, _ = _one_pruned_layer(Magnitude())
     blocks = lm.adapter.subblocks(layer)
     before_attn = block_loss(engine, layer, dense, hidden, blocks[0])
     counts = {name: m.sum(dim=1).clone() for name, m in masks.items()}
@@ -265,19 +272,8 @@ def test_sparsegpt_solve_with_mask_reproduces_prune_and_beats_plain_masking():
 
 
 def test_barber_on_sparsegpt_resolves_changed_rows_only():
-    lm = loaded("llama", layers=1)
-    _plant_outliers(lm.model, lm.adapter)
-    engine = LayerEngine(lm.model, lm.adapter, calib(16, 32), batch_size=4, device="cpu")
-    hidden = engine.capture_inputs()
-    layer = engine.layers[0]
-    dense = copy.deepcopy(layer)
-    target = SparsityTarget.parse("0.5")
     sgpt = SparseGPT()
-    stats = engine.collect_stats(layer, hidden, hessian=True)
-    masks, targets, init = {}, {}, {}
-    for name, lin in lm.adapter.linears(layer).items():
-        w, m = sgpt.prune(lin.weight, stats[name], target)
-        lin.weight.data, masks[name], targets[name], init[name] = w, m, target, w.clone()
+    lm, engine, hidden, layer, dense, stats, masks, targets, init = _one_pruned_layer(sgpt, hessian=True)
     old = {n: m.clone() for n, m in masks.items()}
     report = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets, stats, sgpt.solve_with_mask)
     assert sum(report["resolved_rows"].values()) > 0

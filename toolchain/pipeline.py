@@ -80,6 +80,17 @@ def library_versions() -> dict:
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
+def proc_status_mib(field: str) -> float | None:
+    """A kB field of /proc/self/status in MiB, or None where there is no such file (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 class AnonPeak:
     """Samples the process's anonymous resident memory (RssAnon) every 20 ms while active.
 
@@ -95,13 +106,7 @@ class AnonPeak:
 
     @staticmethod
     def read_mib() -> float:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
-        return 0.0
+        return proc_status_mib("RssAnon") or 0.0
 
     def _run(self):
         while not self._stop.is_set():
@@ -121,13 +126,8 @@ class AnonPeak:
 def peak_rss_mib() -> float:
     """This process's peak resident memory. VmHWM, not ru_maxrss: the latter survives fork+exec, so a
     child started by a big parent would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    hwm = proc_status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def layer_sparsities(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, target: SparsityTarget,
@@ -331,7 +331,8 @@ def run_quantize(model_spec: str, out: str | Path, cfg: QuantConfig, device=None
     report, state = quantize_loaded(loaded, calib, cfg, device=device, progress=progress)
     report["seconds"]["load"] = round(t_load, 3)
     compression = {"format": "toolchain.compression/1", "quantization": report,
-                   "prune": (previous or {}).get("prune", previous) if previous else None,
+                   # the input's pruning record: a prune report itself, or the one nested in a quant report
+                   "prune": previous.get("prune", previous) if previous else None,
                    "source": loaded.source, "calibration": calib_info, "config": asdict(cfg),
                    "versions": library_versions(), "peak_rss_mib": round(peak_rss_mib(), 1)}
     path = save_model(loaded, out, extra_json={"compression.json": compression},
