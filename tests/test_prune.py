@@ -136,10 +136,14 @@ def test_barber_keeps_counts_and_lowers_block_loss():
     blocks = lm.adapter.subblocks(layer)
     before_attn = block_loss(engine, layer, dense, hidden, blocks[0])
     counts = {name: m.sum(dim=1).clone() for name, m in masks.items()}
-    report = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets)
+    report, outputs = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets)
+    # The returned outputs (recorded output + change of the MLP output) are the rebuilt layer's outputs.
+    torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden), rtol=1e-5, atol=1e-5)
     after_attn = block_loss(engine, layer, dense, hidden, blocks[0])
     after_mlp = block_loss(engine, layer, dense, hidden, blocks[1])
     assert report["attn_loss_before"] == pytest.approx(before_attn, rel=1e-4)
+    assert report["attn_loss_after"] == pytest.approx(after_attn, rel=1e-4)
+    assert report["reverted"] == []
     assert after_attn < 0.9 * before_attn
     assert after_mlp < 0.9 * report["mlp_loss_before"]
     assert sum(report["swaps"].values()) > 0
@@ -149,8 +153,9 @@ def test_barber_keeps_counts_and_lowers_block_loss():
 
 
 def test_barber_per_window_gradients_match_autograd():
-    """The batched per-window gradient (g_n^T x_n) equals one backward per window, as in the reference."""
-    from toolchain.prune.barber import block_grad_sq
+    """The batched per-window gradient (g_n^T x_n) equals one backward per window, as in the reference
+    (to bfloat16 precision: the batched product runs in bfloat16)."""
+    from toolchain.prune.barber import gradient_pass
 
     lm = loaded("llama", layers=1)
     engine = LayerEngine(lm.model, lm.adapter, calib(4, 16), batch_size=4, device="cpu")
@@ -159,8 +164,11 @@ def test_barber_per_window_gradients_match_autograd():
     dense = copy.deepcopy(layer).requires_grad_(True)
     for lin in lm.adapter.linears(layer).values():
         lin.weight.data, _ = Magnitude().prune(lin.weight, None, SparsityTarget.parse("0.5"))
-    block = lm.adapter.subblocks(layer)[1]
-    g2, _ = block_grad_sq(engine, layer, dense, hidden, block)
+    blocks = lm.adapter.subblocks(layer)
+    records, outputs = gradient_pass(engine, layer, dense, hidden, blocks)
+    torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden))
+    block = blocks[1]
+    g2 = records[block.name].g2
     expected = {n: torch.zeros_like(g) for n, g in g2.items()}
     for i in range(4):
         one = LayerEngine(lm.model, lm.adapter, calib(4, 16), batch_size=1, device="cpu")
@@ -171,7 +179,7 @@ def test_barber_per_window_gradients_match_autograd():
         for n, g in zip(block.linears, grads):
             expected[n] += g.square() / 4
     for n in block.linears:
-        torch.testing.assert_close(g2[n], expected[n], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(g2[n], expected[n], rtol=2e-2, atol=2e-2 * float(expected[n].max()))
 
 
 def test_same_seed_same_masks_and_different_seed_differs(tiny_llama_dir):
@@ -275,7 +283,8 @@ def test_barber_on_sparsegpt_resolves_changed_rows_only():
     sgpt = SparseGPT()
     lm, engine, hidden, layer, dense, stats, masks, targets, init = _one_pruned_layer(sgpt, hessian=True)
     old = {n: m.clone() for n, m in masks.items()}
-    report = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets, stats, sgpt.solve_with_mask)
+    report, _ = Barber(ratio=0.5, loss_guard=False).rebuild_layer(engine, layer, dense, hidden, masks, targets,
+                                                                  stats, sgpt.solve_with_mask)
     assert sum(report["resolved_rows"].values()) > 0
     for name, lin in lm.adapter.linears(layer).items():
         changed = (masks[name] != old[name]).any(dim=1)
@@ -285,3 +294,49 @@ def test_barber_on_sparsegpt_resolves_changed_rows_only():
         if changed.any():
             expected = sgpt.solve_with_mask(dense.get_submodule(name).weight, stats[name], masks[name])
             torch.testing.assert_close(w[changed], expected[changed], rtol=0, atol=1e-5)
+
+
+def test_barber_loss_guard_reverts_a_rebuild_that_raises_the_block_loss():
+    """On this planted layer, SparseGPT's reconstruction beats the rebuilt masks at ratio 0.5 in both blocks:
+    without the guard the block losses rise; with it each block keeps SparseGPT's masks and weights."""
+    sgpt = SparseGPT()
+    lm, engine, hidden, layer, dense, stats, masks, targets, init = _one_pruned_layer(sgpt, hessian=True)
+    blocks = lm.adapter.subblocks(layer)
+    before = [block_loss(engine, layer, dense, hidden, b) for b in blocks]
+    old = {n: m.clone() for n, m in masks.items()}
+    unguarded = copy.deepcopy(layer)
+    masks_u = dict(masks)
+    Barber(ratio=0.5, loss_guard=False).rebuild_layer(engine, unguarded, dense, hidden, masks_u, targets, stats,
+                                                      sgpt.solve_with_mask)
+    assert block_loss(engine, unguarded, dense, hidden, blocks[0]) > before[0]
+
+    report, outputs = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets, stats,
+                                                      sgpt.solve_with_mask)
+    assert report["reverted"] == ["attn", "mlp"]
+    assert sum(report["swaps"].values()) == 0
+    for name, lin in lm.adapter.linears(layer).items():
+        assert masks[name].equal(old[name]) and lin.weight.equal(init[name]), name
+    assert [block_loss(engine, layer, dense, hidden, b) for b in blocks] == pytest.approx(before, rel=1e-6)
+    torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden))
+
+
+@pytest.mark.parametrize("family,pre_norm", [("llama", True), ("opt", True), ("opt", False)])
+def test_barber_layer_outputs_match_a_forward_of_the_rebuilt_layer(family, pre_norm):
+    """Barber hands the next layer the recorded output plus the change of the MLP output (pre-norm), or a
+    fresh forward (post-norm OPT, e.g. OPT-350m); either way it is the rebuilt layer's output."""
+    lm = loaded(family, layers=1)
+    layer = lm.adapter.decoder_layers(lm.model)[0]
+    if family == "opt":
+        layer.do_layer_norm_before = pre_norm
+    assert lm.adapter.output_adds_last_block(layer) == pre_norm
+    engine = LayerEngine(lm.model, lm.adapter, calib(8, 32), batch_size=4, device="cpu")
+    hidden = engine.capture_inputs()
+    dense = copy.deepcopy(layer)
+    masks, targets = {}, {}
+    for name, lin in lm.adapter.linears(layer).items():
+        w, masks[name] = Magnitude().prune(lin.weight, None, SparsityTarget.parse("0.5"))
+        lin.weight.data, targets[name] = w, SparsityTarget.parse("0.5")
+    report, outputs = Barber(ratio=1.0, loss_guard=False).rebuild_layer(engine, layer, dense, hidden, masks,
+                                                                        targets)
+    assert report["swaps"]["fc2" if family == "opt" else "mlp.down_proj"] > 0
+    torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden), rtol=1e-5, atol=1e-5)

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "update under the new mask, other rows keep SparseGPT's weights (a no-op for magnitude "
                         "and Wanda, which do not update weights). --no-keep-updates resets every kept weight to "
                         "its dense value, as the reference code does by default (default: keep)")
+    p.add_argument("--loss-guard", action=argparse.BooleanOptionalAction, default=True,
+                   help="Barber: keep a sub-block's rebuilt masks only if its block loss on the calibration "
+                        "windows does not rise, else keep the init's (ours; the reference keeps every rebuild; "
+                        "default: on)")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
 
@@ -113,6 +117,7 @@ def cmd_prune(args) -> int:
 
     cfg = PruneConfig(method=args.method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
                       rebuild_ratio=args.rebuild_ratio, keep_updates=args.keep_updates,
+                      loss_guard=args.loss_guard,
                       calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, dataset=args.dataset,
                       text_file=args.text_file, batch_size=args.batch_size)
     report = run_prune(args.model, args.out, cfg, device=_device(args.device), progress=not args.quiet)

@@ -107,11 +107,12 @@ class LayerEngine:
         return torch.cat(captured, dim=0).float()
 
     # ---------------------------------------------------------------- the walk
-    def walk(self, process: Callable[[int, nn.Module, torch.Tensor | None], dict], needs_inputs: bool = True,
-             desc: str = "", progress: bool = True) -> list[dict]:
+    def walk(self, process: Callable[[int, nn.Module, torch.Tensor | None], dict | tuple[dict, torch.Tensor]],
+             needs_inputs: bool = True, desc: str = "", progress: bool = True) -> list[dict]:
         """Call `process(i, layer, hidden)` for every decoder layer in order, with the layer on the device and
         `hidden` its inputs from the already-processed layers; then run the processed layer to make the next
-        layer's inputs. Returns the per-layer entries (`process`'s dict plus index and seconds)."""
+        layer's inputs, unless `process` returned them already as `(entry, outputs)`. Returns the per-layer
+        entries (`process`'s dict plus index and seconds)."""
         hidden = self.capture_inputs() if needs_inputs else None
         spare = torch.empty_like(hidden) if hidden is not None else None
         entries = []
@@ -119,8 +120,14 @@ class LayerEngine:
         for i, layer in bar:
             start = time.perf_counter()
             layer.to(self.device)
-            entry = {"layer": i, **process(i, layer, hidden)}
-            if hidden is not None and i + 1 < len(self.layers):
+            result = process(i, layer, hidden)
+            outputs = None
+            if isinstance(result, tuple):
+                result, outputs = result
+            entry = {"layer": i, **result}
+            if outputs is not None:
+                hidden = outputs
+            elif hidden is not None and i + 1 < len(self.layers):
                 hidden, spare = self.forward_layer(layer, hidden, spare), hidden
             layer.to("cpu")
             entry["seconds"] = round(time.perf_counter() - start, 3)

@@ -51,6 +51,7 @@ class PruneConfig(CalibConfig):
     allocation: str = "uniform"
     rebuild_ratio: float = 0.01      # Barber's alpha: fraction of the beneficial swaps that are made
     keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
+    loss_guard: bool = True          # Barber: keep a block's rebuild only if its block loss does not rise
     hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
 
     def resolve(self) -> tuple[SparsityTarget, str]:
@@ -130,6 +131,13 @@ def peak_rss_mib() -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@torch.no_grad()
+def set_weight(linear: torch.nn.Linear, weight: torch.Tensor) -> None:
+    """Write new weights into the existing tensor: a checkpoint loaded by memory map then turns its pages
+    into the process's own copy-on-write pages, instead of holding the old (file) and new copies at once."""
+    linear.weight.data.copy_(weight)
+
+
 def layer_sparsities(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, target: SparsityTarget,
                      device, progress: bool) -> tuple[list[float], dict]:
     n_layers = len(loaded.adapter.decoder_layers(loaded.model))
@@ -159,7 +167,7 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     t_alloc = time.perf_counter() - t0
 
     method = make_method(init)
-    barber = Barber(cfg.rebuild_ratio, cfg.keep_updates) if cfg.method == "barber" else None
+    barber = Barber(cfg.rebuild_ratio, cfg.keep_updates, cfg.loss_guard) if cfg.method == "barber" else None
     engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
     counts = {"pruned": 0, "total": 0}
 
@@ -170,19 +178,20 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
         masks, targets = {}, {}
         for name, lin in adapter.linears(layer).items():
             weight, mask = method.prune(lin.weight, stats.get(name), layer_target)
-            lin.weight.data = weight.to(lin.weight.dtype)
+            set_weight(lin, weight)
             masks[name], targets[name] = mask, layer_target
         entry = {"target": layer_target.label}
+        outputs = None
         if barber:
-            entry["barber"] = barber.rebuild_layer(engine, layer, dense_layer, hidden, masks, targets, stats,
-                                                   getattr(method, "solve_with_mask", None))
+            entry["barber"], outputs = barber.rebuild_layer(engine, layer, dense_layer, hidden, masks, targets,
+                                                            stats, getattr(method, "solve_with_mask", None))
         counts["pruned"] += sum(int(m.sum()) for m in masks.values())
         counts["total"] += sum(m.numel() for m in masks.values())
         entry["linears"] = {
             name: {"sparsity": float(mask.float().mean()),
                    **({"nm_valid": check_nm(mask, target.n, target.m)} if target.is_nm else {})}
             for name, mask in masks.items()}
-        return entry
+        return entry, outputs
 
     desc = f"prune {cfg.method}{'/' + init if barber else ''} {target.label}"
     per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats or barber is not None, desc=desc,
@@ -302,7 +311,7 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
             if needs_hessian:  # relative output error on the calibration inputs: tr(dW H dW^T) / tr(W H W^T)
                 dw = deq - w
                 info["rel_error"] = float(((dw @ H) * dw).sum() / ((w @ H) * w).sum().clamp(min=1e-30))
-            lin.weight.data = deq.to(lin.weight.dtype)
+            set_weight(lin, deq)
             state[full_names[id(lin)]] = qw
             entry["linears"][name] = info
         return entry

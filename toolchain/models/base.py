@@ -49,6 +49,12 @@ class ArchAdapter(ABC):
     def input_groups(self) -> Sequence[tuple[str, ...]]:
         """Linears that read the same tensor; the first one's input is hooked for the whole group."""
 
+    def output_adds_last_block(self, layer: nn.Module) -> bool:
+        """True when the layer's output is its last sub-block's residual plus that block's exit output (a
+        pre-norm decoder), so a change of the last block shifts the output by exactly the change of its exit
+        output. Families where a norm follows the residual add say False (the default)."""
+        return False
+
     def linear_names(self) -> list[str]:
         return [name for group in self.input_groups() for name in group]
 

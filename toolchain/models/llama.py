@@ -26,6 +26,9 @@ class LlamaAdapter(ArchAdapter):
             SubBlock("mlp", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "mlp", "mlp", _run_mlp),
         )
 
+    def output_adds_last_block(self, layer):
+        return True  # hidden = residual + mlp(post_attention_layernorm(residual))
+
     def input_groups(self):
         return (
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

@@ -27,6 +27,10 @@ class OPTAdapter(ArchAdapter):
             SubBlock("mlp", ("fc1", "fc2"), "fc1", "fc2", _run_mlp),
         )
 
+    def output_adds_last_block(self, layer):
+        # Pre-norm OPT adds fc2's output to the residual last; OPT-350m (post-norm) normalizes after the add.
+        return bool(getattr(layer, "do_layer_norm_before", True))
+
     def input_groups(self):
         return (
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

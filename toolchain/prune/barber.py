@@ -15,15 +15,21 @@ new mask; for SparseGPT init, every row whose mask changed is re-solved by Spars
 new mask fixed, so its kept weights carry OBS updates consistent with the final mask (unchanged rows keep
 SparseGPT's weights). `keep_updates=False` resets every kept weight to its dense value, as the reference
 code does by default.
+Loss guard (ours, `loss_guard`): a block's rebuild is kept only if its block loss on the calibration windows
+does not rise; otherwise the block keeps the init's masks and weights.
+Cost: one pass of the sparse layer serves every block while the earlier blocks' rebuilds change nothing
+(their inputs are then unchanged); the next layer's input is the recorded output plus the change of the
+last block's output (pre-norm decoders), so no extra layer forward is needed.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
-from ..models.base import SubBlock
+from ..models.base import SubBlock, first_tensor
 from .masks import SparsityTarget
 
 
@@ -64,41 +70,95 @@ def rebuild_mask(prune_mask: torch.Tensor, score: torch.Tensor, ratio: float, ta
     return (prune_mask & ~grow) | cut
 
 
-def block_grad_sq(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBlock
-                  ) -> tuple[dict[str, torch.Tensor], float]:
-    """G2 = mean over windows of the squared per-window gradient of the block loss, per linear of `block`.
+def _bf16_per_window_grad_sq(grad_out: torch.Tensor, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """sum_n (g_n^T x_n)^2 over the windows of a batch: the per-window weight gradients of a linear layer.
 
-    Returns (G2 per linear name, mean block loss before rebuilding).
-    """
-    linears = {name: dense_layer.get_submodule(name) for name in block.linears}
-    g2 = {name: torch.zeros_like(lin.weight, dtype=torch.float32) for name, lin in linears.items()}
-    records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [lin.register_forward_hook(lambda m, a, o, name=name: records.__setitem__(name, (a[0], o)))
-             for name, lin in linears.items()]
-    loss_total, windows = 0.0, 0
+    The batched product runs in bfloat16 (float32 accumulation), 2.5x faster than float32 on CPUs with
+    AVX512-BF16 and on GPUs; the score only ranks weights, and the reference implementation computes its
+    gradients in float16."""
+    g = grad_out.detach().reshape(batch, -1, grad_out.shape[-1]).to(torch.bfloat16)
+    x = x.detach().reshape(batch, -1, x.shape[-1]).to(torch.bfloat16)
+    return torch.bmm(g.transpose(1, 2), x).float().square().sum(dim=0)
+
+
+@dataclass
+class BlockRecord:
+    """One sub-block's share of a pass over the calibration windows, batch by batch."""
+
+    g2: dict[str, torch.Tensor]              # mean over windows of the squared per-window gradient, per linear
+    loss: float                              # mean block loss, dense vs sparse, over windows
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)    # the block's entry call (its input)
+    dense_out: list[torch.Tensor] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)                   # windows per batch
+    sparse_out: list[torch.Tensor] = field(default_factory=list)     # kept for the layer's last block only
+
+
+def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequence[SubBlock]
+                  ) -> tuple[dict[str, BlockRecord], torch.Tensor]:
+    """One pass of the sparse `layer` over every window, to its end, capturing each block's input and output;
+    each dense block runs on the captured input (the pruned model's own) with gradients, giving the block
+    loss L_n = mean((y_dense - y_sparse)^2) per window n and G2 = mean_n (dL_n/dW)^2 for its linears.
+    Returns the records per block name and the sparse layer's output for every window."""
+    records = {b.name: BlockRecord({n: torch.zeros_like(dense_layer.get_submodule(n).weight, dtype=torch.float32)
+                                    for n in b.linears}, 0.0) for b in blocks}
+    last = blocks[-1].name
+    layer_out = torch.empty_like(hidden)
+    seen: dict = {}
+    hooks = []
+    for b in blocks:
+        hooks.append(layer.get_submodule(b.entry).register_forward_pre_hook(
+            lambda m, a, k, name=b.name: seen.__setitem__(("in", name), (a, k)), with_kwargs=True))
+        hooks.append(layer.get_submodule(b.exit).register_forward_hook(
+            lambda m, a, o, name=b.name: seen.__setitem__(("out", name), first_tensor(o))))
+    linear_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for b in blocks:
+        for n in b.linears:
+            hooks.append(dense_layer.get_submodule(n).register_forward_hook(
+                lambda m, a, o, n=n: linear_io.__setitem__(n, (a[0], o))))
+    windows = 0
     try:
         # Half batches: a backward pass keeps every activation of the block (attention probabilities
         # included), so this bounds the transient memory near that of a plain forward at full batch.
         for s in engine.batches(size=engine.batch_size // 2):
             batch = s.stop - s.start
-            args, kwargs, y_sparse = engine.capture_block(layer, hidden[s], block)
-            with torch.enable_grad():
-                y_dense = block.run(dense_layer, args, kwargs)
-                per_window = (y_dense - y_sparse).reshape(batch, -1).square().mean(dim=1)
-                names = list(linears)
-                grads = torch.autograd.grad(per_window.sum(), [records[n][1] for n in names])
-            for name, grad_out in zip(names, grads):
-                x = records[name][0].detach()
-                x = x.reshape(batch, -1, x.shape[-1]).float()
-                grad_out = grad_out.reshape(batch, -1, grad_out.shape[-1]).float()
-                g2[name] += torch.bmm(grad_out.transpose(1, 2), x).square().sum(dim=0)
-            records.clear()
-            loss_total += float(per_window.detach().sum())
+            with torch.no_grad():
+                layer_out[s] = engine.call_layer(layer, hidden[s])
+            for b in blocks:
+                rec, (args, kwargs), y_sparse = records[b.name], seen[("in", b.name)], seen[("out", b.name)]
+                with torch.enable_grad():
+                    y_dense = b.run(dense_layer, args, kwargs)
+                    per_window = (y_dense - y_sparse).reshape(batch, -1).square().mean(dim=1)
+                    grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in b.linears])
+                for n, grad_out in zip(b.linears, grads):
+                    rec.g2[n] += _bf16_per_window_grad_sq(grad_out, linear_io[n][0], batch)
+                rec.loss += float(per_window.detach().sum())
+                rec.calls.append((args, kwargs))
+                rec.dense_out.append(y_dense.detach())
+                rec.sizes.append(batch)
+                if b.name == last:
+                    rec.sparse_out.append(y_sparse)
+                linear_io.clear()
+            seen.clear()
             windows += batch
     finally:
         for h in hooks:
             h.remove()
-    return {name: g / max(windows, 1) for name, g in g2.items()}, loss_total / max(windows, 1)
+    for rec in records.values():
+        rec.g2 = {n: g / max(windows, 1) for n, g in rec.g2.items()}
+        rec.loss /= max(windows, 1)
+    return records, layer_out
+
+
+@torch.no_grad()
+def rerun_block(layer, block: SubBlock, rec: BlockRecord) -> tuple[list[torch.Tensor], float]:
+    """The (rebuilt) sparse block on its recorded inputs: outputs per batch and the mean block loss."""
+    outs, total, windows = [], 0.0, 0
+    for (args, kwargs), y_dense, n in zip(rec.calls, rec.dense_out, rec.sizes):
+        y = block.run(layer, args, kwargs)
+        total += float((y_dense - y).reshape(n, -1).square().mean(dim=1).sum())
+        windows += n
+        outs.append(y)
+    return outs, total / max(windows, 1)
 
 
 @torch.no_grad()
@@ -114,46 +174,85 @@ def block_loss(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBlock
 
 
 class Barber:
-    def __init__(self, ratio: float = 0.01, keep_updates: bool = True):
+    def __init__(self, ratio: float = 0.01, keep_updates: bool = True, loss_guard: bool = True):
         self.ratio = ratio
         self.keep_updates = keep_updates
+        self.loss_guard = loss_guard
 
     def rebuild_layer(self, engine, layer, dense_layer, hidden, masks: dict[str, torch.Tensor],
                       targets: dict[str, SparsityTarget], stats: dict | None = None,
-                      solver: Callable | None = None) -> dict:
-        """Rebuild the masks of every linear in `layer` in place; `masks` is updated. Returns a report.
+                      solver: Callable | None = None) -> tuple[dict, torch.Tensor]:
+        """Rebuild the masks of every linear in `layer` in place (`masks` is updated); returns a report and the
+        layer's output for every window (the next layer's input).
 
-        With `keep_updates` and a `solver` (the init method's reconstruction, e.g. SparseGPT's OBS sweep with
-        a fixed mask, given the init pass's `stats`), every row whose mask changed is re-solved from its dense
-        values under the new mask, so the kept weights stay consistent with it; unchanged rows keep the init
-        method's weights, which that solve would reproduce exactly.
+        Sub-blocks go in order (attention, then MLP on the rebuilt attention's output). One pass gathers the
+        gradients of every block; a block's rebuild that changes the layer makes the later blocks pass again,
+        one that changes nothing leaves the pass valid. A rebuild is kept only if the block loss on the
+        calibration windows does not rise (`loss_guard`, ours; the reference keeps every rebuild); otherwise the block's masks and weights go back to the init's.
+        With `keep_updates` and a `solver` (the init method's reconstruction, e.g. SparseGPT's OBS sweep with a
+        fixed mask, given the init pass's `stats`), every row whose mask changed is re-solved from its dense
+        values under the new mask; unchanged rows keep the init method's weights, which that solve would
+        reproduce exactly.
         """
-        for p in dense_layer.parameters():
-            p.requires_grad_(True)
-        report: dict = {"swaps": {}, "resolved_rows": {}}
-        for block in engine.adapter.subblocks(layer):
-            g2, loss_before = block_grad_sq(engine, layer, dense_layer, hidden, block)
-            report[f"{block.name}_loss_before"] = loss_before
-            for name in block.linears:
-                lin = layer.get_submodule(name)
-                dense_w = dense_layer.get_submodule(name).weight.detach().float()
-                current = lin.weight.detach().float()
-                score = dense_w.abs() * g2[name].sqrt()
-                old = masks[name]
-                new = rebuild_mask(old, score, self.ratio, targets[name])
-                if not self.keep_updates:
-                    base = dense_w
-                elif solver is not None and stats is not None:
-                    base = current.clone()
-                    rows = (new != old).any(dim=1)
-                    if bool(rows.any()):
-                        base[rows] = solver(dense_w[rows], stats[name], new[rows])
-                    report["resolved_rows"][name] = int(rows.sum())
-                else:
-                    base = torch.where(old, dense_w, current)
-                lin.weight.data = base.masked_fill(new, 0.0).to(lin.weight.dtype)
-                masks[name] = new
-                report["swaps"][name] = int((new & ~old).sum())
-        for p in dense_layer.parameters():
-            p.requires_grad_(False)
-        return report
+        dense_layer.requires_grad_(True)
+        report: dict = {"swaps": {}, "resolved_rows": {}, "reverted": []}
+        blocks = list(engine.adapter.subblocks(layer))
+        records, layer_out = gradient_pass(engine, layer, dense_layer, hidden, blocks)
+        for i, block in enumerate(blocks):
+            if records is None:  # an earlier block changed this layer: its later blocks see new inputs
+                records, layer_out = gradient_pass(engine, layer, dense_layer, hidden, blocks[i:])
+            rec = records[block.name]
+            report[f"{block.name}_loss_before"] = report[f"{block.name}_loss_after"] = rec.loss
+            saved = {n: (layer.get_submodule(n).weight.detach().clone(), masks[n]) for n in block.linears}
+            if not self._rebuild_block(layer, dense_layer, block, rec.g2, masks, targets, stats, solver, report):
+                continue
+            last = i + 1 == len(blocks)
+            if not (self.loss_guard or last):
+                records = None
+                continue
+            outs, loss_after = rerun_block(layer, block, rec)
+            if self.loss_guard and loss_after > rec.loss:
+                for n, (weight, mask) in saved.items():
+                    layer.get_submodule(n).weight.data.copy_(weight)
+                    masks[n] = mask
+                    report["swaps"][n] = report["resolved_rows"][n] = 0
+                report["reverted"].append(block.name)
+                continue
+            report[f"{block.name}_loss_after"] = loss_after
+            if not last:
+                records = None
+            elif engine.adapter.output_adds_last_block(layer):
+                # The layer's output is the last block's residual plus the block's output.
+                start = 0
+                for y_new, y_old, n in zip(outs, rec.sparse_out, rec.sizes):
+                    layer_out[start:start + n] += (y_new - y_old).reshape(n, *layer_out.shape[1:])
+                    start += n
+            else:
+                layer_out = engine.forward_layer(layer, hidden)
+        dense_layer.requires_grad_(False)
+        return report, layer_out
+
+    def _rebuild_block(self, layer, dense_layer, block, g2, masks, targets, stats, solver, report) -> bool:
+        """Score, swap and set new weights for the linears of `block`; True if any mask changed."""
+        changed = False
+        for name in block.linears:
+            lin = layer.get_submodule(name)
+            dense_w = dense_layer.get_submodule(name).weight.detach().float()
+            current = lin.weight.detach().float()
+            old = masks[name]
+            new = rebuild_mask(old, dense_w.abs() * g2[name].sqrt(), self.ratio, targets[name])
+            rows = (new != old).any(dim=1)
+            if not self.keep_updates:
+                base = dense_w
+            elif solver is not None and stats is not None:
+                base = current.clone()
+                if bool(rows.any()):
+                    base[rows] = solver(dense_w[rows], stats[name], new[rows])
+                report["resolved_rows"][name] = int(rows.sum())
+            else:
+                base = torch.where(old, dense_w, current)
+            lin.weight.data.copy_(base.masked_fill(new, 0.0))
+            masks[name] = new
+            report["swaps"][name] = int((new & ~old).sum())
+            changed = changed or bool(rows.any()) or not self.keep_updates
+        return changed
