@@ -25,7 +25,7 @@ PRUNE_CONFIGS = [
     ("sparsegpt", "sparsegpt", None, []),
     ("barber(wanda)", "barber", "wanda", []),
     ("barber(sparsegpt)", "barber", "sparsegpt", []),
-    ("barber(sparsegpt) reset to dense", "barber", "sparsegpt", ["--no-keep-updates"]),
+    ("barber(sparsegpt) reset to dense", "barber", "sparsegpt", ["--no-keep-updates", "--no-loss-guard"]),
 ]
 SPARSITIES = ("0.5", "2:4")
 
@@ -74,6 +74,28 @@ def run_prune_one(model_dir: Path, out: Path, method: str, init: str | None, spa
             "command": "toolchain " + " ".join(cmd[3:])}
 
 
+def _write_result(stem: Path, result: dict, order: list[str], key, table) -> None:
+    """Write JSON + markdown; a partial run (`only`) replaces its own rows and keeps the others."""
+    if result.get("partial") and Path(f"{stem}.json").is_file():
+        fresh = {key(r) for r in result["rows"]}
+        kept = [r for r in json.loads(Path(f"{stem}.json").read_text())["rows"] if key(r) not in fresh]
+        result["rows"] = sorted(kept + result["rows"],
+                                key=lambda r: order.index(key(r)) if key(r) in order else len(order))
+    result.pop("partial", None)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(table(result))
+    print(table(result))
+
+
+def _stem(out_dir: Path, what: str, model: str) -> Path:
+    return out_dir / (f"{what}_smollm2" if str(model) == "smollm2" else f"{what}_{Path(model).name}")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text).strip("-")
+
+
 def run_prune_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
     out_dir = Path(out_dir)
     work = Path("out/bench")
@@ -101,20 +123,10 @@ def run_prune_bench(model: str, out_dir: str | Path, only: list[str] | None = No
 
     result = {"benchmark": "prune", "model": str(model), "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0",
               "eval": f"pydoc held-out split, seqlen {SEQLEN}", "model_fp32_mib": round(fp32_mib, 1),
-              "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / "prune_smollm2" if str(model) == "smollm2" else out_dir / f"prune_{Path(model).name}"
-    if only and Path(f"{stem}.json").is_file():  # a partial run replaces its own rows and keeps the others
-        fresh = {(r["name"], r["sparsity"]) for r in rows}
-        kept = [r for r in json.loads(Path(f"{stem}.json").read_text())["rows"]
-                if (r["name"], r["sparsity"]) not in fresh]
-        order = ["dense"] + [f"{n}@{s}" for s in SPARSITIES for n, *_ in PRUNE_CONFIGS]
-        key = lambda r: order.index("dense" if r["name"] == "dense" else f"{r['name']}@{r['sparsity']}")  # noqa: E731
-        rows = sorted(kept + rows, key=key)
-        result["rows"] = rows
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(markdown_table(result))
-    print(markdown_table(result))
+              "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows, "partial": bool(only)}
+    order = ["dense@-"] + [f"{n}@{s}" for s in SPARSITIES for n, *_ in PRUNE_CONFIGS]
+    _write_result(_stem(out_dir, "prune", model), result, order, lambda r: f"{r['name']}@{r['sparsity']}",
+                  markdown_table)
     return result
 
 
@@ -128,6 +140,83 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['sparsity']} | {r['ppl']:.2f} | {r.get('prune_seconds', '-')} | "
                      f"{r.get('peak_rss_mib', '-')} | {r.get('peak_rss_x_fp32', '-')} | "
                      f"{r.get('peak_anon_mib', '-')} | {r.get('peak_anon_x_fp32', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- quantization
+QUANT_GROUP = 64   # SmolLM2's hidden size 576 is not a multiple of 128 (DEVELOPERS.md: quality runs use 64)
+QUANT_CONFIGS = [
+    # name, input ("dense" or a pruned model from the prune bench), method, bits, extra flags
+    ("rtn 4-bit", "dense", "rtn", "4", []),
+    ("gptq 4-bit", "dense", "gptq", "4", []),
+    ("aptq 4-bit", "dense", "aptq", "4", []),
+    ("rtn 3-bit", "dense", "rtn", "3", []),
+    ("gptq 3-bit", "dense", "gptq", "3", []),
+    ("aptq 3-bit", "dense", "aptq", "3", []),
+    ("aptq 3.5 avg (2/4)", "dense", "aptq", "3.5", []),
+    ("aptq 3.0 avg (2/4)", "dense", "aptq", "3.0", []),
+    ("barber 2:4 + gptq 4-bit", "barber-sparsegpt-2of4", "gptq", "4", []),
+    ("barber 2:4 + aptq 4-bit", "barber-sparsegpt-2of4", "aptq", "4", []),
+]
+
+
+def run_quant_one(model_dir: Path, out: Path, method: str, bits: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "toolchain.cli", "quantize", "--model", str(model_dir), "--method", method,
+           "--bits", bits, "--group-size", str(QUANT_GROUP), "--calib-samples", str(CALIB), "--seqlen", str(SEQLEN),
+           "--out", str(out), "--quiet", *extra]
+    subprocess.run(cmd, check=True)
+    report = json.loads((out / "compression.json").read_text())
+    q = report["quantization"]
+    return {"quant_seconds": q["seconds"]["total"], "avg_bits": round(q["avg_bits"], 4),
+            "avg_bits_with_params": round(q["avg_bits_with_params"], 4),
+            "weight_mib": round(q["weight_bytes"] / 2**20, 2), "peak_rss_mib": report["peak_rss_mib"],
+            "command": "toolchain " + " ".join(cmd[3:])}
+
+
+def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
+    """Quantization table: RTN/GPTQ/APTQ at 4 and 3 bits, APTQ at 3.5 and 3.0 average, and the 2:4 Barber
+    model (from the prune benchmark, pruned here if missing) with 4-bit GPTQ and APTQ."""
+    out_dir, work = Path(out_dir), Path("out/bench")
+    work.mkdir(parents=True, exist_ok=True)
+    src = dense_dir(model, work)
+    rows = []
+    if not only or "dense" in only:
+        rows.append({"name": "dense (fp32)", "ppl": _eval_ppl(src)})
+    for name, source, method, bits, extra in QUANT_CONFIGS:
+        if only and name not in only:
+            continue
+        model_dir = src
+        if source != "dense":
+            model_dir = work / source
+            if not (model_dir / "compression.json").is_file():
+                run_prune_one(src, model_dir, "barber", "sparsegpt", "2:4", [])
+            if not any(r["name"] == "barber 2:4 (unquantized)" for r in rows):
+                rows.append({"name": "barber 2:4 (unquantized)", "ppl": _eval_ppl(model_dir)})
+        target = work / "quant" / _slug(name)
+        row = {"name": name, **run_quant_one(model_dir, target, method, bits, extra)}
+        row["ppl"] = _eval_ppl(target)
+        rows.append(row)
+        print(f"{name}: ppl {row['ppl']:.3f}, {row['quant_seconds']:.1f} s, {row['avg_bits']} bits", flush=True)
+    from .pipeline import library_versions
+
+    result = {"benchmark": "quant", "model": str(model), "group_size": QUANT_GROUP,
+              "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0", "eval": f"pydoc held-out split, seqlen {SEQLEN}",
+              "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows, "partial": bool(only)}
+    order = ["dense (fp32)"] + [c[0] for c in QUANT_CONFIGS[:8]] + ["barber 2:4 (unquantized)"] + \
+        [c[0] for c in QUANT_CONFIGS[8:]]
+    _write_result(_stem(out_dir, "quant", model), result, order, lambda r: r["name"], quant_table)
+    return result
+
+
+def quant_table(result: dict) -> str:
+    lines = [f"Model: {result['model']}; symmetric, group size {result['group_size']}; calibration "
+             f"{result['calibration']}; eval {result['eval']}. Weight MiB = codes at their width plus fp16 "
+             "scales of the quantized decoder linears (pruned weights counted as codes).", "",
+             "| configuration | perplexity | avg bits | avg bits incl. scales | weight MiB | quantize time (s) | "
+             "peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r.get('avg_bits', '-')} | {r.get('avg_bits_with_params', '-')} "
+                     f"| {r.get('weight_mib', '-')} | {r.get('quant_seconds', '-')} | {r.get('peak_rss_mib', '-')} |")
     return "\n".join(lines) + "\n"
 
 

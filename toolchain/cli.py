@@ -23,7 +23,16 @@ QUANT_EXAMPLES = """examples:
 
 Weights that are exactly zero (pruned) stay exactly zero. The output directory holds the dequantized
 float model (transformers and `toolchain eval` load it), quant_state.safetensors (codes, fp16 scales,
-zeros, masks: the integer truth for every exporter) and compression.json."""
+zeros, masks: the integer truth for every exporter) and compression.json.
+APTQ with an average (--bits 3.5) first measures every linear's Hessian-trace sensitivity, then picks
+per-layer widths from --candidates by an exact knapsack so the average over all weights stays within it."""
+
+COMPRESS_EXAMPLES = """examples:
+  toolchain compress --model smollm2 --prune barber --init wanda --sparsity 2:4 --quant aptq --bits 3.5 --out out/c
+  toolchain compress --model ./my-llama --prune sparsegpt --sparsity 0.5 --quant gptq --bits 4 --group-size 64 --out out/c
+
+One model load and one set of calibration windows serve both steps; quantization keeps the pruned
+weights exactly zero (N:M stays valid). compression.json holds both records."""
 
 
 def _add_data_args(p: argparse.ArgumentParser, samples_default: int = 128) -> None:
@@ -41,14 +50,7 @@ def _add_data_args(p: argparse.ArgumentParser, samples_default: int = 128) -> No
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolchain", description="Prune, quantize and export LLMs to hardware.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prune", help="prune a model layer by layer", epilog=PRUNE_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "barber"])
+def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=["magnitude", "wanda", "sparsegpt"], default=None,
                    help="Barber's initial pruner (default wanda)")
     p.add_argument("--sparsity", required=True, help="fraction in (0,1) such as 0.5, or N:M such as 2:4 / 4:8")
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer sparsity: uniform, OWL outlier-weighted, or Hessian-trace sensitivity "
                         "(unstructured only; the global ratio is kept)")
     p.add_argument("--rebuild-ratio", type=float, default=0.01,
-                   help="Barber's alpha: fraction of the beneficial pruned<->kept swaps made per row "
+                   help="Barber's alpha: the fraction of each row's beneficial pruned<->kept swaps that are made "
                         "(default %(default)s)")
     p.add_argument("--keep-updates", action=argparse.BooleanOptionalAction, default=True,
                    help="Barber with --init sparsegpt: rows whose mask changed are re-solved with SparseGPT's OBS "
@@ -67,23 +69,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Barber: keep a sub-block's rebuilt masks only if its block loss on the calibration "
                         "windows does not rise, else keep the init's (ours; the reference keeps every rebuild; "
                         "default: on)")
+
+
+def _add_quant_options(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--bits", required=True,
+                   help="code width 2, 3, 4 or 8; with aptq also an average such as 3.5 or 3.0 (written with a "
+                        "decimal point), met exactly by per-layer widths from --candidates")
+    q.add_argument("--candidates", default=None,
+                   help="aptq mixed precision: comma list of widths to choose from (default 2,4); giving it "
+                        "makes --bits an average")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="input columns per scale; -1 = one scale per output row; a shorter last group is "
+                        "allowed (default %(default)s)")
+    q.add_argument("--asym", action="store_true", help="asymmetric (min/max with a zero point) instead of symmetric")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ/APTQ: quantize columns by decreasing Hessian diagonal (static groups, natural-order "
+                        "codes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolchain", description="Prune, quantize and export LLMs to hardware.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model layer by layer", epilog=PRUNE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "barber"])
+    _add_prune_options(p)
     _add_data_args(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
 
     q = sub.add_parser("quantize", help="quantize a (dense or pruned) model's decoder weights",
                        epilog=QUANT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
-    q.add_argument("--method", required=True, choices=["rtn", "gptq"],
-                   help="round-to-nearest, or GPTQ with the layer Hessian (APTQ is not implemented yet)")
-    q.add_argument("--bits", required=True, help="code width: 2, 3, 4 or 8")
-    q.add_argument("--group-size", type=int, default=128,
-                   help="input columns per scale; -1 = one scale per output row; a shorter last group is "
-                        "allowed (default %(default)s)")
-    q.add_argument("--asym", action="store_true", help="asymmetric (min/max with a zero point) instead of symmetric")
-    q.add_argument("--act-order", action="store_true",
-                   help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups, natural-order codes)")
+    q.add_argument("--method", required=True, choices=["rtn", "gptq", "aptq"],
+                   help="round-to-nearest; GPTQ with the layer Hessian; APTQ: GPTQ with attention-aware "
+                        "Hessians for q/k/v and, for an average --bits, Hessian-trace mixed precision")
+    _add_quant_options(q)
     _add_data_args(q)
     q.add_argument("--out", required=True, help="output directory (written atomically)")
+
+    c = sub.add_parser("compress", help="prune, then quantize, in one run with one calibration set",
+                       epilog=COMPRESS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
+    c.add_argument("--prune", required=True, choices=["magnitude", "wanda", "sparsegpt", "barber"],
+                   help="pruning method")
+    _add_prune_options(c)
+    c.add_argument("--quant", required=True, choices=["rtn", "gptq", "aptq"], help="quantization method")
+    _add_quant_options(c)
+    _add_data_args(c)
+    c.add_argument("--out", required=True, help="output directory (written atomically)")
 
     e = sub.add_parser("eval", help="perplexity of a model on the evaluation split(s)")
     e.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
@@ -99,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo")
 
     b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
-    b.add_argument("what", choices=["prune"])
+    b.add_argument("what", choices=["prune", "quant"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -112,33 +147,63 @@ def _device(name):
     return name if name else None
 
 
-def cmd_prune(args) -> int:
-    from .pipeline import PruneConfig, run_prune
+def _calib_kwargs(args) -> dict:
+    return dict(calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, dataset=args.dataset,
+                text_file=args.text_file, batch_size=args.batch_size)
 
-    cfg = PruneConfig(method=args.method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
-                      rebuild_ratio=args.rebuild_ratio, keep_updates=args.keep_updates,
-                      loss_guard=args.loss_guard,
-                      calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, dataset=args.dataset,
-                      text_file=args.text_file, batch_size=args.batch_size)
-    report = run_prune(args.model, args.out, cfg, device=_device(args.device), progress=not args.quiet)
-    print(f"pruned {args.model} with {report['method']}"
-          f"{' (init ' + report['init'] + ')' if report['init'] else ''} at {report['sparsity']}: "
-          f"global sparsity {report['global_sparsity']:.4f}, {report['seconds']['total']:.1f} s, "
-          f"peak RSS {report['peak_rss_mib']:.0f} MiB -> {report['out']}")
+
+def _prune_config(args, method: str):
+    from .pipeline import PruneConfig
+
+    return PruneConfig(method=method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
+                       rebuild_ratio=args.rebuild_ratio, keep_updates=args.keep_updates, loss_guard=args.loss_guard,
+                       **_calib_kwargs(args))
+
+
+def _quant_config(args, method: str):
+    from .quantize import QuantConfig
+
+    return QuantConfig(method=method, bits=args.bits, candidates=args.candidates, group_size=args.group_size,
+                       asym=args.asym, act_order=args.act_order, **_calib_kwargs(args))
+
+
+def _prune_summary(report: dict) -> str:
+    return (f"{report['method']}{' (init ' + report['init'] + ')' if report['init'] else ''} at {report['sparsity']}: "
+            f"global sparsity {report['global_sparsity']:.4f}, {report['seconds']['total']:.1f} s")
+
+
+def _quant_summary(q: dict) -> str:
+    return (f"{q['method']} at {q['bits']} bits (group {q['group_size']}, "
+            f"{'symmetric' if q['symmetric'] else 'asymmetric'}): {q['avg_bits']:.3f} bits/weight, "
+            f"{q['avg_bits_with_params']:.3f} with scales/zeros, {q['seconds']['total']:.1f} s")
+
+
+def cmd_prune(args) -> int:
+    from .pipeline import run_prune
+
+    report = run_prune(args.model, args.out, _prune_config(args, args.method), device=_device(args.device),
+                       progress=not args.quiet)
+    print(f"pruned {args.model} with {_prune_summary(report)}, peak RSS {report['peak_rss_mib']:.0f} MiB "
+          f"-> {report['out']}")
     return 0
 
 
 def cmd_quantize(args) -> int:
-    from .pipeline import QuantConfig, run_quantize
+    from .quantize import run_quantize
 
-    cfg = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, asym=args.asym,
-                      act_order=args.act_order, calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
-                      dataset=args.dataset, text_file=args.text_file, batch_size=args.batch_size)
-    report = run_quantize(args.model, args.out, cfg, device=_device(args.device), progress=not args.quiet)
-    q = report["quantization"]
-    print(f"quantized {args.model} with {q['method']} at {q['bits']} bits (group {q['group_size']}, "
-          f"{'symmetric' if q['symmetric'] else 'asymmetric'}): {q['avg_bits']:.3f} bits/weight, "
-          f"{q['avg_bits_with_params']:.3f} with scales/zeros, {q['seconds']['total']:.1f} s -> {report['out']}")
+    report = run_quantize(args.model, args.out, _quant_config(args, args.method), device=_device(args.device),
+                          progress=not args.quiet)
+    print(f"quantized {args.model} with {_quant_summary(report['quantization'])} -> {report['out']}")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .quantize import run_compress
+
+    report = run_compress(args.model, args.out, _prune_config(args, args.prune), _quant_config(args, args.quant),
+                          device=_device(args.device), progress=not args.quiet)
+    print(f"compressed {args.model}: pruned with {_prune_summary(report['prune'])}; quantized with "
+          f"{_quant_summary(report['quantization'])}; peak RSS {report['peak_rss_mib']:.0f} MiB -> {report['out']}")
     return 0
 
 
@@ -166,16 +231,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_prune_bench
+    from .bench import run_prune_bench, run_quant_bench
 
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    run_prune_bench(args.model, args.out, only=only)
+    (run_prune_bench if args.what == "prune" else run_quant_bench)(args.model, args.out, only=only)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prune": cmd_prune, "quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}[args.command]
+    handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except ToolchainError as exc:

@@ -1,4 +1,5 @@
-"""The functions the CLI calls (and the tests call): prune a model, quantize it."""
+"""The functions the CLI calls (and the tests call) to prune a model, and what every job shares:
+calibration settings and data, memory measurement, library versions. Quantization: `toolchain.quantize`."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,6 @@ from .errors import ConfigError
 from .models import LoadedModel, load_model, save_model
 from .models.loading import check_out_dir
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
-from .quant import QuantizedWeight, QuantSpec, gptq_quantize, rtn_quantize, write_quant_state
 from .prune.allocation import ALLOCATIONS, check_allocation, hessian_traces, owl_from_outlier_ratios, \
     owl_outlier_ratios, rank_linear
 
@@ -233,118 +233,3 @@ def run_prune(model_spec: str, out: str | Path, cfg: PruneConfig, device=None, p
     path = save_model(loaded, out, extra_json={"compression.json": report})
     report["out"] = str(path)
     return report
-
-
-# ------------------------------------------------------------------------------------------- quantization
-QUANT_METHODS = ("rtn", "gptq")
-
-
-@dataclass
-class QuantConfig(CalibConfig):
-    method: str = "gptq"
-    bits: str | int = 4
-    group_size: int = 128            # -1: one group per output row
-    asym: bool = False
-    act_order: bool = False          # GPTQ: columns by decreasing Hessian diagonal, static groups
-    percdamp: float = 0.01
-
-    def resolve(self) -> QuantSpec:
-        if self.method not in QUANT_METHODS:
-            raise ConfigError(f"unknown quantization method {self.method!r}; choose one of {', '.join(QUANT_METHODS)}")
-        try:
-            bits = float(self.bits)
-        except ValueError:
-            raise ConfigError(f"--bits {self.bits!r} is not a number") from None
-        if bits != int(bits):
-            raise ConfigError(f"--bits {self.bits}: a fractional average needs --method aptq; "
-                              f"{self.method} takes one of 2, 3, 4, 8")
-        self.check_calibration()
-        if not 0 < self.percdamp < 1:
-            raise ConfigError(f"damping must be in (0, 1), got {self.percdamp}")
-        return QuantSpec(int(bits), self.group_size, not self.asym)
-
-
-def average_bits(weights: dict[str, QuantizedWeight]) -> dict:
-    """Average bits per weight over all quantized weights, without and with scale/zero storage."""
-    n = sum(qw.codes.numel() for qw in weights.values())
-    code_bits = sum(qw.codes.numel() * qw.spec.bits for qw in weights.values())
-    param_bits = sum(qw.scales.numel() * (16 + (0 if qw.spec.symmetric else qw.spec.bits))
-                     for qw in weights.values())
-    return {"weights": n, "avg_bits": code_bits / n, "avg_bits_with_params": (code_bits + param_bits) / n}
-
-
-def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantConfig, device=None,
-                    progress: bool = True) -> tuple[dict, dict[str, QuantizedWeight]]:
-    """Quantize every decoder linear of `loaded.model` in place (weights become their dequantized values).
-
-    Exact zeros in a weight are treated as pruned and stay exactly zero (their code is the zero code).
-    Returns the report and the integer state per full module name.
-    """
-    spec = cfg.resolve()
-    device = torch.device(device) if device is not None else default_device()
-    adapter, model = loaded.adapter, loaded.model
-    layers = adapter.decoder_layers(model)
-    for i, layer in enumerate(layers):
-        for name, lin in adapter.linears(layer).items():
-            spec.check_weight(f"layer {i} {name}", lin.weight)
-    full_names = {id(module): name for name, module in model.named_modules()}
-    needs_hessian = cfg.method == "gptq"
-    engine = LayerEngine(model, adapter, calib if calib is not None else torch.zeros(1, 2, dtype=torch.long),
-                         cfg.batch_size, device)
-    state: dict[str, QuantizedWeight] = {}
-
-    def quantize_layer(i, layer, hidden):
-        stats = engine.collect_stats(layer, hidden, hessian=True) if needs_hessian else {}
-        entry = {"linears": {}}
-        for name, lin in adapter.linears(layer).items():
-            w = lin.weight.detach().float()
-            zero = w == 0
-            mask = zero if bool(zero.any()) else None
-            if needs_hessian:
-                H = stats[name].hessian
-                qw = gptq_quantize(w, H, spec, mask, percdamp=cfg.percdamp, act_order=cfg.act_order,
-                                   name=f"layer {i} {name}")
-            else:
-                qw = rtn_quantize(w, spec, mask)
-            deq = qw.dequantize()
-            info = {"bits": spec.bits, "pruned": float(zero.float().mean())}
-            if needs_hessian:  # relative output error on the calibration inputs: tr(dW H dW^T) / tr(W H W^T)
-                dw = deq - w
-                info["rel_error"] = float(((dw @ H) * dw).sum() / ((w @ H) * w).sum().clamp(min=1e-30))
-            set_weight(lin, deq)
-            state[full_names[id(lin)]] = qw
-            entry["linears"][name] = info
-        return entry
-
-    t0 = time.perf_counter()
-    per_layer = engine.walk(quantize_layer, needs_inputs=needs_hessian,
-                            desc=f"quantize {cfg.method} {spec.bits}-bit g{spec.group_size}", progress=progress)
-    report = {"method": cfg.method, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
-              "act_order": cfg.act_order, **average_bits(state),
-              "seconds": {"total": round(time.perf_counter() - t0, 3)}, "layers": per_layer}
-    return report, state
-
-
-def run_quantize(model_spec: str, out: str | Path, cfg: QuantConfig, device=None, progress: bool = True) -> dict:
-    """Load, calibrate (GPTQ), quantize, and write the HF directory + quant_state.safetensors + compression.json."""
-    cfg.resolve()
-    if str(model_spec) != "smollm2":
-        check_out_dir(model_spec, out)
-    t0 = time.perf_counter()
-    loaded = load_model(model_spec)
-    t_load = time.perf_counter() - t0
-    previous = None
-    if loaded.source.get("kind") == "hf" and (Path(model_spec) / "compression.json").is_file():
-        previous = json.loads((Path(model_spec) / "compression.json").read_text())
-    calib, calib_info = calibration_data(loaded, cfg) if cfg.method == "gptq" else (None, None)
-    report, state = quantize_loaded(loaded, calib, cfg, device=device, progress=progress)
-    report["seconds"]["load"] = round(t_load, 3)
-    compression = {"format": "toolchain.compression/1", "quantization": report,
-                   # the input's pruning record: a prune report itself, or the one nested in a quant report
-                   "prune": previous.get("prune", previous) if previous else None,
-                   "source": loaded.source, "calibration": calib_info, "config": asdict(cfg),
-                   "versions": library_versions(), "peak_rss_mib": round(peak_rss_mib(), 1)}
-    path = save_model(loaded, out, extra_json={"compression.json": compression},
-                      extra_files={"quant_state.safetensors": lambda p: write_quant_state(p, state)})
-    compression["out"] = str(path)
-    return compression

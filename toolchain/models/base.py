@@ -49,6 +49,14 @@ class ArchAdapter(ABC):
     def input_groups(self) -> Sequence[tuple[str, ...]]:
         """Linears that read the same tensor; the first one's input is hooked for the whole group."""
 
+    #: q, k and v projections; their output rows are heads of head_dim consecutive rows (APTQ's per-head Hessians)
+    attention_qkv: tuple[str, str, str] = ()
+
+    def query_scale(self, layer: nn.Module) -> float:
+        """A factor the family applies to the query projection's output before attention (OPT scales q by
+        head_dim^-0.5 itself and calls attention with scale 1); 1 where the attention call does the scaling."""
+        return 1.0
+
     def output_adds_last_block(self, layer: nn.Module) -> bool:
         """True when the layer's output is its last sub-block's residual plus that block's exit output (a
         pre-norm decoder), so a change of the last block shifts the output by exactly the change of its exit

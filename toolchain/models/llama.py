@@ -15,6 +15,7 @@ def _run_mlp(layer, args, kwargs):
 class LlamaAdapter(ArchAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2")
+    attention_qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
     def decoder_layers(self, model):
         return model.model.layers

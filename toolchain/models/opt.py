@@ -16,6 +16,10 @@ def _run_mlp(layer, args, kwargs):
 class OPTAdapter(ArchAdapter):
     family = "opt"
     model_types = ("opt",)
+    attention_qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+    def query_scale(self, layer):
+        return float(layer.self_attn.scaling)  # q_proj(x) * scaling, then attention with scale 1
 
     def decoder_layers(self, model):
         return model.model.decoder.layers

@@ -1,4 +1,5 @@
-"""Weight quantization: the integer grid, RTN and GPTQ, and the quant_state file."""
+"""Weight quantization: the integer grid, RTN, GPTQ, APTQ's attention Hessians and bit allocation, and the
+quant_state file."""
 from .gptq import gptq_quantize
 from .quantizer import SUPPORTED_BITS, QuantizedWeight, QuantSpec, dequantize, fit_params, quantize_codes
 from .rtn import rtn_quantize

@@ -6,6 +6,10 @@ Group parameters are fitted at the first column of each group on the already-upd
 groups), or, with act-order, on the original weights before the loop (static groups), so that codes,
 scales and groups stay in natural column order for export. Pruned weights are quantized to exactly
 zero and their error is propagated like any other column's, which keeps every mask and N:M pattern.
+
+The Hessian may also be a stack [k, in, in]: the rows then form k equal consecutive blocks, block j with
+its own H_j (APTQ's per-head attention Hessians). All blocks run through the same column loop at once;
+with act-order they share one column order, by the summed diagonal.
 """
 from __future__ import annotations
 
@@ -18,16 +22,22 @@ from .quantizer import QuantizedWeight, QuantSpec, fit_params, quantize_codes
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                   prune_mask: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01,
                   act_order: bool = False, name: str = "layer") -> QuantizedWeight:
-    W = weight.detach().float().clone()
-    rows, cols = W.shape
-    H = hessian.to(W.device).float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    rows, cols = weight.shape
+    H = hessian.to(weight.device).float()
+    H = (H[None] if H.dim() == 2 else H).clone()
+    k = H.shape[0]
+    if rows % k:
+        raise ValueError(f"{name}: {rows} rows do not split into {k} Hessian blocks")
+    W = weight.detach().float().reshape(k, rows // k, cols).clone()
+    dead = torch.diagonal(H, dim1=1, dim2=2) == 0                        # [k, cols]
+    for j in range(k):
+        H[j, dead[j], dead[j]] = 1.0
+    W.masked_fill_(dead[:, None, :], 0.0)
     groups = spec.groups(cols)
     group_of = torch.empty(cols, dtype=torch.long)
     for gi, (a, b) in enumerate(groups):
         group_of[a:b] = gi
+    W = W.reshape(rows, cols)
     scales = torch.empty(rows, len(groups), device=W.device)
     zeros = torch.empty(rows, len(groups), dtype=torch.int32, device=W.device)
     if act_order:  # static groups: parameters from the original weights, in natural column order
@@ -35,15 +45,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
             scales[:, gi], zeros[:, gi] = fit_params(W[:, a:b], spec)
     mask = prune_mask if prune_mask is not None else torch.zeros_like(W, dtype=torch.bool)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H, mask_p = W[:, perm], H[perm][:, perm], mask[:, perm]
-    U = inverse_hessian_cholesky(H, percdamp, name)
+    perm = (torch.argsort(torch.diagonal(H, dim1=1, dim2=2).sum(0), descending=True) if act_order
+            else torch.arange(cols, device=W.device))
+    W, mask_p = W[:, perm], mask[:, perm]
+    H = H[:, perm][:, :, perm]
+    U = torch.stack([inverse_hessian_cholesky(H[j], percdamp, name) for j in range(k)])   # [k, cols, cols]
     del H
+    r = rows // k
     codes = torch.empty(rows, cols, dtype=torch.int32, device=W.device)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        W1, U1 = W[:, i1:i2].reshape(k, r, i2 - i1).clone(), U[:, i1:i2, i1:i2]   # row block j uses U[j]
         err = torch.zeros_like(W1)
         for c in range(i2 - i1):
             col = int(perm[i1 + c])
@@ -52,17 +65,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                 # Dynamic group: fit on this group's current weights (this block's columns carry the
                 # in-block updates; later blocks' columns carry the lazy updates made so far).
                 a, b = groups[gi]
-                current = torch.cat([W1[:, c:c + min(b, i2) - a], W[:, i2:i2 + max(0, b - i2)]], dim=1)
+                current = torch.cat([W1[:, :, c:c + min(b, i2) - a].reshape(rows, -1),
+                                     W[:, i2:i2 + max(0, b - i2)]], dim=1)
                 scales[:, gi], zeros[:, gi] = fit_params(current, spec)
-            w = W1[:, c]
+            w = W1[:, :, c].reshape(rows)
             q = quantize_codes(w[:, None], scales[:, gi], zeros[:, gi], spec)[:, 0]
             q = torch.where(mask_p[:, i1 + c], zeros[:, gi], q)
             codes[:, i1 + c] = q
             deq = scales[:, gi] * (q - zeros[:, gi]).float()
-            e = (w - deq) / U1[c, c]
-            W1[:, c:] -= e[:, None] * U1[c, c:][None, :]
-            err[:, c] = e
-        W[:, i2:] -= err @ U[i1:i2, i2:]
+            e = (w - deq).reshape(k, r) / U1[:, c, c][:, None]
+            W1[:, :, c:] -= e[:, :, None] * U1[:, c, c:][:, None, :]
+            err[:, :, c] = e
+        W[:, i2:] -= torch.bmm(err, U[:, i1:i2, i2:]).reshape(rows, -1)
 
     inverse = torch.argsort(perm)
     return QuantizedWeight(codes[:, inverse].contiguous(), scales, zeros, spec, prune_mask)

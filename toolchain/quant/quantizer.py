@@ -48,6 +48,9 @@ class QuantSpec:
     def check_weight(self, name: str, weight: torch.Tensor) -> None:
         if weight.dim() != 2:
             raise ConfigError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+        if self.group_size > weight.shape[1]:
+            raise ConfigError(f"{name}: group size {self.group_size} exceeds the input dimension {weight.shape[1]}; "
+                              f"use -1 for one scale per output row")
         if not torch.isfinite(weight).all():
             raise ConfigError(f"{name}: weight has non-finite values (NaN or inf); cannot quantize it")
 
