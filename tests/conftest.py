@@ -40,6 +40,23 @@ def make_opt(vocab_size: int, seed: int = 0, layers: int = 2):
     return OPTForCausalLM(cfg).eval()
 
 
+VOCAB = 320
+
+
+def tiny_loaded(family: str = "llama", seed: int = 0, layers: int = 2):
+    """A tiny random model of `family` wrapped as the loader would return it (no tokenizer)."""
+    from toolchain.models import adapter_for
+    from toolchain.models.loading import LoadedModel
+
+    model = make_llama(VOCAB, seed, layers) if family == "llama" else make_opt(VOCAB, seed, layers)
+    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source={})
+
+
+def random_ids(n: int = 8, t: int = 32, seed: int = 0) -> torch.Tensor:
+    """Seeded random token windows [n, t] for the tiny models."""
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

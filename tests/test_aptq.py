@@ -8,27 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_llama, make_opt
+from conftest import random_ids, tiny_loaded
 from toolchain.engine import LayerEngine
 from toolchain.errors import ConfigError
-from toolchain.models import adapter_for
-from toolchain.models.loading import LoadedModel
 from toolchain.prune.masks import check_nm
 from toolchain.quant import QuantSpec, gptq_quantize
 from toolchain.quant.allocate import allocate_bits
 from toolchain.quant.aptq import attention_token_weights, collect_aptq_stats
 from toolchain.quantize import QuantConfig, quantize_loaded
 
-VOCAB = 320
 
 
-def _loaded(family="llama", layers=1, seed=0):
-    model = make_llama(VOCAB, seed, layers) if family == "llama" else make_opt(VOCAB, seed, layers)
-    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source={})
+def _loaded(family="llama", layers=1):
+    return tiny_loaded(family, layers=layers)
 
 
-def _calib(n=4, t=24, seed=0):
-    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+def _calib():
+    return random_ids(4, 24)
 
 
 def _attention_output_fn(lm, engine, hidden, which):
@@ -63,6 +59,17 @@ def _call(attn, lin, weight, args, kwargs):
         lin.weight = original
 
 
+def _one_layer_attention(family, which):
+    """A one-layer model's APTQ attention statistics, o(W) for the projection `which`, and the GN matrix."""
+    lm = _loaded(family)
+    calib = _calib()
+    engine = LayerEngine(lm.model, lm.adapter, calib, batch_size=2, device="cpu")
+    hidden = engine.capture_inputs()
+    _, attention = collect_aptq_stats(engine, engine.layers[0], hidden)
+    output, w = _attention_output_fn(lm, engine, hidden, which)
+    return attention, w, _gauss_newton(output, w, calib.numel())
+
+
 def _gauss_newton(output, weight, tokens):
     """2/n J^T J of the attention output with respect to the weight, [out*in, out*in]."""
     jac = torch.autograd.functional.jacobian(output, weight)       # [B, T, Hq*dh, rows, cols]
@@ -74,13 +81,7 @@ def _gauss_newton(output, weight, tokens):
 def test_v_hessian_equals_autograd_gauss_newton(family):
     """H_v per KV head is exact: the Gauss-Newton matrix of the attention output w.r.t. W_v is block diagonal
     over rows, and row r's block is H_v of r's KV head (GQA: summed over the query heads that read it)."""
-    lm = _loaded(family)
-    calib = _calib()
-    engine = LayerEngine(lm.model, lm.adapter, calib, batch_size=2, device="cpu")
-    hidden = engine.capture_inputs()
-    _, attention = collect_aptq_stats(engine, engine.layers[0], hidden)
-    output, w = _attention_output_fn(lm, engine, hidden, "v")
-    gn = _gauss_newton(output, w, calib.numel())
+    attention, w, gn = _one_layer_attention(family, "v")
     rows, cols = w.shape
     h_v = attention.hessian("v").double()
     head_rows = rows // h_v.shape[0]
@@ -94,13 +95,7 @@ def test_v_hessian_equals_autograd_gauss_newton(family):
 def test_q_hessian_keeps_the_exact_gauss_newton_trace(family):
     """The token-weighted H_q replaces each head's G_i^T G_i by its mean eigenvalue: it keeps the trace of the
     exact Gauss-Newton matrix (through softmax, RoPE and the model's own q scaling)."""
-    lm = _loaded(family)
-    calib = _calib()
-    engine = LayerEngine(lm.model, lm.adapter, calib, batch_size=2, device="cpu")
-    hidden = engine.capture_inputs()
-    _, attention = collect_aptq_stats(engine, engine.layers[0], hidden)
-    output, w = _attention_output_fn(lm, engine, hidden, "q")
-    gn = _gauss_newton(output, w, calib.numel())
+    attention, w, gn = _one_layer_attention(family, "q")
     ours = attention.mean_diagonal("q") * w.numel()
     assert ours == pytest.approx(float(torch.trace(gn)), rel=1e-4)
     h_q = attention.hessian("q")
@@ -187,29 +182,33 @@ def test_allocation_rejects_a_budget_outside_the_candidates(budget):
 
 
 # ------------------------------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_aptq_mixed_precision_meets_the_budget_exactly(family):
+@pytest.mark.parametrize("family,sensitivity", [("llama", "model"), ("llama", "local"), ("opt", "model"),
+                                                ("opt", "local")])
+def test_aptq_mixed_precision_meets_the_budget_exactly(family, sensitivity):
     lm = _loaded(family, layers=2)
-    cfg = QuantConfig(method="aptq", bits="3.5", group_size=32, calib_samples=4, seqlen=24, batch_size=2)
+    cfg = QuantConfig(method="aptq", bits="3.5", group_size=32, calib_samples=4, seqlen=24, batch_size=2,
+                      sensitivity=sensitivity, hutchinson_samples=2)
     report, state = quantize_loaded(lm, _calib(), cfg, device="cpu", progress=False)
     assert report["avg_bits"] == 3.5
     widths = {qw.spec.bits for qw in state.values()}
     assert widths == {2, 4}
     alloc = report["allocation"]
-    assert alloc["budget"] == 3.5 and alloc["candidates"] == [2, 4]
+    assert alloc["budget"] == 3.5 and alloc["candidates"] == [2, 4] and alloc["sensitivity"] == sensitivity
     for entry in report["layers"]:
         for name, info in entry["linears"].items():
             assert info["hessian"] == ("attention" if name in lm.adapter.attention_qkv else "layer")
-            assert info["rel_error"] < 1.0
+            assert info["rel_error"] < 1.0 and info["sensitivity"] > 0
 
 
 def test_aptq_gives_more_bits_to_a_planted_sensitive_layer():
-    """Scale one layer's MLP input norm up: its Hessian trace grows by the square, so it keeps 4 bits."""
+    """Scale one layer's MLP input norm up: its local Hessian trace grows by the square, so it keeps 4 bits.
+    (The full-model trace has no such simple plant: a larger MLP input also changes the rest of the model.)"""
     lm = _loaded("llama", layers=2)
     for layer in lm.adapter.decoder_layers(lm.model):
         layer.post_attention_layernorm.weight.data.fill_(0.2)
     lm.adapter.decoder_layers(lm.model)[1].post_attention_layernorm.weight.data.fill_(5.0)
-    cfg = QuantConfig(method="aptq", bits="2.5", group_size=32, calib_samples=4, seqlen=24, batch_size=2)
+    cfg = QuantConfig(method="aptq", bits="2.5", group_size=32, calib_samples=4, seqlen=24, batch_size=2,
+                      sensitivity="local")
     report, state = quantize_loaded(lm, _calib(), cfg, device="cpu", progress=False)
     bits = {name: qw.spec.bits for name, qw in state.items()}
     assert bits["model.layers.1.mlp.gate_proj"] == bits["model.layers.1.mlp.up_proj"] == 4
@@ -241,6 +240,8 @@ def test_aptq_keeps_a_pruning_mask_and_nm():
     (QuantConfig(method="aptq", bits="3.5", candidates="two"), "comma-separated"),
     (QuantConfig(method="aptq", bits="x"), "not a number"),
     (QuantConfig(method="awq", bits="4"), "unknown quantization method"),
+    (QuantConfig(method="aptq", bits="3.5", sensitivity="fisher"), "--sensitivity"),
+    (QuantConfig(method="aptq", bits="3.5", hutchinson_samples=0), "--hutchinson-samples"),
 ])
 def test_bad_quant_configs_fail_clearly(cfg, message):
     with pytest.raises(ConfigError, match=message):

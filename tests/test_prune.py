@@ -7,27 +7,13 @@ import math
 import pytest
 import torch
 
-from conftest import make_llama, make_opt
+from conftest import random_ids as calib, tiny_loaded as loaded
 from toolchain.engine import LayerEngine
 from toolchain.errors import ConfigError
-from toolchain.models import adapter_for
-from toolchain.models.loading import LoadedModel
 from toolchain.pipeline import PruneConfig, prune_loaded
 from toolchain.prune import SparseGPT, SparsityTarget, Wanda, Magnitude, check_nm, rebuild_mask
 from toolchain.prune.barber import Barber, block_loss
 from toolchain.prune.stats import InputStats
-
-VOCAB = 320
-
-
-def loaded(family="llama", seed=0, layers=2):
-    model = make_llama(VOCAB, seed, layers) if family == "llama" else make_opt(VOCAB, seed, layers)
-    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source={})
-
-
-def calib(n=8, t=32, seed=0):
-    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
-
 
 def all_linears(lm):
     for i, layer in enumerate(lm.adapter.decoder_layers(lm.model)):

@@ -160,3 +160,18 @@ def test_quantize_rejects_fractional_bits_without_aptq(tiny_llama_dir, tmp_path,
     code = main(["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--bits", "3.5",
                  "--out", str(tmp_path / "q"), "--quiet"])
     assert code == 2 and "needs --method aptq" in capsys.readouterr().err
+
+
+def test_one_gptq_sweep_for_linears_sharing_a_hessian_equals_one_call_each():
+    from toolchain.quant.gptq import gptq_quantize_many
+
+    w, _, stats = _layer()
+    H = stats.hessian
+    a, b = w[:20], w[20:] * 3
+    mask = nm_prune_mask(b.abs(), 2, 4)
+    spec = QuantSpec(4, 40)
+    joint = gptq_quantize_many([a, b.masked_fill(mask, 0)], [H, H], spec, [None, mask])
+    for got, (x, m) in zip(joint, [(a, None), (b.masked_fill(mask, 0), mask)]):
+        one = gptq_quantize(x, H, spec, m)
+        assert torch.equal(got.codes, one.codes) and torch.equal(got.scales, one.scales)
+        assert (got.prune_mask is None) == (m is None)

@@ -78,6 +78,12 @@ def _add_quant_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--candidates", default=None,
                    help="aptq mixed precision: comma list of widths to choose from (default 2,4); giving it "
                         "makes --bits an average")
+    q.add_argument("--sensitivity", choices=["model", "local"], default="model",
+                   help="aptq mixed precision: per-linear Hessian trace of the full-model loss (Hutchinson, "
+                        "HAWQ-style; sees how an error grows through later layers), or of each linear's local "
+                        "objective (APTQ's attention-aware Hessian for q/k/v, 2XX^T otherwise) (default %(default)s)")
+    q.add_argument("--hutchinson-samples", type=int, default=8,
+                   help="calibration windows, one Hutchinson probe each, for --sensitivity model (default %(default)s)")
     q.add_argument("--group-size", type=int, default=128,
                    help="input columns per scale; -1 = one scale per output row; a shorter last group is "
                         "allowed (default %(default)s)")
@@ -164,7 +170,8 @@ def _quant_config(args, method: str):
     from .quantize import QuantConfig
 
     return QuantConfig(method=method, bits=args.bits, candidates=args.candidates, group_size=args.group_size,
-                       asym=args.asym, act_order=args.act_order, **_calib_kwargs(args))
+                       asym=args.asym, act_order=args.act_order, sensitivity=args.sensitivity,
+                       hutchinson_samples=args.hutchinson_samples, **_calib_kwargs(args))
 
 
 def _prune_summary(report: dict) -> str:

@@ -114,7 +114,7 @@ class LayerEngine:
         layer's inputs, unless `process` returned them already as `(entry, outputs)`. Returns the per-layer
         entries (`process`'s dict plus index and seconds)."""
         hidden = self.capture_inputs() if needs_inputs else None
-        spare = torch.empty_like(hidden) if hidden is not None else None
+        spare = None  # a second activation buffer, made on first use (Barber hands over its own outputs)
         entries = []
         bar = tqdm(list(enumerate(self.layers)), desc=desc, disable=not progress, unit="layer")
         for i, layer in bar:

@@ -3,7 +3,6 @@ calibration settings and data, memory measurement, library versions. Quantizatio
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import resource
 import time
@@ -18,8 +17,9 @@ from .engine import LayerEngine, default_device
 from .errors import ConfigError
 from .models import LoadedModel, load_model, save_model
 from .models.loading import check_out_dir
+from .sensitivity import layer_hessian_traces
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
-from .prune.allocation import ALLOCATIONS, check_allocation, hessian_traces, owl_from_outlier_ratios, \
+from .prune.allocation import ALLOCATIONS, check_allocation, owl_from_outlier_ratios, \
     owl_outlier_ratios, rank_linear
 
 
@@ -147,7 +147,7 @@ def layer_sparsities(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig,
         engine = LayerEngine(loaded.model, loaded.adapter, calib, cfg.batch_size, device)
         ratios = owl_outlier_ratios(engine, progress=progress)
         return owl_from_outlier_ratios(ratios, target.sparsity), {"outlier_ratio": ratios}
-    traces = hessian_traces(loaded.model, loaded.adapter, calib, cfg.hessian_samples, cfg.seed, device, progress)
+    traces = layer_hessian_traces(loaded.model, loaded.adapter, calib, cfg.hessian_samples, cfg.seed, device, progress)
     return rank_linear(traces, target.sparsity), {"hessian_trace_per_param": traces}
 
 
@@ -215,21 +215,31 @@ def calibration_data(loaded: LoadedModel, cfg: CalibConfig) -> tuple[torch.Tenso
                    "split_tokens": int(ids.numel())}
 
 
-def run_prune(model_spec: str, out: str | Path, cfg: PruneConfig, device=None, progress: bool = True) -> dict:
-    """Load, calibrate, prune, and write an HF directory plus compression.json (atomically)."""
-    cfg.resolve()
+def run_job(model_spec: str, out: str | Path, cfg: CalibConfig, work, calibrate: bool = True):
+    """What prune, quantize and compress share: refuse an --out that would overwrite the input (before any
+    work), load the model, make the calibration windows, and run `work(loaded, calib)` while sampling memory.
+    Returns (loaded, work's result, facts for compression.json)."""
     if str(model_spec) != "smollm2":
-        check_out_dir(model_spec, out)  # before any work, not after it
+        check_out_dir(model_spec, out)
     with AnonPeak() as anon:
         t0 = time.perf_counter()
         loaded = load_model(model_spec)
         t_load = time.perf_counter() - t0
-        calib, calib_info = calibration_data(loaded, cfg)
-        report = prune_loaded(loaded, calib, cfg, device=device, progress=progress)
-    report["seconds"]["load"] = round(t_load, 3)
-    report.update({"format": "toolchain.compression/1", "source": loaded.source, "calibration": calib_info,
-                   "config": asdict(cfg), "versions": library_versions(), "peak_rss_mib": round(peak_rss_mib(), 1),
-                   "peak_anon_mib": round(anon.peak_mib, 1)})
+        calib, calib_info = calibration_data(loaded, cfg) if calibrate else (None, None)
+        result = work(loaded, calib)
+    facts = {"format": "toolchain.compression/1", "source": loaded.source, "calibration": calib_info,
+             "versions": library_versions(), "load_seconds": round(t_load, 3),
+             "peak_rss_mib": round(peak_rss_mib(), 1), "peak_anon_mib": round(anon.peak_mib, 1)}
+    return loaded, result, facts
+
+
+def run_prune(model_spec: str, out: str | Path, cfg: PruneConfig, device=None, progress: bool = True) -> dict:
+    """Load, calibrate, prune, and write an HF directory plus compression.json (atomically)."""
+    cfg.resolve()
+    loaded, report, facts = run_job(model_spec, out, cfg, lambda lm, calib: prune_loaded(
+        lm, calib, cfg, device=device, progress=progress))
+    report["seconds"]["load"] = facts.pop("load_seconds")
+    report.update({**facts, "config": asdict(cfg)})
     path = save_model(loaded, out, extra_json={"compression.json": report})
     report["out"] = str(path)
     return report

@@ -16,15 +16,16 @@ import torch
 
 from .engine import LayerEngine, default_device
 from .errors import ConfigError
-from .models import LoadedModel, load_model, save_model
-from .models.loading import check_out_dir
-from .pipeline import AnonPeak, CalibConfig, PruneConfig, calibration_data, library_versions, peak_rss_mib, \
-    prune_loaded, set_weight
-from .quant import SUPPORTED_BITS, QuantizedWeight, QuantSpec, gptq_quantize, rtn_quantize, write_quant_state
+from .models import LoadedModel, save_model
+from .pipeline import CalibConfig, PruneConfig, prune_loaded, run_job, set_weight
+from .quant import SUPPORTED_BITS, QuantizedWeight, QuantSpec, rtn_quantize, write_quant_state
+from .quant.gptq import gptq_quantize_many
 from .quant.allocate import allocate_bits
 from .quant.aptq import collect_aptq_stats
+from .sensitivity import linear_hessian_traces
 
 QUANT_METHODS = ("rtn", "gptq", "aptq")
+SENSITIVITIES = ("model", "local")
 DEFAULT_CANDIDATES = (2, 4)
 
 
@@ -49,6 +50,8 @@ class QuantConfig(CalibConfig):
     asym: bool = False
     act_order: bool = False          # GPTQ/APTQ: columns by decreasing Hessian diagonal, static groups
     percdamp: float = 0.01
+    sensitivity: str = "model"       # APTQ mixed precision: "model" (Hutchinson) or "local" (layer Hessians)
+    hutchinson_samples: int = 8      # windows (one probe each) for --sensitivity model
 
     def resolve(self) -> QuantPlan:
         if self.method not in QUANT_METHODS:
@@ -63,6 +66,10 @@ class QuantConfig(CalibConfig):
             raise ConfigError(f"--bits {self.bits}: an average bit budget (mixed precision) needs --method aptq; "
                               f"{self.method} takes one of {', '.join(map(str, SUPPORTED_BITS))}")
         self.check_calibration()
+        if self.sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"--sensitivity {self.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
+        if self.hutchinson_samples < 1:
+            raise ConfigError(f"--hutchinson-samples must be >= 1, got {self.hutchinson_samples}")
         if not 0 < self.percdamp < 1:
             raise ConfigError(f"damping must be in (0, 1), got {self.percdamp}")
         if not mixed:
@@ -113,9 +120,32 @@ def _prune_mask(w: torch.Tensor) -> torch.Tensor | None:
     return zero if bool(zero.any()) else None
 
 
-def sensitivity_pass(engine: LayerEngine, plan: QuantPlan, progress: bool) -> list[dict]:
-    """APTQ's first pass over the unquantized model: per linear, S = mean Hessian diagonal (attention-aware
-    for q/k/v, 2XX^T/n otherwise) and the squared RTN error at every candidate width."""
+def _rtn_errors(w: torch.Tensor, plan: QuantPlan) -> list[float]:
+    """||W - RTN_b(W)||_F^2 at every candidate width, pruned weights kept at zero."""
+    mask = _prune_mask(w)
+    return [float((rtn_quantize(w, plan.spec_for(b), mask).dequantize() - w).square().sum()) for b in plan.candidates]
+
+
+def model_sensitivity(loaded: LoadedModel, calib: torch.Tensor, plan: QuantPlan, cfg: "QuantConfig", device,
+                      progress: bool) -> list[dict]:
+    """HAWQ-V2 sensitivity from the full-model loss: S_l = Hutchinson tr(H_l)/n_l, H_l the Hessian of the
+    model's cross-entropy with respect to linear l, on `hutchinson_samples` calibration windows."""
+    traces = linear_hessian_traces(loaded.model, loaded.adapter, calib, cfg.hutchinson_samples, cfg.seed, device,
+                                   progress)
+    out = []
+    for i, (layer, per_linear) in enumerate(zip(loaded.adapter.decoder_layers(loaded.model), traces)):
+        entry = {}
+        for name, lin in loaded.adapter.linears(layer).items():
+            w = lin.weight.detach().float()
+            entry[name] = {"sensitivity": per_linear[name], "rtn_sq_error": _rtn_errors(w, plan),
+                           "weights": w.numel()}
+        out.append({"layer": i, "linears": entry})
+    return out
+
+
+def local_sensitivity(engine: LayerEngine, plan: QuantPlan, progress: bool) -> list[dict]:
+    """A pass over the unquantized model: per linear, S = mean diagonal of its layer-local Hessian
+    (attention-aware for q/k/v, 2XX^T/n otherwise) and the squared RTN error at every candidate width."""
     qkv = engine.adapter.attention_qkv
 
     def measure(i, layer, hidden):
@@ -123,14 +153,11 @@ def sensitivity_pass(engine: LayerEngine, plan: QuantPlan, progress: bool) -> li
         entry = {}
         for name, lin in engine.adapter.linears(layer).items():
             w = lin.weight.detach().float()
-            mask = _prune_mask(w)
             if name in qkv:
                 sens = attention.mean_diagonal("qkv"[qkv.index(name)])
             else:
                 sens = float(stats[name].sq_sum.sum()) * 2.0 / max(stats[name].tokens, 1) / w.shape[1]
-            errors = [float((rtn_quantize(w, plan.spec_for(b), mask).dequantize() - w).square().sum())
-                      for b in plan.candidates]
-            entry[name] = {"sensitivity": sens, "rtn_sq_error": errors, "weights": w.numel()}
+            entry[name] = {"sensitivity": sens, "rtn_sq_error": _rtn_errors(w, plan), "weights": w.numel()}
         return {"linears": entry}
 
     return engine.walk(measure, desc=f"aptq sensitivity ({len(engine.layers)} layers)", progress=progress)
@@ -160,15 +187,18 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
     t0 = time.perf_counter()
 
     widths: dict[tuple[int, str], int] = {}
+    sensitivity: dict[tuple[int, str], float] = {}
     allocation = None
     if plan.budget is not None:
-        measured = sensitivity_pass(engine, plan, progress)
+        measured = (model_sensitivity(loaded, calib, plan, cfg, device, progress) if cfg.sensitivity == "model"
+                    else local_sensitivity(engine, plan, progress))
         keys = [(e["layer"], name) for e in measured for name in e["linears"]]
         items = [e["linears"][name] for e in measured for name in e["linears"]]
         costs = np.array([[it["sensitivity"] * err for err in it["rtn_sq_error"]] for it in items])
         picks = allocate_bits([it["weights"] for it in items], costs, list(plan.candidates), plan.budget)
         widths = dict(zip(keys, picks))
-        allocation = {"budget": plan.budget, "candidates": list(plan.candidates),
+        sensitivity = {key: it["sensitivity"] for key, it in zip(keys, items)}
+        allocation = {"budget": plan.budget, "candidates": list(plan.candidates), "sensitivity": cfg.sensitivity,
                       "seconds": round(time.perf_counter() - t0, 3),
                       "objective": "sum of sensitivity * squared RTN error, exact knapsack (toolchain.quant.allocate)",
                       "layers": [{"layer": e["layer"], "linears": e["linears"]} for e in measured]}
@@ -180,23 +210,43 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
             stats, attention = collect_aptq_stats(engine, layer, hidden)
         else:
             stats = engine.collect_stats(layer, hidden, hessian=True) if needs_calibration else {}
+        linears = adapter.linears(layer)
+        weights = {n: lin.weight.detach().float() for n, lin in linears.items()}
+        masks = {n: _prune_mask(w) for n, w in weights.items()}
+        specs = {n: plan.spec_for(widths.get((i, n), plan.spec.bits)) for n in linears}
+        results: dict[str, QuantizedWeight] = {}
+        hessians: dict[str, torch.Tensor] = {}
+        if needs_calibration:
+            # Linears of one width that read the same input (GPTQ: one H) or that are APTQ's per-head q/k/v
+            # stacks share one GPTQ sweep; their rows are independent given H, so this is one call each.
+            shared: dict[int, torch.Tensor] = {}
+            jobs: dict[tuple, list[str]] = {}
+            for n in linears:
+                if n in qkv:
+                    hessians[n], key = attention.hessian("qkv"[qkv.index(n)]), "attention"
+                else:
+                    hessians[n] = shared.setdefault(id(stats[n]), stats[n].hessian)
+                    key = id(stats[n])
+                jobs.setdefault((key, specs[n].bits), []).append(n)
+            for names in jobs.values():
+                qws = gptq_quantize_many([weights[n] for n in names], [hessians[n] for n in names], specs[names[0]],
+                                         [masks[n] for n in names], percdamp=cfg.percdamp, act_order=cfg.act_order,
+                                         name=f"layer {i} {'+'.join(names)}")
+                results.update(zip(names, qws))
+        else:
+            results = {n: rtn_quantize(weights[n], specs[n], masks[n]) for n in linears}
         entry = {"linears": {}}
-        for name, lin in adapter.linears(layer).items():
-            w = lin.weight.detach().float()
-            mask = _prune_mask(w)
-            spec = plan.spec_for(widths.get((i, name), plan.spec.bits))
-            info = {"bits": spec.bits, "pruned": 0.0 if mask is None else float(mask.float().mean())}
+        for name, lin in linears.items():
+            qw, w = results[name], weights[name]
+            deq = qw.dequantize()
+            info = {"bits": qw.spec.bits, "pruned": 0.0 if masks[name] is None else float(masks[name].float().mean())}
             if needs_calibration:
-                H = attention.hessian("qkv"[qkv.index(name)]) if name in qkv else stats[name].hessian
-                qw = gptq_quantize(w, H, spec, mask, percdamp=cfg.percdamp, act_order=cfg.act_order,
-                                   name=f"layer {i} {name}")
-                deq = qw.dequantize()
+                H = hessians[name]
                 # relative error of the method's own objective: tr(dW H dW^T) / tr(W H W^T)
                 info["rel_error"] = hessian_error(deq - w, H) / max(hessian_error(w, H), 1e-30)
                 info["hessian"] = "attention" if name in qkv else "layer"
-            else:
-                qw = rtn_quantize(w, spec, mask)
-                deq = qw.dequantize()
+            if sensitivity:
+                info["sensitivity"] = sensitivity[(i, name)]
             set_weight(lin, deq)
             state[full_names[id(lin)]] = qw
             entry["linears"][name] = info
@@ -232,20 +282,12 @@ def run_quantize(model_spec: str, out: str | Path, cfg: QuantConfig, device=None
     """Load, calibrate (GPTQ/APTQ), quantize, and write the HF directory + quant_state.safetensors +
     compression.json, atomically."""
     cfg.resolve()
-    if str(model_spec) != "smollm2":
-        check_out_dir(model_spec, out)
-    with AnonPeak() as anon:
-        t0 = time.perf_counter()
-        loaded = load_model(model_spec)
-        t_load = time.perf_counter() - t0
-        calib, calib_info = calibration_data(loaded, cfg) if cfg.method != "rtn" else (None, None)
-        report, state = quantize_loaded(loaded, calib, cfg, device=device, progress=progress)
-    report["seconds"]["load"] = round(t_load, 3)
-    compression = {"format": "toolchain.compression/1", "quantization": report,
-                   "prune": _input_prune_record(model_spec, loaded),
-                   "source": loaded.source, "calibration": calib_info, "config": asdict(cfg),
-                   "versions": library_versions(), "peak_rss_mib": round(peak_rss_mib(), 1),
-                   "peak_anon_mib": round(anon.peak_mib, 1)}
+    loaded, (report, state), facts = run_job(
+        model_spec, out, cfg, lambda lm, calib: quantize_loaded(lm, calib, cfg, device=device, progress=progress),
+        calibrate=cfg.method != "rtn")
+    report["seconds"]["load"] = facts.pop("load_seconds")
+    compression = {**facts, "quantization": report, "prune": _input_prune_record(model_spec, loaded),
+                   "config": asdict(cfg)}
     return _write(loaded, out, compression, state)
 
 
@@ -255,22 +297,16 @@ def run_compress(model_spec: str, out: str | Path, prune_cfg: PruneConfig, quant
     calibration windows serve both (the quantization pass sees the pruned model's own activations)."""
     prune_cfg.resolve()
     quant_cfg.resolve()
-    if (prune_cfg.calib_samples, prune_cfg.seqlen, prune_cfg.seed, prune_cfg.dataset, prune_cfg.text_file) != \
-            (quant_cfg.calib_samples, quant_cfg.seqlen, quant_cfg.seed, quant_cfg.dataset, quant_cfg.text_file):
+    calib_fields = ("calib_samples", "seqlen", "seed", "dataset", "text_file")
+    if any(getattr(prune_cfg, f) != getattr(quant_cfg, f) for f in calib_fields):
         raise ConfigError("compress uses one calibration set: prune and quantize settings must match")
-    if str(model_spec) != "smollm2":
-        check_out_dir(model_spec, out)
-    with AnonPeak() as anon:
-        t0 = time.perf_counter()
-        loaded = load_model(model_spec)
-        t_load = time.perf_counter() - t0
-        calib, calib_info = calibration_data(loaded, prune_cfg)
-        prune_report = prune_loaded(loaded, calib, prune_cfg, device=device, progress=progress)
-        quant_report, state = quantize_loaded(loaded, calib, quant_cfg, device=device, progress=progress)
-    quant_report["seconds"]["load"] = round(t_load, 3)
-    compression = {"format": "toolchain.compression/1", "prune": prune_report, "quantization": quant_report,
-                   "source": loaded.source, "calibration": calib_info,
-                   "config": {"prune": asdict(prune_cfg), "quantize": asdict(quant_cfg)},
-                   "versions": library_versions(), "peak_rss_mib": round(peak_rss_mib(), 1),
-                   "peak_anon_mib": round(anon.peak_mib, 1)}
+
+    def work(lm, calib):
+        pruned = prune_loaded(lm, calib, prune_cfg, device=device, progress=progress)
+        return pruned, *quantize_loaded(lm, calib, quant_cfg, device=device, progress=progress)
+
+    loaded, (prune_report, quant_report, state), facts = run_job(model_spec, out, prune_cfg, work)
+    quant_report["seconds"]["load"] = facts.pop("load_seconds")
+    compression = {**facts, "prune": prune_report, "quantization": quant_report,
+                   "config": {"prune": asdict(prune_cfg), "quantize": asdict(quant_cfg)}}
     return _write(loaded, out, compression, state)

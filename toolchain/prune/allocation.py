@@ -7,15 +7,12 @@ the target keeps the global sparsity exact (up to rounding each row to whole wei
 - owl (Yin et al., 2024): layer outlier ratio D_l = fraction of Wanda scores |W|*||X|| above M * their
   layer mean, on the dense model. More outliers -> lower sparsity, spread over target +- lambda.
 - hessian (after Shao et al., 2024): sensitivity = Hutchinson estimate of the trace of the full-model
-  loss Hessian per parameter of each layer; layers are ranked and given linearly spaced sparsities over
+  loss Hessian per parameter of each layer (`toolchain.sensitivity`); layers are ranked and given linearly spaced sparsities over
   target +- alpha, the most sensitive layer the lowest.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 
@@ -64,50 +61,6 @@ def owl_outlier_ratios(engine, m: float = OWL_M, progress: bool = True) -> list[
         return {"ratio": float((scores > m * scores.mean()).float().mean())}
 
     return [e["ratio"] for e in engine.walk(outlier_ratio, desc="owl: outlier ratios", progress=progress)]
-
-
-def hessian_traces(model, adapter, calib_ids: torch.Tensor, samples: int = 4, seed: int = 0,
-                   device: torch.device | str = "cpu", progress: bool = True) -> list[float]:
-    """Hutchinson: Tr(H_l) / n_l ~ mean over Rademacher v of v^T H v / n_l, H = Hessian of the full-model
-    cross-entropy with respect to layer l's linear weights. One probe per calibration window."""
-    layers = adapter.decoder_layers(model)
-    params = [[lin.weight for lin in adapter.linears(layer).values()] for layer in layers]
-    flat = [p for group in params for p in group]
-    sizes = [sum(p.numel() for p in group) for group in params]
-    gen = torch.Generator().manual_seed(seed)
-    totals = torch.zeros(len(layers), dtype=torch.float64)
-    requires = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in flat:
-        p.requires_grad_(True)
-    # Double backward is not implemented for the fused attention kernels; eager attention is exact.
-    attn_impl = getattr(model.config, "_attn_implementation", None)
-    with contextlib.suppress(Exception):
-        model.set_attn_implementation("eager")
-    model.to(device)
-    try:
-        n = min(samples, calib_ids.shape[0])
-        for i in tqdm(range(n), desc="hessian trace", disable=not progress, leave=False):
-            ids = calib_ids[i:i + 1].to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            grads = torch.autograd.grad(loss, flat, create_graph=True)
-            probes = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype).to(device) for p in flat]
-            hv = torch.autograd.grad(grads, flat, grad_outputs=probes)
-            k = 0
-            for li, group in enumerate(params):
-                for _ in group:
-                    totals[li] += float((hv[k] * probes[k]).sum())
-                    k += 1
-            del loss, grads, hv
-    finally:
-        for p, r in requires.items():
-            p.requires_grad_(r)
-        if attn_impl:
-            with contextlib.suppress(Exception):
-                model.set_attn_implementation(attn_impl)
-        model.to("cpu")
-    return [abs(float(t)) / n / size for t, size in zip(totals, sizes)]
 
 
 def check_allocation(kind: str, target) -> None:

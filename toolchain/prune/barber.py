@@ -87,10 +87,11 @@ class BlockRecord:
 
     g2: dict[str, torch.Tensor]              # mean over windows of the squared per-window gradient, per linear
     loss: float                              # mean block loss, dense vs sparse, over windows
+    # Kept for the layer's last block only (the others are re-measured in the rare case they change):
     calls: list[tuple[tuple, dict]] = field(default_factory=list)    # the block's entry call (its input)
     dense_out: list[torch.Tensor] = field(default_factory=list)
+    sparse_out: list[torch.Tensor] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)                   # windows per batch
-    sparse_out: list[torch.Tensor] = field(default_factory=list)     # kept for the layer's last block only
 
 
 def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequence[SubBlock]
@@ -132,11 +133,11 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                 for n, grad_out in zip(b.linears, grads):
                     rec.g2[n] += _bf16_per_window_grad_sq(grad_out, linear_io[n][0], batch)
                 rec.loss += float(per_window.detach().sum())
-                rec.calls.append((args, kwargs))
-                rec.dense_out.append(y_dense.detach())
-                rec.sizes.append(batch)
                 if b.name == last:
+                    rec.calls.append((args, kwargs))
+                    rec.dense_out.append(y_dense.detach())
                     rec.sparse_out.append(y_sparse)
+                    rec.sizes.append(batch)
                 linear_io.clear()
             seen.clear()
             windows += batch
@@ -210,7 +211,10 @@ class Barber:
             if not (self.loss_guard or last):
                 records = None
                 continue
-            outs, loss_after = rerun_block(layer, block, rec)
+            if last:
+                outs, loss_after = rerun_block(layer, block, rec)
+            else:
+                outs, loss_after = None, block_loss(engine, layer, dense_layer, hidden, block)
             if self.loss_guard and loss_after > rec.loss:
                 for n, (weight, mask) in saved.items():
                     layer.get_submodule(n).weight.data.copy_(weight)

@@ -80,3 +80,27 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
     inverse = torch.argsort(perm)
     return QuantizedWeight(codes[:, inverse].contiguous(), scales, zeros, spec, prune_mask)
+
+
+def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor], spec: QuantSpec,
+                       prune_masks: list[torch.Tensor | None], **kwargs) -> list[QuantizedWeight]:
+    """One GPTQ sweep for several linears of one width whose rows are independent given their Hessians:
+    either all share one matrix (q/k/v or gate/up read the same input), or all are stacks whose blocks have
+    the same number of rows (APTQ's per-head q/k/v). Same result as one call each, with one column loop."""
+    shared = all(h is hessians[0] for h in hessians) and hessians[0].dim() == 2
+    if not shared and not all(h.dim() == 3 for h in hessians):
+        raise ValueError("gptq_quantize_many: Hessians must be one shared matrix or stacks")
+    if not shared and len({w.shape[0] // h.shape[0] for w, h in zip(weights, hessians)}) != 1:
+        raise ValueError("gptq_quantize_many: stacked Hessians need the same rows per block")
+    hessian = hessians[0] if shared else torch.cat(list(hessians), dim=0)
+    masks = [m if m is not None else torch.zeros_like(w, dtype=torch.bool) for w, m in zip(weights, prune_masks)]
+    any_mask = any(m is not None for m in prune_masks)
+    joint = gptq_quantize(torch.cat(list(weights), dim=0), hessian, spec,
+                          torch.cat(masks, dim=0) if any_mask else None, **kwargs)
+    out, start = [], 0
+    for w, m in zip(weights, prune_masks):
+        rows = slice(start, start + w.shape[0])
+        out.append(QuantizedWeight(joint.codes[rows].contiguous(), joint.scales[rows].contiguous(),
+                                   joint.zeros[rows].contiguous(), spec, m))
+        start += w.shape[0]
+    return out
