@@ -26,6 +26,9 @@ PRUNE_CONFIGS = [
     ("barber(wanda)", "barber", "wanda", []),
     ("barber(sparsegpt)", "barber", "sparsegpt", []),
     ("barber(sparsegpt) reset to dense", "barber", "sparsegpt", ["--no-keep-updates", "--no-loss-guard"]),
+    # SmolLM2's 576-wide rows rarely reach floor(0.01 * R) >= 1 swap; a larger ratio shows what rebuilding can do
+    ("barber(wanda) ratio 0.05", "barber", "wanda", ["--rebuild-ratio", "0.05"]),
+    ("barber(sparsegpt) ratio 0.05", "barber", "sparsegpt", ["--rebuild-ratio", "0.05"]),
 ]
 SPARSITIES = ("0.5", "2:4")
 
@@ -155,15 +158,17 @@ QUANT_CONFIGS = [
     ("aptq 3-bit", "dense", "aptq", "3", []),
     ("aptq 3.5 avg (2/4)", "dense", "aptq", "3.5", []),
     ("aptq 3.0 avg (2/4)", "dense", "aptq", "3.0", []),
+    ("aptq 3.5 avg (2/3/4)", "dense", "aptq", "3.5", ["--candidates", "2,3,4"]),
+    ("aptq 3.0 avg (2/3/4)", "dense", "aptq", "3.0", ["--candidates", "2,3,4"]),
     ("barber 2:4 + gptq 4-bit", "barber-sparsegpt-2of4", "gptq", "4", []),
     ("barber 2:4 + aptq 4-bit", "barber-sparsegpt-2of4", "aptq", "4", []),
 ]
 
 
-def run_quant_one(model_dir: Path, out: Path, method: str, bits: str, extra: list[str]) -> dict:
+def run_quant_one(model_dir: Path, out: Path, method: str, bits: str, extra: list[str], quiet: bool = True) -> dict:
     cmd = [sys.executable, "-m", "toolchain.cli", "quantize", "--model", str(model_dir), "--method", method,
            "--bits", bits, "--group-size", str(QUANT_GROUP), "--calib-samples", str(CALIB), "--seqlen", str(SEQLEN),
-           "--out", str(out), "--quiet", *extra]
+           "--out", str(out), *(["--quiet"] if quiet else []), *extra]
     subprocess.run(cmd, check=True)
     report = json.loads((out / "compression.json").read_text())
     q = report["quantization"]
@@ -202,8 +207,8 @@ def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = No
     result = {"benchmark": "quant", "model": str(model), "group_size": QUANT_GROUP,
               "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0", "eval": f"pydoc held-out split, seqlen {SEQLEN}",
               "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows, "partial": bool(only)}
-    order = ["dense (fp32)"] + [c[0] for c in QUANT_CONFIGS[:8]] + ["barber 2:4 (unquantized)"] + \
-        [c[0] for c in QUANT_CONFIGS[8:]]
+    dense_rows = [c[0] for c in QUANT_CONFIGS if c[1] == "dense"]
+    order = ["dense (fp32)", *dense_rows, "barber 2:4 (unquantized)", *(c[0] for c in QUANT_CONFIGS if c[1] != "dense")]
     _write_result(_stem(out_dir, "quant", model), result, order, lambda r: r["name"], quant_table)
     return result
 
@@ -221,20 +226,26 @@ def quant_table(result: dict) -> str:
 
 
 def run_demo(model: str, out: str | Path) -> int:
-    """Prune the default model with Barber at 2:4 and compare perplexity with the dense model."""
+    """The main job on the default model: prune with Barber at 2:4, quantize with APTQ at 4 bits, and compare
+    perplexities with the dense model."""
     out = Path(out)
     work = out / "cache"
     work.mkdir(parents=True, exist_ok=True)
-    print(f"[1/3] loading {model} and saving it as a float HF directory", flush=True)
+    print(f"[1/4] loading {model} and saving it as a float HF directory", flush=True)
     src = dense_dir(model, work)
-    print("[2/3] pruning: LLM-Barber (Wanda init) at 2:4, 32 calibration windows of 512 tokens", flush=True)
+    print("[2/4] pruning: LLM-Barber (Wanda init) at 2:4, 32 calibration windows of 512 tokens", flush=True)
     pruned = out / "barber-2of4"
     row = run_prune_one(src, pruned, "barber", "wanda", "2:4", [], quiet=False)
-    print("[3/3] perplexity on the held-out pydoc split (seqlen 512)", flush=True)
-    dense_ppl, pruned_ppl = _eval_ppl(src), _eval_ppl(pruned)
+    print(f"[3/4] quantizing the pruned model: APTQ 4-bit, symmetric, group size {QUANT_GROUP}", flush=True)
+    quant = out / "barber-2of4-aptq4"
+    qrow = run_quant_one(pruned, quant, "aptq", "4", [], quiet=False)
+    print("[4/4] perplexity on the held-out pydoc split (seqlen 512)", flush=True)
+    dense_ppl, pruned_ppl, quant_ppl = _eval_ppl(src), _eval_ppl(pruned), _eval_ppl(quant)
     print()
-    print(f"  dense            perplexity {dense_ppl:8.3f}")
-    print(f"  barber 2:4       perplexity {pruned_ppl:8.3f}   pruning time {row['prune_seconds']:.1f} s, "
+    print(f"  dense fp32             perplexity {dense_ppl:8.3f}")
+    print(f"  barber 2:4             perplexity {pruned_ppl:8.3f}   pruning {row['prune_seconds']:.1f} s, "
           f"peak RSS {row['peak_rss_mib']:.0f} MiB")
-    print(f"  pruned model:    {pruned}  (compression.json inside)")
+    print(f"  barber 2:4 + aptq 4b   perplexity {quant_ppl:8.3f}   quantizing {qrow['quant_seconds']:.1f} s, "
+          f"{qrow['weight_mib']:.1f} MiB of codes and scales ({qrow['avg_bits_with_params']:.2f} bits/weight)")
+    print(f"  models:  {pruned}  and  {quant}  (compression.json, quant_state.safetensors inside)")
     return 0

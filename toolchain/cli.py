@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON for machines")
     e.add_argument("--quiet", action="store_true")
 
-    d = sub.add_parser("demo", help="the main job on the default model: Barber 2:4, dense vs pruned perplexity")
+    d = sub.add_parser("demo", help="the main job on the default model: Barber 2:4 then APTQ 4-bit, perplexities")
     d.add_argument("--model", default="smollm2")
     d.add_argument("--out", default="out/demo")
 
