@@ -76,7 +76,8 @@ def _add_quant_options(q: argparse.ArgumentParser) -> None:
                    help="code width 2, 3, 4 or 8; with aptq also an average such as 3.5 or 3.0 (written with a "
                         "decimal point), met exactly by per-layer widths from --candidates")
     q.add_argument("--candidates", default=None,
-                   help="aptq mixed precision: comma list of widths to choose from (default 2,4); giving it "
+                   help="aptq mixed precision: comma list of widths to choose from (default 2,4, the APTQ "
+                        "paper's scheme; on small models 2,3,4 is much better, see docs/aptq.md); giving it "
                         "makes --bits an average")
     q.add_argument("--sensitivity", choices=["model", "local"], default="model",
                    help="aptq mixed precision: per-linear Hessian trace of the full-model loss (Hutchinson, "
