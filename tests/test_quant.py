@@ -175,3 +175,8 @@ def test_one_gptq_sweep_for_linears_sharing_a_hessian_equals_one_call_each():
         one = gptq_quantize(x, H, spec, m)
         assert torch.equal(got.codes, one.codes) and torch.equal(got.scales, one.scales)
         assert (got.prune_mask is None) == (m is None)
+
+
+def test_hessian_mean_diagonal_is_the_trace_per_column():
+    _, _, stats = _layer()
+    assert stats.hessian_mean_diagonal == pytest.approx(float(torch.trace(stats.hessian)) / stats.cols, rel=1e-5)

@@ -153,10 +153,8 @@ def local_sensitivity(engine: LayerEngine, plan: QuantPlan, progress: bool) -> l
         entry = {}
         for name, lin in engine.adapter.linears(layer).items():
             w = lin.weight.detach().float()
-            if name in qkv:
-                sens = attention.mean_diagonal("qkv"[qkv.index(name)])
-            else:
-                sens = float(stats[name].sq_sum.sum()) * 2.0 / max(stats[name].tokens, 1) / w.shape[1]
+            sens = (attention.mean_diagonal("qkv"[qkv.index(name)]) if name in qkv
+                    else stats[name].hessian_mean_diagonal)
             entry[name] = {"sensitivity": sens, "rtn_sq_error": _rtn_errors(w, plan), "weights": w.numel()}
         return {"linears": entry}
 

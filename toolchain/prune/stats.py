@@ -30,6 +30,11 @@ class InputStats:
         return self.sq_sum.sqrt()
 
     @property
+    def hessian_mean_diagonal(self) -> float:
+        """tr(H) / cols for H = 2XX^T/n, from the column sums of squares alone (no XX^T needed)."""
+        return float(self.sq_sum.sum()) * 2.0 / max(self.tokens, 1) / self.cols
+
+    @property
     def hessian(self) -> torch.Tensor:
         """H = 2 X X^T / tokens, the Hessian of the layer-wise squared error ||W X - W' X||^2 / tokens."""
         if self.xtx is None:
