@@ -81,3 +81,33 @@ def tiny_opt_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(params=["llama", "opt"])
 def tiny_dir(request, tiny_llama_dir, tiny_opt_dir):
     return tiny_llama_dir if request.param == "llama" else tiny_opt_dir
+
+
+@pytest.fixture(scope="session")
+def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir):
+    """Factory of compressed tiny models (HF dir + quant_state.safetensors + compression.json), made once per
+    (family, sparsity, bits, group_size, asym) for the session: `compressed_dir("llama", "2:4", 4)`."""
+    from toolchain.pipeline import PruneConfig, run_prune
+    from toolchain.quantize import QuantConfig, run_compress, run_quantize
+
+    made: dict[tuple, object] = {}
+    calib = dict(calib_samples=8, seqlen=32, seed=0)
+
+    def make(family: str = "llama", sparsity: str | None = "2:4", bits="4", group_size: int = 32,
+             asym: bool = False, method: str = "gptq"):
+        key = (family, sparsity, str(bits), group_size, asym, method)
+        if key not in made:
+            src = str(tiny_llama_dir if family == "llama" else tiny_opt_dir)
+            out = tmp_path_factory.mktemp("compressed") / "model"
+            qcfg = QuantConfig(method=method, bits=bits, group_size=group_size, asym=asym, **calib)
+            if bits is None:
+                run_prune(src, out, PruneConfig(method="sparsegpt", sparsity=sparsity, **calib), progress=False)
+            elif sparsity is None:
+                run_quantize(src, out, qcfg, progress=False)
+            else:
+                run_compress(src, out, PruneConfig(method="sparsegpt", sparsity=sparsity, **calib), qcfg,
+                             progress=False)
+            made[key] = out
+        return made[key]
+
+    return make
