@@ -8,14 +8,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..atomic import atomic_dir
 from ..errors import ModelLoadError
 from . import adapter_for
 from .base import ArchAdapter
@@ -152,9 +151,7 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
     out = Path(out_dir).resolve()
     if loaded.source.get("path"):
         check_out_dir(loaded.source["path"], out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
@@ -162,14 +159,4 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
             (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
