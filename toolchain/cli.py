@@ -35,6 +35,24 @@ One model load and one set of calibration windows serve both steps; quantization
 weights exactly zero (N:M stays valid). compression.json holds both records."""
 
 
+EXPORT_EXAMPLES = """examples:
+  toolchain export --model out/c --target all --out out/c-export
+  toolchain export --model out/c --target onnx --onnx-weights float,qdq,matmulnbits --out out/c-onnx
+  toolchain onnx-check --model out/c --onnx out/c-export/onnx/model.matmulnbits.onnx
+
+--model is a directory written by toolchain prune, quantize or compress. Targets:
+  blob                model.tcblob: packed N:M low-bit codes, metadata, fp16 and fixed-point scales
+                      (docs/blob-format.md), the FPGA target's input
+  onnx                onnx/model.<form>.onnx: the decoder with a KV cache (optimum / onnxruntime-genai
+                      input names); forms: float (dequantized), qdq (opset-21 blocked DequantizeLinear,
+                      int4/int8: TensorRT's explicit quantization), matmulnbits (onnxruntime's 4/8-bit,
+                      and 2-bit where the installed onnxruntime runs it). Default: matmulnbits for a
+                      quantized model, float otherwise. A width a form lacks is stored in the next wider
+                      container (exact), with a warning naming the layer.
+  compressed-tensors  compressed-tensors/: vLLM's pack-quantized checkpoint (docs/compressed-tensors.md)
+manifest.json lists every artifact with its size and sha256. Codes are never re-quantized."""
+
+
 def _add_data_args(p: argparse.ArgumentParser, samples_default: int = 128) -> None:
     p.add_argument("--calib-samples", type=int, default=samples_default, help="calibration windows (default %(default)s)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window, capped at the model's maximum "
@@ -140,6 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2")
     d.add_argument("--out", default="out/demo")
 
+    x = sub.add_parser("export", help="write blob / ONNX / compressed-tensors artifacts of a compressed model",
+                       epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("--model", required=True, help="model directory written by toolchain prune/quantize/compress")
+    x.add_argument("--target", default="all", help="onnx, blob, compressed-tensors, or all; comma list allowed "
+                   "(default %(default)s)")
+    x.add_argument("--onnx-weights", default=None, help="float, qdq, matmulnbits; comma list allowed (default: "
+                   "matmulnbits when the model is quantized, else float)")
+    x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    o = sub.add_parser("onnx-check", help="run an exported ONNX graph in onnxruntime against the PyTorch model",
+                       description="Loads the graph in onnxruntime (ORT_ENABLE_BASIC), compares the prefill "
+                                   "logits on real text with the PyTorch model, then generates greedily through "
+                                   "the KV cache in both and compares the tokens. Exit status 1 when they differ.")
+    o.add_argument("--model", required=True, help="the model directory the graph was exported from")
+    o.add_argument("--onnx", required=True, help="the .onnx file")
+    o.add_argument("--tokens", type=int, default=64, help="prompt tokens (default %(default)s)")
+    o.add_argument("--new-tokens", type=int, default=16, help="greedy tokens to generate (default %(default)s)")
+    o.add_argument("--rtol", type=float, default=None,
+                   help="allowed max |logit difference| relative to the largest |logit| (default 1e-4)")
+    o.add_argument("--json", action="store_true", help="print JSON for machines")
+
     b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
     b.add_argument("what", choices=["prune", "quant"])
     b.add_argument("--model", default="smollm2")
@@ -238,6 +278,41 @@ def cmd_demo(args) -> int:
     return run_demo(args.model, args.out)
 
 
+def cmd_export(args) -> int:
+    from .export.pipeline import run_export
+
+    manifest = run_export(args.model, args.out, args.target, args.onnx_weights)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    for art in manifest["artifacts"]:
+        print(f"{art['bytes'] / 2**20:10.2f} MiB  {art['path']}  sha256 {art['sha256'][:16]}")
+    for form, info in manifest["results"].get("onnx", {}).items():
+        for layer, why in info.get("warnings", {}).items():
+            print(f"warning: onnx {form}: {layer}: {why}", file=sys.stderr)
+    print(f"exported {args.model} ({', '.join(manifest['targets'])}) -> {manifest['out']}")
+    return 0
+
+
+def cmd_onnx_check(args) -> int:
+    from .export.onnx_check import RTOL_LOGITS, check_onnx
+
+    r = check_onnx(args.model, args.onnx, tokens=args.tokens, new_tokens=args.new_tokens,
+                   rtol=args.rtol if args.rtol is not None else RTOL_LOGITS)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"logits: max |diff| {r['max_abs_logit_diff']:.3g} (largest |logit| {r['max_abs_logit']:.3g}, "
+              f"relative {r['relative_diff']:.3g}, allowed {r['rtol']:.0e}), argmax agreement "
+              f"{r['argmax_agreement']:.4f} over {r['prompt_tokens']} prompt tokens: "
+              f"{'ok' if r['logits_ok'] else 'MISMATCH'}")
+        print(f"greedy generation through the KV cache: {r['tokens_matched']}/{len(r['torch_tokens'])} tokens "
+              f"match: {'ok' if r['tokens_ok'] else 'MISMATCH'}")
+        if r["text"] is not None:
+            print(f"onnx generated: {r['text']!r}")
+    return 0 if r["ok"] else 1
+
+
 def cmd_bench(args) -> int:
     from .bench import run_prune_bench, run_quant_bench
 
@@ -248,7 +323,8 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}[args.command]
+    handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
+               "export": cmd_export, "onnx-check": cmd_onnx_check}[args.command]
     try:
         return handler(args)
     except ToolchainError as exc:
