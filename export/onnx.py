@@ -64,6 +64,25 @@ def int4_raw(values: np.ndarray) -> bytes:
     return pack_lsb_first(flat, 4).tobytes()
 
 
+def lossless_int8_blocks(weight: torch.Tensor, block: int = 32) -> tuple[np.ndarray, np.ndarray] | None:
+    """int8 codes [rows, cols] and fp32 scales [rows, cols / block] that reproduce `weight` exactly in
+    float32 (scale * code), or None when no such pair exists.
+
+    Tables that came from a GGUF Q8_0 tensor (SmolLM2's embedding) are exactly this: fp16 block scales
+    times int8 codes, dequantized by transformers in float32. Storing them that way is lossless."""
+    w = _np(weight)
+    if w.ndim != 2 or w.shape[1] % block:
+        return None
+    b = w.reshape(w.shape[0], -1, block)
+    amax = np.abs(b).max(-1)
+    scales = (amax / 127).astype(np.float16).astype(np.float32)
+    scales = np.where(scales > 0, scales, np.float32(1.0))
+    codes = np.round(b / scales[..., None])
+    if np.abs(codes).max(initial=0) > 127 or not np.array_equal(scales[..., None] * codes.astype(np.float32), b):
+        return None
+    return codes.astype(np.int8).reshape(w.shape), scales
+
+
 # ------------------------------------------------------------------------------------------ graph builder
 class Graph:
     """Nodes, initializers and cached constants, with unique names."""
@@ -149,6 +168,8 @@ class LinearWriter:
     form: str
     quant: dict[str, QuantizedWeight]
     layers: dict[str, dict] = field(default_factory=dict)
+    embedding: str = "float32"   # how the token embedding table was stored
+    accuracy_level: int = 0      # MatMulNBits: 0 computes in fp32 from the exact weights; 4 quantizes A to int8
 
     def __call__(self, x: str, module_name: str, module: torch.nn.Linear) -> str:
         qw = self.quant.get(module_name) if self.form != "float" else None
@@ -242,7 +263,7 @@ class LinearWriter:
             inputs.append(self.g.init(f"{name}.zero_points", pack_lsb_first(zp, container).reshape(-1)))
         self._note(name, "matmulnbits", bits=spec.bits, container=container, block_size=block)
         return self.g.op("MatMulNBits", inputs, hint=name, domain=MS_DOMAIN, K=in_f, N=out_f, bits=container,
-                         block_size=block, accuracy_level=0)
+                         block_size=block, accuracy_level=self.accuracy_level)
 
 
 # ------------------------------------------------------------------------------------------ decoder graphs
@@ -322,14 +343,33 @@ class DecoderGraph:
         ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])
         return g.op("Reshape", [ctx, g.const([0, 0, d.heads * d.head_dim])], hint=f"layers.{i}/attn_out")
 
-    def lm_head(self, x: str, embed: str) -> str:
+    def embed(self, input_ids: str, name: str, weight: torch.Tensor) -> str:
+        """Token embedding lookup. In the quantized forms a table that is exactly int8 blocks of 32 (see
+        `lossless_int8_blocks`) is stored as those codes and rebuilt by Cast and Mul of initializers, which
+        onnxruntime (and TensorRT) fold into a float table once, at load: a small file, float speed, and the
+        same values. A tied lm_head multiplies by that same table."""
+        g = self.g
+        blocks = lossless_int8_blocks(weight) if self.linear.form != "float" else None
+        if blocks is None:
+            self.table, self.linear.embedding = g.init(name, _np(weight)), "float32"
+        else:
+            codes, scales = blocks
+            rows, cols = codes.shape
+            codes = g.init(f"{name}.codes", codes.reshape(rows, -1, 32))
+            scales = g.init(f"{name}.scales", scales[..., None])
+            table = g.op("Mul", [g.op("Cast", [codes], to=1), scales], hint="embed/table")
+            self.table = g.op("Reshape", [table, g.const([rows, cols])], hint="embed/table")
+            self.linear.embedding = "int8 blocks of 32 (lossless)"
+        return g.op("Gather", [self.table, input_ids], hint="embed")
+
+    def lm_head(self, x: str) -> str:
         lm_head = self.model.get_output_embeddings()
         if "lm_head" in self.linear.quant or not self.model.config.tie_word_embeddings:
             return self.linear(x, "lm_head", lm_head)
-        # tied: Gemm against the embedding table itself (transB), so the file holds the matrix once
         g = self.g
+        # tied: Gemm against the embedding table itself (transB), so the file holds the matrix once
         x2 = g.op("Reshape", [x, g.const([-1, self.dims.hidden])])
-        logits = g.op("Gemm", [x2, embed], transB=1, hint="lm_head")
+        logits = g.op("Gemm", [x2, self.table], transB=1, hint="lm_head")
         batch_seq = self.shape_of(x, 0, 2)
         return g.op("Reshape", [logits, g.op("Concat", [batch_seq, g.const([self.dims.vocab])], axis=0)],
                     outputs=["logits"])
@@ -402,8 +442,7 @@ class LlamaGraph(DecoderGraph):
 
     def body(self, input_ids, position_ids):
         g, d, m = self.g, self.dims, self.model
-        embed = g.init("model.embed_tokens.weight", _np(m.model.embed_tokens.weight))
-        x = g.op("Gather", [embed, input_ids], hint="embed")
+        x = self.embed(input_ids, "model.embed_tokens.weight", m.model.embed_tokens.weight)
         window = getattr(m.config, "sliding_window", None) if getattr(m.config, "use_sliding_window", True) else None
         mask = self.attention_mask(input_ids, "attention_mask", window)
         cos, sin = self.rope_tables(position_ids)
@@ -422,7 +461,7 @@ class LlamaGraph(DecoderGraph):
             down = self.linear(g.op("Mul", [act, up]), f"{p}.mlp.down_proj", layer.mlp.down_proj)
             x = g.op("Add", [x, down], hint=f"{p}/mlp_residual")
         x = self.rms_norm(x, m.model.norm, "model.norm")
-        return self.lm_head(x, embed)
+        return self.lm_head(x)
 
 
 class OptGraph(DecoderGraph):
@@ -442,8 +481,7 @@ class OptGraph(DecoderGraph):
         dec = m.model.decoder
         if m.config.activation_function != "relu":
             raise ConfigError(f"OPT activation {m.config.activation_function!r}: ONNX export supports relu")
-        embed = g.init("model.decoder.embed_tokens.weight", _np(dec.embed_tokens.weight))
-        x = g.op("Gather", [embed, input_ids], hint="embed")
+        x = self.embed(input_ids, "model.decoder.embed_tokens.weight", dec.embed_tokens.weight)
         if dec.project_in is not None:
             x = self.linear(x, "model.decoder.project_in", dec.project_in)
         positions = g.init("model.decoder.embed_positions.weight", _np(dec.embed_positions.weight))
@@ -469,15 +507,17 @@ class OptGraph(DecoderGraph):
             x = self.layer_norm(x, dec.final_layer_norm, "model.decoder.final_layer_norm")
         if dec.project_out is not None:
             x = self.linear(x, "model.decoder.project_out", dec.project_out)
-        return self.lm_head(x, embed)
+        return self.lm_head(x)
 
 
 GRAPHS: dict[str, type[DecoderGraph]] = {"llama": LlamaGraph, "opt": OptGraph}
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWeight], form: str = "float"):
-    """The ONNX ModelProto of `model` with its linears in `form`; also returns the per-layer record."""
+def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWeight], form: str = "float",
+               accuracy_level: int = 0):
+    """The ONNX ModelProto of `model` with its linears in `form`, and the LinearWriter holding the record of
+    what each layer became."""
     if form not in FORMS:
         raise ConfigError(f"--onnx-weights {form!r}: choose one of {', '.join(FORMS)}")
     if form != "float" and not quant:
@@ -485,10 +525,12 @@ def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWe
                           f"this model has none: use --onnx-weights float, or quantize it first")
     if family not in GRAPHS:
         raise ModelLoadError(f"ONNX export has no graph for the {family!r} family (supported: {', '.join(GRAPHS)})")
-    writer = LinearWriter(Graph(), form, quant)
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConfigError(f"MatMulNBits accuracy level must be 0-4, got {accuracy_level}")
+    writer = LinearWriter(Graph(), form, quant, accuracy_level=accuracy_level)
     with torch.no_grad():
         proto = GRAPHS[family](model, writer).build()
-    return proto, writer.layers
+    return proto, writer
 
 
 def save_onnx(proto, path: str | os.PathLike) -> list[Path]:
@@ -505,19 +547,24 @@ def save_onnx(proto, path: str | os.PathLike) -> list[Path]:
     return [path]
 
 
-def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike, form: str = "float") -> dict:
-    """Read a compressed model directory and write its ONNX graph in weight form `form` to `out_path`."""
+def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike, form: str = "float",
+                accuracy_level: int = 0) -> dict:
+    """Read a compressed model directory and write its ONNX graph in weight form `form` to `out_path`.
+    `accuracy_level` is MatMulNBits': 0 (default) is exact fp32 compute, 4 quantizes activations to int8
+    (faster on CPU, no longer bit-faithful to the PyTorch model: onnx-check measures by how much)."""
     from ..models import load_model
     from .source import read_compressed
 
     source = read_compressed(model_dir, require_quant=False)
     loaded = load_model(str(model_dir), with_tokenizer=False)
-    proto, layers = build_onnx(loaded.model, loaded.adapter.family, source.quant, form)
+    proto, writer = build_onnx(loaded.model, loaded.adapter.family, source.quant, form, accuracy_level)
+    layers = writer.layers
     files = save_onnx(proto, out_path)
     forms: dict[str, int] = {}
     for info in layers.values():
         forms[info["form"]] = forms.get(info["form"], 0) + 1
     return {"path": str(out_path), "form": form, "opset": OPSET, "files": [str(f) for f in files],
-            "bytes": sum(f.stat().st_size for f in files), "linears": forms,
+            "bytes": sum(f.stat().st_size for f in files), "linears": forms, "embedding": writer.embedding,
+            "accuracy_level": accuracy_level if form == "matmulnbits" else None,
             "warnings": {k: v["warning"] for k, v in layers.items() if "warning" in v},
             "layers": layers}

@@ -148,3 +148,47 @@ def test_io_names_follow_optimum(compressed_dir, tmp_path):
     assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert inputs[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+
+
+def test_lossless_int8_blocks_detection():
+    from toolchain.export.onnx import lossless_int8_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    scales = (torch.rand(5, 2, 1, generator=gen) * 0.01 + 1e-3).half().float()
+    codes = torch.randint(-127, 128, (5, 2, 32), generator=gen).float()
+    codes[:, :, 0] = 127  # each block reaches the extreme code, as Q8_0 blocks do
+    table = (scales * codes).reshape(5, 64)
+    got = lossless_int8_blocks(table)
+    assert got is not None
+    assert np.array_equal(got[0].reshape(5, 2, 32), codes.numpy().astype(np.int8))
+    assert np.array_equal(got[1], scales[..., 0].numpy())
+    assert lossless_int8_blocks(torch.randn(5, 64, generator=gen)) is None
+    assert lossless_int8_blocks(table[:, :48]) is None   # not a whole number of blocks
+
+
+@pytest.mark.parametrize("form", ["qdq", "matmulnbits"])
+def test_int8_block_embedding_is_stored_compactly_and_exactly(compressed_dir, tmp_path, form):
+    """A tied embedding that is exactly int8 blocks (as GGUF Q8_0 tables are) is stored as codes in the
+    quantized forms; the tied lm_head reads the same initializers, and outputs still match PyTorch."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = compressed_dir("opt", "2:4", "4")
+    model_dir = tmp_path / "q8-embed"
+    shutil.copytree(src, model_dir)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    name = "model.decoder.embed_tokens.weight"
+    table = tensors[name].reshape(tensors[name].shape[0], -1, 32)
+    scales = (table.abs().amax(-1, keepdim=True) / 127).half().float()
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))   # OPT's padding row is all zeros
+    tensors[name] = (scales * torch.round(table / scales).clamp(-127, 127)).reshape(tensors[name].shape).contiguous()
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    path, info, _ = _export(model_dir, tmp_path, form)
+    assert info["embedding"] == "int8 blocks of 32 (lossless)"
+    inits = {t.name for t in onnx.load(str(path)).graph.initializer}
+    assert name not in inits
+    float_path, float_info, _ = _export(model_dir, tmp_path, "float")
+    assert float_info["embedding"] == "float32"
+    r = check_onnx(model_dir, path, tokens=16, new_tokens=6)
+    assert r["ok"] and r["relative_diff"] < 1e-5, r
