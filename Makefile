@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/toolchain bench prune --model $(MODEL) --out bench/results
 	$(VENV)/bin/toolchain bench quant --model $(MODEL) --out bench/results
+	$(VENV)/bin/toolchain bench export --model $(MODEL) --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -136,6 +136,9 @@ def check_out_dir(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
     src, out = Path(model_path).resolve(), Path(out_dir).resolve()
     if src == out or (src.is_file() and src.parent == out) or out in src.parents:
         raise ModelLoadError(f"--out {out} would overwrite the input model {src}; choose another directory")
+    if src.is_dir() and src in out.parents:
+        raise ModelLoadError(f"--out {out} is inside the input model directory {src}, which is never modified; "
+                             f"choose a directory outside it")
 
 
 def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, dict] | None = None,

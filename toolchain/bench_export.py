@@ -1,0 +1,165 @@
+"""`toolchain bench export`: blob packing speed and size, ONNX sizes, onnxruntime CPU latency, on SmolLM2.
+
+The input is SmolLM2-135M pruned 2:4 (Wanda) and quantized 4-bit g64 (GPTQ), made once by `toolchain
+compress` into out/bench/. Every artifact is then written by `toolchain export` in its own process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bench import CALIB, SEQLEN, _stem, dense_dir
+
+PREFILL, DECODE_STEPS, REPEATS = 128, 32, 5
+
+
+def compressed_source(model: str, work: Path) -> Path:
+    out = work / "export-src-wanda2of4-gptq4g64"
+    if not (out / "quant_state.safetensors").is_file():
+        src = dense_dir(model, work)
+        subprocess.run([sys.executable, "-m", "toolchain.cli", "compress", "--model", str(src), "--prune", "wanda",
+                        "--sparsity", "2:4", "--quant", "gptq", "--bits", "4", "--group-size", "64",
+                        "--calib-samples", str(CALIB), "--seqlen", str(SEQLEN), "--quiet", "--out", str(out)],
+                       check=True)
+    return out
+
+
+def _best_seconds(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def pack_throughput(state_path: Path) -> list[dict]:
+    """Pack and unpack every linear's codes of the model at each width (codes clipped into the width's
+    range, so each row packs the model's real shapes). MB/s counts the source as fp16 weights (2 bytes each)."""
+    from .export.blob import pack_codes, unpack_codes
+    from .quant import read_quant_state
+
+    state = read_quant_state(state_path)
+    flat = np.concatenate([qw.codes.numpy().reshape(-1) for qw in state.values()]).astype(np.int32)
+    rows = []
+    for bits in (2, 3, 4, 8):
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        codes = np.clip(flat, lo, hi).astype(np.int8)
+        packed = pack_codes(codes, bits)
+        t_pack = _best_seconds(lambda: pack_codes(codes, bits))
+        t_unpack = _best_seconds(lambda: unpack_codes(packed, bits, codes.size, True))
+        assert np.array_equal(unpack_codes(packed, bits, codes.size, True), codes)
+        mb = codes.size * 2 / 1e6
+        rows.append({"bits": bits, "weights": int(codes.size), "packed_bytes": int(packed.nbytes),
+                     "pack_mb_per_s": round(mb / t_pack, 1), "unpack_mb_per_s": round(mb / t_unpack, 1),
+                     "pack_mweights_per_s": round(codes.size / t_pack / 1e6, 1)})
+        print(f"pack {bits}-bit: {rows[-1]['pack_mb_per_s']} MB/s, unpack {rows[-1]['unpack_mb_per_s']} MB/s",
+              flush=True)
+    return rows
+
+
+def ort_latency(path: Path, threads: int) -> dict:
+    """Prefill of PREFILL tokens (median of REPEATS) and the median decode step after it (DECODE_STEPS),
+    batch 1, onnxruntime CPU with all graph optimizations."""
+    from .export.onnx_check import OrtDecoder, ort_session
+
+    t0 = time.perf_counter()
+    dec = OrtDecoder(ort_session(path, "all", threads=threads))
+    load = time.perf_counter() - t0
+    ids = (np.arange(PREFILL) % 1000 + 100)[None, :]
+    prefill, logits, cache = [], None, None
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        logits, cache = dec.step(ids, dec.empty_cache(1), 0)
+        prefill.append(time.perf_counter() - t)
+    steps, past = [], PREFILL
+    for _ in range(DECODE_STEPS):
+        nxt = np.array([[int(logits[0, -1].argmax())]])
+        t = time.perf_counter()
+        logits, cache = dec.step(nxt, cache, past)
+        steps.append(time.perf_counter() - t)
+        past += 1
+    return {"session_load_s": round(load, 2), "prefill_ms": round(1000 * float(np.median(prefill)), 1),
+            "decode_ms_per_token": round(1000 * float(np.median(steps)), 2)}
+
+
+def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
+    from .export.onnx_check import check_onnx
+
+    work = Path("out/bench")
+    work.mkdir(parents=True, exist_ok=True)
+    src = compressed_source(model, work)
+    threads = os.cpu_count() or 1
+    result: dict = {"model": model, "source": str(src), "source_recipe":
+                    "toolchain compress --prune wanda --sparsity 2:4 --quant gptq --bits 4 --group-size 64 "
+                    f"--calib-samples {CALIB} --seqlen {SEQLEN}", "threads": threads}
+
+    # every target, in one `toolchain export` process
+    out = work / "export-all"
+    cmd = [sys.executable, "-m", "toolchain.cli", "export", "--model", str(src), "--target", "all",
+           "--onnx-weights", "float,qdq,matmulnbits", "--out", str(out)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    result["export_seconds"] = round(time.perf_counter() - t0, 1)
+    result["export_command"] = "toolchain " + " ".join(cmd[3:])
+    manifest = json.loads((out / "manifest.json").read_text())
+    result["artifacts"] = {a["path"]: a["bytes"] for a in manifest["artifacts"]}
+    result["blob"] = {k: v for k, v in manifest["results"]["blob"].items() if not isinstance(v, (dict, list))}
+
+    # MatMulNBits with int8 activations (accuracy level 4): faster, approximate
+    acc4 = out / "onnx" / "model.matmulnbits-acc4.onnx"
+    from .export.onnx import export_onnx
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(src, acc4, "matmulnbits", accuracy_level=4)
+
+    graphs = {"float": out / "onnx" / "model.float.onnx", "qdq": out / "onnx" / "model.qdq.onnx",
+              "matmulnbits": out / "onnx" / "model.matmulnbits.onnx", "matmulnbits acc4": acc4}
+    float_bytes = graphs["float"].stat().st_size
+    rows = []
+    for name, path in graphs.items():
+        check = check_onnx(src, path, tokens=64, new_tokens=16)
+        row = {"form": name, "bytes": path.stat().st_size,
+               "x_float": round(path.stat().st_size / float_bytes, 4),
+               "relative_logit_diff": check["relative_diff"], "tokens_match": f"{check['tokens_matched']}/16",
+               **ort_latency(path, threads)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result["onnx"] = rows
+    result["pack"] = pack_throughput(src / "quant_state.safetensors")
+    stem = _stem(Path(out_dir), "export", model)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(export_table(result))
+    print(export_table(result))
+    return result
+
+
+def export_table(r: dict) -> str:
+    lines = [f"# Export benchmark: {r['model']}", "", f"Input: `{r['source_recipe']}`.", "",
+             f"`{r['export_command']}`: {r['export_seconds']} s.", "",
+             "| ONNX form | file MB | x float | max logit diff (rel.) | greedy tokens | prefill 128 ms | decode ms/token |",
+             "|---|---|---|---|---|---|---|"]
+    for row in r["onnx"]:
+        lines.append(f"| {row['form']} | {row['bytes'] / 1e6:.1f} | {row['x_float']:.3f} | "
+                     f"{row['relative_logit_diff']:.2e} | {row['tokens_match']} | {row['prefill_ms']} | "
+                     f"{row['decode_ms_per_token']} |")
+    b = r["blob"]
+    lines += ["", "| blob | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in b.items()]
+    lines += ["", "| width | weights | packed MB | pack MB/s (fp16 source) | unpack MB/s | pack Mweights/s |",
+              "|---|---|---|---|---|---|"]
+    for p in r["pack"]:
+        lines.append(f"| {p['bits']} | {p['weights']} | {p['packed_bytes'] / 1e6:.1f} | {p['pack_mb_per_s']} | "
+                     f"{p['unpack_mb_per_s']} | {p['pack_mweights_per_s']} |")
+    lines += ["", f"onnxruntime CPU, {r['threads']} threads, ORT_ENABLE_ALL, batch 1; prefill median of {REPEATS}, "
+              f"decode median of {DECODE_STEPS} steps after a {PREFILL}-token prefill. Logit differences against "
+              "the PyTorch model on 64 real tokens (onnx-check).", ""]
+    return "\n".join(lines)
