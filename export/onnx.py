@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError
 from ..quant import QuantizedWeight
+from .blob import pack_codes  # LSB-first bit streams: the layout of MatMulNBits blobs and ONNX INT4 data
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -41,27 +42,6 @@ NEG_LARGE = float(np.finfo(np.float32).min)  # masked scores, as transformers do
 
 class ExportWarning(UserWarning):
     """A layer was exported in a wider container or a different form than asked for."""
-
-
-# ----------------------------------------------------------------------------------------------- packing
-def pack_lsb_first(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned `bits`-wide values (bits in 2, 4, 8) along the last axis, first value in the lowest bits.
-
-    The last axis length must be a multiple of 8 // bits."""
-    per_byte = 8 // bits
-    v = values.astype(np.uint8).reshape(*values.shape[:-1], values.shape[-1] // per_byte, per_byte)
-    out = np.zeros(v.shape[:-1], dtype=np.uint8)
-    for i in range(per_byte):  # per_byte <= 4 whole-array shifts, not a per-element loop
-        out |= v[..., i] << np.uint8(i * bits)
-    return out
-
-
-def int4_raw(values: np.ndarray) -> bytes:
-    """ONNX INT4/UINT4 raw data: two values per byte, the first in the low nibble (odd counts padded)."""
-    flat = (values.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    return pack_lsb_first(flat, 4).tobytes()
 
 
 def lossless_int8_blocks(weight: torch.Tensor, block: int = 32) -> tuple[np.ndarray, np.ndarray] | None:
@@ -141,7 +121,7 @@ def matmulnbits_widths() -> frozenset[int]:
         rng = np.random.default_rng(0)
         codes = rng.integers(0, 1 << bits, size=(n, k))
         g = Graph()
-        b = g.init("B", pack_lsb_first(codes, bits).reshape(n, 1, block * bits // 8))
+        b = g.init("B", pack_codes(codes, bits, signed=False).reshape(n, 1, block * bits // 8))
         s = g.init("S", np.ones((n, 1), np.float32))
         g.op("MatMulNBits", ["A", b, s], outputs=["Y"], domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block)
         graph = helper.make_graph(g.nodes, "probe", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
@@ -211,7 +191,7 @@ class LinearWriter:
         scales_t = qw.scales.T.contiguous().numpy().astype(np.float32)  # [n_groups, out]
         if container == 4:
             dtype = TensorProto.INT4 if spec.symmetric else TensorProto.UINT4
-            codes = self.g.init_raw(f"{name}.codes", dtype, [in_f, out_f], int4_raw(codes_t))
+            codes = self.g.init_raw(f"{name}.codes", dtype, [in_f, out_f], pack_codes(codes_t, 4).tobytes())
         else:
             codes = self.g.init(f"{name}.codes", codes_t.astype(np.int8 if spec.symmetric else np.uint8))
         inputs = [codes, self.g.init(f"{name}.scales", scales_t)]
@@ -219,7 +199,7 @@ class LinearWriter:
             zeros_t = qw.zeros.T.contiguous().numpy()
             if container == 4:
                 inputs.append(self.g.init_raw(f"{name}.zeros", TensorProto.UINT4, list(zeros_t.shape),
-                                              int4_raw(zeros_t)))
+                                              pack_codes(zeros_t, 4, signed=False).tobytes()))
             else:
                 inputs.append(self.g.init(f"{name}.zeros", zeros_t.astype(np.uint8)))
         w = self.g.op("DequantizeLinear", inputs, hint=f"{name}/dq", axis=0, block_size=block)
@@ -253,14 +233,14 @@ class LinearWriter:
         codes[:, :in_f] = qw.codes.numpy() + offset
         # padded columns hold the zero point, so they dequantize to exactly 0 whatever A holds there
         codes[:, in_f:] = offset if spec.symmetric else np.repeat(qw.zeros[:, -1:].numpy(), k_blocks * block - in_f, 1)
-        packed = pack_lsb_first(codes, container).reshape(out_f, k_blocks, block * container // 8)
+        packed = pack_codes(codes, container, signed=False).reshape(out_f, k_blocks, block * container // 8)
         inputs = [x, self.g.init(f"{name}.qweight", packed),
                   self.g.init(f"{name}.scales", qw.scales.numpy().astype(np.float32).reshape(out_f, k_blocks))]
         if not spec.symmetric:
             per_byte = 8 // container
             zp = np.zeros((out_f, -(-k_blocks // per_byte) * per_byte), dtype=np.int32)
             zp[:, :k_blocks] = qw.zeros.numpy()
-            inputs.append(self.g.init(f"{name}.zero_points", pack_lsb_first(zp, container).reshape(-1)))
+            inputs.append(self.g.init(f"{name}.zero_points", pack_codes(zp, container, signed=False)))
         self._note(name, "matmulnbits", bits=spec.bits, container=container, block_size=block)
         return self.g.op("MatMulNBits", inputs, hint=name, domain=MS_DOMAIN, K=in_f, N=out_f, bits=container,
                          block_size=block, accuracy_level=self.accuracy_level)

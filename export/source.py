@@ -30,10 +30,11 @@ class CompressedModel:
 
     @property
     def nm(self) -> tuple[int, int] | None:
-        """(N kept, M) when the model was pruned N:M, else None."""
-        prune = self.compression.get("prune") or {}
+        """(N kept, M) when the model was pruned N:M, else None. compression.json holds the prune record at
+        its top level after `toolchain prune`, under "prune" after quantize/compress."""
+        prune = self.compression.get("prune") or self.compression
         nm = prune.get("nm")
-        return (int(nm[0]), int(nm[1])) if nm else None
+        return (int(nm[0]), int(nm[1])) if isinstance(nm, list) and len(nm) == 2 else None
 
     def weight_files(self) -> list[Path]:
         files = sorted(self.path.glob("*.safetensors"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from toolchain.errors import ConfigError
-from toolchain.export.onnx import (ExportWarning, build_onnx, export_onnx, int4_raw, matmulnbits_widths,
-                                   pack_lsb_first)
+from toolchain.export.blob import pack_codes
+from toolchain.export.onnx import ExportWarning, build_onnx, export_onnx, matmulnbits_widths
 from toolchain.export.onnx_check import OrtDecoder, check_onnx, ort_session
 from toolchain.models import load_model
 
@@ -24,11 +24,12 @@ def _export(model_dir, tmp_path, form):
     return path, info, [w for w in caught if issubclass(w.category, ExportWarning)]
 
 
-def test_pack_lsb_first_known_bytes():
-    assert pack_lsb_first(np.array([1, 2, 3, 0, 3, 3, 3, 3]), 2).tolist() == [0b00111001, 0xFF]
-    assert pack_lsb_first(np.array([0x1, 0xA, 0xF, 0x0]), 4).tolist() == [0xA1, 0x0F]
-    # ONNX INT4: two's complement nibbles, first value low, odd count padded with 0
-    assert list(int4_raw(np.array([-1, 2, -8]))) == [0x2F, 0x08]
+def test_onnx_packings_known_bytes():
+    # MatMulNBits blobs: unsigned codes, first value in the lowest bits
+    assert pack_codes(np.array([1, 2, 3, 0, 3, 3, 3, 3]), 2, signed=False).tolist() == [0b00111001, 0xFF]
+    assert pack_codes(np.array([0x1, 0xA, 0xF, 0x0]), 4, signed=False).tolist() == [0xA1, 0x0F]
+    # ONNX INT4 raw data: two's complement nibbles, first value low, odd count padded with 0
+    assert pack_codes(np.array([-1, 2, -8]), 4).tolist() == [0x2F, 0x08]
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
