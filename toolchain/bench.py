@@ -226,26 +226,40 @@ def quant_table(result: dict) -> str:
 
 
 def run_demo(model: str, out: str | Path) -> int:
-    """The main job on the default model: prune with Barber at 2:4, quantize with APTQ at 4 bits, and compare
-    perplexities with the dense model."""
+    """The main job on the default model: prune with Barber at 2:4, quantize with APTQ at 4 bits, compare
+    perplexities with the dense model, export every artifact and check the ONNX graph in onnxruntime."""
+    from .export.onnx_check import check_onnx
+    from .export.pipeline import run_export
+
     out = Path(out)
     work = out / "cache"
     work.mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] loading {model} and saving it as a float HF directory", flush=True)
+    print(f"[1/5] loading {model} and saving it as a float HF directory", flush=True)
     src = dense_dir(model, work)
-    print("[2/4] pruning: LLM-Barber (Wanda init) at 2:4, 32 calibration windows of 512 tokens", flush=True)
+    print("[2/5] pruning: LLM-Barber (Wanda init) at 2:4, 32 calibration windows of 512 tokens", flush=True)
     pruned = out / "barber-2of4"
     row = run_prune_one(src, pruned, "barber", "wanda", "2:4", [], quiet=False)
-    print(f"[3/4] quantizing the pruned model: APTQ 4-bit, symmetric, group size {QUANT_GROUP}", flush=True)
+    print(f"[3/5] quantizing the pruned model: APTQ 4-bit, symmetric, group size {QUANT_GROUP}", flush=True)
     quant = out / "barber-2of4-aptq4"
     qrow = run_quant_one(pruned, quant, "aptq", "4", [], quiet=False)
-    print("[4/4] perplexity on the held-out pydoc split (seqlen 512)", flush=True)
+    print("[4/5] perplexity on the held-out pydoc split (seqlen 512)", flush=True)
     dense_ppl, pruned_ppl, quant_ppl = _eval_ppl(src), _eval_ppl(pruned), _eval_ppl(quant)
+    print("[5/5] export (blob, ONNX MatMulNBits, compressed-tensors) and onnx-check", flush=True)
+    exported = out / "barber-2of4-aptq4-export"
+    manifest = run_export(quant, exported, "all")
+    sizes = {a["path"]: a["bytes"] for a in manifest["artifacts"]}
+    check = check_onnx(quant, exported / "onnx" / "model.matmulnbits.onnx")
     print()
     print(f"  dense fp32             perplexity {dense_ppl:8.3f}")
     print(f"  barber 2:4             perplexity {pruned_ppl:8.3f}   pruning {row['prune_seconds']:.1f} s, "
           f"peak RSS {row['peak_rss_mib']:.0f} MiB")
     print(f"  barber 2:4 + aptq 4b   perplexity {quant_ppl:8.3f}   quantizing {qrow['quant_seconds']:.1f} s, "
           f"{qrow['weight_mib']:.1f} MiB of codes and scales ({qrow['avg_bits_with_params']:.2f} bits/weight)")
+    print(f"  blob                   {sizes['model.tcblob'] / 2**20:8.1f} MiB   "
+          f"{manifest['results']['blob']['ratio']:.4f}x its theoretical minimum")
+    print(f"  onnx matmulnbits       {sizes['onnx/model.matmulnbits.onnx'] / 2**20:8.1f} MiB   logits vs PyTorch "
+          f"{check['relative_diff']:.1e} relative, greedy tokens {check['tokens_matched']}/{len(check['torch_tokens'])}"
+          f" {'ok' if check['ok'] else 'MISMATCH'}")
     print(f"  models:  {pruned}  and  {quant}  (compression.json, quant_state.safetensors inside)")
-    return 0
+    print(f"  export:  {exported}  (manifest.json lists every artifact with its sha256)")
+    return 0 if check["ok"] else 1
