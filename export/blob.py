@@ -1005,6 +1005,20 @@ class Blob:
         return QuantizedWeight(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros), spec,
                                None if mask is None else torch.from_numpy(mask))
 
+    def nm_slots(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
+        """The stored slots of a quantized linear, as hardware streams them: (codes [rows, slots per row] in
+        [group, ascending position] order, positions in the group [rows, slots per row] uint8, (N, M)).
+        A layer stored dense has every column as a slot, positions 0..cols-1 and N:M None."""
+        e = self._quant_entry(name)
+        rows, cols = e["shape"]
+        key = e["name"]
+        codes = self._packed(key, "codes", e["bits"], e["slots"], e["symmetric"]).reshape(rows, -1)
+        if e["nm"] is None:
+            return codes, np.broadcast_to(np.arange(cols, dtype=np.int64), (rows, cols)), None
+        n, m = e["nm"]
+        index = self._packed(key, "nm_index", e["meta_bits"], e["slots"], False).reshape(rows, -1)
+        return codes, index, (n, m)
+
     def dequantized(self, name: str) -> np.ndarray:
         """float32 [out, in] = scale * (code - zero) of a quantized linear."""
         return self.quantized(name).dequantize().numpy()
