@@ -42,7 +42,7 @@ def simulator_env() -> dict:
 
 def array_parameters(cfg: AccelConfig, layer: LayerData) -> dict[str, int]:
     return {"BPR": layer.k // cfg.beat_k, "BPG": layer.group_size // cfg.beat_k,
-            "PASSES": -(-layer.rows // cfg.pes), "SHIFT": layer.shift}
+            "PASSES": -(-layer.rows // cfg.pes)}
 
 
 def expected_outputs(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, rounding: str = "half_up") -> np.ndarray:
@@ -104,7 +104,8 @@ def simulate_layer(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, rtl_dir
     beats = np.broadcast_to(acts.reshape(acts.shape[0], 1, params["BPR"], cfg.beat_k),
                             (acts.shape[0], params["PASSES"], params["BPR"], cfg.beat_k))
     vectors, result_file = work / f"{stem}.vectors.npz", work / f"{stem}.result.json"
-    np.savez(vectors, beats=beats, expected=expected, act_bits=cfg.act_bits, out_bits=cfg.out_bits)
+    np.savez(vectors, beats=beats, expected=expected, act_bits=cfg.act_bits, out_bits=cfg.out_bits,
+             shift=layer.shift)
     result_file.unlink(missing_ok=True)
     env = {"SPMAC_VECTORS": str(vectors), "SPMAC_RESULT": str(result_file), "SPMAC_GAP": str(gap),
            "SPMAC_STALL": str(stall), "SPMAC_SEED": str(seed),
@@ -114,7 +115,7 @@ def simulate_layer(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, rtl_dir
         runner.test(test_module="toolchain.sim.tb_spmac_array", hdl_toplevel="spmac_array", build_dir=str(build_dir),
                     test_dir=str(work), plusargs=[f"+WEIGHTS={wfile}", f"+SCALES={sfile}"], extra_env=env,
                     seed=seed, log_file=str(work / f"{stem}.sim.log"))
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:   # cocotb's runner exits 1 when the testbench's assertion fails
         if not result_file.is_file():
             raise SimulationError(f"simulation failed to run ({exc}); see {work / (stem + '.sim.log')}") from None
     if not result_file.is_file():

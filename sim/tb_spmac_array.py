@@ -2,7 +2,7 @@
 takes results with random ready back-pressure, and compares every output with the golden model's.
 
 Inputs come from the environment (set by `toolchain.sim.runner`): SPMAC_VECTORS, an .npz with
-`beats` [T, passes, BPR, G*M] activation codes and `expected` [T, passes, P] outputs; SPMAC_RESULT, where
+`beats` [T, passes, BPR, G*M] activation codes, `expected` [T, passes, P] outputs and the layer's `shift`; SPMAC_RESULT, where
 the JSON result goes; SPMAC_GAP / SPMAC_STALL, the probabilities of an idle input cycle and of a cycle with
 the output not ready; SPMAC_SEED.
 """
@@ -54,6 +54,7 @@ async def stream_layer(dut):
     dut.s_axis_tdata.value = 0
     dut.s_axis_tlast.value = 0
     dut.m_axis_tready.value = 0
+    dut.cfg_shift.value = int(vectors["shift"])
     await ClockCycles(dut.clk, 3)
     dut.rst_n.value = 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import ToolchainError
 
@@ -50,6 +51,9 @@ EXPORT_EXAMPLES = """examples:
                       quantized model, float otherwise. A width a form lacks is stored in the next wider
                       container (exact), with a warning naming the layer.
   compressed-tensors  compressed-tensors/: vLLM's pack-quantized checkpoint (docs/compressed-tensors.md)
+  fpga                (alone) an accelerator bundle: N:M sparse MAC RTL, $readmemh weight images per
+                      layer, numeric contract, captured activations, report (docs/fpga.md); simulate
+                      it with `toolchain sim BUNDLE`
 manifest.json lists every artifact with its size and sha256. Codes are never re-quantized."""
 
 
@@ -162,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("--model", required=True, help="model directory written by toolchain prune/quantize/compress")
     x.add_argument("--target", default="all", help="onnx, blob, compressed-tensors, or all; comma list allowed "
-                   "(default %(default)s)")
+                   "(default %(default)s); fpga on its own writes an accelerator bundle to --out")
+    x.add_argument("--config", default=None, metavar="ACCEL_JSON",
+                   help="fpga: accelerator config (keys of accel.json: n, m, groups_per_beat, pes, weight_bits, "
+                        "act_bits, group_size, k_max, scale_bits, out_bits, clock_mhz, mem_gbps); default: a "
+                        "design that runs every layer of the model")
     x.add_argument("--onnx-weights", default=None, help="float, qdq, matmulnbits; comma list allowed (default: "
                    "matmulnbits when the model is quantized, else float)")
     x.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -179,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--rtol", type=float, default=None,
                    help="allowed max |logit difference| relative to the largest |logit| (default 1e-4)")
     o.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    sm = sub.add_parser("sim", help="simulate layers of an FPGA bundle in Verilator, bit-exactly against the "
+                        "golden model", description="Builds the bundle's RTL with Verilator through cocotb, streams "
+                        "each layer's real weights and captured activations with random valid/ready back-pressure, "
+                        "compares every output with the integer golden model, then reruns without back-pressure "
+                        "to measure cycles against the throughput formula. Exit status 1 on any mismatch.")
+    sm.add_argument("bundle", help="directory written by toolchain export --target fpga")
+    sm.add_argument("--layer", action="append", default=None,
+                    help="layer (module name) to simulate; repeatable (default: the first attention and the first "
+                         "MLP projection)")
+    sm.add_argument("--rows", type=int, default=None, help="simulate only the first N output rows (default: all)")
+    sm.add_argument("--tokens", type=int, default=None, help="captured tokens to stream (default: all, 8)")
+    sm.add_argument("--simulator", choices=["verilator", "icarus"], default="verilator")
+    sm.add_argument("--seed", type=int, default=0, help="seed of the back-pressure pattern (default %(default)s)")
+    sm.add_argument("--json", action="store_true", help="print JSON for machines")
 
     b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
     b.add_argument("what", choices=["prune", "quant", "export"])
@@ -281,6 +304,11 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from .export.pipeline import run_export
 
+    if "fpga" in [t.strip() for t in args.target.split(",")]:
+        return _export_fpga(args)
+    if args.config is not None:
+        raise ToolchainError("--config applies to --target fpga only")
+
     manifest = run_export(args.model, args.out, args.target, args.onnx_weights)
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -292,6 +320,41 @@ def cmd_export(args) -> int:
             print(f"warning: onnx {form}: {layer}: {why}", file=sys.stderr)
     print(f"exported {args.model} ({', '.join(manifest['targets'])}) -> {manifest['out']}")
     return 0
+
+
+def _export_fpga(args) -> int:
+    from .fpga.bundle import write_bundle
+
+    if args.target.strip() != "fpga":
+        raise ToolchainError("--target fpga writes a bundle directory of its own; export it on its own")
+    report = write_bundle(args.model, args.out, args.config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    d, t = report["design"], report["per_token"]
+    print(f"FPGA bundle: {d['nm']} sparse, {d['pes']} PEs, {d['physical_multipliers']} multipliers, "
+          f"{d['dense_equivalent_macs_per_cycle']} dense-equivalent MACs/cycle; RTL {report['lint']}")
+    print(f"per token: {t['cycles']:,} cycles, about {t['tokens_per_s_estimate']} tokens/s at {d['clock_mhz']} MHz "
+          f"and {d['mem_gbps']} GB/s ({t['bound_by']} bound) -> {Path(args.out).resolve()}/report.md")
+    return 0
+
+
+def cmd_sim(args) -> int:
+    from .sim.bundle_sim import simulate_bundle
+
+    result = simulate_bundle(args.bundle, args.layer, args.rows, args.simulator, args.seed, args.tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in result["layers"]:
+            e = r["golden_vs_float"]
+            print(f"{r['layer']}: {r['rows']} rows x K {r['k']}, {r['tokens']} tokens: "
+                  f"{'bit-exact' if r['bit_exact'] else 'MISMATCH'} ({r['outputs_compared']} outputs, "
+                  f"{r['mismatches']} differ, with and without back-pressure); cycles {r['measured_cycles']} "
+                  f"vs formula {r['ideal_cycles']} (utilisation {r['utilisation']}); "
+                  f"{r['sim_cycles_per_s']:,} cycles/s; golden vs float layer: relative RMS "
+                  f"{e['relative_rms']:.2e}, {e['saturated']} saturated")
+    return 0 if result["bit_exact"] else 1
 
 
 def cmd_onnx_check(args) -> int:
@@ -326,7 +389,7 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
-               "export": cmd_export, "onnx-check": cmd_onnx_check}[args.command]
+               "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim}[args.command]
     try:
         return handler(args)
     except ToolchainError as exc:

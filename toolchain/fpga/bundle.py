@@ -1,0 +1,223 @@
+"""`toolchain export --target fpga`: the accelerator bundle of a compressed model.
+
+    BUNDLE/
+      README.md            what is here and how to simulate it
+      accel.json           the accelerator config, with every derived width and its bound
+      contract.json        the numeric contract the RTL, the HLS C++ and the golden model implement
+      layers.json          every layer: shape, N:M, bits, scale shift, array parameters, images, ideal cycles
+      model.tcblob         the packed blob the images are built from
+      rtl/                 spmac_pe.sv, axis_skid.sv, spmac_array.sv (lint-clean under verilator -Wall)
+      mem/<layer>.weights.mem, mem/<layer>.scales.mem   $readmemh images, one pair per layer
+      activations.npz      real inputs of every layer, captured on text from the held-out pydoc split
+      report.json, report.md   cycles per layer, MACs/cycle, tokens/s at the configured clock and bandwidth
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..atomic import atomic_dir
+from ..errors import ConfigError
+from ..models.loading import check_out_dir
+from .config import AccelConfig, load_config
+from .generate import LayerShape, lint, render_rtl
+from .layers import for_design, read_layer, write_images
+
+CONTRACT_FORMAT = "toolchain.fpga.contract/1"
+CAPTURE_TOKENS = 8
+
+
+def default_config(layers: list[dict], nm: tuple[int, int] | None) -> dict:
+    """A design that runs every layer of the model: its N:M (or dense), its widest codes, its group size and
+    its largest K; 8 PEs of 4 groups per beat."""
+    group_sizes = {e["group_size"] for e in layers}
+    if len(group_sizes) != 1:
+        raise ConfigError(f"layers use several group sizes {sorted(group_sizes)}; give --config with one")
+    n, m = nm or (4, 4)
+    return {"n": n, "m": m, "groups_per_beat": 4, "pes": 8, "weight_bits": max(e["bits"] for e in layers),
+            "group_size": group_sizes.pop(), "k_max": max(e["shape"][1] for e in layers)}
+
+
+def contract(cfg: AccelConfig) -> dict:
+    w = cfg.widths
+    return {
+        "format": CONTRACT_FORMAT,
+        "activations": {"bits": cfg.act_bits, "encoding": "two's complement",
+                        "quantization": "per token, symmetric: scale = max|x| / (2^(AB-1)-1); "
+                                        "a = clamp(floor(x / scale + 0.5), -(2^(AB-1)-1), 2^(AB-1)-1)"},
+        "weights": {"bits": cfg.weight_bits, "encoding": "two's complement, the quantizer's symmetric codes "
+                    "(narrower codes sign-extended); pruned weights are not stored",
+                    "sparsity": f"{cfg.n}:{cfg.m} along K; per group of M, N slots with ascending positions of "
+                                f"{w.idx} bits; a group with fewer kept weights is padded with zero weights"},
+        "scales": {"bits": cfg.scale_bits, "encoding": "unsigned mantissa, scale = mantissa / 2^shift, one "
+                   "shift per layer (the blob's scales_fixed, converted offline from fp16)"},
+        "accumulation": {"group_bits": w.gacc, "scaled_bits": w.scaled, "row_bits": w.total,
+                         "bounds": w.bounds, "overflow": "impossible: widths hold the bounds (proof in "
+                                                         "toolchain.fpga.config); registers are two's complement"},
+        "output": {"bits": cfg.out_bits, "rounding": "round half up: floor((row + 2^(shift-1)) / 2^shift)",
+                   "saturation": "clamp to [-2^(OUTW-1), 2^(OUTW-1)-1], at the output only",
+                   "float_estimate": "output * the token's activation scale"},
+        "order": "results in row order: pass q carries rows q*P .. q*P+P-1 (rows past the layer's end are 0)",
+    }
+
+
+def capture_activations(model_dir: Path, names: list[str], tokens: int = CAPTURE_TOKENS) -> dict[str, np.ndarray]:
+    """Inputs [tokens, K] of each named linear on the first `tokens` tokens of the held-out pydoc split."""
+    import torch
+
+    from ..export.onnx_check import sample_tokens
+    from ..models import load_model
+
+    loaded = load_model(str(model_dir))
+    ids = sample_tokens(loaded, tokens)
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+    for name in names:
+        module = loaded.model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args, name=name: captured.__setitem__(name, args[0][0].detach().float().numpy().copy())))
+    try:
+        with torch.no_grad():
+            loaded.model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _model_order(module: str, linears: list[str]) -> tuple:
+    """Sort key: decoder layer number, then the adapter's order of linears (q, k, v, o, gate, up, down)."""
+    numbers = [int(part) for part in module.split(".") if part.isdigit()]
+    position = next((i for i, s in enumerate(linears) if module.endswith("." + s)), len(linears))
+    return (numbers[0] if numbers else -1, position, module)
+
+
+def block_of(config: dict) -> dict[str, str]:
+    """Linear name suffix -> its sub-block ("attn", "mlp"), from the family's adapter."""
+    from ..models import adapter_for
+
+    adapter = adapter_for(SimpleNamespace(model_type=config.get("model_type")))
+    return {linear: sb.name for sb in adapter.subblocks(None) for linear in sb.linears}
+
+
+def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_path: str | None = None,
+                 lint_rtl: bool = True) -> dict:
+    from ..export.blob import read_blob, write_blob
+    from ..export.source import read_compressed
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    source = read_compressed(model_dir, require_quant=True)
+    check_out_dir(model_dir, out)
+    blocks = block_of(source.config)
+    with atomic_dir(out) as tmp:
+        write_blob(model_dir, tmp / "model.tcblob")
+        blob = read_blob(tmp / "model.tcblob")
+        order = list(blocks)   # the adapter's linears, attention first
+        entries = sorted((blob.entry(n) for n in blob.names() if blob.entry(n)["kind"] == "quant"),
+                         key=lambda e: _model_order(e["module"], order))
+        cfg = load_config(config_path, **({} if config_path else default_config(entries, source.nm)))
+        (tmp / "mem").mkdir()
+        layers, shapes = [], []
+        for e in entries:
+            layer = for_design(read_layer(blob, e["name"]), cfg)
+            stem = layer.name
+            write_images(tmp / "mem", stem, cfg, layer)
+            shape = LayerShape.of(cfg, layer.name, layer.k, layer.rows, layer.group_size, layer.shift, stem)
+            shapes.append(shape)
+            suffix = next((s for s in blocks if layer.name.endswith("." + s)), None)
+            layers.append({**asdict(shape), "bits": layer.bits, "nm": list(e["nm"]) if e["nm"] else None,
+                           "block": blocks.get(suffix), "ideal_cycles": cfg.layer_cycles(layer.k, layer.rows),
+                           "weight_bits_streamed": int(shape.passes * shape.beats_per_row * cfg.pes
+                                                       * cfg.slots_per_beat * (cfg.weight_bits + cfg.widths.idx)
+                                                       + shape.passes * (layer.k // layer.group_size)
+                                                       * cfg.pes * cfg.scale_bits)})
+        blob.close()
+        render_rtl(cfg, shapes[0], tmp / "rtl")
+        lint_messages = lint(tmp / "rtl") if lint_rtl else None
+        acts = capture_activations(model_dir, [layer["name"] for layer in layers])
+        np.savez_compressed(tmp / "activations.npz", **acts)
+        (tmp / "accel.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+        (tmp / "contract.json").write_text(json.dumps(contract(cfg), indent=2) + "\n")
+        (tmp / "layers.json").write_text(json.dumps({"layers": layers}, indent=2) + "\n")
+        report = performance_report(cfg, layers)
+        report.update({"lint": "verilator --lint-only -Wall: clean" if lint_messages is not None else "skipped",
+                       "source": str(model_dir.resolve()), "seconds": round(time.perf_counter() - t0, 2)})
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(report_markdown(report))
+        (tmp / "README.md").write_text(bundle_readme(cfg, report))
+    return report
+
+
+def performance_report(cfg: AccelConfig, layers: list[dict]) -> dict:
+    """Cycles per layer from the throughput formula, and tokens/s bounds at the configured clock and memory."""
+    cycles = sum(layer["ideal_cycles"] for layer in layers)
+    streamed_bytes = sum(layer["weight_bits_streamed"] for layer in layers) / 8
+    clock_hz = cfg.clock_mhz * 1e6
+    compute_tps = clock_hz / cycles
+    memory_tps = cfg.mem_gbps * 1e9 / streamed_bytes
+    dense_macs = sum(layer["k"] * layer["rows"] for layer in layers)
+    return {
+        "design": {"nm": f"{cfg.n}:{cfg.m}", "pes": cfg.pes, "groups_per_beat": cfg.groups_per_beat,
+                   "weight_bits": cfg.weight_bits, "physical_multipliers": cfg.multipliers,
+                   "dense_equivalent_macs_per_cycle": cfg.dense_macs_per_cycle,
+                   "dense_macs_per_cycle_per_multiplier": cfg.dense_macs_per_cycle / cfg.multipliers,
+                   "clock_mhz": cfg.clock_mhz, "mem_gbps": cfg.mem_gbps},
+        "per_token": {"cycles": cycles, "dense_macs": dense_macs, "utilisation": dense_macs / (cycles * cfg.dense_macs_per_cycle),
+                      "weight_bytes_streamed": streamed_bytes,
+                      "tokens_per_s_compute_bound": round(compute_tps, 2),
+                      "tokens_per_s_memory_bound": round(memory_tps, 2),
+                      "tokens_per_s_estimate": round(min(compute_tps, memory_tps), 2),
+                      "bound_by": "compute" if compute_tps < memory_tps else "memory bandwidth"},
+        "layers": [{"name": layer["name"], "k": layer["k"], "rows": layer["rows"], "nm": layer["nm"],
+                    "bits": layer["bits"], "cycles": layer["ideal_cycles"],
+                    "microseconds": round(layer["ideal_cycles"] / cfg.clock_mhz, 2)} for layer in layers],
+    }
+
+
+def report_markdown(r: dict) -> str:
+    d, t = r["design"], r["per_token"]
+    lines = ["# Accelerator report", "",
+             f"Design: {d['nm']} sparse, {d['pes']} PEs x {d['groups_per_beat']} groups per beat, "
+             f"{d['weight_bits']}-bit weights: {d['physical_multipliers']} multipliers, "
+             f"{d['dense_equivalent_macs_per_cycle']} dense-equivalent MACs/cycle "
+             f"({d['dense_macs_per_cycle_per_multiplier']:.2f} per multiplier), {d['clock_mhz']} MHz, "
+             f"{d['mem_gbps']} GB/s weight memory. RTL lint: {r['lint']}.", "",
+             "| per token | |", "|---|---|",
+             f"| cycles (throughput formula: sum of ceil(rows/P) x K/(G*M)) | {t['cycles']:,} |",
+             f"| utilisation of the dense-equivalent MACs | {t['utilisation']:.4f} |",
+             f"| weight + index + scale bytes streamed | {t['weight_bytes_streamed']:,.0f} |",
+             f"| tokens/s, compute bound | {t['tokens_per_s_compute_bound']} |",
+             f"| tokens/s, memory bound | {t['tokens_per_s_memory_bound']} |",
+             f"| **tokens/s estimate** ({t['bound_by']}) | **{t['tokens_per_s_estimate']}** |", "",
+             "| layer | K | rows | N:M | bits | cycles | us |", "|---|---|---|---|---|---|---|"]
+    for layer in r["layers"]:
+        nm = f"{layer['nm'][0]}:{layer['nm'][1]}" if layer["nm"] else "dense"
+        lines.append(f"| {layer['name']} | {layer['k']} | {layer['rows']} | {nm} | {layer['bits']} | "
+                     f"{layer['cycles']:,} | {layer['microseconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def bundle_readme(cfg: AccelConfig, report: dict) -> str:
+    return f"""# FPGA accelerator bundle
+
+A {cfg.n}:{cfg.m} sparse multiply-accumulate array ({cfg.pes} PEs, {cfg.weight_bits}-bit weights,
+{cfg.act_bits}-bit activations) generated by toolchain for the model in `{report['source']}`.
+
+- `rtl/`: SystemVerilog. `spmac_array` is the top: AXI-Stream activations in, one P-wide result beat per
+  row pass out. Its parameters BPR/BPG/PASSES/SHIFT and the image files are per layer (`layers.json`).
+- `mem/`: `$readmemh` images of each layer's weight/index words and scale words.
+- `contract.json`: the integer arithmetic, exactly; `accel.json`: the config and its derived widths.
+- `report.md`: cycles and tokens/s from the throughput formula.
+
+Simulate real layers bit-exactly against the golden model (Verilator through cocotb):
+
+    toolchain sim BUNDLE --layer {report['layers'][0]['name']} --rows 64
+    toolchain sim BUNDLE          # the first attention and the first MLP projection, every row
+"""
