@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..fpga.config import load_config
 from ..fpga.layers import for_design, read_layer
 from .golden import float_error, quantize_activations
+from .hls_csim import csim_layer
 from .runner import expected_outputs, simulate_layer
 
 
@@ -32,7 +33,7 @@ def simulate_bundle(bundle: str | os.PathLike, layers: list[str] | None = None, 
     from ..export.blob import read_blob
 
     bundle = Path(bundle)
-    for required in ("accel.json", "layers.json", "model.tcblob", "activations.npz", "rtl"):
+    for required in ("accel.json", "layers.json", "model.tcblob", "activations.npz", "rtl", "hls"):
         if not (bundle / required).exists():
             raise ConfigError(f"{bundle} is not an FPGA bundle: {required} is missing "
                               f"(write one with toolchain export --target fpga)")
@@ -60,11 +61,13 @@ def simulate_bundle(bundle: str | os.PathLike, layers: list[str] | None = None, 
             checked = simulate_layer(cfg, layer, acts, bundle / "rtl", work, gap=backpressure, stall=backpressure,
                                      seed=seed, simulator=simulator)
             timed = simulate_layer(cfg, layer, acts, bundle / "rtl", work, seed=seed, simulator=simulator)
+            hls = csim_layer(cfg, layer, acts, bundle / "hls", work)
             reference = x @ blob.dequantized(name)[: layer.rows].astype(np.float64).T
             golden = expected_outputs(cfg, layer, acts).reshape(acts.shape[0], -1)[:, : layer.rows]
             results.append({
                 "layer": name, "rows": layer.rows, "k": layer.k, "tokens": int(acts.shape[0]),
-                "bit_exact": checked["bit_exact"] and timed["bit_exact"],
+                "bit_exact": checked["bit_exact"] and timed["bit_exact"] and hls["bit_exact"],
+                "hls_csim": {"outputs": hls["outputs"], "mismatches": hls["mismatches"]},
                 "outputs_compared": checked["outputs"] + timed["outputs"],
                 "mismatches": checked["mismatches"] + timed["mismatches"],
                 "backpressure": {"gap": backpressure, "stall": backpressure, "cycles": checked["cycles"]},

@@ -149,7 +149,8 @@ def tiny_bundle(compressed_dir, tmp_path_factory):
 def test_bundle_contents(tiny_bundle):
     out, report = tiny_bundle
     for name in ("README.md", "accel.json", "contract.json", "layers.json", "model.tcblob", "activations.npz",
-                 "report.json", "report.md", "rtl/spmac_array.sv", "rtl/spmac_pe.sv", "rtl/axis_skid.sv"):
+                 "report.json", "report.md", "rtl/spmac_array.sv", "rtl/spmac_pe.sv", "rtl/axis_skid.sv",
+                 "hls/spmac.h", "hls/spmac.cpp", "hls/tb_spmac.cpp"):
         assert (out / name).is_file(), name
     layers = json.loads((out / "layers.json").read_text())["layers"]
     assert len(layers) == 14 and layers[0]["name"] == "model.layers.0.self_attn.q_proj"
@@ -195,3 +196,32 @@ def test_simulation_is_bit_exact_with_backpressure_and_catches_wrong_rounding(ti
         fast = simulate_layer(cfg, layer, acts, out / "rtl", work, seed=3)
         assert fast["bit_exact"] and fast["utilisation"] >= 0.95
     assert len(list(work.glob("build-*"))) == 1                                   # one build served them all
+
+
+def test_hls_csim_matches_the_golden_model_and_catches_wrong_rounding(tiny_bundle):
+    from toolchain.export.blob import read_blob
+    from toolchain.fpga.layers import read_layer
+    from toolchain.sim.hls_csim import csim_layer
+
+    out, _ = tiny_bundle
+    cfg = load_config(out / "accel.json")
+    name = "model.layers.1.mlp.down_proj"
+    with read_blob(out / "model.tcblob") as blob:
+        layer = for_design(read_layer(blob, name), cfg)
+    acts, _ = quantize_activations(np.load(out / "activations.npz")[name].astype(np.float64))
+    good = csim_layer(cfg, layer, acts, out / "hls", out / "hls_build")
+    assert good["bit_exact"] and good["outputs"] == acts.shape[0] * 64
+    wrong = csim_layer(cfg, layer, acts, out / "hls", out / "hls_build", rounding="truncate")
+    assert not wrong["bit_exact"] and wrong["mismatches"] > 0
+
+
+def test_sim_command_on_the_bundle(tiny_bundle, capsys):
+    from toolchain.cli import main
+
+    out, _ = tiny_bundle
+    assert main(["sim", str(out), "--layer", "model.layers.0.self_attn.q_proj", "--rows", "16", "--tokens", "2",
+                 "--seed", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "16 rows x K 64, 2 tokens: bit-exact" in text and "HLS C-sim: 0 of" in text
+    assert main(["sim", str(out), "--layer", "nope"]) == 2
+    assert "no layer nope" in capsys.readouterr().err

@@ -349,8 +349,9 @@ def cmd_sim(args) -> int:
         for r in result["layers"]:
             e = r["golden_vs_float"]
             print(f"{r['layer']}: {r['rows']} rows x K {r['k']}, {r['tokens']} tokens: "
-                  f"{'bit-exact' if r['bit_exact'] else 'MISMATCH'} ({r['outputs_compared']} outputs, "
-                  f"{r['mismatches']} differ, with and without back-pressure); cycles {r['measured_cycles']} "
+                  f"{'bit-exact' if r['bit_exact'] else 'MISMATCH'} (RTL: {r['outputs_compared']} outputs, "
+                  f"{r['mismatches']} differ, with and without back-pressure; HLS C-sim: "
+                  f"{r['hls_csim']['mismatches']} of {r['hls_csim']['outputs']} differ); cycles {r['measured_cycles']} "
                   f"vs formula {r['ideal_cycles']} (utilisation {r['utilisation']}); "
                   f"{r['sim_cycles_per_s']:,} cycles/s; golden vs float layer: relative RMS "
                   f"{e['relative_rms']:.2e}, {e['saturated']} saturated")

@@ -7,6 +7,7 @@
       layers.json          every layer: shape, N:M, bits, scale shift, array parameters, images, ideal cycles
       model.tcblob         the packed blob the images are built from
       rtl/                 spmac_pe.sv, axis_skid.sv, spmac_array.sv (lint-clean under verilator -Wall)
+      hls/                 spmac.h, spmac.cpp (the same datapath in HLS C++), tb_spmac.cpp (C-simulation)
       mem/<layer>.weights.mem, mem/<layer>.scales.mem   $readmemh images, one pair per layer
       activations.npz      real inputs of every layer, captured on text from the held-out pydoc split
       report.json, report.md   cycles per layer, MACs/cycle, tokens/s at the configured clock and bandwidth
@@ -26,7 +27,7 @@ from ..atomic import atomic_dir
 from ..errors import ConfigError
 from ..models.loading import check_out_dir
 from .config import AccelConfig, load_config
-from .generate import LayerShape, lint, render_rtl
+from .generate import LayerShape, lint, render_hls, render_rtl
 from .layers import for_design, read_layer, write_images
 
 CONTRACT_FORMAT = "toolchain.fpga.contract/1"
@@ -140,6 +141,8 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
                                                        * cfg.pes * cfg.scale_bits)})
         blob.close()
         render_rtl(cfg, shapes[0], tmp / "rtl")
+        render_hls(cfg, tmp / "hls", wdepth=max(sh.passes * sh.beats_per_row for sh in shapes),
+                   sdepth=max(sh.passes * sh.beats_per_row // sh.beats_per_group for sh in shapes))
         lint_messages = lint(tmp / "rtl") if lint_rtl else None
         acts = capture_activations(model_dir, [layer["name"] for layer in layers])
         np.savez_compressed(tmp / "activations.npz", **acts)
@@ -212,6 +215,8 @@ A {cfg.n}:{cfg.m} sparse multiply-accumulate array ({cfg.pes} PEs, {cfg.weight_b
 
 - `rtl/`: SystemVerilog. `spmac_array` is the top: AXI-Stream activations in, one P-wide result beat per
   row pass out. Its parameters BPR/BPG/PASSES/SHIFT and the image files are per layer (`layers.json`).
+- `hls/`: the same datapath in HLS C++ (`ap_int`, AXI-Stream ports, AP_RND/AP_SAT output) and its
+  C-simulation testbench; `toolchain sim` compiles it with g++ against hls4ml's ap_types headers.
 - `mem/`: `$readmemh` images of each layer's weight/index words and scale words.
 - `contract.json`: the integer arithmetic, exactly; `accel.json`: the config and its derived widths.
 - `report.md`: cycles and tokens/s from the throughput formula.

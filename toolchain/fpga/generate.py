@@ -63,6 +63,19 @@ def render_rtl(cfg: AccelConfig, layer: LayerShape, out_dir: Path, generator: st
     return written
 
 
+def render_hls(cfg: AccelConfig, out_dir: Path, wdepth: int, sdepth: int, generator: str = "toolchain") -> list[Path]:
+    """Write spmac.h, spmac.cpp and the C-simulation testbench tb_spmac.cpp; memories sized for the largest
+    layer (`wdepth` weight words, `sdepth` scale words)."""
+    env = _environment("hls")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    values = {"cfg": cfg, "w": cfg.widths, "generator": generator, "wdepth": wdepth, "sdepth": sdepth}
+    written = []
+    for name in ("spmac.h", "spmac.cpp", "tb_spmac.cpp"):
+        (out_dir / name).write_text(env.get_template(f"{name}.j2").render(**values))
+        written.append(out_dir / name)
+    return written
+
+
 def lint(rtl_dir: Path, top: str = "spmac_array") -> str:
     """`verilator --lint-only -Wall` over the generated RTL; raises with Verilator's messages on any warning."""
     from ..sim.runner import RTL_SOURCES, simulator_env

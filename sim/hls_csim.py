@@ -1,0 +1,69 @@
+"""C-simulation of the generated HLS C++: compiled with g++ against the ap_types headers that ship in the
+PyPI hls4ml wheel (what hls4ml's own `compile()` does), run on a layer's real images, compared with the
+golden model's outputs by the C++ testbench itself."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from ..fpga.config import AccelConfig
+from ..fpga.layers import LayerData, write_images
+from .runner import SimulationError, expected_outputs
+
+
+def ap_types_dir() -> Path:
+    spec = importlib.util.find_spec("hls4ml")
+    if spec is None or not spec.submodule_search_locations:
+        raise SimulationError("the ap_types headers come from the hls4ml wheel: pip install --no-deps hls4ml==1.3.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / "templates" / "vivado" / "ap_types"
+    if not (path / "ap_int.h").is_file():
+        raise SimulationError(f"no ap_int.h under {path}")
+    return path
+
+
+def compile_csim(hls_dir: Path, work: Path) -> Path:
+    """g++ the testbench and the kernel (cached by a hash of the sources)."""
+    if shutil.which("g++") is None:
+        raise SimulationError("g++ is not installed")
+    sources = [hls_dir / "spmac.cpp", hls_dir / "tb_spmac.cpp"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources, hls_dir / "spmac.h"])).hexdigest()[:12]
+    exe = work / f"tb_spmac-{digest}"
+    if not exe.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = ["g++", "-std=c++17", "-O1", "-w", f"-I{hls_dir}", f"-I{ap_types_dir()}", *map(str, sources), "-o", str(exe)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise SimulationError(f"compiling the HLS C-simulation failed:\n{proc.stderr[-3000:]}")
+    return exe
+
+
+def csim_layer(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, hls_dir: Path, work: Path,
+               rounding: str = "half_up") -> dict:
+    """Run the HLS kernel on `layer` for activation codes `acts` [T, K]; mismatches against the golden model."""
+    work = Path(work)
+    exe = compile_csim(Path(hls_dir), work)
+    wfile, sfile = write_images(work, f"{layer.name}.hls", cfg, layer)
+    expected = expected_outputs(cfg, layer, acts, rounding)                      # [T, passes, P]
+    tokens, passes, _ = expected.shape
+    bpr, bpg = layer.k // cfg.beat_k, layer.group_size // cfg.beat_k
+    beats = acts.reshape(tokens, bpr, cfg.beat_k)
+    lines = [f"{tokens} {passes} {bpr} {bpg} {layer.shift}"]
+    for t in range(tokens):
+        for q in range(passes):
+            lines.extend(" ".join(map(str, beat)) for beat in beats[t].tolist())
+            lines.append(" ".join(map(str, expected[t, q].tolist())))
+    vectors = work / f"{layer.name}.hls.vectors.txt"
+    vectors.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([str(exe), str(wfile), str(sfile), str(vectors)], capture_output=True, text=True)
+    found = re.search(r"compared (\d+) outputs, (\d+) mismatches", proc.stdout)
+    if proc.returncode not in (0, 1) or found is None:
+        raise SimulationError(f"the HLS C-simulation failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    compared, mismatches = int(found.group(1)), int(found.group(2))
+    return {"layer": layer.name, "outputs": compared, "mismatches": mismatches, "bit_exact": mismatches == 0,
+            "log": proc.stdout.strip().splitlines()[-6:]}
