@@ -142,7 +142,7 @@ def tiny_bundle(compressed_dir, tmp_path_factory):
     from toolchain.fpga.bundle import write_bundle
 
     out = tmp_path_factory.mktemp("fpga") / "bundle"
-    report = write_bundle(compressed_dir("llama", "2:4", "4"), out)
+    report = write_bundle(compressed_dir("llama", "2:4", "4"), out, synth=False)
     return out, report
 
 
@@ -228,3 +228,27 @@ def test_sim_command_on_the_bundle(tiny_bundle, capsys):
     assert "16 rows x K 64, 2 tokens: bit-exact" in text and "HLS C-sim: 0 of" in text
     assert main(["sim", str(out), "--layer", "nope"]) == 2
     assert "no layer nope" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("shutil").which("yosys") is None, reason="Debian yosys not installed (.ci/run installs it)")
+def test_yosys_resource_estimate(tiny_bundle):
+    from toolchain.fpga.synth import SynthesisError, estimate, synth_module
+
+    out, _ = tiny_bundle
+    cfg = load_config(out / "accel.json")
+    res = estimate(out / "rtl", cfg, 10 ** 6)
+    pe = res["xcup"]["pe"]
+    assert pe["lut"] > 50 and pe["ff"] > 50 and pe["dsp"] >= 1            # a real mapped netlist
+    assert res["xcup"]["array"]["dsp"] == cfg.pes * pe["dsp"]
+    assert res["ice40"]["pe"]["lut"] > 50
+    with pytest.raises(SynthesisError):
+        synth_module(out / "rtl", "no_such_module", "xcup")
+
+
+def test_dense_design_runs_a_sparse_layer_as_zeros():
+    dense = AccelConfig(n=2, m=2, groups_per_beat=1, pes=1, weight_bits=4, group_size=4, k_max=8)
+    layer = LayerData("l", 1, 8, 4, (2, 4), 4, np.array([[-1, 3, 2, -8]], np.int8),
+                      np.array([[0, 2, 1, 3]], np.uint8), np.array([[1, 1]], np.uint16), 1)
+    on_dense = for_design(layer, dense)
+    assert on_dense.slots.tolist() == [[-1, 0, 3, 0, 0, 2, 0, -8]] and on_dense.index.tolist() == [[0, 1] * 4]
+    assert np.array_equal(on_dense.dense_codes(), layer.dense_codes())

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx-weights", default=None, help="float, qdq, matmulnbits; comma list allowed (default: "
                    "matmulnbits when the model is quantized, else float)")
     x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument("--no-synth", action="store_true",
+                   help="fpga: skip the Yosys resource estimate (UltraScale+ and iCE40, about 15 s)")
     x.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     o = sub.add_parser("onnx-check", help="run an exported ONNX graph in onnxruntime against the PyTorch model",
@@ -306,8 +308,8 @@ def cmd_export(args) -> int:
 
     if "fpga" in [t.strip() for t in args.target.split(",")]:
         return _export_fpga(args)
-    if args.config is not None:
-        raise ToolchainError("--config applies to --target fpga only")
+    if args.config is not None or args.no_synth:
+        raise ToolchainError("--config and --no-synth apply to --target fpga only")
 
     manifest = run_export(args.model, args.out, args.target, args.onnx_weights)
     if args.json:
@@ -327,7 +329,7 @@ def _export_fpga(args) -> int:
 
     if args.target.strip() != "fpga":
         raise ToolchainError("--target fpga writes a bundle directory of its own; export it on its own")
-    report = write_bundle(args.model, args.out, args.config)
+    report = write_bundle(args.model, args.out, args.config, synth=not args.no_synth)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

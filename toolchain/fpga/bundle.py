@@ -108,7 +108,7 @@ def block_of(config: dict) -> dict[str, str]:
 
 
 def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_path: str | None = None,
-                 lint_rtl: bool = True) -> dict:
+                 lint_rtl: bool = True, synth: bool = True) -> dict:
     from ..export.blob import read_blob, write_blob
     from ..export.source import read_compressed
 
@@ -150,12 +150,25 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
         (tmp / "contract.json").write_text(json.dumps(contract(cfg), indent=2) + "\n")
         (tmp / "layers.json").write_text(json.dumps({"layers": layers}, indent=2) + "\n")
         report = performance_report(cfg, layers)
+        report["resources"] = resources(tmp / "rtl", cfg, layers) if synth else {"skipped": "synthesis not asked for"}
         report.update({"lint": "verilator --lint-only -Wall: clean" if lint_messages is not None else "skipped",
                        "source": str(model_dir.resolve()), "seconds": round(time.perf_counter() - t0, 2)})
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(report))
         (tmp / "README.md").write_text(bundle_readme(cfg, report))
     return report
+
+
+def resources(rtl_dir: Path, cfg: AccelConfig, layers: list[dict]) -> dict:
+    from .synth import estimate, yosys_binary
+
+    if yosys_binary() is None:
+        import warnings
+
+        warnings.warn("yosys is not installed: the bundle's report has no resource estimate "
+                      "(Debian: apt-get install yosys)", stacklevel=3)
+        return {"skipped": "yosys is not installed (Debian: apt-get install yosys)"}
+    return estimate(rtl_dir, cfg, max(layer["weight_bits_streamed"] for layer in layers))
 
 
 def performance_report(cfg: AccelConfig, layers: list[dict]) -> dict:
@@ -199,7 +212,21 @@ def report_markdown(r: dict) -> str:
              f"| tokens/s, compute bound | {t['tokens_per_s_compute_bound']} |",
              f"| tokens/s, memory bound | {t['tokens_per_s_memory_bound']} |",
              f"| **tokens/s estimate** ({t['bound_by']}) | **{t['tokens_per_s_estimate']}** |", "",
-             "| layer | K | rows | N:M | bits | cycles | us |", "|---|---|---|---|---|---|---|"]
+             ]
+    res = r.get("resources", {})
+    if "xcup" in res:
+        lines += [f"Resources ({res['tool']}; {res['note']}):", "",
+                  "| target | unit | LUT | carry | FF | DSP |", "|---|---|---|---|---|---|"]
+        for target, label in (("xcup", "UltraScale+"), ("ice40", "iCE40")):
+            for unit in ("pe", "array"):
+                c = res[target][unit]
+                lines.append(f"| {label} | {unit} | {c.get('lut', 0):,} | {c.get('carry', 0):,} | {c.get('ff', 0):,} | "
+                             f"{c.get('dsp', 0)} |")
+        lines += ["", f"The largest layer's weight, index and scale memory: {res['largest_layer_memory_bits']:,} bits "
+                      f"({res['largest_layer_bram36']} x 36 Kb block RAM).", ""]
+    else:
+        lines += [f"Resources: {res.get('skipped', 'not estimated')}.", ""]
+    lines += ["| layer | K | rows | N:M | bits | cycles | us |", "|---|---|---|---|---|---|---|"]
     for layer in r["layers"]:
         nm = f"{layer['nm'][0]}:{layer['nm'][1]}" if layer["nm"] else "dense"
         lines.append(f"| {layer['name']} | {layer['k']} | {layer['rows']} | {nm} | {layer['bits']} | "

@@ -60,16 +60,17 @@ def read_layer(blob, name: str) -> LayerData:
 
 def for_design(layer: LayerData, cfg: AccelConfig) -> LayerData:
     """Check `layer` against the design and return it in the design's slot layout: an N:M layer as stored
-    (a layer with fewer kept weights per group than the design's N is padded with zero-weight slots), a dense
-    layer on a dense design with positions j % M."""
+    (a layer with fewer kept weights per group than the design's N is padded with zero-weight slots); on a
+    dense design (N = M) every weight, with positions j % M."""
     cfg.check_layer(layer.name, layer.k, layer.rows, layer.bits, layer.nm, layer.group_size)
     if layer.shift > cfg.max_shift:
         raise ConfigError(f"{layer.name}: scale fraction width {layer.shift} exceeds the design's max_shift "
                           f"{cfg.max_shift}")
-    if layer.nm is None:   # dense design (check_layer refused a sparse one)
-        index = np.broadcast_to(np.tile(np.arange(cfg.m, dtype=np.uint8), layer.k // cfg.m), layer.slots.shape)
+    if cfg.n == cfg.m:   # a dense design streams every weight, pruned ones as zeros, at positions j % M
+        index = np.broadcast_to(np.tile(np.arange(cfg.m, dtype=np.uint8), layer.k // cfg.m), (layer.rows, layer.k))
         return LayerData(layer.name, layer.rows, layer.k, layer.bits, (cfg.m, cfg.m), layer.group_size,
-                         layer.slots, np.ascontiguousarray(index), layer.scales_fixed, layer.shift)
+                         layer.dense_codes().astype(np.int8), np.ascontiguousarray(index), layer.scales_fixed,
+                         layer.shift)
     n, m = layer.nm
     if n == cfg.n:
         return layer
