@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(VENV)/bin/toolchain bench prune --model $(MODEL) --out bench/results
 	$(VENV)/bin/toolchain bench quant --model $(MODEL) --out bench/results
 	$(VENV)/bin/toolchain bench export --model $(MODEL) --out bench/results
+	$(VENV)/bin/toolchain bench fpga --model $(MODEL) --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

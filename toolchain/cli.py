@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--json", action="store_true", help="print JSON for machines")
 
     b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
-    b.add_argument("what", choices=["prune", "quant", "export"])
+    b.add_argument("what", choices=["prune", "quant", "export", "fpga"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -382,9 +382,11 @@ def cmd_onnx_check(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_prune_bench, run_quant_bench
     from .bench_export import run_export_bench
+    from .bench_fpga import run_fpga_bench
 
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    run = {"prune": run_prune_bench, "quant": run_quant_bench, "export": run_export_bench}[args.what]
+    run = {"prune": run_prune_bench, "quant": run_quant_bench, "export": run_export_bench,
+           "fpga": run_fpga_bench}[args.what]
     run(args.model, args.out, only=only)
     return 0
 
