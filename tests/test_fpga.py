@@ -150,7 +150,7 @@ def test_bundle_contents(tiny_bundle):
     out, report = tiny_bundle
     for name in ("README.md", "accel.json", "contract.json", "layers.json", "model.tcblob", "activations.npz",
                  "report.json", "report.md", "rtl/spmac_array.sv", "rtl/spmac_pe.sv", "rtl/axis_skid.sv",
-                 "hls/spmac.h", "hls/spmac.cpp", "hls/tb_spmac.cpp"):
+                 "hls/spmac.h", "hls/spmac.cpp", "hls/tb_spmac.cpp", "sim/tb_spmac_array.py", "sim/run.py"):
         assert (out / name).is_file(), name
     layers = json.loads((out / "layers.json").read_text())["layers"]
     assert len(layers) == 14 and layers[0]["name"] == "model.layers.0.self_attn.q_proj"

@@ -6,6 +6,7 @@
       contract.json        the numeric contract the RTL, the HLS C++ and the golden model implement
       layers.json          every layer: shape, N:M, bits, scale shift, array parameters, images, ideal cycles
       model.tcblob         the packed blob the images are built from
+      sim/                 the cocotb testbench (tb_spmac_array.py) and run.py (= toolchain sim BUNDLE)
       rtl/                 spmac_pe.sv, axis_skid.sv, spmac_array.sv (lint-clean under verilator -Wall)
       hls/                 spmac.h, spmac.cpp (the same datapath in HLS C++), tb_spmac.cpp (C-simulation)
       mem/<layer>.weights.mem, mem/<layer>.scales.mem   $readmemh images, one pair per layer
@@ -156,6 +157,7 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(report))
         (tmp / "README.md").write_text(bundle_readme(cfg, report))
+        write_sim_dir(tmp / "sim")
     return report
 
 
@@ -169,6 +171,27 @@ def resources(rtl_dir: Path, cfg: AccelConfig, layers: list[dict]) -> dict:
                       "(Debian: apt-get install yosys)", stacklevel=3)
         return {"skipped": "yosys is not installed (Debian: apt-get install yosys)"}
     return estimate(rtl_dir, cfg, max(layer["weight_bits_streamed"] for layer in layers))
+
+
+RUN_SIM = '''"""Simulate this bundle: the cocotb testbench beside this file (a copy of toolchain.sim.tb_spmac_array)
+driven by toolchain's runner, through Verilator, bit-exactly against the golden model. Same as
+`toolchain sim BUNDLE`; arguments are passed on (e.g. --layer NAME --rows 64)."""
+import sys
+from pathlib import Path
+
+from toolchain.cli import main
+
+sys.exit(main(["sim", str(Path(__file__).resolve().parent.parent), *sys.argv[1:]]))
+'''
+
+
+def write_sim_dir(directory: Path) -> None:
+    """The bundle's testbench (a copy, for reading and reuse) and a runner script."""
+    from .. import sim
+
+    directory.mkdir()
+    (directory / "tb_spmac_array.py").write_text(Path(sim.__file__).with_name("tb_spmac_array.py").read_text())
+    (directory / "run.py").write_text(RUN_SIM)
 
 
 def performance_report(cfg: AccelConfig, layers: list[dict]) -> dict:
@@ -246,7 +269,8 @@ A {cfg.n}:{cfg.m} sparse multiply-accumulate array ({cfg.pes} PEs, {cfg.weight_b
   C-simulation testbench; `toolchain sim` compiles it with g++ against hls4ml's ap_types headers.
 - `mem/`: `$readmemh` images of each layer's weight/index words and scale words.
 - `contract.json`: the integer arithmetic, exactly; `accel.json`: the config and its derived widths.
-- `report.md`: cycles and tokens/s from the throughput formula.
+- `report.md`: cycles and tokens/s from the throughput formula, and Yosys resource estimates.
+- `sim/`: the cocotb testbench and `run.py`, which runs it (same as `toolchain sim`).
 
 Simulate real layers bit-exactly against the golden model (Verilator through cocotb):
 
