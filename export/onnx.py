@@ -68,8 +68,6 @@ class Graph:
     """Nodes, initializers and cached constants, with unique names."""
 
     def __init__(self):
-        from onnx import TensorProto  # noqa: F401  (fail early with onnx missing)
-
         self.nodes, self.initializers, self._consts, self._count = [], [], {}, 0
 
     def name(self, hint: str) -> str:

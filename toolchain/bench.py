@@ -91,6 +91,16 @@ def _write_result(stem: Path, result: dict, order: list[str], key, table) -> Non
     print(table(result))
 
 
+def save_result(out_dir: str | Path, what: str, model: str, result: dict, table) -> dict:
+    """Write bench/results/<what>_<model>.{json,md} and print the table."""
+    stem = _stem(Path(out_dir), what, model)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(table(result))
+    print(table(result))
+    return result
+
+
 def _stem(out_dir: Path, what: str, model: str) -> Path:
     return out_dir / (f"{what}_smollm2" if str(model) == "smollm2" else f"{what}_{Path(model).name}")
 

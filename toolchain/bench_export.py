@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import CALIB, SEQLEN, _stem, dense_dir
+from .bench import CALIB, SEQLEN, dense_dir, save_result
 
 PREFILL, DECODE_STEPS, REPEATS = 128, 32, 5
 
@@ -168,12 +168,7 @@ def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = N
     result["writer"] = writer_throughput(src, out / "model.tcblob")
     print(f"blob writer encode {result['writer']['encode_mb_per_s']} MB/s, "
           f"reader decode {result['writer']['decode_mb_per_s']} MB/s", flush=True)
-    stem = _stem(Path(out_dir), "export", model)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(export_table(result))
-    print(export_table(result))
-    return result
+    return save_result(out_dir, "export", model, result, export_table)
 
 
 def export_table(r: dict) -> str:

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .bench import _stem
+from .bench import save_result
 from .bench_export import compressed_source
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj")
@@ -63,12 +63,7 @@ def run_fpga_bench(model: str, out_dir: str | Path, only: list[str] | None = Non
     }
     m = result["measured_macs_per_cycle_per_multiplier"]
     result["sparse_over_dense"] = round(m["2:4"] / m["dense"], 4)
-    stem = _stem(Path(out_dir), "fpga", model)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(fpga_table(result))
-    print(fpga_table(result))
-    return result
+    return save_result(out_dir, "fpga", model, result, fpga_table)
 
 
 def fpga_table(r: dict) -> str:
