@@ -252,3 +252,12 @@ def test_dense_design_runs_a_sparse_layer_as_zeros():
     on_dense = for_design(layer, dense)
     assert on_dense.slots.tolist() == [[-1, 0, 3, 0, 0, 2, 0, -8]] and on_dense.index.tolist() == [[0, 1] * 4]
     assert np.array_equal(on_dense.dense_codes(), layer.dense_codes())
+
+
+@pytest.mark.skipif(__import__("shutil").which("iverilog") is None, reason="Icarus Verilog not installed (.ci/run installs it)")
+def test_icarus_runs_the_same_rtl(tiny_bundle):
+    from toolchain.sim.bundle_sim import simulate_bundle
+
+    out, _ = tiny_bundle
+    result = simulate_bundle(out, ["model.layers.1.mlp.up_proj"], rows=8, tokens=2, simulator="icarus", seed=4)
+    assert result["bit_exact"] and result["layers"][0]["outputs_compared"] == 2 * 2 * 8
