@@ -148,11 +148,14 @@ class LinearWriter:
     layers: dict[str, dict] = field(default_factory=dict)
     embedding: str = "float32"   # how the token embedding table was stored
     accuracy_level: int = 0      # MatMulNBits: 0 computes in fp32 from the exact weights; 4 quantizes A to int8
+    fp16_gemm: bool = False      # float form: fp16 weights and GEMMs (the GPU target), fp32 everywhere else
 
-    def __call__(self, x: str, module_name: str, module: torch.nn.Linear) -> str:
+    def __call__(self, x: str, module_name: str, module: torch.nn.Linear, keep_fp32: bool = False) -> str:
         qw = self.quant.get(module_name) if self.form != "float" else None
         bias = module.bias
-        if qw is None:
+        if qw is None and self.fp16_gemm and not keep_fp32:
+            y = self._fp16(x, module_name, module.weight)
+        elif qw is None:
             y = self._float(x, module_name, module.weight)
         elif self.form == "qdq":
             y = self._qdq(x, module_name, qw)
@@ -174,6 +177,14 @@ class LinearWriter:
             self._note(name, "float")
         w_t = self.g.init(f"{name}.weight_t", _np(weight).T)
         return self.g.op("MatMul", [x, w_t], hint=name)
+
+    def _fp16(self, x: str, name: str, weight: torch.Tensor) -> str:
+        """Cast in, an fp16 GEMM against the fp16 weight [K, N] (its 2:4 pattern runs along K, the layout
+        TensorRT's sparse kernels use), cast out: norms, softmax and residual sums stay fp32."""
+        self._note(name, "fp16")
+        w_t = self.g.init(f"{name}.weight_t", weight.detach().to(torch.float16).cpu().numpy().T)
+        x16 = self.g.op("Cast", [x], hint=f"{name}/to_fp16", to=10)
+        return self.g.op("Cast", [self.g.op("MatMul", [x16, w_t], hint=name)], hint=f"{name}/to_fp32", to=1)
 
     def _qdq(self, x: str, name: str, qw: QuantizedWeight) -> str:
         from onnx import TensorProto
@@ -343,7 +354,7 @@ class DecoderGraph:
     def lm_head(self, x: str) -> str:
         lm_head = self.model.get_output_embeddings()
         if "lm_head" in self.linear.quant or not self.model.config.tie_word_embeddings:
-            return self.linear(x, "lm_head", lm_head)
+            return self.linear(x, "lm_head", lm_head, keep_fp32=True)
         g = self.g
         # tied: Gemm against the embedding table itself (transB), so the file holds the matrix once
         x2 = g.op("Reshape", [x, g.const([-1, self.dims.hidden])])
@@ -493,7 +504,7 @@ GRAPHS: dict[str, type[DecoderGraph]] = {"llama": LlamaGraph, "opt": OptGraph}
 
 # ------------------------------------------------------------------------------------------ entry point
 def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWeight], form: str = "float",
-               accuracy_level: int = 0):
+               accuracy_level: int = 0, fp16_gemm: bool = False):
     """The ONNX ModelProto of `model` with its linears in `form`, and the LinearWriter holding the record of
     what each layer became."""
     if form not in FORMS:
@@ -505,7 +516,9 @@ def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWe
         raise ModelLoadError(f"ONNX export has no graph for the {family!r} family (supported: {', '.join(GRAPHS)})")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConfigError(f"MatMulNBits accuracy level must be 0-4, got {accuracy_level}")
-    writer = LinearWriter(Graph(), form, quant, accuracy_level=accuracy_level)
+    if fp16_gemm and form != "float":
+        raise ConfigError("fp16 GEMMs apply to the float weight form only")
+    writer = LinearWriter(Graph(), form, quant, accuracy_level=accuracy_level, fp16_gemm=fp16_gemm)
     with torch.no_grad():
         proto = GRAPHS[family](model, writer).build()
     return proto, writer

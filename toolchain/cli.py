@@ -51,6 +51,9 @@ EXPORT_EXAMPLES = """examples:
                       quantized model, float otherwise. A width a form lacks is stored in the next wider
                       container (exact), with a warning naming the layer.
   compressed-tensors  compressed-tensors/: vLLM's pack-quantized checkpoint (docs/compressed-tensors.md)
+  gpu                 (alone) a 2:4 TensorRT-ready bundle: model.onnx with fp16 GEMMs whose weights carry
+                      2:4 along K, build_engine.py / build_engine.sh (SPARSE_WEIGHTS), manifest.json;
+                      run it with `toolchain gpu-run BUNDLE` (docs/gpu.md)
   fpga                (alone) an accelerator bundle: N:M sparse MAC RTL, $readmemh weight images per
                       layer, numeric contract, captured activations, report (docs/fpga.md); simulate
                       it with `toolchain sim BUNDLE`
@@ -174,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx-weights", default=None, help="float, qdq, matmulnbits; comma list allowed (default: "
                    "matmulnbits when the model is quantized, else float)")
     x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument("--precision", choices=["fp16"], default="fp16",
+                   help="gpu: GEMM precision in the graph (TensorRT 11 networks are strongly typed) (default fp16)")
+    x.add_argument("--max-batch", type=int, default=1, help="gpu: the engine profile's largest batch (default 1)")
+    x.add_argument("--max-seq", type=int, default=2048,
+                   help="gpu: the engine profile's longest context, capped at the model's (default 2048)")
     x.add_argument("--no-synth", action="store_true",
                    help="fpga: skip the Yosys resource estimate (UltraScale+ and iCE40, about 15 s)")
     x.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -204,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--simulator", choices=["verilator", "icarus"], default="verilator")
     sm.add_argument("--seed", type=int, default=0, help="seed of the back-pressure pattern (default %(default)s)")
     sm.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    gr = sub.add_parser("gpu-run", help="generate greedily through a GPU bundle's graph, with tokens/s")
+    gr.add_argument("bundle", help="directory written by toolchain export --target gpu")
+    gr.add_argument("--prompt", required=True)
+    gr.add_argument("--max-new-tokens", type=int, default=32)
+    gr.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
     b.add_argument("what", choices=["prune", "quant", "export", "fpga"])
@@ -306,10 +320,15 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from .export.pipeline import run_export
 
-    if "fpga" in [t.strip() for t in args.target.split(",")]:
+    targets = [t.strip() for t in args.target.split(",")]
+    if "fpga" in targets:
         return _export_fpga(args)
+    if "gpu" in targets:
+        return _export_gpu(args)
     if args.config is not None or args.no_synth:
         raise ToolchainError("--config and --no-synth apply to --target fpga only")
+    if args.max_batch != 1 or args.max_seq != 2048:
+        raise ToolchainError("--max-batch and --max-seq apply to --target gpu only")
 
     manifest = run_export(args.model, args.out, args.target, args.onnx_weights)
     if args.json:
@@ -338,6 +357,40 @@ def _export_fpga(args) -> int:
           f"{d['dense_equivalent_macs_per_cycle']} dense-equivalent MACs/cycle; RTL {report['lint']}")
     print(f"per token: {t['cycles']:,} cycles, about {t['tokens_per_s_estimate']} tokens/s at {d['clock_mhz']} MHz "
           f"and {d['mem_gbps']} GB/s ({t['bound_by']} bound) -> {Path(args.out).resolve()}/report.md")
+    return 0
+
+
+def _export_gpu(args) -> int:
+    import warnings
+
+    from .gpu.bundle import write_gpu_bundle
+
+    if args.target.strip() != "gpu":
+        raise ToolchainError("--target gpu writes a bundle directory of its own; export it on its own")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = write_gpu_bundle(args.model, args.out, args.precision, args.max_batch, args.max_seq)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"GPU bundle ({manifest['precision']}): {manifest['two_four_layers']} of {manifest['decoder_linears']} "
+          f"decoder linears 2:4 along K, {100 * manifest['sparse_gemm_fraction']:.1f}% of the GEMM work sparse "
+          f"-> {Path(args.out).resolve()} (build the engine there with build_engine.py on a GPU machine)")
+    return 0
+
+
+def cmd_gpu_run(args) -> int:
+    from .gpu.run import gpu_run
+
+    r = gpu_run(args.bundle, args.prompt, args.max_new_tokens)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(r["text"])
+        print(f"[{r['backend']}: {r['prompt_tokens']} prompt tokens in {r['prefill_s']} s, {r['new_tokens']} new "
+              f"tokens at {r['decode_tokens_per_s']} tokens/s]", file=sys.stderr)
     return 0
 
 
@@ -394,7 +447,8 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
-               "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim}[args.command]
+               "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim,
+               "gpu-run": cmd_gpu_run}[args.command]
     try:
         return handler(args)
     except ToolchainError as exc:

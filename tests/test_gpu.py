@@ -1,0 +1,127 @@
+"""GPU target on the CPU: the 2:4 bundle's graph, NVIDIA's sparsity checker, onnxruntime against
+transformers, the engine build scripts' behaviour without TensorRT, and refusals."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.errors import ConfigError
+from toolchain.gpu.bundle import SparsityWarning, write_gpu_bundle
+
+
+@pytest.fixture(scope="module")
+def gpu_bundle(compressed_dir, tmp_path_factory):
+    model_dir = compressed_dir("llama", "2:4", "4")
+    out = tmp_path_factory.mktemp("gpu") / "bundle"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SparsityWarning)      # every decoder linear is 2:4: no warning at all
+        manifest = write_gpu_bundle(model_dir, out, max_seq=128)
+    return model_dir, out, manifest
+
+
+def test_manifest_and_files(gpu_bundle):
+    _, out, manifest = gpu_bundle
+    assert manifest["two_four_layers"] == manifest["decoder_linears"] == 14
+    assert 0.5 < manifest["sparse_gemm_fraction"] < 1.0                 # the dense LM head is the rest
+    assert manifest["profile"]["shapes"]["past_key_values.0.key"] == [[1, 2, 0, 16], [1, 2, 0, 16], [1, 2, 127, 16]]
+    for f in manifest["files"]:
+        assert hashlib.sha256((out / f["path"]).read_bytes()).hexdigest() == f["sha256"]
+    assert {"model.onnx", "build_engine.py", "build_engine.sh", "README.md", "tokenizer.json"} <= {
+        f["path"] for f in manifest["files"]}
+
+
+def test_polygraphy_finds_every_decoder_weight_sparse(gpu_bundle):
+    """NVIDIA's own checker (no GPU needed) on the fp16 graph: only the dense LM head is reported."""
+    _, out, manifest = gpu_bundle
+    polygraphy = shutil.which("polygraphy", path=str(__import__("pathlib").Path(sys.executable).parent))
+    proc = subprocess.run([polygraphy, "inspect", "sparsity", str(out / "model.onnx")], capture_output=True,
+                          text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    eligible = int(re.search(r"Found: (\d+) weight tensor", text).group(1))
+    assert eligible == 15                                                # 14 decoder linears + the LM head
+    non_sparse = set(re.findall(r"Found non-sparse tensor: (\S+)", text))
+    assert non_sparse == {"lm_head.weight_t"}
+
+
+def test_graph_gemms_are_fp16_with_2of4_along_k(gpu_bundle):
+    import onnx
+    from onnx import numpy_helper
+
+    _, out, _ = gpu_bundle
+    graph = onnx.load(str(out / "model.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
+    w = numpy_helper.to_array(inits["model.layers.0.mlp.down_proj.weight_t"])
+    assert w.dtype == np.float16 and w.shape == (128, 64)                # [K, N]
+    assert ((w.reshape(32, 4, 64) != 0).sum(axis=1) <= 2).all()          # 2:4 along K
+    assert numpy_helper.to_array(inits["lm_head.weight_t"]).dtype == np.float32
+
+
+def test_onnxruntime_matches_transformers(gpu_bundle):
+    from toolchain.export.onnx_check import OrtDecoder, ort_session, sample_tokens, torch_greedy
+    from toolchain.models import load_model
+
+    model_dir, out, _ = gpu_bundle
+    loaded = load_model(str(model_dir))
+    ids = sample_tokens(loaded, 32)
+    ort_tokens, ort_logits = OrtDecoder(ort_session(out / "model.onnx")).greedy(ids.numpy(), 8)
+    ref_tokens, ref_logits = torch_greedy(loaded.model, ids, 8)
+    corr = np.corrcoef(ort_logits.reshape(-1), ref_logits.numpy().reshape(-1))[0, 1]
+    assert corr >= 0.999
+    assert ort_tokens == ref_tokens
+
+
+def test_gpu_run_command(gpu_bundle, capsys):
+    from toolchain.cli import main
+
+    _, out, _ = gpu_bundle
+    assert main(["gpu-run", str(out), "--prompt", "def f(x):", "--max-new-tokens", "4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"].startswith("onnxruntime") and r["new_tokens"] >= 1 and r["decode_tokens_per_s"] > 0
+
+
+def test_build_scripts_fail_clearly_without_tensorrt(gpu_bundle):
+    _, out, _ = gpu_bundle
+    source = (out / "build_engine.py").read_text()
+    assert "BuilderFlag.SPARSE_WEIGHTS" in source and "STRONGLY_TYPED" in source
+    for removed in ("BuilderFlag.FP16", "BuilderFlag.INT8", "BuilderFlag.BF16", "EXPLICIT_BATCH"):
+        assert removed not in source
+    shell = (out / "build_engine.sh").read_text()
+    assert "--sparsity=enable" in shell and "--stronglyTyped" in shell
+    assert not re.search(r"--(fp16|int8|best)\b", shell)
+    if __import__("importlib").util.find_spec("tensorrt") is None:
+        proc = subprocess.run([sys.executable, str(out / "build_engine.py")], capture_output=True, text=True)
+        assert proc.returncode == 2 and "TensorRT Python package is not installed" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    if shutil.which("trtexec") is None:
+        proc = subprocess.run(["bash", str(out / "build_engine.sh")], capture_output=True, text=True)
+        assert proc.returncode == 2 and "trtexec is not on PATH" in proc.stderr
+
+
+def test_models_without_2of4_are_refused_or_named(compressed_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(ConfigError, match="no decoder linear holds 2:4"):
+        write_gpu_bundle(compressed_dir("llama", "0.5", "4"), tmp_path / "unstructured")
+    assert not (tmp_path / "unstructured").exists()
+    # one layer made dense: the bundle is written, and that layer is named
+    model_dir = tmp_path / "one-dense"
+    shutil.copytree(compressed_dir("llama", "2:4", "4"), model_dir)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    tensors[name] = torch.where(tensors[name] == 0, torch.full_like(tensors[name], 0.01), tensors[name])
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(SparsityWarning, match="model.layers.1.self_attn.v_proj: not 2:4 along K"):
+        manifest = write_gpu_bundle(model_dir, tmp_path / "b", max_seq=64)
+    assert manifest["two_four_layers"] == 13
+    with pytest.raises(ConfigError, match="--max-batch must be"):
+        write_gpu_bundle(model_dir, tmp_path / "c", max_batch=0)

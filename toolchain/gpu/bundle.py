@@ -1,0 +1,146 @@
+"""`toolchain export --target gpu`: a 2:4 TensorRT-ready bundle.
+
+    BUNDLE/
+      model.onnx (+ model.onnx.data over 2 GB)   the decoder with a KV cache; decoder GEMMs in fp16 with their
+                                                   weights [K, N] as initializers feeding MatMul directly
+      build_engine.py, build_engine.sh            TensorRT Python API / trtexec, SPARSE_WEIGHTS, one profile
+      manifest.json                               shapes, profile, precision, per-layer 2:4 status, files
+      README.md, tokenizer files
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+from ..atomic import atomic_dir
+from ..errors import ConfigError
+from ..models.loading import check_out_dir
+from .sparsity import gemm_flops_fraction, two_four_status
+
+PRECISIONS = ("fp16",)
+MANIFEST_FORMAT = "toolchain.gpu-bundle/1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "config.json")
+
+
+class SparsityWarning(UserWarning):
+    """A linear layer is not 2:4 along K: TensorRT will run it dense."""
+
+
+def _templates():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+def profile_shapes(layers: int, kv_heads: int, head_dim: int, max_batch: int, max_seq: int) -> dict:
+    """One optimization profile, (min, opt, max) per input: prompts up to max_seq tokens, and a KV cache up to
+    max_seq - 1 past tokens (so past + new never exceeds max_seq). opt is a batch-1 prompt of up to 64."""
+    if max_batch < 1 or max_seq < 2:
+        raise ConfigError(f"--max-batch must be >= 1 and --max-seq >= 2 (got {max_batch}, {max_seq})")
+    opt_seq = min(64, max_seq)
+    shapes = {name: ((1, 1), (1, opt_seq), (max_batch, max_seq)) for name in ("input_ids", "position_ids")}
+    shapes["attention_mask"] = ((1, 1), (1, opt_seq), (max_batch, max_seq))
+    for i in range(layers):
+        for kind in ("key", "value"):
+            shapes[f"past_key_values.{i}.{kind}"] = ((1, kv_heads, 0, head_dim), (1, kv_heads, 0, head_dim),
+                                                     (max_batch, kv_heads, max_seq - 1, head_dim))
+    return shapes
+
+
+def _trtexec_shapes(shapes: dict, which: int) -> str:
+    return ",".join(f"{name}:{'x'.join(str(d) for d in dims[which])}" for name, dims in shapes.items())
+
+
+def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, precision: str = "fp16",
+                     max_batch: int = 1, max_seq: int = 2048) -> dict:
+    from ..export.onnx import build_onnx, save_onnx
+    from ..export.pipeline import sha256_file
+    from ..models import load_model
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: this release builds {', '.join(PRECISIONS)} bundles")
+    model_dir = Path(model_dir)
+    check_out_dir(model_dir, out)
+    loaded = load_model(str(model_dir), with_tokenizer=False)
+    adapter, model = loaded.adapter, loaded.model
+    module_names = {id(m): n for n, m in model.named_modules()}
+    layers = [{"name": module_names[id(linear)], "shape": list(linear.weight.shape), **two_four_status(linear.weight)}
+              for layer in adapter.decoder_layers(model) for linear in adapter.linears(layer).values()]
+    sparse = [layer for layer in layers if layer["two_four"]]
+    if not sparse:
+        raise ConfigError(f"{model_dir}: no decoder linear holds 2:4 along K, so the bundle would run entirely "
+                          f"dense; prune it first (toolchain prune --sparsity 2:4)")
+    for layer in layers:
+        if not layer["two_four"]:
+            warnings.warn(f"{layer['name']}: not 2:4 along K ({layer['reason']}); TensorRT will run it dense",
+                          SparsityWarning, stacklevel=2)
+    max_seq = min(max_seq, int(getattr(model.config, "max_position_embeddings", max_seq) or max_seq))
+    proto, writer = build_onnx(model, adapter.family, {}, "float", fp16_gemm=True)
+    dims = writer_dims(model)
+    shapes = profile_shapes(dims["layers"], dims["kv_heads"], dims["head_dim"], max_batch, max_seq)
+    head = model.get_output_embeddings().weight
+    all_gemms = layers + [{"name": "lm_head", "shape": list(head.shape), "two_four": False,
+                           "reason": "the LM head stays dense"}]
+    env = _templates()
+    with atomic_dir(out) as tmp:
+        save_onnx(proto, tmp / "model.onnx")
+        profile = {name: [list(d) for d in dims_] for name, dims_ in shapes.items()}
+        (tmp / "build_engine.py").write_text(env.get_template("build_engine.py.j2").render(
+            generator="toolchain", profile_json=json.dumps(profile)))
+        (tmp / "build_engine.sh").write_text(env.get_template("build_engine.sh.j2").render(
+            generator="toolchain", min_shapes=_trtexec_shapes(shapes, 0), opt_shapes=_trtexec_shapes(shapes, 1),
+            max_shapes=_trtexec_shapes(shapes, 2)))
+        os.chmod(tmp / "build_engine.sh", 0o755)
+        os.chmod(tmp / "build_engine.py", 0o755)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        (tmp / "README.md").write_text(bundle_readme(precision, max_batch, max_seq, len(sparse), len(layers)))
+        manifest = {
+            "format": MANIFEST_FORMAT, "source": str(model_dir.resolve()), "precision": precision,
+            "graph": {"file": "model.onnx", "opset": 21, "gemm_dtype": "float16",
+                      "fp32": "embeddings, norms, RoPE, softmax, residual sums, LM head"},
+            "profile": {"max_batch": max_batch, "max_seq": max_seq, "shapes": profile},
+            "layers": all_gemms,
+            "two_four_layers": len(sparse), "decoder_linears": len(layers),
+            "sparse_gemm_fraction": gemm_flops_fraction(all_gemms),
+            "files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                      for p in sorted(tmp.iterdir()) if p.is_file()],
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def writer_dims(model) -> dict:
+    c = model.config
+    heads = c.num_attention_heads
+    return {"layers": c.num_hidden_layers, "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads}
+
+
+def bundle_readme(precision: str, max_batch: int, max_seq: int, sparse: int, total: int) -> str:
+    return f"""# GPU bundle ({precision}, 2:4)
+
+`model.onnx` is the whole decoder with a KV cache (inputs `input_ids`, `attention_mask`, `position_ids`,
+`past_key_values.{{i}}.key|value`; outputs `logits`, `present.{{i}}.key|value`). {sparse} of its {total}
+decoder linear weights hold 2:4 along K and feed fp16 MatMuls directly; norms, softmax, residual sums and the
+LM head stay fp32. `manifest.json` lists every layer's 2:4 status and the files' sha256.
+
+On a machine with an NVIDIA GPU (Ampere or newer for sparse tensor cores) and TensorRT 10/11:
+
+    python build_engine.py           # TensorRT Python API: SPARSE_WEIGHTS, strongly typed -> model.plan
+    ./build_engine.sh                # the same with trtexec (--stronglyTyped --sparsity=enable)
+
+The engine's profile allows batches up to {max_batch} and up to {max_seq} tokens of context.
+`build_engine.py` also writes `sparsity_report.json`: the layers TensorRT found eligible for sparse math and
+those it picked sparse tactics for.
+
+Anywhere (CPU included), onnxruntime runs the same graph:
+
+    toolchain gpu-run BUNDLE --prompt "def fibonacci(n):" --max-new-tokens 32
+"""
