@@ -44,6 +44,16 @@ class ExportWarning(UserWarning):
     """A layer was exported in a wider container or a different form than asked for."""
 
 
+def int8_per_channel(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes [N, K] and fp32 scales [N], one per output channel: scale = max|w| / 127,
+    codes = round(w / scale). Zero weights stay exactly zero."""
+    w = _np(weight)
+    scales = np.abs(w).max(axis=1) / 127.0
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    codes = np.clip(np.round(w / scales[:, None]), -127, 127).astype(np.int8)
+    return codes, scales
+
+
 def lossless_int8_blocks(weight: torch.Tensor, block: int = 32) -> tuple[np.ndarray, np.ndarray] | None:
     """int8 codes [rows, cols] and fp32 scales [rows, cols / block] that reproduce `weight` exactly in
     float32 (scale * code), or None when no such pair exists.
@@ -149,11 +159,14 @@ class LinearWriter:
     embedding: str = "float32"   # how the token embedding table was stored
     accuracy_level: int = 0      # MatMulNBits: 0 computes in fp32 from the exact weights; 4 quantizes A to int8
     fp16_gemm: bool = False      # float form: fp16 weights and GEMMs (the GPU target), fp32 everywhere else
+    int8_act_scales: dict[str, float] | None = None   # float form: int8 Q/DQ GEMMs with these input scales
 
     def __call__(self, x: str, module_name: str, module: torch.nn.Linear, keep_fp32: bool = False) -> str:
         qw = self.quant.get(module_name) if self.form != "float" else None
         bias = module.bias
-        if qw is None and self.fp16_gemm and not keep_fp32:
+        if self.int8_act_scales is not None and module_name in self.int8_act_scales and not keep_fp32:
+            y = self._int8(x, module_name, module.weight, self.int8_act_scales[module_name])
+        elif qw is None and self.fp16_gemm and not keep_fp32:
             y = self._fp16(x, module_name, module.weight)
         elif qw is None:
             y = self._float(x, module_name, module.weight)
@@ -185,6 +198,26 @@ class LinearWriter:
         w_t = self.g.init(f"{name}.weight_t", weight.detach().to(torch.float16).cpu().numpy().T)
         x16 = self.g.op("Cast", [x], hint=f"{name}/to_fp16", to=10)
         return self.g.op("Cast", [self.g.op("MatMul", [x16, w_t], hint=name)], hint=f"{name}/to_fp32", to=1)
+
+    def _int8(self, x: str, name: str, weight: torch.Tensor, act_scale: float) -> str:
+        """Explicit int8 quantization, as TensorRT's strongly typed networks take it: the input through
+        Quantize/DequantizeLinear with a static per-tensor scale, the weight [K, N] as int8 codes (symmetric,
+        per output channel, zeros kept, so 2:4 along K survives) through one DequantizeLinear, then MatMul."""
+        qw = self.quant.get(name)
+        if qw is not None and qw.spec.group_size == -1 and qw.spec.symmetric and qw.spec.bits <= 8:
+            # the quantizer's own per-row codes fit int8 exactly: reuse them rather than re-quantize
+            codes, scales, reused = qw.codes.numpy().astype(np.int8), qw.scales[:, 0].numpy().astype(np.float32), True
+        else:
+            (codes, scales), reused = int8_per_channel(weight), False
+        g = self.g
+        self._note(name, "int8", act_scale=act_scale, reused_codes=reused)
+        s_x = g.init(f"{name}.input_scale", np.array(act_scale, np.float32))
+        zp = g.const(0, np.int8)
+        xq = g.op("QuantizeLinear", [x, s_x, zp], hint=f"{name}/q_in")
+        xdq = g.op("DequantizeLinear", [xq, s_x, zp], hint=f"{name}/dq_in")
+        w = g.op("DequantizeLinear", [g.init(f"{name}.weight_t_int8", codes.T.copy()),
+                                      g.init(f"{name}.weight_scale", scales)], axis=1, hint=f"{name}/dq_w")
+        return g.op("MatMul", [xdq, w], hint=name)
 
     def _qdq(self, x: str, name: str, qw: QuantizedWeight) -> str:
         from onnx import TensorProto
@@ -504,7 +537,7 @@ GRAPHS: dict[str, type[DecoderGraph]] = {"llama": LlamaGraph, "opt": OptGraph}
 
 # ------------------------------------------------------------------------------------------ entry point
 def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWeight], form: str = "float",
-               accuracy_level: int = 0, fp16_gemm: bool = False):
+               accuracy_level: int = 0, fp16_gemm: bool = False, int8_act_scales: dict[str, float] | None = None):
     """The ONNX ModelProto of `model` with its linears in `form`, and the LinearWriter holding the record of
     what each layer became."""
     if form not in FORMS:
@@ -516,9 +549,10 @@ def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWe
         raise ModelLoadError(f"ONNX export has no graph for the {family!r} family (supported: {', '.join(GRAPHS)})")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConfigError(f"MatMulNBits accuracy level must be 0-4, got {accuracy_level}")
-    if fp16_gemm and form != "float":
-        raise ConfigError("fp16 GEMMs apply to the float weight form only")
-    writer = LinearWriter(Graph(), form, quant, accuracy_level=accuracy_level, fp16_gemm=fp16_gemm)
+    if (fp16_gemm or int8_act_scales is not None) and form != "float":
+        raise ConfigError("fp16 and int8 GEMMs apply to the float weight form only")
+    writer = LinearWriter(Graph(), form, quant, accuracy_level=accuracy_level, fp16_gemm=fp16_gemm,
+                          int8_act_scales=int8_act_scales)
     with torch.no_grad():
         proto = GRAPHS[family](model, writer).build()
     return proto, writer

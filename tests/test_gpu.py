@@ -125,3 +125,46 @@ def test_models_without_2of4_are_refused_or_named(compressed_dir, tmp_path):
     assert manifest["two_four_layers"] == 13
     with pytest.raises(ConfigError, match="--max-batch must be"):
         write_gpu_bundle(model_dir, tmp_path / "c", max_batch=0)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(compressed_dir, tmp_path_factory):
+    model_dir = compressed_dir("llama", "2:4", "4")
+    out = tmp_path_factory.mktemp("gpu8") / "bundle"
+    return model_dir, out, write_gpu_bundle(model_dir, out, precision="int8", max_seq=128)
+
+
+def test_int8_graph_holds_2of4_codes_along_k(int8_bundle):
+    import onnx
+    from onnx import numpy_helper
+
+    _, out, manifest = int8_bundle
+    assert manifest["precision"] == "int8" and manifest["calibration"]["samples"] == 32
+    graph = onnx.load(str(out / "model.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    codes = {n: v for n, v in inits.items() if n.endswith(".weight_t_int8")}
+    assert len(codes) == 14
+    for name, w in codes.items():
+        assert w.dtype == np.int8
+        k = w.shape[0]
+        assert ((w.reshape(k // 4, 4, -1) != 0).sum(axis=1) <= 2).all(), name      # 2:4 along K
+        assert 0 < inits[name.replace("weight_t_int8", "input_scale")] < 1e3
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 14 and ops.count("DequantizeLinear") == 28
+
+
+def test_int8_graph_tracks_transformers_and_the_fp16_graph(int8_bundle, gpu_bundle):
+    from toolchain.export.onnx_check import OrtDecoder, ort_session, sample_tokens, torch_greedy
+    from toolchain.gpu.run import ort_perplexity
+    from toolchain.models import load_model
+
+    model_dir, out, _ = int8_bundle
+    loaded = load_model(str(model_dir))
+    ids = sample_tokens(loaded, 64)
+    _, logits = OrtDecoder(ort_session(out / "model.onnx")).greedy(ids.numpy(), 0)
+    _, ref = torch_greedy(loaded.model, ids, 0)
+    assert np.corrcoef(logits.reshape(-1), ref.numpy().reshape(-1))[0, 1] > 0.99
+    windows = ids.numpy().reshape(2, 32)
+    ppl8 = ort_perplexity(out / "model.onnx", windows)
+    ppl16 = ort_perplexity(gpu_bundle[1] / "model.onnx", windows)
+    assert abs(ppl8 / ppl16 - 1) < 0.03

@@ -20,7 +20,8 @@ from ..errors import ConfigError
 from ..models.loading import check_out_dir
 from .sparsity import gemm_flops_fraction, two_four_status
 
-PRECISIONS = ("fp16",)
+PRECISIONS = ("fp16", "int8")
+CALIB_WINDOWS, CALIB_SEQLEN = 32, 512   # int8 activation scales: the benchmarks' calibration budget
 MANIFEST_FORMAT = "toolchain.gpu-bundle/1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "config.json")
@@ -56,6 +57,26 @@ def _trtexec_shapes(shapes: dict, which: int) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims[which])}" for name, dims in shapes.items())
 
 
+def calibrate_input_scales(loaded, names: list[str], windows, batch: int = 8) -> dict[str, float]:
+    """Static per-tensor int8 scales of each named linear's input: max |x| over the calibration windows / 127."""
+    import torch
+
+    amax = {name: 0.0 for name in names}
+    handles = []
+    for name in names:
+        def hook(module, args, name=name):
+            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+        handles.append(loaded.model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch):
+                loaded.model(input_ids=windows[start:start + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (value / 127.0 if value > 0 else 1.0) for name, value in amax.items()}
+
+
 def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, precision: str = "fp16",
                      max_batch: int = 1, max_seq: int = 2048) -> dict:
     from ..export.onnx import build_onnx, save_onnx
@@ -66,7 +87,7 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
         raise ConfigError(f"--precision {precision!r}: this release builds {', '.join(PRECISIONS)} bundles")
     model_dir = Path(model_dir)
     check_out_dir(model_dir, out)
-    loaded = load_model(str(model_dir), with_tokenizer=False)
+    loaded = load_model(str(model_dir), with_tokenizer=precision == "int8")
     adapter, model = loaded.adapter, loaded.model
     module_names = {id(m): n for n, m in model.named_modules()}
     layers = [{"name": module_names[id(linear)], "shape": list(linear.weight.shape), **two_four_status(linear.weight)}
@@ -80,7 +101,19 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
             warnings.warn(f"{layer['name']}: not 2:4 along K ({layer['reason']}); TensorRT will run it dense",
                           SparsityWarning, stacklevel=2)
     max_seq = min(max_seq, int(getattr(model.config, "max_position_embeddings", max_seq) or max_seq))
-    proto, writer = build_onnx(model, adapter.family, {}, "float", fp16_gemm=True)
+    calibration = None
+    if precision == "int8":
+        from ..export.source import read_compressed
+        from ..pipeline import CalibConfig, calibration_data
+
+        cfg = CalibConfig()
+        cfg.calib_samples, cfg.seqlen = CALIB_WINDOWS, CALIB_SEQLEN
+        windows, calibration = calibration_data(loaded, cfg)
+        scales = calibrate_input_scales(loaded, [layer["name"] for layer in layers], windows)
+        quant = read_compressed(model_dir).quant
+        proto, writer = build_onnx(model, adapter.family, quant, "float", int8_act_scales=scales)
+    else:
+        proto, writer = build_onnx(model, adapter.family, {}, "float", fp16_gemm=True)
     dims = writer_dims(model)
     shapes = profile_shapes(dims["layers"], dims["kv_heads"], dims["head_dim"], max_batch, max_seq)
     head = model.get_output_embeddings().weight
@@ -103,8 +136,12 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
         (tmp / "README.md").write_text(bundle_readme(precision, max_batch, max_seq, len(sparse), len(layers)))
         manifest = {
             "format": MANIFEST_FORMAT, "source": str(model_dir.resolve()), "precision": precision,
-            "graph": {"file": "model.onnx", "opset": 21, "gemm_dtype": "float16",
+            "graph": {"file": "model.onnx", "opset": 21,
+                      "gemm": ("float16" if precision == "fp16" else
+                               "int8 explicit Q/DQ: weights symmetric per output channel, inputs static per tensor"),
                       "fp32": "embeddings, norms, RoPE, softmax, residual sums, LM head"},
+            "calibration": calibration,
+            "reused_quantizer_codes": sum(1 for v in writer.layers.values() if v.get("reused_codes")),
             "profile": {"max_batch": max_batch, "max_seq": max_seq, "shapes": profile},
             "layers": all_gemms,
             "two_four_layers": len(sparse), "decoder_linears": len(layers),

@@ -53,3 +53,20 @@ def gpu_run(bundle: str | os.PathLike, prompt: str, max_new_tokens: int = 32) ->
             "new_tokens": len(tokens), "text": tokenizer.decode(tokens), "prefill_s": round(prefill, 4),
             "decode_tokens_per_s": round(len(tokens) / decode, 2) if decode > 0 else None,
             "engine_built": (bundle / "model.plan").is_file()}
+
+
+def ort_perplexity(onnx_path: str | os.PathLike, windows: np.ndarray, level: str = "basic") -> float:
+    """Perplexity of a bundle's graph on token windows [n, seqlen] (each a fresh prefill), in onnxruntime."""
+    from ..export.onnx_check import OrtDecoder, ort_session
+
+    decoder = OrtDecoder(ort_session(onnx_path, level))
+    nll, count = 0.0, 0
+    for window in np.asarray(windows, dtype=np.int64):
+        logits, _ = decoder.step(window[None, :], decoder.empty_cache(1), 0)
+        logits = logits[0, :-1].astype(np.float64)
+        target = window[1:]
+        top = logits.max(axis=-1, keepdims=True)
+        logz = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
+        nll += float((logz - logits[np.arange(target.size), target]).sum())
+        count += target.size
+    return float(np.exp(nll / count))
