@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench bench-gpu venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: $(STAMP)
 	$(VENV)/bin/toolchain bench quant --model $(MODEL) --out bench/results
 	$(VENV)/bin/toolchain bench export --model $(MODEL) --out bench/results
 	$(VENV)/bin/toolchain bench fpga --model $(MODEL) --out bench/results
+
+# Dense fp16 vs 2:4 semi-structured linears: measured on a CUDA machine, else a labelled roofline estimate.
+bench-gpu: $(STAMP)
+	$(VENV)/bin/toolchain gpu-bench --model $(MODEL) --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -38,10 +38,23 @@ MS_DOMAIN = "com.microsoft"
 FORMS = ("float", "qdq", "matmulnbits")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB cap: larger graphs keep weights in a side file
 NEG_LARGE = float(np.finfo(np.float32).min)  # masked scores, as transformers does (finite: no NaN rows)
+SMOOTH_ALPHA = 0.5   # SmoothQuant's default migration strength (Xiao et al., 2023), when no per-layer choice
 
 
 class ExportWarning(UserWarning):
     """A layer was exported in a wider container or a different form than asked for."""
+
+
+def smoothquant_scales(act_amax: np.ndarray, w: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """SmoothQuant's per-input-channel s_j = amax_j^alpha / max|W[:, j]|^(1-alpha) (1 where either is 0), and
+    the per-tensor int8 scale of the smoothed input, max_j(amax_j / s_j) / 127."""
+    act_amax = np.asarray(act_amax, np.float64)
+    w_amax = np.abs(np.asarray(w)).max(axis=0).astype(np.float64)
+    ok = (act_amax > 0) & (w_amax > 0)
+    smooth = np.ones_like(act_amax)
+    smooth[ok] = act_amax[ok] ** alpha / w_amax[ok] ** (1 - alpha)
+    act_scale = float((act_amax / smooth).max() / 127.0) or 1.0
+    return smooth, act_scale
 
 
 def int8_per_channel(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -159,13 +172,14 @@ class LinearWriter:
     embedding: str = "float32"   # how the token embedding table was stored
     accuracy_level: int = 0      # MatMulNBits: 0 computes in fp32 from the exact weights; 4 quantizes A to int8
     fp16_gemm: bool = False      # float form: fp16 weights and GEMMs (the GPU target), fp32 everywhere else
-    int8_act_scales: dict[str, float] | None = None   # float form: int8 Q/DQ GEMMs with these input scales
+    int8_plan: dict[str, dict] | None = None   # float form: int8 Q/DQ GEMMs: {"amax": per-channel input max, "alpha"}
 
     def __call__(self, x: str, module_name: str, module: torch.nn.Linear, keep_fp32: bool = False) -> str:
         qw = self.quant.get(module_name) if self.form != "float" else None
         bias = module.bias
-        if self.int8_act_scales is not None and module_name in self.int8_act_scales and not keep_fp32:
-            y = self._int8(x, module_name, module.weight, self.int8_act_scales[module_name])
+        if self.int8_plan is not None and module_name in self.int8_plan and not keep_fp32:
+            plan = self.int8_plan[module_name]
+            y = self._int8(x, module_name, module.weight, plan["amax"], plan.get("alpha", SMOOTH_ALPHA))
         elif qw is None and self.fp16_gemm and not keep_fp32:
             y = self._fp16(x, module_name, module.weight)
         elif qw is None:
@@ -199,21 +213,23 @@ class LinearWriter:
         x16 = self.g.op("Cast", [x], hint=f"{name}/to_fp16", to=10)
         return self.g.op("Cast", [self.g.op("MatMul", [x16, w_t], hint=name)], hint=f"{name}/to_fp32", to=1)
 
-    def _int8(self, x: str, name: str, weight: torch.Tensor, act_scale: float) -> str:
-        """Explicit int8 quantization, as TensorRT's strongly typed networks take it: the input through
-        Quantize/DequantizeLinear with a static per-tensor scale, the weight [K, N] as int8 codes (symmetric,
-        per output channel, zeros kept, so 2:4 along K survives) through one DequantizeLinear, then MatMul."""
-        qw = self.quant.get(name)
-        if qw is not None and qw.spec.group_size == -1 and qw.spec.symmetric and qw.spec.bits <= 8:
-            # the quantizer's own per-row codes fit int8 exactly: reuse them rather than re-quantize
-            codes, scales, reused = qw.codes.numpy().astype(np.int8), qw.scales[:, 0].numpy().astype(np.float32), True
-        else:
-            (codes, scales), reused = int8_per_channel(weight), False
+    def _int8(self, x: str, name: str, weight: torch.Tensor, act_amax: np.ndarray, alpha: float) -> str:
+        """Explicit int8 quantization, as TensorRT's strongly typed networks take it, with SmoothQuant's
+        per-channel migration: the input is multiplied by 1/s (a `Mul` before the quantizer, as ModelOpt's
+        pre_quant_scale) and the weight's columns by s, s_j = amax_j^a / max|W_j|^(1-a) with a =
+        `alpha` (chosen per layer by the GPU bundle), so activation outliers no longer dominate the per-tensor
+        input scale. The input then goes
+        through Quantize/DequantizeLinear with a static per-tensor scale; the weight [K, N] is int8, symmetric
+        per output channel, zeros kept (2:4 along K survives), through one DequantizeLinear; then MatMul."""
         g = self.g
-        self._note(name, "int8", act_scale=act_scale, reused_codes=reused)
+        w = _np(weight)
+        smooth, act_scale = smoothquant_scales(act_amax, w, alpha)
+        codes, scales = int8_per_channel(torch.from_numpy((w * smooth[None, :]).astype(np.float32)))
+        self._note(name, "int8", act_scale=act_scale, alpha=alpha)
+        xs = g.op("Mul", [x, g.init(f"{name}.pre_quant_scale", (1.0 / smooth).astype(np.float32))], hint=f"{name}/smooth")
         s_x = g.init(f"{name}.input_scale", np.array(act_scale, np.float32))
         zp = g.const(0, np.int8)
-        xq = g.op("QuantizeLinear", [x, s_x, zp], hint=f"{name}/q_in")
+        xq = g.op("QuantizeLinear", [xs, s_x, zp], hint=f"{name}/q_in")
         xdq = g.op("DequantizeLinear", [xq, s_x, zp], hint=f"{name}/dq_in")
         w = g.op("DequantizeLinear", [g.init(f"{name}.weight_t_int8", codes.T.copy()),
                                       g.init(f"{name}.weight_scale", scales)], axis=1, hint=f"{name}/dq_w")
@@ -537,7 +553,7 @@ GRAPHS: dict[str, type[DecoderGraph]] = {"llama": LlamaGraph, "opt": OptGraph}
 
 # ------------------------------------------------------------------------------------------ entry point
 def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWeight], form: str = "float",
-               accuracy_level: int = 0, fp16_gemm: bool = False, int8_act_scales: dict[str, float] | None = None):
+               accuracy_level: int = 0, fp16_gemm: bool = False, int8_plan: dict[str, dict] | None = None):
     """The ONNX ModelProto of `model` with its linears in `form`, and the LinearWriter holding the record of
     what each layer became."""
     if form not in FORMS:
@@ -549,10 +565,10 @@ def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWe
         raise ModelLoadError(f"ONNX export has no graph for the {family!r} family (supported: {', '.join(GRAPHS)})")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConfigError(f"MatMulNBits accuracy level must be 0-4, got {accuracy_level}")
-    if (fp16_gemm or int8_act_scales is not None) and form != "float":
+    if (fp16_gemm or int8_plan is not None) and form != "float":
         raise ConfigError("fp16 and int8 GEMMs apply to the float weight form only")
     writer = LinearWriter(Graph(), form, quant, accuracy_level=accuracy_level, fp16_gemm=fp16_gemm,
-                          int8_act_scales=int8_act_scales)
+                          int8_plan=int8_plan)
     with torch.no_grad():
         proto = GRAPHS[family](model, writer).build()
     return proto, writer

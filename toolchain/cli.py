@@ -221,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--max-new-tokens", type=int, default=32)
     gr.add_argument("--json", action="store_true")
 
+    gb = sub.add_parser("gpu-bench", help="dense fp16 vs 2:4 semi-structured linears: measured on CUDA, else a "
+                        "labelled roofline estimate for a named GPU")
+    gb.add_argument("--model", default="smollm2")
+    gb.add_argument("--gpu", default="H100-SXM", help="GPU for the roofline estimate (H100-SXM, H100-PCIe, "
+                    "A100-SXM-80GB, L40S, Jetson-AGX-Orin-64GB) (default %(default)s)")
+    gb.add_argument("--out", default="bench/results")
+
     b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
     b.add_argument("what", choices=["prune", "quant", "export", "fpga"])
     b.add_argument("--model", default="smollm2")
@@ -396,6 +403,13 @@ def cmd_gpu_run(args) -> int:
     return 0
 
 
+def cmd_gpu_bench(args) -> int:
+    from .gpu.bench import run_gpu_bench
+
+    run_gpu_bench(args.model, out_dir=args.out, gpu=args.gpu)
+    return 0
+
+
 def cmd_sim(args) -> int:
     from .sim.bundle_sim import simulate_bundle
 
@@ -450,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
                "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim,
-               "gpu-run": cmd_gpu_run}[args.command]
+               "gpu-run": cmd_gpu_run, "gpu-bench": cmd_gpu_bench}[args.command]
     try:
         return handler(args)
     except ToolchainError as exc:
