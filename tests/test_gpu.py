@@ -87,6 +87,9 @@ def test_gpu_run_command(gpu_bundle, capsys):
     assert main(["gpu-run", str(out), "--prompt", "def f(x):", "--max-new-tokens", "4", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["backend"].startswith("onnxruntime") and r["new_tokens"] >= 1 and r["decode_tokens_per_s"] > 0
+    assert "TensorRT not used: no model.plan" in r["backend"]
+    assert main(["gpu-run", str(out), "--prompt", "x", "--backend", "tensorrt"]) == 2        # says what is missing
+    assert "--backend tensorrt: no model.plan" in capsys.readouterr().err
 
 
 def test_build_scripts_fail_clearly_without_tensorrt(gpu_bundle):

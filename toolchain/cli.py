@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("bundle", help="directory written by toolchain export --target gpu")
     gr.add_argument("--prompt", required=True)
     gr.add_argument("--max-new-tokens", type=int, default=32)
+    gr.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
+                    help="auto: the TensorRT engine when model.plan is built and TensorRT + CUDA are present, else "
+                         "onnxruntime (default %(default)s)")
     gr.add_argument("--json", action="store_true")
 
     gb = sub.add_parser("gpu-bench", help="dense fp16 vs 2:4 semi-structured linears: measured on CUDA, else a "
@@ -393,7 +396,7 @@ def _export_gpu(args) -> int:
 def cmd_gpu_run(args) -> int:
     from .gpu.run import gpu_run
 
-    r = gpu_run(args.bundle, args.prompt, args.max_new_tokens)
+    r = gpu_run(args.bundle, args.prompt, args.max_new_tokens, args.backend)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

@@ -1,7 +1,8 @@
 """`toolchain gpu-run BUNDLE`: greedy generation through the bundle's KV cache, with tokens/s.
 
-This release runs the graph with onnxruntime (CUDA provider when onnxruntime-gpu and a GPU are present, else
-the CPU); a built model.plan is reported but not yet executed here."""
+One generation loop drives either backend through the same `step(ids, cache, past)`: the TensorRT engine
+(`model.plan`) when it is built, TensorRT imports and a CUDA device is present, else onnxruntime on the
+bundle's `model.onnx` (its CUDA provider when available, else the CPU)."""
 from __future__ import annotations
 
 import os
@@ -13,11 +14,89 @@ import numpy as np
 from ..errors import ConfigError
 
 
-def gpu_run(bundle: str | os.PathLike, prompt: str, max_new_tokens: int = 32) -> dict:
+class TrtDecoder:
+    """Prefill/decode steps through a TensorRT engine (TensorRT 10/11 tensor API), with device buffers from
+    torch. Written for a GPU machine; this project's CI has none, so it is exercised there only."""
+
+    def __init__(self, plan: Path):
+        import tensorrt as trt
+        import torch
+
+        self.torch, self.trt = torch, trt
+        logger = trt.Logger(trt.Logger.WARNING)
+        engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise ConfigError(f"TensorRT could not load {plan} (built with another TensorRT or GPU?); rebuild it "
+                              f"with build_engine.py")
+        self.engine, self.context = engine, engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.kv_shape = {n: (engine.get_tensor_shape(n)[1], engine.get_tensor_shape(n)[3]) for n in self.past_names}
+        self.stream = torch.cuda.Stream()
+
+    def empty_cache(self, batch: int) -> dict:
+        return {n: self.torch.zeros((batch, h, 0, d), dtype=self.torch.float32, device="cuda")
+                for n, (h, d) in self.kv_shape.items()}
+
+    def step(self, ids: np.ndarray, cache: dict, past_len: int):
+        torch = self.torch
+        batch, seq = ids.shape
+        feed = {"input_ids": torch.from_numpy(ids.astype(np.int64)).cuda(),
+                "attention_mask": torch.ones((batch, past_len + seq), dtype=torch.int64, device="cuda"),
+                "position_ids": torch.arange(past_len, past_len + seq, device="cuda").expand(batch, seq).contiguous(),
+                **cache}
+        for name in self.inputs:
+            self.context.set_input_shape(name, tuple(feed[name].shape))
+            self.context.set_tensor_address(name, feed[name].data_ptr())
+        out = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            out[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(name, out[name].data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ConfigError("TensorRT failed to run the engine")
+        self.stream.synchronize()
+        cache = {n: out[n.replace("past_key_values.", "present.")] for n in self.past_names}
+        return out["logits"].cpu().numpy(), cache
+
+
+def choose_backend(bundle: Path, backend: str = "auto"):
+    """(decoder, description): TensorRT when asked or available with a built engine and CUDA, else onnxruntime."""
+    import importlib.util
+
+    plan = bundle / "model.plan"
+    if backend not in ("auto", "tensorrt", "onnxruntime"):
+        raise ConfigError(f"--backend {backend!r}: choose auto, tensorrt or onnxruntime")
+    trt_ready, why = False, None
+    if not plan.is_file():
+        why = "no model.plan (run build_engine.py on a GPU machine)"
+    elif importlib.util.find_spec("tensorrt") is None:
+        why = "the tensorrt package is not installed (pip install 'toolchain[gpu]')"
+    else:
+        import torch
+
+        trt_ready = torch.cuda.is_available()
+        why = None if trt_ready else "no CUDA device"
+    if backend == "tensorrt" and not trt_ready:
+        raise ConfigError(f"--backend tensorrt: {why}")
+    if trt_ready and backend != "onnxruntime":
+        return TrtDecoder(plan), "tensorrt (model.plan)"
     import onnxruntime as ort
-    from transformers import AutoTokenizer
 
     from ..export.onnx_check import OrtDecoder
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=providers)
+    note = f"; TensorRT not used: {why}" if why and backend == "auto" else ""
+    return OrtDecoder(session), f"onnxruntime ({session.get_providers()[0]}){note}"
+
+
+def gpu_run(bundle: str | os.PathLike, prompt: str, max_new_tokens: int = 32, backend: str = "auto") -> dict:
+    from transformers import AutoTokenizer
 
     bundle = Path(bundle)
     if not (bundle / "model.onnx").is_file():
@@ -28,11 +107,7 @@ def gpu_run(bundle: str | os.PathLike, prompt: str, max_new_tokens: int = 32) ->
         tokenizer = AutoTokenizer.from_pretrained(str(bundle))
     except Exception as exc:
         raise ConfigError(f"cannot load the bundle's tokenizer: {exc}") from None
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=providers)
-    decoder = OrtDecoder(session)
+    decoder, description = choose_backend(bundle, backend)
     ids = np.array([tokenizer(prompt, add_special_tokens=False).input_ids], dtype=np.int64)
     if ids.shape[1] == 0:
         raise ConfigError("the prompt is empty after tokenization")
@@ -49,10 +124,9 @@ def gpu_run(bundle: str | os.PathLike, prompt: str, max_new_tokens: int = 32) ->
         logits, cache = decoder.step(np.array([[nxt]]), cache, past)
         past += 1
     decode = time.perf_counter() - t1
-    return {"backend": f"onnxruntime ({session.get_providers()[0]})", "prompt_tokens": int(ids.shape[1]),
-            "new_tokens": len(tokens), "text": tokenizer.decode(tokens), "prefill_s": round(prefill, 4),
-            "decode_tokens_per_s": round(len(tokens) / decode, 2) if decode > 0 else None,
-            "engine_built": (bundle / "model.plan").is_file()}
+    return {"backend": description, "prompt_tokens": int(ids.shape[1]), "new_tokens": len(tokens),
+            "text": tokenizer.decode(tokens), "prefill_s": round(prefill, 4),
+            "decode_tokens_per_s": round(len(tokens) / decode, 2) if decode > 0 else None}
 
 
 def ort_perplexity(onnx_path: str | os.PathLike, windows: np.ndarray, level: str = "basic") -> float:
