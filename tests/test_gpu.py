@@ -177,3 +177,21 @@ def test_int8_graph_tracks_transformers_and_the_fp16_graph(int8_bundle, gpu_bund
     ppl8 = ort_perplexity(out / "model.onnx", windows)
     ppl16 = ort_perplexity(gpu_bundle[1] / "model.onnx", windows)
     assert abs(ppl8 / ppl16 - 1) < 0.03
+
+
+def test_engine_timing_says_why_it_cannot_run_here(gpu_bundle, tmp_path):
+    import torch
+
+    from toolchain.gpu.bench import run_gpu_bench
+    from toolchain.models import load_model
+
+    model_dir, out, _ = gpu_bundle
+    help_text = subprocess.run([sys.executable, str(out / "build_engine.py"), "--help"], capture_output=True,
+                               text=True).stdout
+    assert "--dense" in help_text and "without SPARSE_WEIGHTS" in help_text
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine measures instead")
+    r = run_gpu_bench("tiny", out_dir=tmp_path, source=load_model(str(model_dir), with_tokenizer=False),
+                      tokens=(1, 64), bundle=out)
+    assert r["engines_note"] == "TensorRT engines not timed: no CUDA device" and "engines" not in r
+    assert "TensorRT engines not timed" in (tmp_path / "gpu_tiny.md").read_text()

@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--gpu", default="H100-SXM", help="GPU for the roofline estimate (H100-SXM, H100-PCIe, "
                     "A100-SXM-80GB, L40S, Jetson-AGX-Orin-64GB) (default %(default)s)")
     gb.add_argument("--out", default="bench/results")
+    gb.add_argument("--bundle", default=None, help="a GPU bundle (toolchain export --target gpu): on CUDA with "
+                    "TensorRT, also build its sparse and dense engines and time them end to end")
 
     b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
     b.add_argument("what", choices=["prune", "quant", "export", "fpga"])
@@ -409,7 +411,7 @@ def cmd_gpu_run(args) -> int:
 def cmd_gpu_bench(args) -> int:
     from .gpu.bench import run_gpu_bench
 
-    run_gpu_bench(args.model, out_dir=args.out, gpu=args.gpu)
+    run_gpu_bench(args.model, out_dir=args.out, gpu=args.gpu, bundle=args.bundle)
     return 0
 
 

@@ -563,6 +563,17 @@ def gpu_table(r: dict) -> str:
     if not r["cuda"]:
         lines += [f"**No CUDA device: every number below is a roofline ESTIMATE for {r['estimate']['gpu']['name']} "
                   "from vendor peak figures, not a measurement.**", ""]
+    engines = r.get("engines")
+    if engines:
+        lines += ["## TensorRT engines, end to end (measured)", "",
+                  "| engine | prefill 128 tokens ms (measured) | decode ms/token (measured) |", "|---|---|---|"]
+        for kind in ("dense", "sparse"):
+            lines.append(f"| {kind} | {engines[kind]['prefill_ms']} | {engines[kind]['decode_ms_per_token']} |")
+        sp = engines["sparse_speedup"]
+        lines += ["", f"Sparse over dense: prefill {sp['prefill_ms']}x, decode {sp['decode_ms_per_token']}x "
+                      f"(measured).", ""]
+    elif r.get("engines_note"):
+        lines += [r["engines_note"] + ".", ""]
     m = r.get("measured")
     if m:
         lines += [f"## Measured on {m['device']} (torch {m['torch']}, CUDA {m['cuda']})", "", m["method"], "",
@@ -662,13 +673,16 @@ def _plot(r: dict, path: Path) -> str | None:
 
 
 def run_gpu_bench(model: str = "smollm2", out_dir: str | Path = "bench/results", gpu: str = "H100-SXM", *,
-                  source=None, tokens: Iterable[int] = TOKENS, measure_kwargs: dict | None = None) -> dict:
+                  source=None, tokens: Iterable[int] = TOKENS, measure_kwargs: dict | None = None,
+                  bundle: str | Path | None = None) -> dict:
     """`toolchain gpu-bench`: measure on CUDA, else write a labelled roofline ESTIMATE for `gpu`.
 
     On CUDA the estimate is written for the detected device when it matches a table entry (`match_gpu`), and
     left out (with the reason) when it does not; `gpu` is then only validated. `source` (a LoadedModel, a model
     or a LLaMA-family config) supplies the shapes instead of loading `model`, which then only names the output
-    files <out_dir>/gpu_<model>.{json,md,png}. `measure_kwargs` go to `measure_cuda`."""
+    files <out_dir>/gpu_<model>.{json,md,png}. `measure_kwargs` go to `measure_cuda`. With `bundle` (from
+    `toolchain export --target gpu`), CUDA and TensorRT, its sparse and dense engines are built and timed end to
+    end (prefill and decode); otherwise the result says why not."""
     import torch
 
     tokens = tuple(int(t) for t in tokens)
@@ -697,6 +711,17 @@ def run_gpu_bench(model: str = "smollm2", out_dir: str | Path = "bench/results",
         print(f"measured on {result['measured']['device']}", flush=True)
     else:
         print(f"no CUDA device: writing a roofline ESTIMATE for {spec.name}, not a measurement", flush=True)
+    if bundle is not None:
+        import importlib.util
+
+        if not result["cuda"]:
+            result["engines_note"] = "TensorRT engines not timed: no CUDA device"
+        elif importlib.util.find_spec("tensorrt") is None:
+            result["engines_note"] = "TensorRT engines not timed: the tensorrt package is not installed"
+        else:
+            from .run import engine_timings
+
+            result["engines"] = {"kind": "measured", **engine_timings(bundle)}
     if estimate_spec is not None:
         rows = estimate_rows(shapes, estimate_spec, tokens)
         result["estimate"] = {"kind": "estimate",

@@ -129,6 +129,51 @@ def gpu_run(bundle: str | os.PathLike, prompt: str, max_new_tokens: int = 32, ba
             "decode_tokens_per_s": round(len(tokens) / decode, 2) if decode > 0 else None}
 
 
+def build_engines(bundle: Path) -> dict[str, Path]:
+    """The bundle's sparse engine (model.plan) and its dense twin (model.dense.plan), built with the bundle's own
+    build_engine.py where missing."""
+    import subprocess
+    import sys
+
+    plans = {"sparse": bundle / "model.plan", "dense": bundle / "model.dense.plan"}
+    for kind, plan in plans.items():
+        if not plan.is_file():
+            cmd = [sys.executable, str(bundle / "build_engine.py"), *(["--dense"] if kind == "dense" else [])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ConfigError(f"building the {kind} engine failed: {proc.stderr.strip()[-1500:]}")
+    return plans
+
+
+def time_engine(plan: Path, prefill_tokens: int = 128, decode_steps: int = 32, repeats: int = 5) -> dict:
+    """Median prefill time of `prefill_tokens` and median decode step after it, batch 1, in TensorRT."""
+    decoder = TrtDecoder(plan)
+    ids = (np.arange(prefill_tokens) % 1000 + 100)[None, :]
+    prefill = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        logits, cache = decoder.step(ids, decoder.empty_cache(1), 0)
+        prefill.append(time.perf_counter() - t0)
+    steps, past = [], prefill_tokens
+    for _ in range(decode_steps):
+        nxt = np.array([[int(logits[0, -1].argmax())]])
+        t0 = time.perf_counter()
+        logits, cache = decoder.step(nxt, cache, past)
+        steps.append(time.perf_counter() - t0)
+        past += 1
+    return {"prefill_ms": round(1000 * float(np.median(prefill)), 3),
+            "decode_ms_per_token": round(1000 * float(np.median(steps)), 3)}
+
+
+def engine_timings(bundle: str | os.PathLike) -> dict:
+    """Dense against sparse TensorRT engines of one bundle, end to end (measured; needs CUDA and TensorRT)."""
+    plans = build_engines(Path(bundle))
+    timings = {kind: time_engine(plan) for kind, plan in plans.items()}
+    timings["sparse_speedup"] = {
+        key: round(timings["dense"][key] / timings["sparse"][key], 3) for key in ("prefill_ms", "decode_ms_per_token")}
+    return timings
+
+
 def ort_perplexity(onnx_path: str | os.PathLike, windows: np.ndarray, level: str = "basic") -> float:
     """Perplexity of a bundle's graph on token windows [n, seqlen] (each a fresh prefill), in onnxruntime."""
     from ..export.onnx_check import OrtDecoder, ort_session
