@@ -72,6 +72,9 @@ def test_layer_checks():
         cfg.check_layer("x", 64, 8, 8, (2, 4), 64)
     with pytest.raises(ConfigError, match="sparse but the layer is dense"):
         cfg.check_layer("x", 64, 8, 4, None, 64)
+    shorter = AccelConfig(group_size=128, k_max=1536)
+    with pytest.raises(ConfigError, match="K = 576 is not a multiple of the quantization group 128"):
+        shorter.check_layer("x", 576, 8, 4, (2, 4), 128)
 
 
 # ---------------------------------------------------------------------------------------------- golden

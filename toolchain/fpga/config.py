@@ -155,6 +155,9 @@ class AccelConfig:
         need(k <= self.k_max, f"K = {k} exceeds the design's k_max {self.k_max} (its accumulators are sized for it)")
         need(group_size == self.group_size,
              f"quantization group {group_size} differs from the design's group_size {self.group_size}")
+        need(k % group_size == 0,
+             f"K = {k} is not a multiple of the quantization group {group_size} (its last group is shorter); the "
+             f"accelerator needs whole groups: quantize with a group size that divides K (e.g. 64)")
         if self.n < self.m:
             need(nm is not None and nm[1] == self.m and nm[0] <= self.n,
                  f"the design is {self.n}:{self.m} sparse but the layer is "
