@@ -161,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON for machines")
     e.add_argument("--quiet", action="store_true")
 
-    d = sub.add_parser("demo", help="the main job on the default model: Barber 2:4 then APTQ 4-bit, perplexities")
+    d = sub.add_parser("demo", help="the main job on the default model: Barber 2:4, APTQ 4-bit, perplexities, every export, "
+                            "onnx-check, the FPGA bundle and its simulation")
     d.add_argument("--model", default="smollm2")
     d.add_argument("--out", default="out/demo")
 
-    x = sub.add_parser("export", help="write blob / ONNX / compressed-tensors artifacts of a compressed model",
+    x = sub.add_parser("export", help="write blob / ONNX / compressed-tensors artifacts of a compressed model, or an FPGA or GPU bundle",
                        epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("--model", required=True, help="model directory written by toolchain prune/quantize/compress")
     x.add_argument("--target", default="all", help="onnx, blob, compressed-tensors, or all; comma list allowed "
