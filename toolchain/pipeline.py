@@ -19,6 +19,7 @@ from .models import LoadedModel, load_model, save_model
 from .models.loading import check_out_dir
 from .sensitivity import layer_hessian_traces
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
+from .prune.reconstruct import reconstruct_layer
 from .prune.allocation import ALLOCATIONS, check_allocation, owl_from_outlier_ratios, \
     owl_outlier_ratios, rank_linear
 
@@ -53,6 +54,9 @@ class PruneConfig(CalibConfig):
     keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
     loss_guard: bool = True          # Barber: keep a block's rebuild only if its block loss does not rise
     hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
+    reconstruct: str = "none"        # "block": tune each pruned layer's kept weights to the dense blocks' outputs
+    reconstruct_epochs: int = 2
+    reconstruct_lr: float = 1e-4
 
     def resolve(self) -> tuple[SparsityTarget, str]:
         """Validate; return the sparsity target and the name of the method that makes the first mask."""
@@ -66,6 +70,11 @@ class PruneConfig(CalibConfig):
         if not 0.0 <= self.rebuild_ratio <= 1.0:
             raise ConfigError(f"--rebuild-ratio must be in [0, 1], got {self.rebuild_ratio}")
         self.check_calibration()
+        if self.reconstruct not in ("none", "block"):
+            raise ConfigError(f"--reconstruct {self.reconstruct!r}: choose none or block")
+        if self.reconstruct_epochs < 1 or not self.reconstruct_lr > 0:
+            raise ConfigError(f"--reconstruct-epochs must be >= 1 and --reconstruct-lr > 0 (got "
+                              f"{self.reconstruct_epochs}, {self.reconstruct_lr})")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         target = SparsityTarget.parse(self.sparsity)
@@ -173,7 +182,7 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
 
     def prune_layer(i, layer, hidden):
         layer_target = target if target.is_nm else SparsityTarget.unstructured(sparsities[i])
-        dense_layer = copy.deepcopy(layer) if barber else None
+        dense_layer = copy.deepcopy(layer) if barber or cfg.reconstruct == "block" else None
         stats = engine.collect_stats(layer, hidden, method.needs_hessian) if method.needs_stats else {}
         masks, targets = {}, {}
         for name, lin in adapter.linears(layer).items():
@@ -185,6 +194,10 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
         if barber:
             entry["barber"], outputs = barber.rebuild_layer(engine, layer, dense_layer, hidden, masks, targets,
                                                             stats, getattr(method, "solve_with_mask", None))
+        if cfg.reconstruct == "block":
+            entry["reconstruct"] = reconstruct_layer(engine, layer, dense_layer, hidden, masks,
+                                                     cfg.reconstruct_epochs, cfg.reconstruct_lr, cfg.seed)
+            outputs = None   # the tuned layer's outputs are recomputed for the next layer
         counts["pruned"] += sum(int(m.sum()) for m in masks.values())
         counts["total"] += sum(m.numel() for m in masks.values())
         entry["linears"] = {
@@ -194,7 +207,8 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
         return entry, outputs
 
     desc = f"prune {cfg.method}{'/' + init if barber else ''} {target.label}"
-    per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats or barber is not None, desc=desc,
+    per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats or barber is not None
+                            or cfg.reconstruct == "block", desc=desc,
                             progress=progress)
     return {
         "method": cfg.method, "init": init if barber else None, "sparsity": target.label,
