@@ -94,8 +94,11 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="block: after each layer is pruned, tune its kept weights (Adam, mask fixed) so the attention "
                         "and MLP blocks reproduce the dense blocks' outputs on the calibration windows; a block whose "
                         "loss would rise keeps its weights (default %(default)s)")
-    p.add_argument("--reconstruct-epochs", type=int, default=2, help="passes over the windows (default %(default)s)")
-    p.add_argument("--reconstruct-lr", type=float, default=1e-4, help="Adam learning rate (default %(default)s)")
+    p.add_argument("--reconstruct-epochs", type=int, default=1,
+                   help="passes over the windows (default %(default)s; docs/pruning.md has the measured cost and "
+                        "gain of 1 and 2)")
+    p.add_argument("--reconstruct-lr", type=float, default=2e-4, help="Adam learning rate (default %(default)s)")
+    p.add_argument("--reconstruct-batch", type=int, default=4, help="windows per Adam step (default %(default)s)")
     p.add_argument("--loss-guard", action=argparse.BooleanOptionalAction, default=True,
                    help="Barber: keep a sub-block's rebuilt masks only if its block loss on the calibration "
                         "windows does not rise, else keep the init's (ours; the reference keeps every rebuild; "
@@ -265,7 +268,7 @@ def _prune_config(args, method: str):
     return PruneConfig(method=method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
                        rebuild_ratio=args.rebuild_ratio, keep_updates=args.keep_updates, loss_guard=args.loss_guard,
                        reconstruct=args.reconstruct, reconstruct_epochs=args.reconstruct_epochs,
-                       reconstruct_lr=args.reconstruct_lr,
+                       reconstruct_lr=args.reconstruct_lr, reconstruct_batch=args.reconstruct_batch,
                        **_calib_kwargs(args))
 
 

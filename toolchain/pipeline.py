@@ -55,8 +55,9 @@ class PruneConfig(CalibConfig):
     loss_guard: bool = True          # Barber: keep a block's rebuild only if its block loss does not rise
     hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
     reconstruct: str = "none"        # "block": tune each pruned layer's kept weights to the dense blocks' outputs
-    reconstruct_epochs: int = 2
-    reconstruct_lr: float = 1e-4
+    reconstruct_epochs: int = 1
+    reconstruct_lr: float = 2e-4
+    reconstruct_batch: int = 4       # windows per Adam step
 
     def resolve(self) -> tuple[SparsityTarget, str]:
         """Validate; return the sparsity target and the name of the method that makes the first mask."""
@@ -72,9 +73,9 @@ class PruneConfig(CalibConfig):
         self.check_calibration()
         if self.reconstruct not in ("none", "block"):
             raise ConfigError(f"--reconstruct {self.reconstruct!r}: choose none or block")
-        if self.reconstruct_epochs < 1 or not self.reconstruct_lr > 0:
-            raise ConfigError(f"--reconstruct-epochs must be >= 1 and --reconstruct-lr > 0 (got "
-                              f"{self.reconstruct_epochs}, {self.reconstruct_lr})")
+        if self.reconstruct_epochs < 1 or not self.reconstruct_lr > 0 or self.reconstruct_batch < 1:
+            raise ConfigError(f"--reconstruct-epochs and --reconstruct-batch must be >= 1 and --reconstruct-lr > 0 "
+                              f"(got {self.reconstruct_epochs}, {self.reconstruct_batch}, {self.reconstruct_lr})")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         target = SparsityTarget.parse(self.sparsity)
@@ -196,7 +197,8 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
                                                             stats, getattr(method, "solve_with_mask", None))
         if cfg.reconstruct == "block":
             entry["reconstruct"] = reconstruct_layer(engine, layer, dense_layer, hidden, masks,
-                                                     cfg.reconstruct_epochs, cfg.reconstruct_lr, cfg.seed)
+                                                     cfg.reconstruct_epochs, cfg.reconstruct_lr, cfg.seed,
+                                                     cfg.reconstruct_batch)
             outputs = None   # the tuned layer's outputs are recomputed for the next layer
         counts["pruned"] += sum(int(m.sum()) for m in masks.values())
         counts["total"] += sum(m.numel() for m in masks.values())
