@@ -95,9 +95,8 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                         "and MLP blocks reproduce the dense blocks' outputs on the calibration windows; a block whose "
                         "loss would rise keeps its weights (default %(default)s)")
     p.add_argument("--reconstruct-epochs", type=int, default=1,
-                   help="passes over the windows (default %(default)s; docs/pruning.md has the measured cost and "
-                        "gain of 1 and 2)")
-    p.add_argument("--reconstruct-lr", type=float, default=2e-4, help="Adam learning rate (default %(default)s)")
+                   help="passes over the windows (default %(default)s; docs/pruning.md has the measured settings)")
+    p.add_argument("--reconstruct-lr", type=float, default=5e-4, help="Adam learning rate (default %(default)s)")
     p.add_argument("--reconstruct-batch", type=int, default=4, help="windows per Adam step (default %(default)s)")
     p.add_argument("--loss-guard", action=argparse.BooleanOptionalAction, default=True,
                    help="Barber: keep a sub-block's rebuilt masks only if its block loss on the calibration "

@@ -56,7 +56,7 @@ class PruneConfig(CalibConfig):
     hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
     reconstruct: str = "none"        # "block": tune each pruned layer's kept weights to the dense blocks' outputs
     reconstruct_epochs: int = 1
-    reconstruct_lr: float = 2e-4
+    reconstruct_lr: float = 5e-4
     reconstruct_batch: int = 4       # windows per Adam step
 
     def resolve(self) -> tuple[SparsityTarget, str]:

@@ -28,7 +28,7 @@ def _block_loss(layer, block: SubBlock, calls, targets) -> float:
 
 
 def reconstruct_layer(engine, layer, dense_layer, hidden: torch.Tensor, masks: dict[str, torch.Tensor],
-                      epochs: int = 1, lr: float = 2e-4, seed: int = 0, batch: int = 4) -> dict:
+                      epochs: int = 1, lr: float = 5e-4, seed: int = 0, batch: int = 4) -> dict:
     """Adam on the kept weights of each sub-block for `epochs` passes over the calibration windows in
     mini-batches of `batch`, minimising mean((sparse block(u) - dense block(u))^2). Returns per-block losses."""
     gen = torch.Generator().manual_seed(seed)
