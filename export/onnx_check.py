@@ -75,6 +75,26 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def time_decoder(decoder, prefill_tokens: int = 128, decode_steps: int = 32, repeats: int = 5) -> dict:
+    """Latency of any decoder with `step(ids, cache, past)` / `empty_cache(batch)` (onnxruntime or TensorRT):
+    median prefill of `prefill_tokens` over `repeats`, and the median of `decode_steps` greedy steps after it,
+    batch 1, in milliseconds."""
+    ids = (np.arange(prefill_tokens) % 1000 + 100)[None, :]
+    prefill, logits, cache = [], None, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        logits, cache = decoder.step(ids, decoder.empty_cache(1), 0)
+        prefill.append(time.perf_counter() - t0)
+    steps, past = [], prefill_tokens
+    for _ in range(decode_steps):
+        nxt = np.array([[int(logits[0, -1].argmax())]])
+        t0 = time.perf_counter()
+        logits, cache = decoder.step(nxt, cache, past)
+        steps.append(time.perf_counter() - t0)
+        past += 1
+    return {"prefill_ms": 1000 * float(np.median(prefill)), "decode_ms_per_token": 1000 * float(np.median(steps))}
+
+
 @torch.no_grad()
 def torch_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], torch.Tensor]:
     keyword = _cache_keyword(model)

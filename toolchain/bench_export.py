@@ -98,26 +98,14 @@ def writer_throughput(model_dir: Path, blob_path: Path) -> dict:
 def ort_latency(path: Path, threads: int) -> dict:
     """Prefill of PREFILL tokens (median of REPEATS) and the median decode step after it (DECODE_STEPS),
     batch 1, onnxruntime CPU with all graph optimizations."""
-    from .export.onnx_check import OrtDecoder, ort_session
+    from .export.onnx_check import OrtDecoder, ort_session, time_decoder
 
     t0 = time.perf_counter()
     dec = OrtDecoder(ort_session(path, "all", threads=threads))
     load = time.perf_counter() - t0
-    ids = (np.arange(PREFILL) % 1000 + 100)[None, :]
-    prefill, logits, cache = [], None, None
-    for _ in range(REPEATS):
-        t = time.perf_counter()
-        logits, cache = dec.step(ids, dec.empty_cache(1), 0)
-        prefill.append(time.perf_counter() - t)
-    steps, past = [], PREFILL
-    for _ in range(DECODE_STEPS):
-        nxt = np.array([[int(logits[0, -1].argmax())]])
-        t = time.perf_counter()
-        logits, cache = dec.step(nxt, cache, past)
-        steps.append(time.perf_counter() - t)
-        past += 1
-    return {"session_load_s": round(load, 2), "prefill_ms": round(1000 * float(np.median(prefill)), 1),
-            "decode_ms_per_token": round(1000 * float(np.median(steps)), 2)}
+    t = time_decoder(dec, PREFILL, DECODE_STEPS, REPEATS)
+    return {"session_load_s": round(load, 2), "prefill_ms": round(t["prefill_ms"], 1),
+            "decode_ms_per_token": round(t["decode_ms_per_token"], 2)}
 
 
 def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:

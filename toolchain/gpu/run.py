@@ -147,22 +147,10 @@ def build_engines(bundle: Path) -> dict[str, Path]:
 
 def time_engine(plan: Path, prefill_tokens: int = 128, decode_steps: int = 32, repeats: int = 5) -> dict:
     """Median prefill time of `prefill_tokens` and median decode step after it, batch 1, in TensorRT."""
-    decoder = TrtDecoder(plan)
-    ids = (np.arange(prefill_tokens) % 1000 + 100)[None, :]
-    prefill = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        logits, cache = decoder.step(ids, decoder.empty_cache(1), 0)
-        prefill.append(time.perf_counter() - t0)
-    steps, past = [], prefill_tokens
-    for _ in range(decode_steps):
-        nxt = np.array([[int(logits[0, -1].argmax())]])
-        t0 = time.perf_counter()
-        logits, cache = decoder.step(nxt, cache, past)
-        steps.append(time.perf_counter() - t0)
-        past += 1
-    return {"prefill_ms": round(1000 * float(np.median(prefill)), 3),
-            "decode_ms_per_token": round(1000 * float(np.median(steps)), 3)}
+    from ..export.onnx_check import time_decoder
+
+    t = time_decoder(TrtDecoder(plan), prefill_tokens, decode_steps, repeats)
+    return {key: round(value, 3) for key, value in t.items()}
 
 
 def engine_timings(bundle: str | os.PathLike) -> dict:
