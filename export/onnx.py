@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -172,6 +173,7 @@ class LinearWriter:
     embedding: str = "float32"   # how the token embedding table was stored
     accuracy_level: int = 0      # MatMulNBits: 0 computes in fp32 from the exact weights; 4 quantizes A to int8
     fp16_gemm: bool = False      # float form: fp16 weights and GEMMs (the GPU target), fp32 everywhere else
+    dims: "Dims | None" = None   # the written graph's dimensions, set by build_onnx
     int8_plan: dict[str, dict] | None = None   # float form: int8 Q/DQ GEMMs: {"amax": per-channel input max, "alpha"}
 
     def __call__(self, x: str, module_name: str, module: torch.nn.Linear, keep_fp32: bool = False) -> str:
@@ -315,7 +317,7 @@ class Dims:
     vocab: int
 
 
-class DecoderGraph:
+class DecoderGraph(ABC):
     """Shared pieces of a decoder-only LM graph: inputs, the attention mask, attention with a KV cache,
     and the output projection. A family subclass writes the embedding, the layers and the final norm."""
 
@@ -324,12 +326,13 @@ class DecoderGraph:
         self.dims = self.read_dims(model.config)
 
     # -- family hooks
+    @abstractmethod
     def read_dims(self, config) -> Dims:
-        raise NotImplementedError
+        """Layer count, heads, KV heads, head size, hidden size and vocabulary of the family's config."""
 
+    @abstractmethod
     def body(self, input_ids: str, position_ids: str) -> str:
         """Write the graph from token ids to logits; return the logits' name."""
-        raise NotImplementedError
 
     # -- shared pieces
     def shape_of(self, x: str, start: int, end: int) -> str:
@@ -570,7 +573,9 @@ def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWe
     writer = LinearWriter(Graph(), form, quant, accuracy_level=accuracy_level, fp16_gemm=fp16_gemm,
                           int8_plan=int8_plan)
     with torch.no_grad():
-        proto = GRAPHS[family](model, writer).build()
+        graph = GRAPHS[family](model, writer)
+        proto = graph.build()
+    writer.dims = graph.dims
     return proto, writer
 
 

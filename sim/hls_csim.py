@@ -55,9 +55,9 @@ def csim_layer(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, hls_dir: Pa
     beats = acts.reshape(tokens, bpr, cfg.beat_k)
     lines = [f"{tokens} {passes} {bpr} {bpg} {layer.shift}"]
     for t in range(tokens):
+        token_beats = "\n".join(" ".join(map(str, beat)) for beat in beats[t].tolist())   # every pass re-reads them
         for q in range(passes):
-            lines.extend(" ".join(map(str, beat)) for beat in beats[t].tolist())
-            lines.append(" ".join(map(str, expected[t, q].tolist())))
+            lines += [token_beats, " ".join(map(str, expected[t, q].tolist()))]
     vectors = work / f"{layer.name}.hls.vectors.txt"
     vectors.write_text("\n".join(lines) + "\n")
     proc = subprocess.run([str(exe), str(wfile), str(sfile), str(vectors)], capture_output=True, text=True)

@@ -42,7 +42,7 @@ def test_mask_is_fixed_and_block_losses_fall():
     for family, target in (("llama", SparsityTarget.parse("2:4")), ("opt", SparsityTarget.parse("0.5"))):
         r = _run(family, target)
         for name, w in r["weights"].items():
-            assert torch.equal(w == 0, r["masks"][name] | (w == 0)) and bool((w[r["masks"][name]] == 0).all())
+            assert bool((w[r["masks"][name]] == 0).all())                       # pruned stays exactly zero
             if target.is_nm:
                 kept = (~r["masks"][name]).reshape(w.shape[0], -1, 4).sum(-1)
                 assert bool((kept <= 2).all())

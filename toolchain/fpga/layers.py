@@ -26,9 +26,9 @@ class LayerData:
 
     def dense_codes(self) -> np.ndarray:
         """[rows, K] int64 codes with zeros at pruned positions (what the golden model multiplies)."""
-        n, m = self.nm or (1, 1)
         if self.nm is None:
             return self.slots.astype(np.int64)
+        n, m = self.nm
         out = np.zeros((self.rows, self.k), np.int64)
         groups = np.repeat(np.arange(self.k // m), n)[None, :] * m
         np.put_along_axis(out, groups + self.index.astype(np.int64), self.slots.astype(np.int64), axis=1)

@@ -175,8 +175,8 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
                                    int8_plan={n: p for n, p in plan.items() if p["int8"]})
     else:
         proto, writer = build_onnx(model, adapter.family, {}, "float", fp16_gemm=True)
-    dims = writer_dims(model)
-    shapes = profile_shapes(dims["layers"], dims["kv_heads"], dims["head_dim"], max_batch, max_seq)
+    dims = writer.dims
+    shapes = profile_shapes(dims.layers, dims.kv_heads, dims.head_dim, max_batch, max_seq)
     head = model.get_output_embeddings().weight
     all_gemms = layers + [{"name": "lm_head", "shape": list(head.shape), "two_four": False,
                            "reason": "the LM head stays dense"}]
@@ -212,13 +212,6 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def writer_dims(model) -> dict:
-    c = model.config
-    heads = c.num_attention_heads
-    return {"layers": c.num_hidden_layers, "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads}
 
 
 def bundle_readme(precision: str, max_batch: int, max_seq: int, sparse: int, total: int) -> str:
