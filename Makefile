@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/toolchain bench prune --model $(MODEL) --out bench/results
+	$(VENV)/bin/toolchain bench prune-quality --model $(MODEL) --out bench/results
 	$(VENV)/bin/toolchain bench quant --model $(MODEL) --out bench/results
 	$(VENV)/bin/toolchain bench export --model $(MODEL) --out bench/results
 	$(VENV)/bin/toolchain bench fpga --model $(MODEL) --out bench/results

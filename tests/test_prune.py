@@ -11,7 +11,7 @@ from toolchain.engine import LayerEngine
 from toolchain.errors import ConfigError
 from toolchain.pipeline import PruneConfig, prune_loaded
 from toolchain.prune import SparseGPT, SparsityTarget, Wanda, Magnitude, check_nm, rebuild_mask
-from toolchain.prune.barber import Barber, block_loss
+from toolchain.prune.barber import Barber, block_loss, rebuild_masks
 from toolchain.prune.stats import InputStats
 
 def all_linears(lm):
@@ -41,6 +41,24 @@ def test_pattern_exact(family, method, init, sparsity):
             assert (per_row == round(target.sparsity * w.shape[1])).all(), (name, per_row.tolist())
     assert report["global_sparsity"] == pytest.approx(target.sparsity, abs=1.0 / 64)
 
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+@pytest.mark.parametrize("init", ["wanda", "sparsegpt"])
+def test_barber_wider_granularity_keeps_each_group_total(granularity, init):
+    lm = loaded("llama")
+    cfg = PruneConfig(method="barber", init=init, sparsity="0.5", rebuild_ratio=0.5, rebuild_granularity=granularity,
+                      loss_guard=False, batch_size=4)
+    report = prune_loaded(lm, calib(), cfg, device="cpu", progress=False)
+    pruned = {name: w == 0 for name, w in all_linears(lm)}
+    for name, m in pruned.items():
+        if granularity == "layer":
+            assert int(m.sum()) == m.numel() // 2, name
+    attn = [n for n in pruned if n.startswith("0.") and "attn" in n]
+    assert sum(int(pruned[n].sum()) for n in attn) == sum(pruned[n].numel() for n in attn) // 2
+    assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    # Wider groups let rows drift: some row is no longer at exactly half.
+    assert any(not (m.sum(1) == m.shape[1] // 2).all() for m in pruned.values())
 
 def _correlated_inputs(cols=64, tokens=2048, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -90,6 +108,28 @@ def test_rebuild_mask_preserves_nm(nm):
     assert check_nm(new, target.n, target.m)
     assert not new.equal(pruned)  # random scores leave plenty of beneficial swaps
 
+
+
+def test_rebuild_granularity_ranks_over_the_named_group():
+    # Row 0: pruned 9, 8 against kept 7, 6 (R = 2); row 1: pruned 0, 0 against kept 1, 2 (R = 0).
+    pruned = torch.tensor([[True, True, False, False], [True, True, False, False]])
+    score = torch.tensor([[9.0, 8.0, 7.0, 6.0], [0.0, 0.0, 1.0, 2.0]])
+    target = SparsityTarget.parse("0.5")
+    rows = rebuild_masks({"a": pruned}, {"a": score}, 0.5, target, "row")["a"]
+    assert rows.tolist() == [[False, True, False, True], [True, True, False, False]]   # 9 in, 6 out
+    # As one group the pairs are (9 vs 1), (8 vs 2), (0 vs 6), (0 vs 7): R = 2, one swap: revive 9 and prune
+    # row 1's 1, so row 0 keeps 3 and row 1 keeps 1; only the matrix total holds.
+    layer = rebuild_masks({"a": pruned}, {"a": score}, 0.5, target, "layer")["a"]
+    assert layer.tolist() == [[False, True, False, False], [True, True, True, False]]
+    # Pooled over a block, one matrix can give up a weight to another; only the block total is exact.
+    g = torch.Generator().manual_seed(0)
+    masks = {"a": torch.rand(8, 16, generator=g) < 0.5, "b": torch.rand(4, 16, generator=g) < 0.5}
+    scores = {"a": torch.rand(8, 16, generator=g) * 3, "b": torch.rand(4, 16, generator=g)}
+    block = rebuild_masks(masks, scores, 1.0, target, "block")
+    assert sum(int(m.sum()) for m in block.values()) == sum(int(m.sum()) for m in masks.values())
+    assert int(block["a"].sum()) < int(masks["a"].sum())   # the high-scoring matrix won weights
+    with pytest.raises(ConfigError, match="N:M"):
+        rebuild_masks(masks, scores, 1.0, SparsityTarget.parse("2:4"), "layer")
 
 def _plant_outliers(model, adapter):
     """Large gains on a few norm channels: magnitude ignores them, the block loss does not."""
@@ -222,6 +262,8 @@ def test_input_dim_not_divisible_by_m():
     (PruneConfig(method="wanda", sparsity="2:4", allocation="owl"), "N:M"),
     (PruneConfig(method="wanda", allocation="random"), "--allocation"),
     (PruneConfig(method="barber", rebuild_ratio=1.5), "--rebuild-ratio"),
+    (PruneConfig(method="barber", sparsity="2:4", rebuild_granularity="layer"), "does not apply to N:M"),
+    (PruneConfig(method="barber", rebuild_granularity="column"), "--rebuild-granularity"),
     (PruneConfig(method="wanda", calib_samples=0), "--calib-samples"),
 ])
 def test_bad_config_is_rejected(cfg, match):

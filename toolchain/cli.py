@@ -85,6 +85,10 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebuild-ratio", type=float, default=0.01,
                    help="Barber's alpha: the fraction of each row's beneficial pruned<->kept swaps that are made "
                         "(default %(default)s)")
+    p.add_argument("--rebuild-granularity", choices=["row", "layer", "block"], default="row",
+                   help="Barber's comparison group for ranking swaps: row (each output row, exact per-row "
+                        "sparsity; the only choice for N:M), layer (a whole matrix), or block (all matrices of the "
+                        "attention or MLP block pooled); the reference's output1/layer/block (default %(default)s)")
     p.add_argument("--keep-updates", action=argparse.BooleanOptionalAction, default=True,
                    help="Barber with --init sparsegpt: rows whose mask changed are re-solved with SparseGPT's OBS "
                         "update under the new mask, other rows keep SparseGPT's weights (a no-op for magnitude "
@@ -243,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "TensorRT, also build its sparse and dense engines and time them end to end")
 
     b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
-    b.add_argument("what", choices=["prune", "quant", "export", "fpga"])
+    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -265,7 +269,8 @@ def _prune_config(args, method: str):
     from .pipeline import PruneConfig
 
     return PruneConfig(method=method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
-                       rebuild_ratio=args.rebuild_ratio, keep_updates=args.keep_updates, loss_guard=args.loss_guard,
+                       rebuild_ratio=args.rebuild_ratio,
+                       rebuild_granularity=args.rebuild_granularity, keep_updates=args.keep_updates, loss_guard=args.loss_guard,
                        reconstruct=args.reconstruct, reconstruct_epochs=args.reconstruct_epochs,
                        reconstruct_lr=args.reconstruct_lr, reconstruct_batch=args.reconstruct_batch,
                        **_calib_kwargs(args))
@@ -468,10 +473,11 @@ def cmd_bench(args) -> int:
     from .bench import run_prune_bench, run_quant_bench
     from .bench_export import run_export_bench
     from .bench_fpga import run_fpga_bench
+    from .bench_quality import run_quality_bench
 
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     run = {"prune": run_prune_bench, "quant": run_quant_bench, "export": run_export_bench,
-           "fpga": run_fpga_bench}[args.what]
+           "fpga": run_fpga_bench, "prune-quality": run_quality_bench}[args.what]
     run(args.model, args.out, only=only)
     return 0
 

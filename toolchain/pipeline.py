@@ -19,6 +19,7 @@ from .models import LoadedModel, load_model, save_model
 from .models.loading import check_out_dir
 from .sensitivity import layer_hessian_traces
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
+from .prune.barber import check_granularity
 from .prune.reconstruct import reconstruct_layer
 from .prune.allocation import ALLOCATIONS, check_allocation, owl_from_outlier_ratios, \
     owl_outlier_ratios, rank_linear
@@ -51,6 +52,7 @@ class PruneConfig(CalibConfig):
     sparsity: str = "0.5"            # fraction, or N:M (N kept of every M)
     allocation: str = "uniform"
     rebuild_ratio: float = 0.01      # Barber's alpha: fraction of the beneficial swaps that are made
+    rebuild_granularity: str = "row"  # Barber's swap ranking group: row, layer or block
     keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
     loss_guard: bool = True          # Barber: keep a block's rebuild only if its block loss does not rise
     hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
@@ -80,6 +82,7 @@ class PruneConfig(CalibConfig):
             raise ConfigError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         target = SparsityTarget.parse(self.sparsity)
         check_allocation(self.allocation, target)
+        check_granularity(self.rebuild_granularity, target)
         return target, init
 
 
@@ -177,7 +180,8 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     t_alloc = time.perf_counter() - t0
 
     method = make_method(init)
-    barber = Barber(cfg.rebuild_ratio, cfg.keep_updates, cfg.loss_guard) if cfg.method == "barber" else None
+    barber = Barber(cfg.rebuild_ratio, cfg.keep_updates, cfg.loss_guard,
+                                      cfg.rebuild_granularity) if cfg.method == "barber" else None
     engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
     counts = {"pruned": 0, "total": 0}
 

@@ -9,6 +9,8 @@ Per decoder layer, attention sub-block first, then MLP (which sees the rebuilt a
    backward pass and a batched matmul instead of one backward per window.
 4. Score S = |W_dense| * sqrt(G2). Per output row: R = number of pruned/kept pairs (best pruned against
    worst kept, and so on) in which the pruned weight scores higher; swap floor(ratio * R) of them.
+   `granularity` widens the group from a row to a whole matrix (`layer`) or to all matrices of the
+   sub-block (`block`), as the reference's options do; then only the group's total count is exact.
    With N:M, every group prunes as many of its weakest kept weights as it revived, so N:M holds.
 Weights after the rebuild (`keep_updates`, our default): for magnitude and Wanda init, dense values on the
 new mask; for SparseGPT init, every row whose mask changed is re-solved by SparseGPT's OBS sweep with the
@@ -29,6 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from ..models.base import SubBlock, first_tensor
 from .masks import SparsityTarget
 
@@ -68,6 +71,38 @@ def rebuild_mask(prune_mask: torch.Tensor, score: torch.Tensor, ratio: float, ta
         cut_g = kept_g & (_ranks(s_g.masked_fill(~kept_g, math.inf), descending=False) < revived)
         grow, cut = grow_g.reshape(rows, cols), cut_g.reshape(rows, cols)
     return (prune_mask & ~grow) | cut
+
+
+GRANULARITIES = ("row", "layer", "block")
+
+
+def check_granularity(granularity: str, target: SparsityTarget | None = None) -> None:
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"--rebuild-granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+    if target is not None and target.is_nm and granularity != "row":
+        # A swap must stay inside its N:M group, so only a row's own pairs can be ranked together.
+        raise ConfigError(f"--rebuild-granularity {granularity} does not apply to N:M sparsity; N:M uses row")
+
+
+def rebuild_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], ratio: float,
+                  target: SparsityTarget, granularity: str = "row") -> dict[str, torch.Tensor]:
+    """`rebuild_mask` over the comparison group the granularity names (the reference's output1/layer/block):
+    `row` ranks each output row on its own (exact per-row sparsity, N:M kept); `layer` ranks a whole matrix
+    as one group (its total is exact, rows drift); `block` pools every matrix of the sub-block (only the
+    sub-block's total is exact)."""
+    if granularity == "row":
+        return {n: rebuild_mask(masks[n], scores[n], ratio, target) for n in masks}
+    check_granularity(granularity, target)
+    if granularity == "layer":
+        return {n: rebuild_mask(masks[n].reshape(1, -1), scores[n].reshape(1, -1), ratio, target
+                                ).reshape(masks[n].shape) for n in masks}
+    flat = rebuild_mask(torch.cat([m.reshape(-1) for m in masks.values()])[None],
+                        torch.cat([scores[n].reshape(-1) for n in masks])[None], ratio, target)[0]
+    out, start = {}, 0
+    for n, m in masks.items():
+        out[n] = flat[start:start + m.numel()].reshape(m.shape)
+        start += m.numel()
+    return out
 
 
 def _bf16_per_window_grad_sq(grad_out: torch.Tensor, x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -175,8 +210,11 @@ def block_loss(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBlock
 
 
 class Barber:
-    def __init__(self, ratio: float = 0.01, keep_updates: bool = True, loss_guard: bool = True):
+    def __init__(self, ratio: float = 0.01, keep_updates: bool = True, loss_guard: bool = True,
+                 granularity: str = "row"):
+        check_granularity(granularity)
         self.ratio = ratio
+        self.granularity = granularity
         self.keep_updates = keep_updates
         self.loss_guard = loss_guard
 
@@ -239,13 +277,14 @@ class Barber:
 
     def _rebuild_block(self, layer, dense_layer, block, g2, masks, targets, stats, solver, report) -> bool:
         """Score, swap and set new weights for the linears of `block`; True if any mask changed."""
+        dense = {n: dense_layer.get_submodule(n).weight.detach().float() for n in block.linears}
+        new_masks = rebuild_masks({n: masks[n] for n in block.linears},
+                                  {n: dense[n].abs() * g2[n].sqrt() for n in block.linears},
+                                  self.ratio, targets[block.linears[0]], self.granularity)
         changed = False
         for name in block.linears:
             lin = layer.get_submodule(name)
-            dense_w = dense_layer.get_submodule(name).weight.detach().float()
-            current = lin.weight.detach().float()
-            old = masks[name]
-            new = rebuild_mask(old, dense_w.abs() * g2[name].sqrt(), self.ratio, targets[name])
+            dense_w, current, old, new = dense[name], lin.weight.detach().float(), masks[name], new_masks[name]
             rows = (new != old).any(dim=1)
             if not self.keep_updates:
                 base = dense_w

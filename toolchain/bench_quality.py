@@ -1,0 +1,115 @@
+"""`toolchain bench prune-quality`: the pruning-quality table (issue 6) on a real model.
+
+Every method and flag combination that can beat the plain references, each pruned in its own process
+(`toolchain prune`, as in the prune benchmark) with the benchmark budget (32 x 512 calibration windows):
+- the references: Wanda and SparseGPT (the best plain method here) at 50%, SparseGPT at 2:4;
+- Barber on SparseGPT over the rebuild ratio alpha and the ranking granularity (row, layer, block; N:M only
+  allows row);
+- per-layer allocation (OWL, Hessian trace) at 50%, 60% and 70% unstructured;
+- block reconstruction (`--reconstruct block`) on SparseGPT and on the best allocation.
+The table has one column per sparsity with perplexity, prune wall time and peak anonymous memory; the best
+perplexity of each column is bold and compared with its reference, its time with SparseGPT's.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .bench import CALIB, SEQLEN, _eval_ppl, _model_fp32_mib, _slug, _stem, _write_result, dense_dir, run_prune_one
+
+ALPHAS = ("0.01", "0.05", "0.1", "0.2")
+COLUMNS = ("0.5", "2:4", "0.6", "0.7")
+REFERENCE = {"0.5": "sparsegpt", "2:4": "sparsegpt", "0.6": "sparsegpt", "0.7": "sparsegpt"}
+
+
+def quality_configs() -> list[tuple[str, str, str | None, list[str], tuple[str, ...]]]:
+    """(name, method, init, extra flags, sparsities) for every row of the table."""
+    rows = [("wanda", "wanda", None, [], ("0.5", "2:4")),
+            ("sparsegpt", "sparsegpt", None, [], COLUMNS)]
+    for granularity in ("row", "layer", "block"):
+        for alpha in ALPHAS:
+            rows.append((f"barber(sparsegpt) α={alpha} {granularity}", "barber", "sparsegpt",
+                         ["--rebuild-ratio", alpha, "--rebuild-granularity", granularity],
+                         ("0.5", "2:4") if granularity == "row" else ("0.5",)))
+    for allocation in ("owl", "hessian"):
+        rows.append((f"sparsegpt {allocation}", "sparsegpt", None, ["--allocation", allocation], ("0.5", "0.6", "0.7")))
+    rows.append(("sparsegpt + reconstruct", "sparsegpt", None, ["--reconstruct", "block"], ("0.5", "2:4")))
+    rows.append(("sparsegpt owl + reconstruct", "sparsegpt", None, ["--allocation", "owl", "--reconstruct", "block"],
+                 ("0.5",)))
+    return rows
+
+
+def run_quality_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
+    out_dir, work = Path(out_dir), Path("out/bench/quality")
+    work.mkdir(parents=True, exist_ok=True)
+    src = dense_dir(model, Path("out/bench"))
+    fp32_mib = _model_fp32_mib(src)
+    rows = []
+    if not only or "dense" in only:
+        rows.append({"name": "dense", "sparsity": "-", "ppl": _eval_ppl(src)})
+    for name, method, init, extra, sparsities in quality_configs():
+        for sparsity in sparsities:
+            if only and name not in only and f"{name}@{sparsity}" not in only:
+                continue
+            target = work / _slug(f"{name}-{sparsity.replace(':', 'of')}")
+            row = {"name": name, "sparsity": sparsity, **run_prune_one(src, target, method, init, sparsity, extra)}
+            # The command as a user types it: the model by name, an output of their choice.
+            row["command"] = (row["command"].replace(f"--model {src}", f"--model {model}")
+                              .replace(f"--out {target}", "--out OUT").replace(" --quiet", ""))
+            row["ppl"] = _eval_ppl(target)
+            row["peak_anon_x_fp32"] = round(row["peak_anon_mib"] / fp32_mib, 2)
+            rows.append(row)
+            print(f"{name} @ {sparsity}: ppl {row['ppl']:.3f}, {row['prune_seconds']:.1f} s", flush=True)
+    from .pipeline import library_versions
+
+    result = {"benchmark": "prune-quality", "model": str(model), "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0",
+              "eval": f"pydoc held-out split, seqlen {SEQLEN}", "model_fp32_mib": round(fp32_mib, 1),
+              "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows, "partial": bool(only)}
+    order = ["dense@-"] + [f"{n}@{s}" for n, _, _, _, sp in quality_configs() for s in sp]
+    _write_result(_stem(out_dir, "prune_quality", model), result, order, lambda r: f"{r['name']}@{r['sparsity']}",
+                  quality_table)
+    return result
+
+
+def best_per_column(rows: list[dict]) -> dict[str, dict]:
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["sparsity"] in COLUMNS and (r["sparsity"] not in best or r["ppl"] < best[r["sparsity"]]["ppl"]):
+            best[r["sparsity"]] = r
+    return best
+
+
+def quality_table(result: dict) -> str:
+    rows = [r for r in result["rows"] if r["sparsity"] != "-"]
+    columns = [c for c in COLUMNS if any(r["sparsity"] == c for r in rows)]
+    cells = {(r["name"], r["sparsity"]): r for r in rows}
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    best = best_per_column(rows)
+    label = {"0.5": "50%", "0.6": "60%", "0.7": "70%"}
+    dense = next((r["ppl"] for r in result["rows"] if r["name"] == "dense"), None)
+    lines = [f"Model: {result['model']}; calibration {result['calibration']}; eval {result['eval']}"
+             + (f"; dense perplexity {dense:.2f}" if dense else "") + ".",
+             "Each cell: perplexity · prune wall time · peak anonymous memory (× fp32 weights). Bold: best of the column.",
+             "", "| configuration | " + " | ".join(label.get(c, c) for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in names:
+        out = []
+        for c in columns:
+            r = cells.get((name, c))
+            if r is None:
+                out.append("")
+                continue
+            ppl = f"{r['ppl']:.2f}"
+            out.append(f"{'**' + ppl + '**' if best.get(c) is r else ppl} · {r['prune_seconds']:.0f} s · "
+                       f"{r['peak_anon_x_fp32']}×")
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    lines += ["", "Best of each column against the references (SparseGPT is the best plain method at every sparsity "
+              "here; Wanda 50% is listed for comparison):", ""]
+    for c in columns:
+        b, ref = best[c], cells.get((REFERENCE[c], c))
+        if ref is None:
+            continue
+        lines.append(f"- {label.get(c, c)}: **{b['name']}** {b['ppl']:.2f} vs {ref['name']} {ref['ppl']:.2f} "
+                     f"({100 * (b['ppl'] / ref['ppl'] - 1):+.1f}%), time {b['prune_seconds'] / ref['prune_seconds']:.2f}× "
+                     f"SparseGPT's. Command: `{b['command']}`")
+    return "\n".join(lines) + "\n"
