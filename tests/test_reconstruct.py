@@ -11,8 +11,6 @@ from toolchain.prune import SparsityTarget, Wanda
 from toolchain.prune.reconstruct import reconstruct_layer
 
 
-
-
 def _run(family: str, target: SparsityTarget, seed: int = 0):
     from toolchain.pipeline import set_weight
 
@@ -30,8 +28,10 @@ def _run(family: str, target: SparsityTarget, seed: int = 0):
             weight, masks[name] = Wanda().prune(lin.weight, stats[name], target)
             set_weight(lin, weight)
         result["masks"] = {n: m.clone() for n, m in masks.items()}
-        result["report"] = reconstruct_layer(engine, layer, dense, hidden, masks, epochs=3, lr=1e-3, seed=seed)
+        result["report"], outputs = reconstruct_layer(engine, layer, dense, hidden, masks, epochs=3, lr=1e-3,
+                                                      seed=seed)
         result["weights"] = {n: lin.weight.detach().clone() for n, lin in loaded.adapter.linears(layer).items()}
+        result["outputs"], result["forward"] = outputs, engine.forward_layer(layer, hidden)
         return {}, None
 
     engine.walk(process, needs_inputs=True, desc="t", progress=False)
@@ -54,3 +54,10 @@ def test_deterministic_under_a_seed():
     a, b = _run("llama", SparsityTarget.parse("2:4"), seed=3), _run("llama", SparsityTarget.parse("2:4"), seed=3)
     assert all(torch.equal(a["weights"][n], b["weights"][n]) for n in a["weights"])
     assert a["report"] == b["report"]
+
+
+def test_returned_outputs_are_the_tuned_layers_outputs():
+    # Pre-norm layers hand the next layer's inputs over (recorded output + change of the MLP output).
+    for family in ("llama", "opt"):
+        r = _run(family, SparsityTarget.parse("0.5"))
+        torch.testing.assert_close(r["outputs"], r["forward"], rtol=1e-5, atol=1e-5)

@@ -94,6 +94,12 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                         "update under the new mask, other rows keep SparseGPT's weights (a no-op for magnitude "
                         "and Wanda, which do not update weights). --no-keep-updates resets every kept weight to "
                         "its dense value, as the reference code does by default (default: keep)")
+    p.add_argument("--resolve", choices=["none", "lstsq"], default="none",
+                   help="lstsq: once each layer's masks are final (after Barber's rebuild), re-solve every kept "
+                        "weight of every linear as the exact least-squares fit to the dense layer's output on the "
+                        "calibration inputs (conjugate gradients on the layer Hessian, started from the current "
+                        "weights, so the layer error only falls); SparseGPT's OBS sweep only approximates this "
+                        "(default %(default)s)")
     p.add_argument("--reconstruct", choices=["none", "block"], default="none",
                    help="block: after each layer is pruned, tune its kept weights (Adam, mask fixed) so the attention "
                         "and MLP blocks reproduce the dense blocks' outputs on the calibration windows; a block whose "
@@ -270,7 +276,8 @@ def _prune_config(args, method: str):
 
     return PruneConfig(method=method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
                        rebuild_ratio=args.rebuild_ratio,
-                       rebuild_granularity=args.rebuild_granularity, keep_updates=args.keep_updates, loss_guard=args.loss_guard,
+                       rebuild_granularity=args.rebuild_granularity, resolve_mode=args.resolve,
+                       keep_updates=args.keep_updates, loss_guard=args.loss_guard,
                        reconstruct=args.reconstruct, reconstruct_epochs=args.reconstruct_epochs,
                        reconstruct_lr=args.reconstruct_lr, reconstruct_batch=args.reconstruct_batch,
                        **_calib_kwargs(args))

@@ -20,6 +20,7 @@ from .models.loading import check_out_dir
 from .sensitivity import layer_hessian_traces
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
 from .prune.barber import check_granularity
+from .prune.lstsq import resolve_layer
 from .prune.reconstruct import reconstruct_layer
 from .prune.allocation import ALLOCATIONS, check_allocation, owl_from_outlier_ratios, \
     owl_outlier_ratios, rank_linear
@@ -56,6 +57,7 @@ class PruneConfig(CalibConfig):
     keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
     loss_guard: bool = True          # Barber: keep a block's rebuild only if its block loss does not rise
     hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
+    resolve_mode: str = "none"       # "lstsq": re-solve every kept weight exactly under the final mask
     reconstruct: str = "none"        # "block": tune each pruned layer's kept weights to the dense blocks' outputs
     reconstruct_epochs: int = 1
     reconstruct_lr: float = 5e-4
@@ -73,6 +75,8 @@ class PruneConfig(CalibConfig):
         if not 0.0 <= self.rebuild_ratio <= 1.0:
             raise ConfigError(f"--rebuild-ratio must be in [0, 1], got {self.rebuild_ratio}")
         self.check_calibration()
+        if self.resolve_mode not in ("none", "lstsq"):
+            raise ConfigError(f"--resolve {self.resolve_mode!r}: choose none or lstsq")
         if self.reconstruct not in ("none", "block"):
             raise ConfigError(f"--reconstruct {self.reconstruct!r}: choose none or block")
         if self.reconstruct_epochs < 1 or not self.reconstruct_lr > 0 or self.reconstruct_batch < 1:
@@ -188,9 +192,13 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     def prune_layer(i, layer, hidden):
         layer_target = target if target.is_nm else SparsityTarget.unstructured(sparsities[i])
         dense_layer = copy.deepcopy(layer) if barber or cfg.reconstruct == "block" else None
-        stats = engine.collect_stats(layer, hidden, method.needs_hessian) if method.needs_stats else {}
-        masks, targets = {}, {}
+        lstsq = cfg.resolve_mode == "lstsq"
+        stats = engine.collect_stats(layer, hidden, method.needs_hessian or lstsq) \
+            if method.needs_stats or lstsq else {}
+        masks, targets, dense_w = {}, {}, {}
         for name, lin in adapter.linears(layer).items():
+            if lstsq:
+                dense_w[name] = lin.weight.detach().float().clone()
             weight, mask = method.prune(lin.weight, stats.get(name), layer_target)
             set_weight(lin, weight)
             masks[name], targets[name] = mask, layer_target
@@ -199,11 +207,13 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
         if barber:
             entry["barber"], outputs = barber.rebuild_layer(engine, layer, dense_layer, hidden, masks, targets,
                                                             stats, getattr(method, "solve_with_mask", None))
+        if lstsq:
+            entry["resolve"] = resolve_layer(adapter.linears(layer), dense_w, stats, masks)
+            outputs = None   # the re-solved layer's outputs are recomputed for the next layer
         if cfg.reconstruct == "block":
-            entry["reconstruct"] = reconstruct_layer(engine, layer, dense_layer, hidden, masks,
-                                                     cfg.reconstruct_epochs, cfg.reconstruct_lr, cfg.seed,
-                                                     cfg.reconstruct_batch)
-            outputs = None   # the tuned layer's outputs are recomputed for the next layer
+            entry["reconstruct"], outputs = reconstruct_layer(engine, layer, dense_layer, hidden, masks,
+                                                              cfg.reconstruct_epochs, cfg.reconstruct_lr, cfg.seed,
+                                                              cfg.reconstruct_batch)
         counts["pruned"] += sum(int(m.sum()) for m in masks.values())
         counts["total"] += sum(m.numel() for m in masks.values())
         entry["linears"] = {
@@ -214,7 +224,7 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
 
     desc = f"prune {cfg.method}{'/' + init if barber else ''} {target.label}"
     per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats or barber is not None
-                            or cfg.reconstruct == "block", desc=desc,
+                            or cfg.reconstruct == "block" or cfg.resolve_mode == "lstsq", desc=desc,
                             progress=progress)
     return {
         "method": cfg.method, "init": init if barber else None, "sparsity": target.label,

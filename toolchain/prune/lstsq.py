@@ -6,14 +6,13 @@ For one output row with dense weights w, kept set K and pruned set P, the layer-
     v_K = w_K + H_KK^-1 H_KP w_P
 
 (set the gradient on K to zero). SparseGPT's OBS sweep reaches an approximation of this (it fixes each column's
-weights once the sweep passes it); this solves it exactly, one small Cholesky system per row, batched. H is
-damped and its dead inputs handled as in SparseGPT, so both solve the same problem.
+weights once the sweep passes it); this solves it to a set tolerance. H is damped and its dead inputs handled
+as in SparseGPT, so both solve the same problem.
 """
 from __future__ import annotations
 
 import torch
 
-CHUNK_FLOATS = 1 << 24   # rows per batched solve are capped so the gathered H_KK blocks stay near 64 MiB
 
 
 def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,38 +24,67 @@ def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch
     return H, dead
 
 
+def layer_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-row layer-wise error (w - v)^T H (w - v)."""
+    d = weight.float() - new.float()
+    return ((d @ hessian) * d).sum(1)
+
+
+@torch.no_grad()
 def lstsq_with_mask(weight: torch.Tensor, hessian: torch.Tensor, prune_mask: torch.Tensor,
-                    percdamp: float = 0.01) -> torch.Tensor:
+                    start: torch.Tensor | None = None, percdamp: float = 0.01, max_iters: int = 100,
+                    tol: float = 1e-4, info: dict | None = None) -> torch.Tensor:
     """Kept weights of every row of `weight` ([rows, in], dense values) re-solved under `prune_mask` (True =
-    pruned): the exact minimiser of the layer-wise error for each row. Rows may keep different counts."""
+    pruned), minimising each row's layer-wise error on the damped Hessian.
+
+    Solved for all rows at once by conjugate gradients restricted to the kept set, Jacobi-preconditioned:
+    each iteration is one [rows, in] x [in, in] product, where a direct solve would need one Cholesky
+    factorisation per row (each row keeps a different set). Started from `start` (e.g. SparseGPT's weights),
+    CG only ever lowers the error, so the result is never worse than the start; it stops when every row's
+    residual has fallen by `tol` or after `max_iters` (the count used goes to `info["iterations"]`)."""
     W = weight.detach().float().clone()
     H, dead = damped_hessian(hessian.to(W.device), percdamp)
     W[:, dead] = 0.0
-    pruned = prune_mask | dead[None, :]
-    rows, cols = W.shape
-    kept_counts = (~pruned).sum(1)
-    k = int(kept_counts.max()) if rows else 0
-    out = torch.zeros_like(W)
-    if k == 0:
-        return out
-    # H_KP w_P for every row at once: (w * pruned) @ H, read at the kept columns.
-    rhs_full = W.masked_fill(~pruned, 0.0) @ H
-    # Kept columns first, in column order (stable sort on the pruned flag); rows keeping fewer than k get
-    # padded slots that solve an identity system with a zero right-hand side.
-    order = torch.argsort(pruned.to(torch.int8), dim=1, stable=True)[:, :k]
-    valid = torch.arange(k, device=W.device)[None, :] < kept_counts[:, None]
-    step = max(1, CHUNK_FLOATS // (k * k))
-    eye = torch.eye(k, dtype=W.dtype, device=W.device)
-    for r0 in range(0, rows, step):
-        idx, ok = order[r0:r0 + step], valid[r0:r0 + step]
-        both = ok[:, :, None] & ok[:, None, :]
-        H_kk = torch.where(both, H[idx[:, :, None], idx[:, None, :]], eye)
-        rhs = torch.gather(rhs_full[r0:r0 + step], 1, idx).masked_fill(~ok, 0.0)
-        L, info = torch.linalg.cholesky_ex(H_kk)
-        if bool((info != 0).any()):   # damping keeps H_KK positive definite; fall back to a general solve
-            delta = torch.linalg.solve(H_kk, rhs)
-        else:
-            delta = torch.cholesky_solve(rhs[..., None], L)[..., 0]
-        kept_w = torch.gather(W[r0:r0 + step], 1, idx) + delta
-        out[r0:r0 + step].scatter_(1, idx, kept_w.masked_fill(~ok, 0.0))
-    return out.masked_fill_(pruned, 0.0)
+    keep = (~(prune_mask | dead[None, :])).float()
+    V = (W if start is None else start.detach().float()) * keep
+    inv_diag = 1.0 / torch.diag(H)
+    # Minimise 1/2 v^T H v - v^T H w over v on K: the residual is r = keep * ((w - v) H).
+    r = ((W - V) @ H) * keep
+    z = r * inv_diag
+    p = z.clone()
+    rz = (r * z).sum(1)
+    r0 = r.norm(dim=1).clamp_min(1e-30)
+    iterations = 0
+    for iterations in range(max_iters + 1):
+        if iterations == max_iters or bool((r.norm(dim=1) <= tol * r0).all()):
+            break
+        Ap = (p @ H) * keep
+        alpha = rz / (p * Ap).sum(1).clamp_min(1e-30)
+        V += alpha[:, None] * p
+        r -= alpha[:, None] * Ap
+        z = r * inv_diag
+        rz_new = (r * z).sum(1)
+        p = z + (rz_new / rz.clamp_min(1e-30))[:, None] * p
+        rz = rz_new
+    if info is not None:
+        info["iterations"] = iterations
+    return V * keep
+
+
+def resolve_layer(linears: dict[str, torch.nn.Linear], dense: dict[str, torch.Tensor], stats: dict,
+                  masks: dict[str, torch.Tensor], percdamp: float = 0.01) -> dict:
+    """Re-solve the kept weights of every linear of a pruned layer under its final mask, started from its
+    current weights; returns each linear's layer-wise error (summed over rows) before and after."""
+    report = {}
+    for name, lin in linears.items():
+        current = lin.weight.detach().float()
+        H, _ = damped_hessian(stats[name].hessian, percdamp)
+        before = float(layer_error(dense[name], current, H).sum())
+        info: dict = {}
+        new = lstsq_with_mask(dense[name], stats[name].hessian, masks[name], start=current, percdamp=percdamp,
+                              info=info)
+        after = float(layer_error(dense[name], new, H).sum())
+        if after <= before:
+            lin.weight.data.copy_(new)
+        report[name] = {"error_before": before, "error_after": min(before, after), **info}
+    return report
