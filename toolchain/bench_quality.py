@@ -6,7 +6,8 @@ Every method and flag combination that can beat the plain references, each prune
 - Barber on SparseGPT over the rebuild ratio alpha and the ranking granularity (row, layer, block; N:M only
   allows row);
 - per-layer allocation (OWL, Hessian trace) at 50%, 60% and 70% unstructured;
-- block reconstruction (`--reconstruct block`) on SparseGPT and on the best allocation.
+- the exact least-squares re-solve (`--resolve lstsq`) on SparseGPT and on Barber;
+- block reconstruction (`--reconstruct block`) on SparseGPT, on OWL allocation and after the re-solve.
 The table has one column per sparsity with perplexity, prune wall time and peak anonymous memory; the best
 perplexity of each column is bold and compared with its reference, its time with SparseGPT's.
 """
@@ -33,9 +34,13 @@ def quality_configs() -> list[tuple[str, str, str | None, list[str], tuple[str, 
                          ("0.5", "2:4") if granularity == "row" else ("0.5",)))
     for allocation in ("owl", "hessian"):
         rows.append((f"sparsegpt {allocation}", "sparsegpt", None, ["--allocation", allocation], ("0.5", "0.6", "0.7")))
+    rows.append(("sparsegpt + lstsq", "sparsegpt", None, ["--resolve", "lstsq"], ("0.5", "2:4")))
+    rows.append(("barber(sparsegpt) + lstsq", "barber", "sparsegpt", ["--resolve", "lstsq"], ("0.5", "2:4")))
     rows.append(("sparsegpt + reconstruct", "sparsegpt", None, ["--reconstruct", "block"], ("0.5", "2:4")))
     rows.append(("sparsegpt owl + reconstruct", "sparsegpt", None, ["--allocation", "owl", "--reconstruct", "block"],
                  ("0.5",)))
+    rows.append(("sparsegpt + lstsq + reconstruct", "sparsegpt", None, ["--resolve", "lstsq", "--reconstruct", "block"],
+                 ("0.5", "2:4")))
     return rows
 
 
