@@ -49,7 +49,19 @@ def run_quality_bench(model: str, out_dir: str | Path, only: list[str] | None = 
     work.mkdir(parents=True, exist_ok=True)
     src = dense_dir(model, Path("out/bench"))
     fp32_mib = _model_fp32_mib(src)
-    rows = []
+    from .pipeline import library_versions
+
+    stem, rows = _stem(out_dir, "prune_quality", model), []
+    order = ["dense@-"] + [f"{n}@{s}" for n, _, _, _, sp in quality_configs() for s in sp]
+
+    def save(partial: bool) -> dict:
+        result = {"benchmark": "prune-quality", "model": str(model), "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0",
+                  "eval": f"pydoc held-out split, seqlen {SEQLEN}", "model_fp32_mib": round(fp32_mib, 1),
+                  "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": list(rows),
+                  "partial": partial}
+        _write_result(stem, result, order, lambda r: f"{r['name']}@{r['sparsity']}", quality_table)
+        return result
+
     if not only or "dense" in only:
         rows.append({"name": "dense", "sparsity": "-", "ppl": _eval_ppl(src)})
     for name, method, init, extra, sparsities in quality_configs():
@@ -65,15 +77,8 @@ def run_quality_bench(model: str, out_dir: str | Path, only: list[str] | None = 
             row["peak_anon_x_fp32"] = round(row["peak_anon_mib"] / fp32_mib, 2)
             rows.append(row)
             print(f"{name} @ {sparsity}: ppl {row['ppl']:.3f}, {row['prune_seconds']:.1f} s", flush=True)
-    from .pipeline import library_versions
-
-    result = {"benchmark": "prune-quality", "model": str(model), "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0",
-              "eval": f"pydoc held-out split, seqlen {SEQLEN}", "model_fp32_mib": round(fp32_mib, 1),
-              "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows, "partial": bool(only)}
-    order = ["dense@-"] + [f"{n}@{s}" for n, _, _, _, sp in quality_configs() for s in sp]
-    _write_result(_stem(out_dir, "prune_quality", model), result, order, lambda r: f"{r['name']}@{r['sparsity']}",
-                  quality_table)
-    return result
+            save(partial=True)   # every finished row is on disk, so an interrupted run loses nothing
+    return save(partial=bool(only))
 
 
 def best_per_column(rows: list[dict]) -> dict[str, dict]:
