@@ -34,13 +34,13 @@ def quality_configs() -> list[tuple[str, str, str | None, list[str], tuple[str, 
                          ("0.5", "2:4") if granularity == "row" else ("0.5",)))
     for allocation in ("owl", "hessian"):
         rows.append((f"sparsegpt {allocation}", "sparsegpt", None, ["--allocation", allocation], ("0.5", "0.6", "0.7")))
-    rows.append(("sparsegpt + lstsq", "sparsegpt", None, ["--resolve", "lstsq"], ("0.5", "2:4")))
-    rows.append(("barber(sparsegpt) + lstsq", "barber", "sparsegpt", ["--resolve", "lstsq"], ("0.5", "2:4")))
     rows.append(("sparsegpt + reconstruct", "sparsegpt", None, ["--reconstruct", "block"], ("0.5", "2:4")))
-    rows.append(("sparsegpt owl + reconstruct", "sparsegpt", None, ["--allocation", "owl", "--reconstruct", "block"],
-                 ("0.5",)))
+    rows.append(("sparsegpt + lstsq", "sparsegpt", None, ["--resolve", "lstsq"], ("0.5", "2:4")))
     rows.append(("sparsegpt + lstsq + reconstruct", "sparsegpt", None, ["--resolve", "lstsq", "--reconstruct", "block"],
                  ("0.5", "2:4")))
+    rows.append(("barber(sparsegpt) + lstsq", "barber", "sparsegpt", ["--resolve", "lstsq"], ("0.5", "2:4")))
+    rows.append(("sparsegpt owl + reconstruct", "sparsegpt", None, ["--allocation", "owl", "--reconstruct", "block"],
+                 ("0.5",)))
     return rows
 
 
