@@ -64,20 +64,21 @@ def run_quality_bench(model: str, out_dir: str | Path, only: list[str] | None = 
 
     if not only or "dense" in only:
         rows.append({"name": "dense", "sparsity": "-", "ppl": _eval_ppl(src)})
-    for name, method, init, extra, sparsities in quality_configs():
-        for sparsity in sparsities:
-            if only and name not in only and f"{name}@{sparsity}" not in only:
-                continue
-            target = work / _slug(f"{name}-{sparsity.replace(':', 'of')}")
-            row = {"name": name, "sparsity": sparsity, **run_prune_one(src, target, method, init, sparsity, extra)}
-            # The command as a user types it: the model by name, an output of their choice.
-            row["command"] = (row["command"].replace(f"--model {src}", f"--model {model}")
-                              .replace(f"--out {target}", "--out OUT").replace(" --quiet", ""))
-            row["ppl"] = _eval_ppl(target)
-            row["peak_anon_x_fp32"] = round(row["peak_anon_mib"] / fp32_mib, 2)
-            rows.append(row)
-            print(f"{name} @ {sparsity}: ppl {row['ppl']:.3f}, {row['prune_seconds']:.1f} s", flush=True)
-            save(partial=True)   # every finished row is on disk, so an interrupted run loses nothing
+    runs = [(name, method, init, extra, sparsity) for name, method, init, extra, sparsities in quality_configs()
+            for sparsity in sparsities if not only or name in only or f"{name}@{sparsity}" in only]
+    if only:   # in the order asked for, so the rows that matter most can go first
+        runs.sort(key=lambda r: min(i for i, o in enumerate(only) if o in (r[0], f"{r[0]}@{r[4]}")))
+    for name, method, init, extra, sparsity in runs:
+        target = work / _slug(f"{name}-{sparsity.replace(':', 'of')}")
+        row = {"name": name, "sparsity": sparsity, **run_prune_one(src, target, method, init, sparsity, extra)}
+        # The command as a user types it: the model by name, an output of their choice.
+        row["command"] = (row["command"].replace(f"--model {src}", f"--model {model}")
+                          .replace(f"--out {target}", "--out OUT").replace(" --quiet", ""))
+        row["ppl"] = _eval_ppl(target)
+        row["peak_anon_x_fp32"] = round(row["peak_anon_mib"] / fp32_mib, 2)
+        rows.append(row)
+        print(f"{name} @ {sparsity}: ppl {row['ppl']:.3f}, {row['prune_seconds']:.1f} s", flush=True)
+        save(partial=True)   # every finished row is on disk, so an interrupted run loses nothing
     return save(partial=bool(only))
 
 

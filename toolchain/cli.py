@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
-                   help="comma list of configurations to run, as NAME or NAME@SPARSITY (e.g. wanda@2:4); "
+                   help="comma list of configurations to run, in that order, as NAME or NAME@SPARSITY (e.g. wanda@2:4); "
                         "their rows replace the same rows of an existing result file")
     return parser
 
