@@ -32,7 +32,7 @@ def layer_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) 
 
 @torch.no_grad()
 def lstsq_with_mask(weight: torch.Tensor, hessian: torch.Tensor, prune_mask: torch.Tensor,
-                    start: torch.Tensor | None = None, percdamp: float = 0.01, max_iters: int = 100,
+                    start: torch.Tensor | None = None, percdamp: float = 0.01, max_iters: int = 30,
                     tol: float = 1e-4, info: dict | None = None) -> torch.Tensor:
     """Kept weights of every row of `weight` ([rows, in], dense values) re-solved under `prune_mask` (True =
     pruned), minimising each row's layer-wise error on the damped Hessian.
@@ -41,7 +41,9 @@ def lstsq_with_mask(weight: torch.Tensor, hessian: torch.Tensor, prune_mask: tor
     each iteration is one [rows, in] x [in, in] product, where a direct solve would need one Cholesky
     factorisation per row (each row keeps a different set). Started from `start` (e.g. SparseGPT's weights),
     CG only ever lowers the error, so the result is never worse than the start; it stops when every row's
-    residual has fallen by `tol` or after `max_iters` (the count used goes to `info["iterations"]`)."""
+    residual has fallen by `tol` or after `max_iters` (the count used goes to `info["iterations"]`).
+    On SmolLM2's layers, from SparseGPT's weights, 20-30 iterations reach over 99% of the error reduction of
+    300 (layer 3: q_proj 38.3% of 38.4%, down_proj 16.47% of 16.47%), hence the cap of 30."""
     W = weight.detach().float().clone()
     H, dead = damped_hessian(hessian.to(W.device), percdamp)
     W[:, dead] = 0.0
