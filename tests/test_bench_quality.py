@@ -39,6 +39,11 @@ def test_table_bolds_the_best_of_each_column_and_compares_it_with_sparsegpt():
     assert "| sparsegpt + reconstruct | **17.10** · 280 s · 2.0× | 30.00 · 270 s · 2.0× |" in text
     assert "| sparsegpt | 19.00 · 100 s · 2.0× | **29.00** · 90 s · 2.0× |" in text
     assert "| wanda | 25.00 · 60 s · 2.0× |  |" in text
-    assert "50%: **sparsegpt + reconstruct** 17.10 vs sparsegpt 19.00 (-10.0%), time 2.80× SparseGPT's. " \
+    assert "50%, best: **sparsegpt + reconstruct** 17.10 vs sparsegpt 19.00 (-10.0%), time 2.80× SparseGPT's. " \
            "Command: `toolchain prune --reconstruct block`" in text
+    assert "50%, best within 3×" not in text          # the best is already within the bound
+    slow = rows + [_row("slow", "0.5", 16.0, 400.0, "toolchain prune --slow")]
+    text = quality_table({"model": "m", "calibration": "c", "eval": "e", "rows": slow})
+    assert "50%, best: **slow** 16.00" in text
+    assert "50%, best within 3×: **sparsegpt + reconstruct** 17.10" in text
     assert "dense perplexity 13.20" in text

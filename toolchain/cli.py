@@ -12,6 +12,7 @@ PRUNE_EXAMPLES = """examples:
   toolchain prune --model smollm2 --method wanda --sparsity 0.5 --out out/wanda50
   toolchain prune --model smollm2 --method barber --init sparsegpt --sparsity 2:4 --out out/barber24
   toolchain prune --model ./my-llama --method sparsegpt --sparsity 0.6 --allocation owl --out out/sgpt60
+  toolchain prune --model smollm2 --method sparsegpt --sparsity 2:4 --resolve lstsq --out out/sgpt24-ls
 
 N:M means N kept of every M consecutive input weights (2:4 = 50%, along the reduction dimension).
 The output directory is a Hugging Face model (AutoModelForCausalLM.from_pretrained loads it) plus
