@@ -47,7 +47,7 @@ def test_never_worse_than_sparsegpt_from_its_weights_and_keeps_the_mask(sparsity
     for iters in (1, 3, 200):   # CG from a start point only lowers the error, at every iteration count
         new = lstsq_with_mask(w, stats.hessian, mask, start=w_sgpt, max_iters=iters)
         assert float(layer_error(w, new, H).sum()) <= float(layer_error(w, w_sgpt, H).sum()) * (1 + 1e-6)
-        assert torch.equal(new == 0, w_sgpt == 0) or bool((new[mask] == 0).all())
+        assert bool((new[mask] == 0).all())   # the mask is kept: every pruned weight stays exactly zero
     assert float(layer_error(w, new, H).sum()) < 0.99 * float(layer_error(w, w_sgpt, H).sum())
 
 
