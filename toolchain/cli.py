@@ -90,9 +90,13 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="Barber's comparison group for ranking swaps: row (each output row, exact per-row "
                         "sparsity; the only choice for N:M), layer (a whole matrix), or block (all matrices of the "
                         "attention or MLP block pooled); the reference's output1/layer/block (default %(default)s)")
+    p.add_argument("--rebuild-solver", choices=["lstsq", "obs"], default="lstsq",
+                   help="Barber with --init sparsegpt: how rows whose mask changed are re-solved under the new "
+                        "mask: lstsq (the exact least-squares fit on the layer Hessian, conjugate gradients from "
+                        "SparseGPT's weights) or obs (SparseGPT's own OBS sweep) (default %(default)s)")
     p.add_argument("--keep-updates", action=argparse.BooleanOptionalAction, default=True,
-                   help="Barber with --init sparsegpt: rows whose mask changed are re-solved with SparseGPT's OBS "
-                        "update under the new mask, other rows keep SparseGPT's weights (a no-op for magnitude "
+                   help="Barber with --init sparsegpt: rows whose mask changed are re-solved under the new mask "
+                        "(see --rebuild-solver), other rows keep SparseGPT's weights (a no-op for magnitude "
                         "and Wanda, which do not update weights). --no-keep-updates resets every kept weight to "
                         "its dense value, as the reference code does by default (default: keep)")
     p.add_argument("--resolve", choices=["none", "lstsq"], default="none",
@@ -278,7 +282,7 @@ def _prune_config(args, method: str):
     return PruneConfig(method=method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
                        rebuild_ratio=args.rebuild_ratio,
                        rebuild_granularity=args.rebuild_granularity, resolve_mode=args.resolve,
-                       keep_updates=args.keep_updates, loss_guard=args.loss_guard,
+                       keep_updates=args.keep_updates, rebuild_solver=args.rebuild_solver, loss_guard=args.loss_guard,
                        reconstruct=args.reconstruct, reconstruct_epochs=args.reconstruct_epochs,
                        reconstruct_lr=args.reconstruct_lr, reconstruct_batch=args.reconstruct_batch,
                        **_calib_kwargs(args))

@@ -20,7 +20,9 @@ from .models.loading import check_out_dir
 from .sensitivity import layer_hessian_traces
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
 from .prune.barber import check_granularity
-from .prune.lstsq import resolve_layer
+from .prune.lstsq import lstsq_rows, resolve_layer
+
+REBUILD_SOLVERS = ("lstsq", "obs")
 from .prune.reconstruct import reconstruct_layer
 from .prune.allocation import ALLOCATIONS, check_allocation, owl_from_outlier_ratios, \
     owl_outlier_ratios, rank_linear
@@ -55,6 +57,7 @@ class PruneConfig(CalibConfig):
     rebuild_ratio: float = 0.01      # Barber's alpha: fraction of the beneficial swaps that are made
     rebuild_granularity: str = "row"  # Barber's swap ranking group: row, layer or block
     keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
+    rebuild_solver: str = "lstsq"    # Barber on SparseGPT: re-solve changed rows by least squares or OBS
     loss_guard: bool = True          # Barber: keep a block's rebuild only if its block loss does not rise
     hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
     resolve_mode: str = "none"       # "lstsq": re-solve every kept weight exactly under the final mask
@@ -87,6 +90,8 @@ class PruneConfig(CalibConfig):
         target = SparsityTarget.parse(self.sparsity)
         check_allocation(self.allocation, target)
         check_granularity(self.rebuild_granularity, target)
+        if self.rebuild_solver not in REBUILD_SOLVERS:
+            raise ConfigError(f"--rebuild-solver {self.rebuild_solver!r}: choose one of {', '.join(REBUILD_SOLVERS)}")
         return target, init
 
 
@@ -187,6 +192,9 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     barber = Barber(cfg.rebuild_ratio, cfg.keep_updates, cfg.loss_guard,
                                       cfg.rebuild_granularity) if cfg.method == "barber" else None
     engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
+    # Only an init that updates weights (SparseGPT) has rows to re-solve; it also brings the Hessians.
+    rebuild_solver = None if not method.needs_hessian else (
+        lstsq_rows if cfg.rebuild_solver == "lstsq" else method.solve_with_mask)
     counts = {"pruned": 0, "total": 0}
 
     def prune_layer(i, layer, hidden):
@@ -206,7 +214,7 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
         outputs = None
         if barber:
             entry["barber"], outputs = barber.rebuild_layer(engine, layer, dense_layer, hidden, masks, targets,
-                                                            stats, getattr(method, "solve_with_mask", None))
+                                                            stats, rebuild_solver)
         if lstsq:
             entry["resolve"] = resolve_layer(adapter.linears(layer), dense_w, stats, masks)
             outputs = None   # the re-solved layer's outputs are recomputed for the next layer

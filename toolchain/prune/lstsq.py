@@ -73,6 +73,13 @@ def lstsq_with_mask(weight: torch.Tensor, hessian: torch.Tensor, prune_mask: tor
     return V * keep
 
 
+def lstsq_rows(dense_rows: torch.Tensor, stats, prune_mask: torch.Tensor, start: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Barber's re-solve of the rows whose mask it changed (the `solver` of `Barber.rebuild_layer`): the exact
+    least-squares weights under the new mask, from `start` (the init's weights, revived ones at dense value)."""
+    return lstsq_with_mask(dense_rows, stats.hessian, prune_mask, start=start)
+
+
 def resolve_layer(linears: dict[str, torch.nn.Linear], dense: dict[str, torch.Tensor], stats: dict,
                   masks: dict[str, torch.Tensor], percdamp: float = 0.01) -> dict:
     """Re-solve the kept weights of every linear of a pruned layer under its final mask, started from its

@@ -55,8 +55,11 @@ class SparseGPT(PruneMethod):
         W, U = self._prepare(weight, stats)
         return self._sweep(W, U, target, None)
 
-    def solve_with_mask(self, weight, stats, prune_mask: torch.Tensor) -> torch.Tensor:
-        """OBS reconstruction of `weight` ([rows, in], dense values) with the pruned set fixed to `prune_mask`."""
+    def solve_with_mask(self, weight, stats, prune_mask: torch.Tensor, start: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """OBS reconstruction of `weight` ([rows, in], dense values) with the pruned set fixed to `prune_mask`.
+        `start` is ignored (the sweep always starts from the dense weights); it is there so this fits Barber's
+        `solver` slot like `lstsq_rows`."""
         W, U = self._prepare(weight, stats)
         return self._sweep(W, U, None, prune_mask)[0]
 
