@@ -367,3 +367,39 @@ def test_barber_layer_outputs_match_a_forward_of_the_rebuilt_layer(family, pre_n
                                                                         targets)
     assert report["swaps"]["fc2" if family == "opt" else "mlp.down_proj"] > 0
     torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_barber_rerun_of_a_few_touched_channels_matches_a_full_rerun(family):
+    """The guard's rerun of the MLP recomputes only the channels a rebuild touched (changed rows of the first
+    linears, changed columns of the exit linear); the outputs and loss equal a full rerun of the block."""
+    import dataclasses
+
+    from toolchain.prune.barber import gradient_pass, rerun_block
+
+    lm = loaded(family, layers=1)
+    engine = LayerEngine(lm.model, lm.adapter, calib(8, 16), batch_size=4, device="cpu")
+    hidden = engine.capture_inputs()
+    layer = engine.layers[0]
+    dense = copy.deepcopy(layer).requires_grad_(True)
+    for lin in lm.adapter.linears(layer).values():
+        lin.weight.data, _ = Magnitude().prune(lin.weight, None, SparsityTarget.parse("0.5"))
+    mlp = lm.adapter.subblocks(layer)[1]
+    rec = gradient_pass(engine, layer, dense, hidden, [mlp])[0][mlp.name]
+    old = {n: layer.get_submodule(n).weight.detach().clone() for n in mlp.linears}
+    gen = torch.Generator().manual_seed(0)
+    first, exit_ = layer.get_submodule(mlp.linears[0]).weight, layer.get_submodule(mlp.linears[-1]).weight
+    first.data[[3, 7]] += torch.randn(2, first.shape[1], generator=gen)
+    exit_.data[:, 5] = 0.0
+    exit_.data[2, 11] += 1.0
+    new = {n: layer.get_submodule(n).weight.detach().clone() for n in mlp.linears}
+
+    def no_full_run(*_):
+        raise AssertionError("the whole block ran")
+
+    outs, loss = rerun_block(layer, dataclasses.replace(mlp, run=no_full_run), rec, old)
+    full, full_loss = rerun_block(layer, mlp, rec)
+    for y, y_full in zip(outs, full):
+        torch.testing.assert_close(y, y_full, rtol=1e-5, atol=1e-5)
+    assert loss == pytest.approx(full_loss, rel=1e-5) and loss != pytest.approx(rec.loss, rel=1e-3)
+    assert all(layer.get_submodule(n).weight.equal(new[n]) for n in mlp.linears)   # the new weights are back

@@ -25,6 +25,8 @@ PRUNE_CONFIGS = [
     ("sparsegpt", "sparsegpt", None, []),
     ("barber(wanda)", "barber", "wanda", []),
     ("barber(sparsegpt)", "barber", "sparsegpt", []),
+    # Control: the rebuilt rows re-solved by SparseGPT's own OBS sweep instead of least squares (the default)
+    ("barber(sparsegpt) obs re-solve", "barber", "sparsegpt", ["--rebuild-solver", "obs"]),
     ("barber(sparsegpt) reset to dense", "barber", "sparsegpt", ["--no-keep-updates", "--no-loss-guard"]),
     # SmolLM2's 576-wide rows rarely reach floor(0.01 * R) >= 1 swap; a larger ratio shows what rebuilding can do
     ("barber(wanda) ratio 0.05", "barber", "wanda", ["--rebuild-ratio", "0.05"]),

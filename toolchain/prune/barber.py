@@ -20,7 +20,8 @@ code does by default.
 Loss guard (ours, `loss_guard`): a block's rebuild is kept only if its block loss on the calibration windows
 does not rise; otherwise the block keeps the init's masks and weights.
 Cost: one pass of the sparse layer serves every block while the earlier blocks' rebuilds change nothing
-(their inputs are then unchanged); the next layer's input is the recorded output plus the change of the
+(their inputs are then unchanged); an attention rebuild costs one more pass, which both measures its guard
+and gathers the MLP's gradients on its new output; the next layer's input is the recorded output plus the change of the
 last block's output (pre-norm decoders), so no extra layer forward is needed.
 """
 from __future__ import annotations
@@ -130,7 +131,8 @@ class BlockRecord:
 
 
 def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequence[SubBlock],
-                  grad_dtype: torch.dtype | None = torch.bfloat16) -> tuple[dict[str, BlockRecord], torch.Tensor]:
+                  grad_dtype: torch.dtype | None = torch.bfloat16, loss_only: Sequence[str] = ()
+                  ) -> tuple[dict[str, BlockRecord], torch.Tensor]:
     """One pass of the sparse `layer` over every window, to its end, capturing each block's input and output;
     each dense block runs on the captured input (the pruned model's own) with gradients, giving the block
     loss L_n = mean((y_dense - y_sparse)^2) per window n and G2 = mean_n (dL_n/dW)^2 for its linears.
@@ -138,9 +140,12 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
     of Barber's cost, bfloat16 matmuls are 3x faster than float32 on this project's AVX512-BF16 CPU
     (measured), and the result only ranks weights (the reference computes it in float16). The sparse layer
     stays float32: its output is the next layer's input.
+    Blocks named in `loss_only` get their loss measured but no gradients (a rebuilt block's guard, measured in
+    the same pass that gathers the next block's gradients).
     Returns the records per block name and the sparse layer's output for every window."""
-    records = {b.name: BlockRecord({n: torch.zeros_like(dense_layer.get_submodule(n).weight, dtype=torch.float32)
-                                    for n in b.linears}, 0.0) for b in blocks}
+    records = {b.name: BlockRecord({} if b.name in loss_only else {
+        n: torch.zeros_like(dense_layer.get_submodule(n).weight, dtype=torch.float32) for n in b.linears}, 0.0)
+        for b in blocks}
     last = blocks[-1].name
     layer_out = torch.empty_like(hidden)
     seen: dict = {}
@@ -165,11 +170,13 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                 layer_out[s] = engine.call_layer(layer, hidden[s])
             for b in blocks:
                 rec, (args, kwargs), y_sparse = records[b.name], seen[("in", b.name)], seen[("out", b.name)]
-                with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=grad_dtype or torch.float32,
-                                                         enabled=grad_dtype is not None):
+                want_grad = b.name not in loss_only
+                with torch.set_grad_enabled(want_grad), torch.autocast(
+                        hidden.device.type, dtype=grad_dtype or torch.float32, enabled=grad_dtype is not None):
                     y_dense = b.run(dense_layer, args, kwargs)
                     per_window = (y_dense - y_sparse).reshape(batch, -1).square().mean(dim=1)
-                    grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in b.linears])
+                    grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in b.linears]) \
+                        if want_grad else ()
                 for n, grad_out in zip(b.linears, grads):
                     rec.g2[n] += _bf16_per_window_grad_sq(grad_out, linear_io[n][0], batch)
                 rec.loss += float(per_window.detach().sum())
@@ -191,14 +198,44 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
 
 
 @torch.no_grad()
-def rerun_block(layer, block: SubBlock, rec: BlockRecord) -> tuple[list[torch.Tensor], float]:
-    """The (rebuilt) sparse block on its recorded inputs: outputs per batch and the mean block loss."""
-    outs, total, windows = [], 0.0, 0
-    for (args, kwargs), y_dense, n in zip(rec.calls, rec.dense_out, rec.sizes):
-        y = block.run(layer, args, kwargs)
+def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str, torch.Tensor] | None = None
+                ) -> tuple[list[torch.Tensor], float]:
+    """The (rebuilt) sparse block on its recorded inputs: outputs per batch and the mean block loss.
+
+    With the block's weights before the rebuild (`old_weights`) and an `exit_input` (MLP blocks), only the
+    channels K that the rebuild touched are recomputed: the rows of the first linears that changed and the
+    columns of the exit linear that changed. Every other channel has the same input and the same exit
+    column as before, so y_new = y_old + h_new[K] W_new[:, K]^T - h_old[K] W_old[:, K]^T exactly. A Wanda
+    or magnitude rebuild swaps a few weights, so K is a few channels out of thousands; when K is over half
+    of them the whole block runs instead."""
+    exit_name, firsts = block.linears[-1], block.linears[:-1]
+    channels = None
+    if old_weights is not None and block.exit_input is not None and firsts:
+        touched = (layer.get_submodule(exit_name).weight != old_weights[exit_name]).any(dim=0)
+        for n in firsts:
+            touched |= (layer.get_submodule(n).weight != old_weights[n]).any(dim=1)
+        if int(touched.sum()) * 2 <= touched.numel():
+            channels = touched.nonzero().squeeze(1)
+    if channels is None:
+        outs = [block.run(layer, args, kwargs) for args, kwargs in rec.calls]
+    else:
+        new_exit = layer.get_submodule(exit_name).weight[:, channels]
+        outs = [y + torch.nn.functional.linear(block.exit_input(layer, args, kwargs, channels), new_exit)
+                for (args, kwargs), y in zip(rec.calls, rec.sparse_out)]
+        new = {n: layer.get_submodule(n).weight.detach().clone() for n in block.linears}
+        try:
+            for n in block.linears:   # the old weights, for h_old at the same channels
+                layer.get_submodule(n).weight.copy_(old_weights[n])
+            old_exit = old_weights[exit_name][:, channels]
+            for y, (args, kwargs) in zip(outs, rec.calls):
+                y -= torch.nn.functional.linear(block.exit_input(layer, args, kwargs, channels), old_exit)
+        finally:
+            for n in block.linears:
+                layer.get_submodule(n).weight.copy_(new[n])
+    total, windows = 0.0, 0
+    for y, y_dense, n in zip(outs, rec.dense_out, rec.sizes):
         total += float((y_dense - y).reshape(n, -1).square().mean(dim=1).sum())
         windows += n
-        outs.append(y)
     return outs, total / max(windows, 1)
 
 
@@ -234,8 +271,9 @@ class Barber:
         layer's output for every window (the next layer's input).
 
         Sub-blocks go in order (attention, then MLP on the rebuilt attention's output). One pass gathers the
-        gradients of every block; a block's rebuild that changes the layer makes the later blocks pass again,
-        one that changes nothing leaves the pass valid. A rebuild is kept only if the block loss on the
+        gradients of every block; a block's rebuild that changes the layer makes the later blocks pass again
+        (that pass also measures the rebuilt block's loss for the guard), one that changes nothing leaves the
+        pass valid; a reverted rebuild leaves the first pass valid too. A rebuild is kept only if the block loss on the
         calibration windows does not rise (`loss_guard`, ours; the reference keeps every rebuild); otherwise
         the block's masks and weights go back to the init's.
         With `keep_updates` and a `solver` (`solver(dense_rows, stats, prune_mask_rows, start=rows)`, given the
@@ -245,37 +283,30 @@ class Barber:
         dense_layer.requires_grad_(True)
         report: dict = {"swaps": {}, "resolved_rows": {}, "reverted": []}
         blocks = list(engine.adapter.subblocks(layer))
-        records, layer_out = gradient_pass(engine, layer, dense_layer, hidden, blocks,
-                                              self.grad_dtype)
+        records, layer_out = gradient_pass(engine, layer, dense_layer, hidden, blocks, self.grad_dtype)
         for i, block in enumerate(blocks):
-            if records is None:  # an earlier block changed this layer: its later blocks see new inputs
-                records, layer_out = gradient_pass(engine, layer, dense_layer, hidden, blocks[i:],
-                                                           self.grad_dtype)
             rec = records[block.name]
             report[f"{block.name}_loss_before"] = report[f"{block.name}_loss_after"] = rec.loss
             saved = {n: (layer.get_submodule(n).weight.detach().clone(), masks[n]) for n in block.linears}
             if not self._rebuild_block(layer, dense_layer, block, rec.g2, masks, targets, stats, solver, report):
+                continue   # nothing changed: the pass's records of the later blocks stay valid
+            if i + 1 < len(blocks):
+                # The later blocks now see new inputs: pass again. The same pass measures this block's new loss.
+                new_records, new_out = gradient_pass(engine, layer, dense_layer, hidden, blocks[i:],
+                                                     self.grad_dtype, loss_only=(block.name,))
+                loss_after = new_records[block.name].loss
+                if self.loss_guard and loss_after > rec.loss:
+                    self._revert(layer, block, saved, masks, report)   # the first pass's records hold again
+                    continue
+                records, layer_out = new_records, new_out
+                report[f"{block.name}_loss_after"] = loss_after
                 continue
-            last = i + 1 == len(blocks)
-            if not (self.loss_guard or last):
-                records = None
-                continue
-            if last:
-                outs, loss_after = rerun_block(layer, block, rec)
-            else:
-                outs, loss_after = None, block_loss(engine, layer, dense_layer, hidden, block,
-                                                            self.grad_dtype)
+            outs, loss_after = rerun_block(layer, block, rec, {n: w for n, (w, _) in saved.items()})
             if self.loss_guard and loss_after > rec.loss:
-                for n, (weight, mask) in saved.items():
-                    layer.get_submodule(n).weight.data.copy_(weight)
-                    masks[n] = mask
-                    report["swaps"][n] = report["resolved_rows"][n] = 0
-                report["reverted"].append(block.name)
+                self._revert(layer, block, saved, masks, report)
                 continue
             report[f"{block.name}_loss_after"] = loss_after
-            if not last:
-                records = None
-            elif engine.adapter.output_adds_last_block(layer):
+            if engine.adapter.output_adds_last_block(layer):
                 # The layer's output is the last block's residual plus the block's output.
                 start = 0
                 for y_new, y_old, n in zip(outs, rec.sparse_out, rec.sizes):
@@ -285,6 +316,15 @@ class Barber:
                 layer_out = engine.forward_layer(layer, hidden)
         dense_layer.requires_grad_(False)
         return report, layer_out
+
+    @staticmethod
+    def _revert(layer, block, saved, masks, report) -> None:
+        """Give `block` back the init's masks and weights."""
+        for n, (weight, mask) in saved.items():
+            layer.get_submodule(n).weight.data.copy_(weight)
+            masks[n] = mask
+            report["swaps"][n] = report["resolved_rows"][n] = 0
+        report["reverted"].append(block.name)
 
     def _rebuild_block(self, layer, dense_layer, block, g2, masks, targets, stats, solver, report) -> bool:
         """Score, swap and set new weights for the linears of `block`; True if any mask changed."""
