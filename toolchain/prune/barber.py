@@ -117,6 +117,29 @@ def _bf16_per_window_grad_sq(grad_out: torch.Tensor, x: torch.Tensor, batch: int
     return torch.bmm(g.transpose(1, 2), x).float().square().sum(dim=0)
 
 
+def _batch_slice(call: tuple[tuple, dict], out: torch.Tensor, batch: int, lo: int, hi: int
+                 ) -> tuple[tuple, dict, torch.Tensor]:
+    """A captured block call and its output, cut to windows lo:hi of the `batch` windows. The block's input
+    tells the layout: [batch, ...] or flattened [batch * T, ...] (OPT's MLP); every tensor with that first
+    dimension is cut, shared ones (RoPE tables, broadcast masks) pass as they are."""
+    args, kwargs = call
+    x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+    rows = x.shape[0]
+    if rows % batch:
+        raise RuntimeError(f"a block input of {rows} rows does not split into {batch} windows")
+    if (lo, hi) == (0, batch):
+        return args, kwargs, out
+    per = rows // batch
+
+    def cut(v):
+        if isinstance(v, torch.Tensor):
+            return v[lo * per:hi * per] if v.dim() > 0 and v.shape[0] == rows else v
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(u) for u in v)
+        return v
+    return cut(args), {k: cut(v) for k, v in kwargs.items()}, cut(out)
+
+
 @dataclass
 class BlockRecord:
     """One sub-block's share of a pass over the calibration windows, batch by batch."""
@@ -162,32 +185,38 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                 lambda m, a, o, n=n: linear_io.__setitem__(n, (a[0], o))))
     windows = 0
     try:
-        # Half batches: a backward pass keeps every activation of the block (attention probabilities
-        # included), so this bounds the transient memory near that of a plain forward at full batch.
-        for s in engine.batches(size=engine.batch_size // 2):
-            batch = s.stop - s.start
+        # The sparse layer runs on the walk's own batches, so a rebuild that changes nothing hands the next
+        # layer exactly what the init method alone would. The dense blocks run on half batches: a backward pass
+        # keeps every activation of the block, and this bounds it near a plain forward at full batch.
+        for s in engine.batches():
             with torch.no_grad():
                 layer_out[s] = engine.call_layer(layer, hidden[s])
-            for b in blocks:
-                rec, (args, kwargs), y_sparse = records[b.name], seen[("in", b.name)], seen[("out", b.name)]
-                want_grad = b.name not in loss_only
-                with torch.set_grad_enabled(want_grad), torch.autocast(
-                        hidden.device.type, dtype=grad_dtype or torch.float32, enabled=grad_dtype is not None):
-                    y_dense = b.run(dense_layer, args, kwargs)
-                    per_window = (y_dense - y_sparse).reshape(batch, -1).square().mean(dim=1)
-                    grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in b.linears]) \
-                        if want_grad else ()
-                for n, grad_out in zip(b.linears, grads):
-                    rec.g2[n] += _bf16_per_window_grad_sq(grad_out, linear_io[n][0], batch)
-                rec.loss += float(per_window.detach().sum())
-                if b.name == last:
-                    rec.calls.append((args, kwargs))
-                    rec.dense_out.append(y_dense.detach())
-                    rec.sparse_out.append(y_sparse)
-                    rec.sizes.append(batch)
-                linear_io.clear()
+            full = s.stop - s.start
+            for lo in range(0, full, max(1, engine.batch_size // 2)):
+                hi = min(lo + max(1, engine.batch_size // 2), full)
+                batch = hi - lo
+                for b in blocks:
+                    rec = records[b.name]
+                    args, kwargs, y_sparse = _batch_slice(seen[("in", b.name)], seen[("out", b.name)],
+                                                          full, lo, hi)
+                    want_grad = b.name not in loss_only
+                    with torch.set_grad_enabled(want_grad), torch.autocast(
+                            hidden.device.type, dtype=grad_dtype or torch.float32, enabled=grad_dtype is not None):
+                        y_dense = b.run(dense_layer, args, kwargs)
+                        per_window = (y_dense - y_sparse).reshape(batch, -1).square().mean(dim=1)
+                        grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in b.linears]) \
+                            if want_grad else ()
+                    for n, grad_out in zip(b.linears, grads):
+                        rec.g2[n] += _bf16_per_window_grad_sq(grad_out, linear_io[n][0], batch)
+                    rec.loss += float(per_window.detach().sum())
+                    if b.name == last:
+                        rec.calls.append((args, kwargs))
+                        rec.dense_out.append(y_dense.detach())
+                        rec.sparse_out.append(y_sparse)
+                        rec.sizes.append(batch)
+                    linear_io.clear()
+                windows += batch
             seen.clear()
-            windows += batch
     finally:
         for h in hooks:
             h.remove()
@@ -202,35 +231,44 @@ def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str,
                 ) -> tuple[list[torch.Tensor], float]:
     """The (rebuilt) sparse block on its recorded inputs: outputs per batch and the mean block loss.
 
-    With the block's weights before the rebuild (`old_weights`) and an `exit_input` (MLP blocks), only the
-    channels K that the rebuild touched are recomputed: the rows of the first linears that changed and the
-    columns of the exit linear that changed. Every other channel has the same input and the same exit
-    column as before, so y_new = y_old + h_new[K] W_new[:, K]^T - h_old[K] W_old[:, K]^T exactly. A Wanda
-    or magnitude rebuild swaps a few weights, so K is a few channels out of thousands; when K is over half
-    of them the whole block runs instead."""
+    With the block's weights before the rebuild (`old_weights`) and an `exit_input` (MLP blocks), only what the
+    rebuild touched is recomputed. With h the exit linear's input, W its weight, C the channels whose rows of
+    the first linears changed and J the exit columns that changed:
+        y_new - y_old = W_new h_new - W_old h_old = h_old[J] (W_new - W_old)[:, J]^T + (h_new - h_old)[C] W_new[:, C]^T
+    so only h_old on J u C and h_new on C are needed, from the recorded block inputs. A Wanda rebuild swaps a
+    weight or two per row, so that is a fraction of the block; past the cost of a full rerun the whole block
+    runs instead (SparseGPT init, whose re-solved exit rows change every column)."""
     exit_name, firsts = block.linears[-1], block.linears[:-1]
-    channels = None
+    plan = None
     if old_weights is not None and block.exit_input is not None and firsts:
-        touched = (layer.get_submodule(exit_name).weight != old_weights[exit_name]).any(dim=0)
+        exit_w = layer.get_submodule(exit_name).weight
+        cols = (exit_w != old_weights[exit_name]).any(dim=0)
+        rows = torch.zeros_like(cols)
         for n in firsts:
-            touched |= (layer.get_submodule(n).weight != old_weights[n]).any(dim=1)
-        if int(touched.sum()) * 2 <= touched.numel():
-            channels = touched.nonzero().squeeze(1)
-    if channels is None:
+            rows |= (layer.get_submodule(n).weight != old_weights[n]).any(dim=1)
+        if int((cols | rows).sum()) + int(rows.sum()) < cols.numel():
+            plan = ((cols | rows).nonzero().squeeze(1), rows.nonzero().squeeze(1))
+    if plan is None:
         outs = [block.run(layer, args, kwargs) for args, kwargs in rec.calls]
     else:
-        new_exit = layer.get_submodule(exit_name).weight[:, channels]
-        outs = [y + torch.nn.functional.linear(block.exit_input(layer, args, kwargs, channels), new_exit)
-                for (args, kwargs), y in zip(rec.calls, rec.sparse_out)]
-        new = {n: layer.get_submodule(n).weight.detach().clone() for n in block.linears}
+        touched, changed = plan
+        delta_w = (exit_w - old_weights[exit_name])[:, touched]
+        new_exit_c = exit_w[:, changed]
+        h_new = [block.exit_input(layer, args, kwargs, changed) for args, kwargs in rec.calls] if len(changed) else []
+        new = {n: layer.get_submodule(n).weight.detach().clone() for n in firsts}
+        outs = []
         try:
-            for n in block.linears:   # the old weights, for h_old at the same channels
+            for n in firsts:   # the old weights, for h_old
                 layer.get_submodule(n).weight.copy_(old_weights[n])
-            old_exit = old_weights[exit_name][:, channels]
-            for y, (args, kwargs) in zip(outs, rec.calls):
-                y -= torch.nn.functional.linear(block.exit_input(layer, args, kwargs, channels), old_exit)
+            for i, ((args, kwargs), y) in enumerate(zip(rec.calls, rec.sparse_out)):
+                h_old = block.exit_input(layer, args, kwargs, touched)
+                y = y + torch.nn.functional.linear(h_old, delta_w)
+                if len(changed):
+                    in_changed = torch.isin(touched, changed)
+                    y = y + torch.nn.functional.linear(h_new[i] - h_old[..., in_changed], new_exit_c)
+                outs.append(y)
         finally:
-            for n in block.linears:
+            for n in firsts:
                 layer.get_submodule(n).weight.copy_(new[n])
     total, windows = 0.0, 0
     for y, y_dense, n in zip(outs, rec.dense_out, rec.sizes):
