@@ -22,17 +22,14 @@ from toolchain.bench import CALIB, SEQLEN, dense_dir
 from toolchain.data import eval_windows, get_corpus, tokenize
 from toolchain.evaluate import perplexity
 from toolchain.models import load_model
-from toolchain.prune.barber import Barber, rebuild_masks
+from toolchain.prune.barber import Barber
 
 
 class SameMaskBarber(Barber):
     """Barber's rows, re-solved under the mask they already had: the mask never changes."""
 
     def _rebuild_block(self, layer, dense_layer, block, g2, masks, targets, stats, solver, report) -> bool:
-        dense = {n: dense_layer.get_submodule(n).weight.detach().float() for n in block.linears}
-        new_masks = rebuild_masks({n: masks[n] for n in block.linears},
-                                  {n: dense[n].abs() * g2[n].sqrt() for n in block.linears},
-                                  self.ratio, targets[block.linears[0]], self.granularity)
+        dense, new_masks = self.scored_masks(dense_layer, block, g2, masks, targets)
         changed = False
         for name in block.linears:
             lin, old = layer.get_submodule(name), masks[name]

@@ -156,6 +156,18 @@ def _one_pruned_layer(method, hessian=False):
     return lm, engine, hidden, layer, dense, stats, masks, targets, init
 
 
+def _magnitude_pruned_layer(family: str, windows: int, tokens: int):
+    """A one-layer tiny model pruned 50% by magnitude, its engine and inputs, and a dense copy with gradients."""
+    lm = loaded(family, layers=1)
+    engine = LayerEngine(lm.model, lm.adapter, calib(windows, tokens), batch_size=4, device="cpu")
+    hidden = engine.capture_inputs()
+    layer = engine.layers[0]
+    dense = copy.deepcopy(layer).requires_grad_(True)
+    for lin in lm.adapter.linears(layer).values():
+        lin.weight.data, _ = Magnitude().prune(lin.weight, None, SparsityTarget.parse("0.5"))
+    return lm, engine, hidden, layer, dense
+
+
 def test_barber_keeps_counts_and_lowers_block_loss():
     lm, engine, hidden, layer, dense, _, masks, targets, _ = _one_pruned_layer(Magnitude())
     blocks = lm.adapter.subblocks(layer)
@@ -182,13 +194,7 @@ def test_barber_per_window_gradients_match_autograd():
     (to bfloat16 precision: the batched product runs in bfloat16)."""
     from toolchain.prune.barber import gradient_pass
 
-    lm = loaded("llama", layers=1)
-    engine = LayerEngine(lm.model, lm.adapter, calib(4, 16), batch_size=4, device="cpu")
-    hidden = engine.capture_inputs()
-    layer = engine.layers[0]
-    dense = copy.deepcopy(layer).requires_grad_(True)
-    for lin in lm.adapter.linears(layer).values():
-        lin.weight.data, _ = Magnitude().prune(lin.weight, None, SparsityTarget.parse("0.5"))
+    lm, engine, hidden, layer, dense = _magnitude_pruned_layer("llama", 4, 16)
     blocks = lm.adapter.subblocks(layer)
     records, outputs = gradient_pass(engine, layer, dense, hidden, blocks)
     torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden))
@@ -377,13 +383,7 @@ def test_barber_rerun_of_a_few_touched_channels_matches_a_full_rerun(family):
 
     from toolchain.prune.barber import gradient_pass, rerun_block
 
-    lm = loaded(family, layers=1)
-    engine = LayerEngine(lm.model, lm.adapter, calib(8, 16), batch_size=4, device="cpu")
-    hidden = engine.capture_inputs()
-    layer = engine.layers[0]
-    dense = copy.deepcopy(layer).requires_grad_(True)
-    for lin in lm.adapter.linears(layer).values():
-        lin.weight.data, _ = Magnitude().prune(lin.weight, None, SparsityTarget.parse("0.5"))
+    lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 8, 16)
     mlp = lm.adapter.subblocks(layer)[1]
     rec = gradient_pass(engine, layer, dense, hidden, [mlp])[0][mlp.name]
     old = {n: layer.get_submodule(n).weight.detach().clone() for n in mlp.linears}

@@ -364,12 +364,16 @@ class Barber:
             report["swaps"][n] = report["resolved_rows"][n] = 0
         report["reverted"].append(block.name)
 
+    def scored_masks(self, dense_layer, block, g2, masks, targets) -> tuple[dict, dict]:
+        """The block's dense weights and its rebuilt masks: score |W_dense| * RMS(grad), then swap."""
+        dense = {n: dense_layer.get_submodule(n).weight.detach().float() for n in block.linears}
+        return dense, rebuild_masks({n: masks[n] for n in block.linears},
+                                    {n: dense[n].abs() * g2[n].sqrt() for n in block.linears},
+                                    self.ratio, targets[block.linears[0]], self.granularity)
+
     def _rebuild_block(self, layer, dense_layer, block, g2, masks, targets, stats, solver, report) -> bool:
         """Score, swap and set new weights for the linears of `block`; True if any mask changed."""
-        dense = {n: dense_layer.get_submodule(n).weight.detach().float() for n in block.linears}
-        new_masks = rebuild_masks({n: masks[n] for n in block.linears},
-                                  {n: dense[n].abs() * g2[n].sqrt() for n in block.linears},
-                                  self.ratio, targets[block.linears[0]], self.granularity)
+        dense, new_masks = self.scored_masks(dense_layer, block, g2, masks, targets)
         changed = False
         for name in block.linears:
             lin = layer.get_submodule(name)
