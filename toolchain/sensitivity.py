@@ -14,6 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 
+def _fold_into(totals: torch.Tensor, k: int, probe: torch.Tensor):
+    def hook(param: torch.Tensor) -> None:
+        totals[k] += float((param.grad * probe).sum())
+        param.grad = None
+    return hook
+
+
 def linear_hessian_traces(model, adapter, calib_ids: torch.Tensor, samples: int = 4, seed: int = 0,
                           device: torch.device | str = "cpu", progress: bool = True) -> list[dict[str, float]]:
     """Per decoder layer, {linear name: estimated tr(H_l) / n_l} (the mean Hessian diagonal, per weight)."""
@@ -27,6 +34,7 @@ def linear_hessian_traces(model, adapter, calib_ids: torch.Tensor, samples: int 
         p.requires_grad_(False)
     for p in flat:
         p.requires_grad_(True)
+        p.grad = None   # the Hessian-vector products accumulate into .grad
     # Double backward is not implemented for the fused attention kernels; eager attention is exact.
     attn_impl = getattr(model.config, "_attn_implementation", None)
     with contextlib.suppress(Exception):
@@ -38,10 +46,17 @@ def linear_hessian_traces(model, adapter, calib_ids: torch.Tensor, samples: int 
             ids = calib_ids[i:i + 1].to(device)
             loss = model(ids, labels=ids, use_cache=False).loss
             grads = torch.autograd.grad(loss, flat, create_graph=True)
-            probes = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype).to(device) for p in flat]
-            hv = torch.autograd.grad(grads, flat, grad_outputs=probes)
-            totals += torch.tensor([float((h * v).sum()) for h, v in zip(hv, probes)], dtype=torch.float64)
-            del loss, grads, hv
+            # Rademacher probes are +-1: int8 holds them exactly at a quarter of float32's memory.
+            probes = [(torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8) * 2 - 1).to(device) for p in flat]
+            # (H v)_l arrives in each weight's .grad; a hook folds it into v_l . (H v)_l at once and frees it, so
+            # the Hessian-vector product is never held for every linear at the same time.
+            hooks = [p.register_post_accumulate_grad_hook(_fold_into(totals, k, probes[k])) for k, p in enumerate(flat)]
+            try:
+                torch.autograd.backward(sum((g * v).sum() for g, v in zip(grads, probes)), inputs=flat)
+            finally:
+                for h in hooks:
+                    h.remove()
+            del loss, grads, probes
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
