@@ -267,3 +267,29 @@ def test_compress_cli_prunes_then_quantizes_with_aptq(tiny_dir, tmp_path):
     assert report["quantization"]["method"] == "aptq" and report["quantization"]["avg_bits"] <= 3.5
     state = read_quant_state(out / "quant_state.safetensors")
     assert all(check_nm(qw.prune_mask, 2, 4) for qw in state.values())
+
+
+def test_hutchinson_traces_equal_a_plain_double_backward_with_the_same_probes():
+    """`linear_hessian_traces` folds each weight's Hessian-vector product into v.(Hv) as it arrives; with the
+    same Rademacher probes that must equal the textbook form, autograd.grad(grads, W, grad_outputs=v)."""
+    from toolchain.sensitivity import linear_hessian_traces
+
+    lm = tiny_loaded("llama", layers=2)
+    ids = random_ids(2, 16)
+    got = linear_hessian_traces(lm.model, lm.adapter, ids, samples=2, seed=3, progress=False)
+    named = [(i, n, lin.weight) for i, layer in enumerate(lm.adapter.decoder_layers(lm.model))
+             for n, lin in lm.adapter.linears(layer).items()]
+    flat = [w for _, _, w in named]
+    for w in flat:
+        w.requires_grad_(True)
+    lm.model.set_attn_implementation("eager")
+    gen, totals = torch.Generator().manual_seed(3), torch.zeros(len(flat), dtype=torch.float64)
+    for i in range(2):
+        loss = lm.model(ids[i:i + 1], labels=ids[i:i + 1], use_cache=False).loss
+        grads = torch.autograd.grad(loss, flat, create_graph=True)
+        probes = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).float() for w in flat]
+        hv = torch.autograd.grad(grads, flat, grad_outputs=probes)
+        totals += torch.tensor([float((h * v).sum()) for h, v in zip(hv, probes)], dtype=torch.float64)
+    for k, (i, n, w) in enumerate(named):
+        assert got[i][n] == pytest.approx(abs(float(totals[k])) / 2 / w.numel(), rel=1e-4), (i, n)
+    assert len({round(v, 12) for layer in got for v in layer.values()}) > 1
