@@ -21,11 +21,11 @@ from .sensitivity import layer_hessian_traces
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
 from .prune.barber import check_granularity
 from .prune.lstsq import lstsq_rows, resolve_layer
-
-REBUILD_SOLVERS = ("lstsq", "obs")
 from .prune.reconstruct import reconstruct_layer
 from .prune.allocation import ALLOCATIONS, check_allocation, owl_from_outlier_ratios, \
     owl_outlier_ratios, rank_linear
+
+REBUILD_SOLVERS = ("lstsq", "obs")   # how Barber re-solves the rows it changed (SparseGPT init)
 
 
 @dataclass

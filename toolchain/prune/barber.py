@@ -15,8 +15,8 @@ Per decoder layer, attention sub-block first, then MLP (which sees the rebuilt a
 Weights after the rebuild (`keep_updates`, our default): for magnitude and Wanda init, dense values on the
 new mask; for SparseGPT init, every row whose mask changed is re-solved under the new mask by the `solver`
 the pipeline hands in: the exact least-squares fit on the layer Hessian (`lstsq_rows`, default) or
-SparseGPT's own OBS sweep (`--rebuild-solver obs`). Unchanged rows keep SparseGPT's weights. `keep_updates=False` resets every kept weight to its dense value, as the reference
-code does by default.
+SparseGPT's own OBS sweep (`--rebuild-solver obs`). Unchanged rows keep SparseGPT's weights.
+`keep_updates=False` resets every kept weight to its dense value, as the reference code does by default.
 Loss guard (ours, `loss_guard`): a block's rebuild is kept only if its block loss on the calibration windows
 does not rise; otherwise the block keeps the init's masks and weights.
 Cost: one pass of the sparse layer serves every block while the earlier blocks' rebuilds change nothing
@@ -117,6 +117,16 @@ def _bf16_per_window_grad_sq(grad_out: torch.Tensor, x: torch.Tensor, batch: int
     return torch.bmm(g.transpose(1, 2), x).float().square().sum(dim=0)
 
 
+def _dense_autocast(device_type: str, dtype: torch.dtype | None):
+    """Autocast for the dense blocks (None: plain float32)."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _window_losses(y_dense: torch.Tensor, y_sparse: torch.Tensor, windows: int) -> torch.Tensor:
+    """Block loss per window: mean((y_dense - y_sparse)^2) over each window's outputs."""
+    return (y_dense - y_sparse).reshape(windows, -1).square().mean(dim=1)
+
+
 def _batch_slice(call: tuple[tuple, dict], out: torch.Tensor, batch: int, lo: int, hi: int
                  ) -> tuple[tuple, dict, torch.Tensor]:
     """A captured block call and its output, cut to windows lo:hi of the `batch` windows. The block's input
@@ -146,7 +156,7 @@ class BlockRecord:
 
     g2: dict[str, torch.Tensor]              # mean over windows of the squared per-window gradient, per linear
     loss: float                              # mean block loss, dense vs sparse, over windows
-    # Kept for the layer's last block only (the others are re-measured in the rare case they change):
+    # Kept for the last block of the pass only (an earlier block's rebuild is measured by the next pass):
     calls: list[tuple[tuple, dict]] = field(default_factory=list)    # the block's entry call (its input)
     dense_out: list[torch.Tensor] = field(default_factory=list)
     sparse_out: list[torch.Tensor] = field(default_factory=list)
@@ -200,10 +210,9 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                     args, kwargs, y_sparse = _batch_slice(seen[("in", b.name)], seen[("out", b.name)],
                                                           full, lo, hi)
                     want_grad = b.name not in loss_only
-                    with torch.set_grad_enabled(want_grad), torch.autocast(
-                            hidden.device.type, dtype=grad_dtype or torch.float32, enabled=grad_dtype is not None):
+                    with torch.set_grad_enabled(want_grad), _dense_autocast(hidden.device.type, grad_dtype):
                         y_dense = b.run(dense_layer, args, kwargs)
-                        per_window = (y_dense - y_sparse).reshape(batch, -1).square().mean(dim=1)
+                        per_window = _window_losses(y_dense, y_sparse, batch)
                         grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in b.linears]) \
                             if want_grad else ()
                     for n, grad_out in zip(b.linears, grads):
@@ -255,6 +264,7 @@ def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str,
         delta_w = (exit_w - old_weights[exit_name])[:, touched]
         new_exit_c = exit_w[:, changed]
         h_new = [block.exit_input(layer, args, kwargs, changed) for args, kwargs in rec.calls] if len(changed) else []
+        in_changed = torch.isin(touched, changed)   # where C sits among the touched channels
         new = {n: layer.get_submodule(n).weight.detach().clone() for n in firsts}
         outs = []
         try:
@@ -264,7 +274,6 @@ def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str,
                 h_old = block.exit_input(layer, args, kwargs, touched)
                 y = y + torch.nn.functional.linear(h_old, delta_w)
                 if len(changed):
-                    in_changed = torch.isin(touched, changed)
                     y = y + torch.nn.functional.linear(h_new[i] - h_old[..., in_changed], new_exit_c)
                 outs.append(y)
         finally:
@@ -272,7 +281,7 @@ def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str,
                 layer.get_submodule(n).weight.copy_(new[n])
     total, windows = 0.0, 0
     for y, y_dense, n in zip(outs, rec.dense_out, rec.sizes):
-        total += float((y_dense - y).reshape(n, -1).square().mean(dim=1).sum())
+        total += float(_window_losses(y_dense, y, n).sum())
         windows += n
     return outs, total / max(windows, 1)
 
@@ -285,9 +294,9 @@ def block_loss(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBlock
     total, windows = 0.0, 0
     for s in engine.batches():
         args, kwargs, y_sparse = engine.capture_block(layer, hidden[s], block)
-        with torch.autocast(hidden.device.type, dtype=dense_dtype or torch.float32, enabled=dense_dtype is not None):
+        with _dense_autocast(hidden.device.type, dense_dtype):
             y_dense = block.run(dense_layer, args, kwargs)
-        total += float((y_dense - y_sparse).reshape(s.stop - s.start, -1).square().mean(dim=1).sum())
+        total += float(_window_losses(y_dense, y_sparse, s.stop - s.start).sum())
         windows += s.stop - s.start
     return total / max(windows, 1)
 
@@ -311,7 +320,7 @@ class Barber:
         Sub-blocks go in order (attention, then MLP on the rebuilt attention's output). One pass gathers the
         gradients of every block; a block's rebuild that changes the layer makes the later blocks pass again
         (that pass also measures the rebuilt block's loss for the guard), one that changes nothing leaves the
-        pass valid; a reverted rebuild leaves the first pass valid too. A rebuild is kept only if the block loss on the
+        pass valid, and so does a reverted one. A rebuild is kept only if the block loss on the
         calibration windows does not rise (`loss_guard`, ours; the reference keeps every rebuild); otherwise
         the block's masks and weights go back to the init's.
         With `keep_updates` and a `solver` (`solver(dense_rows, stats, prune_mask_rows, start=rows)`, given the
