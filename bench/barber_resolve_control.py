@@ -28,8 +28,8 @@ from toolchain.prune.barber import Barber
 class SameMaskBarber(Barber):
     """Barber's rows, re-solved under the mask they already had: the mask never changes."""
 
-    def _rebuild_block(self, layer, dense_layer, block, g2, masks, targets, stats, solver, report) -> bool:
-        dense, new_masks = self.scored_masks(dense_layer, block, g2, masks, targets)
+    def _rebuild_block(self, layer, dense_layer, block, rec, masks, targets, stats, solver, report) -> bool:
+        dense, new_masks = self.scored_masks(dense_layer, block, rec, masks, targets)
         changed = False
         for name in block.linears:
             lin, old = layer.get_submodule(name), masks[name]

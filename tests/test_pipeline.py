@@ -17,11 +17,12 @@ def test_prune_cli_writes_loadable_model_and_report(tiny_dir, tmp_path, capsys):
 
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(tiny_dir), "--method", "barber", "--init", "sparsegpt", "--sparsity", "2:4",
-                 "--calib-samples", "4", "--seqlen", "64", "--out", str(out), "--quiet"])
+                 "--calib-samples", "4", "--seqlen", "64", "--out", str(out), "--quiet", "--rebuild-score", "taylor-exit"])
     assert code == 0, capsys.readouterr().err
     model = AutoModelForCausalLM.from_pretrained(out)
     report = json.loads((out / "compression.json").read_text())
     assert report["method"] == "barber" and report["init"] == "sparsegpt" and report["nm"] == [2, 4]
+    assert report["config"]["rebuild_score"] == "taylor-exit"
     assert report["calibration"] == {"dataset": "pydoc", "samples": 4, "seqlen": 64, "seed": 0,
                                      "split_tokens": report["calibration"]["split_tokens"]}
     assert all(v["nm_valid"] for layer in report["layers"] for v in layer["linears"].values())

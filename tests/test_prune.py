@@ -213,6 +213,76 @@ def test_barber_per_window_gradients_match_autograd():
         torch.testing.assert_close(g2[n], expected[n], rtol=2e-2, atol=2e-2 * float(expected[n].max()))
 
 
+def test_taylor_score_is_the_exact_loss_change_of_each_toggle_on_a_last_linear():
+    """The block loss is quadratic in the block's last linear, so with k = 1/(T d_out) the score is exactly the
+    loss change of reviving a pruned weight (minus it) or pruning a kept one."""
+    from toolchain.prune.barber import taylor_score
+
+    torch.manual_seed(0)
+    windows, tokens, d_out, d_in = 3, 7, 5, 12
+    x = torch.randn(windows, tokens, d_in, dtype=torch.float64) * torch.linspace(0.2, 3, d_in, dtype=torch.float64)
+    dense_w = torch.randn(d_out, d_in, dtype=torch.float64)
+    prune_mask = torch.rand(d_out, d_in) < 0.5
+
+    def loss(w):   # mean over windows of the per-window mean squared error, as the gradient pass measures it
+        return ((x @ dense_w.T - x @ w.T) ** 2).reshape(windows, -1).mean(1).mean()
+
+    sparse_w = dense_w.masked_fill(prune_mask, 0).requires_grad_(True)
+    grad = -torch.autograd.grad(loss(sparse_w), sparse_w)[0]
+    score = taylor_score(dense_w, grad, x.square().sum(1).mean(0), prune_mask, 1.0 / (tokens * d_out))
+    base = float(loss(sparse_w.detach()))
+    for r in range(d_out):
+        for j in range(d_in):
+            toggled = sparse_w.detach().clone()
+            toggled[r, j] = dense_w[r, j] if prune_mask[r, j] else 0.0
+            expected = -float(score[r, j]) if prune_mask[r, j] else float(score[r, j])
+            assert float(loss(toggled)) - base == pytest.approx(expected, rel=1e-9, abs=1e-12), (r, j)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_barber_exit_terms_are_the_sparse_gradient_of_the_last_linear(family):
+    """`exit_terms`: minus the gradient of the block loss with respect to the SPARSE last linear, and that
+    linear's input energy (the dense output runs in bfloat16, hence the tolerance)."""
+    from toolchain.prune.barber import gradient_pass
+
+    lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 4, 16)
+    for block in lm.adapter.subblocks(layer):
+        rec = gradient_pass(engine, layer, dense, hidden, [block], exit_terms=True)[0][block.name]
+        exit_lin = layer.get_submodule(block.linears[-1])
+        args, kwargs, _ = engine.capture_block(layer, hidden, block)
+        inputs = []
+        hook = exit_lin.register_forward_hook(lambda m, a, o: inputs.append(a[0].detach()))
+        exit_lin.weight.requires_grad_(True)
+        with torch.no_grad():
+            y_dense = block.run(dense, args, kwargs)
+        loss = (y_dense - block.run(layer, args, kwargs)).reshape(4, -1).square().mean(1).mean()
+        hook.remove()
+        grad = torch.autograd.grad(loss, exit_lin.weight)[0]
+        exit_lin.weight.requires_grad_(False)
+        torch.testing.assert_close(rec.exit_grad, -grad, rtol=3e-2, atol=3e-2 * float(grad.abs().max()))
+        torch.testing.assert_close(rec.exit_in_sq, inputs[0].reshape(-1, grad.shape[1]).square().sum(0) / 4)
+        assert rec.tokens == 16
+
+
+def test_barber_taylor_exit_lowers_the_mlp_block_loss():
+    lm, engine, hidden, layer, dense, _, masks, targets, _ = _one_pruned_layer(Magnitude())
+    counts = {name: m.sum(dim=1).clone() for name, m in masks.items()}
+    report, outputs = Barber(ratio=0.05, score="taylor-exit", loss_guard=False).rebuild_layer(
+        engine, layer, dense, hidden, masks, targets)
+    torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden), rtol=1e-5, atol=1e-5)
+    assert report["swaps"]["mlp.down_proj"] > 0
+    assert report["mlp_loss_after"] < 0.7 * report["mlp_loss_before"]
+    assert report["mlp_loss_after"] == pytest.approx(block_loss(engine, layer, dense, hidden,
+                                                                lm.adapter.subblocks(layer)[1]), rel=1e-4)
+    for name, lin in lm.adapter.linears(layer).items():
+        assert ((lin.weight == 0).sum(dim=1) == counts[name]).all(), name
+
+
+def test_unknown_rebuild_score_is_refused():
+    with pytest.raises(ConfigError, match="rebuild-score"):
+        Barber(score="fisher")
+
+
 def test_same_seed_same_masks_and_different_seed_differs(tiny_llama_dir):
     from toolchain.models import load_model
     from toolchain.pipeline import calibration_data

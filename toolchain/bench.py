@@ -31,6 +31,9 @@ PRUNE_CONFIGS = [
     # SmolLM2's 576-wide rows rarely reach floor(0.01 * R) >= 1 swap; a larger ratio shows what rebuilding can do
     ("barber(wanda) ratio 0.05", "barber", "wanda", ["--rebuild-ratio", "0.05"]),
     ("barber(sparsegpt) ratio 0.05", "barber", "sparsegpt", ["--rebuild-ratio", "0.05"]),
+    # Ours: the blocks' last linears (o_proj, down_proj) scored by the exact second-order loss change
+    ("barber(wanda) taylor-exit", "barber", "wanda", ["--rebuild-score", "taylor-exit"]),
+    ("barber(sparsegpt) taylor-exit", "barber", "sparsegpt", ["--rebuild-score", "taylor-exit"]),
 ]
 SPARSITIES = ("0.5", "2:4")
 

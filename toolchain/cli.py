@@ -90,6 +90,10 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="Barber's comparison group for ranking swaps: row (each output row, exact per-row "
                         "sparsity; the only choice for N:M), layer (a whole matrix), or block (all matrices of the "
                         "attention or MLP block pooled); the reference's output1/layer/block (default %(default)s)")
+    p.add_argument("--rebuild-score", choices=["grad-rms", "taylor-exit"], default="grad-rms",
+                   help="Barber's weight score: grad-rms, the reference's |W| * RMS(block-loss gradient), or taylor "
+                        "(ours): a second-order estimate of the block-loss change when the weight is revived or "
+                        "pruned, signed gradient plus an input-energy curvature term (default %(default)s)")
     p.add_argument("--rebuild-solver", choices=["lstsq", "obs"], default="lstsq",
                    help="Barber with --init sparsegpt: how rows whose mask changed are re-solved under the new "
                         "mask: lstsq (the exact least-squares fit on the layer Hessian, conjugate gradients from "
@@ -281,7 +285,8 @@ def _prune_config(args, method: str):
 
     return PruneConfig(method=method, init=args.init, sparsity=args.sparsity, allocation=args.allocation,
                        rebuild_ratio=args.rebuild_ratio,
-                       rebuild_granularity=args.rebuild_granularity, resolve_mode=args.resolve,
+                       rebuild_granularity=args.rebuild_granularity, rebuild_score=args.rebuild_score,
+                       resolve_mode=args.resolve,
                        keep_updates=args.keep_updates, rebuild_solver=args.rebuild_solver, loss_guard=args.loss_guard,
                        reconstruct=args.reconstruct, reconstruct_epochs=args.reconstruct_epochs,
                        reconstruct_lr=args.reconstruct_lr, reconstruct_batch=args.reconstruct_batch,

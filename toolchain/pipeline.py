@@ -19,7 +19,7 @@ from .models import LoadedModel, load_model, save_model
 from .models.loading import check_out_dir
 from .sensitivity import layer_hessian_traces
 from .prune import INIT_METHODS, METHODS, Barber, SparsityTarget, check_nm, make_method
-from .prune.barber import check_granularity
+from .prune.barber import check_granularity, check_score
 from .prune.lstsq import lstsq_rows, resolve_layer
 from .prune.reconstruct import reconstruct_layer
 from .prune.allocation import ALLOCATIONS, check_allocation, owl_from_outlier_ratios, \
@@ -56,6 +56,7 @@ class PruneConfig(CalibConfig):
     allocation: str = "uniform"
     rebuild_ratio: float = 0.01      # Barber's alpha: fraction of the beneficial swaps that are made
     rebuild_granularity: str = "row"  # Barber's swap ranking group: row, layer or block
+    rebuild_score: str = "grad-rms"  # Barber's weight score: the reference's |W| RMS(grad), or taylor-exit (ours)
     keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
     rebuild_solver: str = "lstsq"    # Barber on SparseGPT: re-solve changed rows by least squares or OBS
     loss_guard: bool = True          # Barber: keep a block's rebuild only if its block loss does not rise
@@ -90,6 +91,7 @@ class PruneConfig(CalibConfig):
         target = SparsityTarget.parse(self.sparsity)
         check_allocation(self.allocation, target)
         check_granularity(self.rebuild_granularity, target)
+        check_score(self.rebuild_score)
         if self.rebuild_solver not in REBUILD_SOLVERS:
             raise ConfigError(f"--rebuild-solver {self.rebuild_solver!r}: choose one of {', '.join(REBUILD_SOLVERS)}")
         return target, init
@@ -189,8 +191,8 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     t_alloc = time.perf_counter() - t0
 
     method = make_method(init)
-    barber = Barber(cfg.rebuild_ratio, cfg.keep_updates, cfg.loss_guard,
-                                      cfg.rebuild_granularity) if cfg.method == "barber" else None
+    barber = Barber(cfg.rebuild_ratio, cfg.keep_updates, cfg.loss_guard, cfg.rebuild_granularity,
+                    score=cfg.rebuild_score) if cfg.method == "barber" else None
     engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
     # Only an init that updates weights (SparseGPT) has rows to re-solve; it also brings the Hessians.
     rebuild_solver = None if not method.needs_hessian else (

@@ -75,6 +75,29 @@ def rebuild_mask(prune_mask: torch.Tensor, score: torch.Tensor, ratio: float, ta
 
 
 GRANULARITIES = ("row", "layer", "block")
+SCORES = ("grad-rms", "taylor-exit")
+
+
+def check_score(score: str) -> None:
+    if score not in SCORES:
+        raise ConfigError(f"--rebuild-score {score!r}: choose one of {', '.join(SCORES)}")
+
+
+def taylor_score(weight: torch.Tensor, grad: torch.Tensor, in_sq: torch.Tensor, prune_mask: torch.Tensor,
+                 curvature: float) -> torch.Tensor:
+    """The exact block-loss change of toggling each weight of a block's LAST linear (ours).
+
+    The block output is linear in that weight, so the block loss L (a mean over T tokens and d_out outputs)
+    is quadratic in it with curvature k = 1/(T d_out) times the input energy n_j = sum_t x_tj^2. With
+    `grad` = -dL/dW_sparse at the current mask, toggling w = weight_rj changes L by exactly
+        revive (pruned -> w):  -grad_rj w + k n_j w^2     (the score is minus this: the benefit)
+        prune  (kept -> 0):     grad_rj w + k n_j w^2     (the score is this: the cost)
+    so `rebuild_mask`, which pairs the best pruned with the worst kept weights, swaps a pair when the two
+    single changes together lower the loss (their cross term, -2k w_ri w_rj H_ij, is left out). The
+    reference's |W| RMS(grad) has no curvature term and takes the gradient at the dense weights: it can cut a
+    strong kept weight whose error correlation happens to be small."""
+    second = curvature * in_sq * weight.square()
+    return grad * weight + torch.where(prune_mask, -second, second)
 
 
 def check_granularity(granularity: str, target: SparsityTarget | None = None) -> None:
@@ -156,6 +179,11 @@ class BlockRecord:
 
     g2: dict[str, torch.Tensor]              # mean over windows of the squared per-window gradient, per linear
     loss: float                              # mean block loss, dense vs sparse, over windows
+    # The block's last linear, at the sparse weights (`exit_terms`): -dL/dW_sparse and sum_t x_tj^2 of its
+    # sparse input, both means over windows; tokens per window.
+    exit_grad: torch.Tensor | None = None
+    exit_in_sq: torch.Tensor | None = None
+    tokens: int = 0
     # Kept for the last block of the pass only (an earlier block's rebuild is measured by the next pass):
     calls: list[tuple[tuple, dict]] = field(default_factory=list)    # the block's entry call (its input)
     dense_out: list[torch.Tensor] = field(default_factory=list)
@@ -164,8 +192,8 @@ class BlockRecord:
 
 
 def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequence[SubBlock],
-                  grad_dtype: torch.dtype | None = torch.bfloat16, loss_only: Sequence[str] = ()
-                  ) -> tuple[dict[str, BlockRecord], torch.Tensor]:
+                  grad_dtype: torch.dtype | None = torch.bfloat16, loss_only: Sequence[str] = (),
+                  exit_terms: bool = False) -> tuple[dict[str, BlockRecord], torch.Tensor]:
     """One pass of the sparse `layer` over every window, to its end, capturing each block's input and output;
     each dense block runs on the captured input (the pruned model's own) with gradients, giving the block
     loss L_n = mean((y_dense - y_sparse)^2) per window n and G2 = mean_n (dL_n/dW)^2 for its linears.
@@ -175,6 +203,9 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
     stays float32: its output is the next layer's input.
     Blocks named in `loss_only` get their loss measured but no gradients (a rebuilt block's guard, measured in
     the same pass that gathers the next block's gradients).
+    `exit_terms` also records, for each graded block's last linear, the gradient at the SPARSE weights and its
+    sparse input's energy (`taylor_score`): -dL_n/dW = 2/(T d_out) (y_dense - y_sparse)^T x_sparse, from the
+    sparse layer's own forward, so it costs one product per batch and no backward.
     Returns the records per block name and the sparse layer's output for every window."""
     records = {b.name: BlockRecord({} if b.name in loss_only else {
         n: torch.zeros_like(dense_layer.get_submodule(n).weight, dtype=torch.float32) for n in b.linears}, 0.0)
@@ -188,6 +219,12 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
             lambda m, a, k, name=b.name: seen.__setitem__(("in", name), (a, k)), with_kwargs=True))
         hooks.append(layer.get_submodule(b.exit).register_forward_hook(
             lambda m, a, o, name=b.name: seen.__setitem__(("out", name), first_tensor(o))))
+    exit_inputs: dict[str, torch.Tensor] = {}
+    if exit_terms:
+        for b in blocks:
+            if b.name not in loss_only:
+                hooks.append(layer.get_submodule(b.linears[-1]).register_forward_hook(
+                    lambda m, a, o, name=b.name: exit_inputs.__setitem__(name, a[0])))
     linear_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for b in blocks:
         for n in b.linears:
@@ -217,6 +254,16 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                             if want_grad else ()
                     for n, grad_out in zip(b.linears, grads):
                         rec.g2[n] += _bf16_per_window_grad_sq(grad_out, linear_io[n][0], batch)
+                    if b.name in exit_inputs:
+                        x = exit_inputs[b.name]
+                        x = x.reshape(full, -1, x.shape[-1])[lo:hi].reshape(-1, x.shape[-1]).float()
+                        residual = (y_dense.detach().float() - y_sparse).reshape(x.shape[0], -1)
+                        if rec.exit_grad is None:
+                            rec.exit_grad = torch.zeros(residual.shape[1], x.shape[1], device=x.device)
+                            rec.exit_in_sq = torch.zeros(x.shape[1], device=x.device)
+                        rec.tokens = x.shape[0] // batch
+                        rec.exit_grad += residual.T @ x * (2.0 / (rec.tokens * residual.shape[1]))
+                        rec.exit_in_sq += x.square().sum(dim=0)
                     rec.loss += float(per_window.detach().sum())
                     if b.name == last:
                         rec.calls.append((args, kwargs))
@@ -226,11 +273,15 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                     linear_io.clear()
                 windows += batch
             seen.clear()
+            exit_inputs.clear()
     finally:
         for h in hooks:
             h.remove()
     for rec in records.values():
         rec.g2 = {n: g / max(windows, 1) for n, g in rec.g2.items()}
+        if rec.exit_grad is not None:
+            rec.exit_grad /= max(windows, 1)
+            rec.exit_in_sq /= max(windows, 1)
         rec.loss /= max(windows, 1)
     return records, layer_out
 
@@ -303,8 +354,11 @@ def block_loss(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBlock
 
 class Barber:
     def __init__(self, ratio: float = 0.01, keep_updates: bool = True, loss_guard: bool = True,
-                 granularity: str = "row", grad_dtype: torch.dtype | None = torch.bfloat16):
+                 granularity: str = "row", grad_dtype: torch.dtype | None = torch.bfloat16,
+                 score: str = "grad-rms"):
         check_granularity(granularity)
+        check_score(score)
+        self.score = score
         self.grad_dtype = grad_dtype
         self.ratio = ratio
         self.granularity = granularity
@@ -330,17 +384,20 @@ class Barber:
         dense_layer.requires_grad_(True)
         report: dict = {"swaps": {}, "resolved_rows": {}, "reverted": []}
         blocks = list(engine.adapter.subblocks(layer))
-        records, layer_out = gradient_pass(engine, layer, dense_layer, hidden, blocks, self.grad_dtype)
+        exit_terms = self.score == "taylor-exit"
+        records, layer_out = gradient_pass(engine, layer, dense_layer, hidden, blocks, self.grad_dtype,
+                                           exit_terms=exit_terms)
         for i, block in enumerate(blocks):
             rec = records[block.name]
             report[f"{block.name}_loss_before"] = report[f"{block.name}_loss_after"] = rec.loss
             saved = {n: (layer.get_submodule(n).weight.detach().clone(), masks[n]) for n in block.linears}
-            if not self._rebuild_block(layer, dense_layer, block, rec.g2, masks, targets, stats, solver, report):
+            if not self._rebuild_block(layer, dense_layer, block, rec, masks, targets, stats, solver, report):
                 continue   # nothing changed: the pass's records of the later blocks stay valid
             if i + 1 < len(blocks):
                 # The later blocks now see new inputs: pass again. The same pass measures this block's new loss.
                 new_records, new_out = gradient_pass(engine, layer, dense_layer, hidden, blocks[i:],
-                                                     self.grad_dtype, loss_only=(block.name,))
+                                                     self.grad_dtype, loss_only=(block.name,),
+                                                     exit_terms=exit_terms)
                 loss_after = new_records[block.name].loss
                 if self.loss_guard and loss_after > rec.loss:
                     self._revert(layer, block, saved, masks, report)   # the first pass's records hold again
@@ -373,16 +430,21 @@ class Barber:
             report["swaps"][n] = report["resolved_rows"][n] = 0
         report["reverted"].append(block.name)
 
-    def scored_masks(self, dense_layer, block, g2, masks, targets) -> tuple[dict, dict]:
-        """The block's dense weights and its rebuilt masks: score |W_dense| * RMS(grad), then swap."""
+    def scored_masks(self, dense_layer, block, rec: BlockRecord, masks, targets) -> tuple[dict, dict]:
+        """The block's dense weights and its rebuilt masks: score |W_dense| * RMS(grad) (with `taylor-exit`,
+        the last linear gets `taylor_score`), then swap."""
         dense = {n: dense_layer.get_submodule(n).weight.detach().float() for n in block.linears}
-        return dense, rebuild_masks({n: masks[n] for n in block.linears},
-                                    {n: dense[n].abs() * g2[n].sqrt() for n in block.linears},
+        scores = {n: dense[n].abs() * rec.g2[n].sqrt() for n in block.linears}
+        if self.score == "taylor-exit":
+            last = block.linears[-1]
+            scores[last] = taylor_score(dense[last], rec.exit_grad, rec.exit_in_sq, masks[last],
+                                        1.0 / (rec.tokens * dense[last].shape[0]))
+        return dense, rebuild_masks({n: masks[n] for n in block.linears}, scores,
                                     self.ratio, targets[block.linears[0]], self.granularity)
 
-    def _rebuild_block(self, layer, dense_layer, block, g2, masks, targets, stats, solver, report) -> bool:
+    def _rebuild_block(self, layer, dense_layer, block, rec, masks, targets, stats, solver, report) -> bool:
         """Score, swap and set new weights for the linears of `block`; True if any mask changed."""
-        dense, new_masks = self.scored_masks(dense_layer, block, g2, masks, targets)
+        dense, new_masks = self.scored_masks(dense_layer, block, rec, masks, targets)
         changed = False
         for name in block.linears:
             lin = layer.get_submodule(name)
