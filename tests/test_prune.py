@@ -475,6 +475,33 @@ def test_barber_rerun_of_a_few_touched_channels_matches_a_full_rerun(family):
     assert all(layer.get_submodule(n).weight.equal(new[n]) for n in mlp.linears)   # the new weights are back
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_barber_rerun_of_a_changed_exit_linear_uses_its_recorded_input(family):
+    """With the exit terms recorded, a rebuild that changed only the last linear costs one product with its
+    recorded input (no block runs, not even the first linears); outputs and loss equal a full rerun."""
+    import dataclasses
+
+    from toolchain.prune.barber import gradient_pass, rerun_block
+
+    lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 8, 16)
+    mlp = lm.adapter.subblocks(layer)[1]
+    rec = gradient_pass(engine, layer, dense, hidden, [mlp], exit_terms=True)[0][mlp.name]
+    assert len(rec.exit_in) == len(rec.sparse_out)
+    old = {n: layer.get_submodule(n).weight.detach().clone() for n in mlp.linears}
+    exit_ = layer.get_submodule(mlp.linears[-1]).weight
+    exit_.data[:, 5] = 0.0
+    exit_.data[2, 11] += 1.0
+
+    def no_run(*_):
+        raise AssertionError("the block ran")
+
+    outs, loss = rerun_block(layer, dataclasses.replace(mlp, run=no_run, exit_input=no_run), rec, old)
+    full, full_loss = rerun_block(layer, mlp, rec)
+    for y, y_full in zip(outs, full):
+        torch.testing.assert_close(y, y_full, rtol=1e-5, atol=1e-5)
+    assert loss == pytest.approx(full_loss, rel=1e-5) and loss != pytest.approx(rec.loss, rel=1e-3)
+
+
 @pytest.mark.parametrize("family,init", [("llama", "wanda"), ("opt", "sparsegpt")])
 def test_barber_that_swaps_nothing_gives_exactly_the_init_model(family, init, monkeypatch):
     """Barber's pass runs the pruned layer on the walk's own batches (the dense blocks on half batches), so with

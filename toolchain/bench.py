@@ -26,14 +26,17 @@ PRUNE_CONFIGS = [
     ("barber(wanda)", "barber", "wanda", []),
     ("barber(sparsegpt)", "barber", "sparsegpt", []),
     # Control: the rebuilt rows re-solved by SparseGPT's own OBS sweep instead of least squares (the default)
-    ("barber(sparsegpt) obs re-solve", "barber", "sparsegpt", ["--rebuild-solver", "obs"]),
-    ("barber(sparsegpt) reset to dense", "barber", "sparsegpt", ["--no-keep-updates", "--no-loss-guard"]),
+    # The reference's score everywhere (--rebuild-score grad-rms); the rows below it use it too
+    ("barber(wanda) grad-rms", "barber", "wanda", ["--rebuild-score", "grad-rms"]),
+    ("barber(sparsegpt) grad-rms", "barber", "sparsegpt", ["--rebuild-score", "grad-rms"]),
+    ("barber(sparsegpt) obs re-solve", "barber", "sparsegpt", ["--rebuild-score", "grad-rms",
+                                                               "--rebuild-solver", "obs"]),
+    ("barber(sparsegpt) reset to dense", "barber", "sparsegpt", ["--rebuild-score", "grad-rms",
+                                                                 "--no-keep-updates", "--no-loss-guard"]),
     # SmolLM2's 576-wide rows rarely reach floor(0.01 * R) >= 1 swap; a larger ratio shows what rebuilding can do
-    ("barber(wanda) ratio 0.05", "barber", "wanda", ["--rebuild-ratio", "0.05"]),
-    ("barber(sparsegpt) ratio 0.05", "barber", "sparsegpt", ["--rebuild-ratio", "0.05"]),
-    # Ours: the blocks' last linears (o_proj, down_proj) scored by the exact second-order loss change
-    ("barber(wanda) taylor-exit", "barber", "wanda", ["--rebuild-score", "taylor-exit"]),
-    ("barber(sparsegpt) taylor-exit", "barber", "sparsegpt", ["--rebuild-score", "taylor-exit"]),
+    ("barber(wanda) ratio 0.05", "barber", "wanda", ["--rebuild-score", "grad-rms", "--rebuild-ratio", "0.05"]),
+    ("barber(sparsegpt) ratio 0.05", "barber", "sparsegpt", ["--rebuild-score", "grad-rms",
+                                                             "--rebuild-ratio", "0.05"]),
 ]
 SPARSITIES = ("0.5", "2:4")
 

@@ -90,10 +90,11 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="Barber's comparison group for ranking swaps: row (each output row, exact per-row "
                         "sparsity; the only choice for N:M), layer (a whole matrix), or block (all matrices of the "
                         "attention or MLP block pooled); the reference's output1/layer/block (default %(default)s)")
-    p.add_argument("--rebuild-score", choices=["grad-rms", "taylor-exit"], default="grad-rms",
-                   help="Barber's weight score: grad-rms, the reference's |W| * RMS(block-loss gradient), or taylor "
-                        "(ours): a second-order estimate of the block-loss change when the weight is revived or "
-                        "pruned, signed gradient plus an input-energy curvature term (default %(default)s)")
+    p.add_argument("--rebuild-score", choices=["taylor-exit", "grad-rms"], default="taylor-exit",
+                   help="Barber's weight score. taylor-exit (ours): the reference's score for every linear except "
+                        "each block's last one (o_proj, down_proj / fc2), which gets the exact block-loss change of "
+                        "reviving or pruning each weight (gradient at the sparse weights plus the curvature term); "
+                        "grad-rms: the reference's |W| * RMS(block-loss gradient) everywhere (default %(default)s)")
     p.add_argument("--rebuild-solver", choices=["lstsq", "obs"], default="lstsq",
                    help="Barber with --init sparsegpt: how rows whose mask changed are re-solved under the new "
                         "mask: lstsq (the exact least-squares fit on the layer Hessian, conjugate gradients from "

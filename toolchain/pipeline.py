@@ -56,7 +56,7 @@ class PruneConfig(CalibConfig):
     allocation: str = "uniform"
     rebuild_ratio: float = 0.01      # Barber's alpha: fraction of the beneficial swaps that are made
     rebuild_granularity: str = "row"  # Barber's swap ranking group: row, layer or block
-    rebuild_score: str = "grad-rms"  # Barber's weight score: the reference's |W| RMS(grad), or taylor-exit (ours)
+    rebuild_score: str = "taylor-exit"  # Barber's score: taylor-exit (ours) or the reference's grad-rms
     keep_updates: bool = True        # Barber: keep the init method's updated weights on kept positions
     rebuild_solver: str = "lstsq"    # Barber on SparseGPT: re-solve changed rows by least squares or OBS
     loss_guard: bool = True          # Barber: keep a block's rebuild only if its block loss does not rise

@@ -12,6 +12,8 @@ Per decoder layer, attention sub-block first, then MLP (which sees the rebuilt a
    `granularity` widens the group from a row to a whole matrix (`layer`) or to all matrices of the
    sub-block (`block`), as the reference's options do; then only the group's total count is exact.
    With N:M, every group prunes as many of its weakest kept weights as it revived, so N:M holds.
+   `score="taylor-exit"` (ours) scores each block's last linear (o_proj, down_proj / fc2) instead by the exact
+   block-loss change of toggling each weight (`taylor_score`), from the gradient at the sparse weights.
 Weights after the rebuild (`keep_updates`, our default): for magnitude and Wanda init, dense values on the
 new mask; for SparseGPT init, every row whose mask changed is re-solved under the new mask by the `solver`
 the pipeline hands in: the exact least-squares fit on the layer Hessian (`lstsq_rows`, default) or
@@ -19,9 +21,9 @@ SparseGPT's own OBS sweep (`--rebuild-solver obs`). Unchanged rows keep SparseGP
 `keep_updates=False` resets every kept weight to its dense value, as the reference code does by default.
 Loss guard (ours, `loss_guard`): a block's rebuild is kept only if its block loss on the calibration windows
 does not rise; otherwise the block keeps the init's masks and weights.
-Cost: one pass of the sparse layer serves every block while the earlier blocks' rebuilds change nothing
-(their inputs are then unchanged); an attention rebuild costs one more pass, which both measures its guard
-and gathers the MLP's gradients on its new output; the next layer's input is the recorded output plus the change of the
+Cost: one pass per block. The attention's pass stops the sparse layer after the attention; the MLP's pass
+gathers its gradients on the (rebuilt) attention's output and measures the attention's guard against the dense
+outputs recorded by the first pass; the next layer's input is the recorded output plus the change of the
 last block's output (pre-norm decoders), so no extra layer forward is needed.
 """
 from __future__ import annotations
@@ -189,40 +191,54 @@ class BlockRecord:
     dense_out: list[torch.Tensor] = field(default_factory=list)
     sparse_out: list[torch.Tensor] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)                   # windows per batch
+    exit_in: list[torch.Tensor] = field(default_factory=list)        # with exit terms: the last linear's input
+
+
+class _StopLayer(Exception):
+    """Raised by a hook to end a layer's forward once the blocks a pass needs have run."""
 
 
 def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequence[SubBlock],
-                  grad_dtype: torch.dtype | None = torch.bfloat16, loss_only: Sequence[str] = (),
-                  exit_terms: bool = False) -> tuple[dict[str, BlockRecord], torch.Tensor]:
-    """One pass of the sparse `layer` over every window, to its end, capturing each block's input and output;
+                  grad_dtype: torch.dtype | None = torch.bfloat16,
+                  guard: dict[str, list[torch.Tensor]] | None = None, exit_terms: bool = False,
+                  to_end: bool = True) -> tuple[dict[str, BlockRecord], torch.Tensor | None]:
+    """One pass of the sparse `layer` over every window, capturing each block's input and output;
     each dense block runs on the captured input (the pruned model's own) with gradients, giving the block
     loss L_n = mean((y_dense - y_sparse)^2) per window n and G2 = mean_n (dL_n/dW)^2 for its linears.
     The dense blocks run under autocast to `grad_dtype` (None: float32). Their forward and backward are most
     of Barber's cost, bfloat16 matmuls are 3x faster than float32 on this project's AVX512-BF16 CPU
     (measured), and the result only ranks weights (the reference computes it in float16). The sparse layer
     stays float32: its output is the next layer's input.
-    Blocks named in `loss_only` get their loss measured but no gradients (a rebuilt block's guard, measured in
-    the same pass that gathers the next block's gradients).
+    Blocks named in `guard` get only their loss, against the dense outputs recorded by an earlier pass (a rebuilt
+    block's guard, measured in the same pass that gathers the next block's gradients; the dense block's input,
+    the layer's input stream, has not changed, so neither has its output).
+    With `to_end=False` the sparse layer stops after the last block's exit and no layer output is returned.
     `exit_terms` also records, for each graded block's last linear, the gradient at the SPARSE weights and its
     sparse input's energy (`taylor_score`): -dL_n/dW = 2/(T d_out) (y_dense - y_sparse)^T x_sparse, from the
     sparse layer's own forward, so it costs one product per batch and no backward.
-    Returns the records per block name and the sparse layer's output for every window."""
-    records = {b.name: BlockRecord({} if b.name in loss_only else {
+    Returns the records per block name and the sparse layer's output for every window (None unless `to_end`)."""
+    guard = guard or {}
+    records = {b.name: BlockRecord({} if b.name in guard else {
         n: torch.zeros_like(dense_layer.get_submodule(n).weight, dtype=torch.float32) for n in b.linears}, 0.0)
         for b in blocks}
     last = blocks[-1].name
-    layer_out = torch.empty_like(hidden)
+    layer_out = torch.empty_like(hidden) if to_end else None
     seen: dict = {}
     hooks = []
+
+    def on_exit(name, output):
+        seen[("out", name)] = first_tensor(output)
+        if name == last and not to_end:
+            raise _StopLayer
     for b in blocks:
         hooks.append(layer.get_submodule(b.entry).register_forward_pre_hook(
             lambda m, a, k, name=b.name: seen.__setitem__(("in", name), (a, k)), with_kwargs=True))
         hooks.append(layer.get_submodule(b.exit).register_forward_hook(
-            lambda m, a, o, name=b.name: seen.__setitem__(("out", name), first_tensor(o))))
+            lambda m, a, o, name=b.name: on_exit(name, o)))
     exit_inputs: dict[str, torch.Tensor] = {}
     if exit_terms:
         for b in blocks:
-            if b.name not in loss_only:
+            if b.name not in guard:
                 hooks.append(layer.get_submodule(b.linears[-1]).register_forward_hook(
                     lambda m, a, o, name=b.name: exit_inputs.__setitem__(name, a[0])))
     linear_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -235,9 +251,15 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
         # The sparse layer runs on the walk's own batches, so a rebuild that changes nothing hands the next
         # layer exactly what the init method alone would. The dense blocks run on half batches: a backward pass
         # keeps every activation of the block, and this bounds it near a plain forward at full batch.
+        half = 0   # running index of the half batches, to find a guard's recorded dense outputs
         for s in engine.batches():
             with torch.no_grad():
-                layer_out[s] = engine.call_layer(layer, hidden[s])
+                try:
+                    out = engine.call_layer(layer, hidden[s])
+                    if layer_out is not None:
+                        layer_out[s] = out
+                except _StopLayer:
+                    pass
             full = s.stop - s.start
             for lo in range(0, full, max(1, engine.batch_size // 2)):
                 hi = min(lo + max(1, engine.batch_size // 2), full)
@@ -246,13 +268,16 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                     rec = records[b.name]
                     args, kwargs, y_sparse = _batch_slice(seen[("in", b.name)], seen[("out", b.name)],
                                                           full, lo, hi)
-                    want_grad = b.name not in loss_only
-                    with torch.set_grad_enabled(want_grad), _dense_autocast(hidden.device.type, grad_dtype):
+                    if b.name in guard:
+                        rec.loss += float(_window_losses(guard[b.name][half], y_sparse, batch).sum())
+                        continue
+                    # With the exit terms the last linear is scored by them, so its per-window gradients are not needed.
+                    graded = b.linears[:-1] if b.name in exit_inputs else b.linears
+                    with torch.enable_grad(), _dense_autocast(hidden.device.type, grad_dtype):
                         y_dense = b.run(dense_layer, args, kwargs)
                         per_window = _window_losses(y_dense, y_sparse, batch)
-                        grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in b.linears]) \
-                            if want_grad else ()
-                    for n, grad_out in zip(b.linears, grads):
+                        grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in graded])
+                    for n, grad_out in zip(graded, grads):
                         rec.g2[n] += _bf16_per_window_grad_sq(grad_out, linear_io[n][0], batch)
                     if b.name in exit_inputs:
                         x = exit_inputs[b.name]
@@ -262,8 +287,12 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                             rec.exit_grad = torch.zeros(residual.shape[1], x.shape[1], device=x.device)
                             rec.exit_in_sq = torch.zeros(x.shape[1], device=x.device)
                         rec.tokens = x.shape[0] // batch
-                        rec.exit_grad += residual.T @ x * (2.0 / (rec.tokens * residual.shape[1]))
+                        # bfloat16 product, float32 accumulation, as for the per-window gradients (it ranks weights)
+                        rec.exit_grad += (residual.T.to(torch.bfloat16) @ x.to(torch.bfloat16)).float() \
+                            * (2.0 / (rec.tokens * residual.shape[1]))
                         rec.exit_in_sq += x.square().sum(dim=0)
+                        if b.name == last:
+                            rec.exit_in.append(x)
                     rec.loss += float(per_window.detach().sum())
                     if b.name == last:
                         rec.calls.append((args, kwargs))
@@ -272,6 +301,7 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                         rec.sizes.append(batch)
                     linear_io.clear()
                 windows += batch
+                half += 1
             seen.clear()
             exit_inputs.clear()
     finally:
@@ -299,6 +329,13 @@ def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str,
     weight or two per row, so that is a fraction of the block; past the cost of a full rerun the whole block
     runs instead (SparseGPT init, whose re-solved exit rows change every column)."""
     exit_name, firsts = block.linears[-1], block.linears[:-1]
+    if old_weights is not None and rec.exit_in and all(
+            layer.get_submodule(n).weight.equal(old_weights[n]) for n in firsts):
+        # Only the last linear changed and its input is recorded: y_new = y_old + h[:, J] (W_new - W_old)[:, J]^T.
+        delta = layer.get_submodule(exit_name).weight - old_weights[exit_name]
+        cols = delta.ne(0).any(dim=0).nonzero().squeeze(1)
+        outs = [y + (h[:, cols] @ delta[:, cols].T).reshape(y.shape) for h, y in zip(rec.exit_in, rec.sparse_out)]
+        return outs, _mean_window_loss(outs, rec)
     plan = None
     if old_weights is not None and block.exit_input is not None and firsts:
         exit_w = layer.get_submodule(exit_name).weight
@@ -330,11 +367,16 @@ def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str,
         finally:
             for n in firsts:
                 layer.get_submodule(n).weight.copy_(new[n])
+    return outs, _mean_window_loss(outs, rec)
+
+
+def _mean_window_loss(outs: list[torch.Tensor], rec: BlockRecord) -> float:
+    """The block loss of new sparse outputs against the recorded dense ones, mean over windows."""
     total, windows = 0.0, 0
     for y, y_dense, n in zip(outs, rec.dense_out, rec.sizes):
         total += float(_window_losses(y_dense, y, n).sum())
         windows += n
-    return outs, total / max(windows, 1)
+    return total / max(windows, 1)
 
 
 @torch.no_grad()
@@ -371,12 +413,13 @@ class Barber:
         """Rebuild the masks of every linear in `layer` in place (`masks` is updated); returns a report and the
         layer's output for every window (the next layer's input).
 
-        Sub-blocks go in order (attention, then MLP on the rebuilt attention's output). One pass gathers the
-        gradients of every block; a block's rebuild that changes the layer makes the later blocks pass again
-        (that pass also measures the rebuilt block's loss for the guard), one that changes nothing leaves the
-        pass valid, and so does a reverted one. A rebuild is kept only if the block loss on the
-        calibration windows does not rise (`loss_guard`, ours; the reference keeps every rebuild); otherwise
-        the block's masks and weights go back to the init's.
+        Sub-blocks go in order (attention, then MLP on the rebuilt attention's output), one pass each: the
+        attention's pass runs the sparse layer only as far as the attention; the MLP's pass runs it to the end
+        and also measures a rebuilt attention's loss against the dense outputs the first pass recorded. A
+        rebuild is kept only if the block loss on the calibration windows does not rise (`loss_guard`, ours;
+        the reference keeps every rebuild); otherwise the block's masks and weights go back to the init's (a
+        reverted attention makes the MLP pass again, on the init's output). The last block's new loss and
+        the layer's new output come from `rerun_block`, without another pass.
         With `keep_updates` and a `solver` (`solver(dense_rows, stats, prune_mask_rows, start=rows)`, given the
         init pass's `stats`: `lstsq_rows`, or SparseGPT's OBS sweep with a fixed mask), every row whose mask
         changed is re-solved under the new mask; unchanged rows keep the init method's weights.
@@ -385,25 +428,33 @@ class Barber:
         report: dict = {"swaps": {}, "resolved_rows": {}, "reverted": []}
         blocks = list(engine.adapter.subblocks(layer))
         exit_terms = self.score == "taylor-exit"
-        records, layer_out = gradient_pass(engine, layer, dense_layer, hidden, blocks, self.grad_dtype,
-                                           exit_terms=exit_terms)
+
+        def block_pass(i: int, guard_block: SubBlock | None = None, guard_dense=None):
+            """Gradients of block i on the current layer; the sparse layer runs only as far as block i."""
+            run = ([guard_block] if guard_block is not None else []) + [blocks[i]]
+            return gradient_pass(engine, layer, dense_layer, hidden, run, self.grad_dtype,
+                                 {guard_block.name: guard_dense} if guard_block is not None else None,
+                                 exit_terms, to_end=i + 1 == len(blocks))
+        records, layer_out = block_pass(0)
         for i, block in enumerate(blocks):
             rec = records[block.name]
             report[f"{block.name}_loss_before"] = report[f"{block.name}_loss_after"] = rec.loss
             saved = {n: (layer.get_submodule(n).weight.detach().clone(), masks[n]) for n in block.linears}
-            if not self._rebuild_block(layer, dense_layer, block, rec, masks, targets, stats, solver, report):
-                continue   # nothing changed: the pass's records of the later blocks stay valid
+            changed = self._rebuild_block(layer, dense_layer, block, rec, masks, targets, stats, solver, report)
             if i + 1 < len(blocks):
-                # The later blocks now see new inputs: pass again. The same pass measures this block's new loss.
-                new_records, new_out = gradient_pass(engine, layer, dense_layer, hidden, blocks[i:],
-                                                     self.grad_dtype, loss_only=(block.name,),
-                                                     exit_terms=exit_terms)
-                loss_after = new_records[block.name].loss
-                if self.loss_guard and loss_after > rec.loss:
-                    self._revert(layer, block, saved, masks, report)   # the first pass's records hold again
+                if not changed:
+                    records, layer_out = block_pass(i + 1)
                     continue
-                records, layer_out = new_records, new_out
+                # The next block's pass also measures this block's new loss (its dense outputs are recorded).
+                records, layer_out = block_pass(i + 1, block, rec.dense_out)
+                loss_after = records[block.name].loss
+                if self.loss_guard and loss_after > rec.loss:
+                    self._revert(layer, block, saved, masks, report)
+                    records, layer_out = block_pass(i + 1)   # the next block, on the init's output
+                    continue
                 report[f"{block.name}_loss_after"] = loss_after
+                continue
+            if not changed:
                 continue
             outs, loss_after = rerun_block(layer, block, rec, {n: w for n, (w, _) in saved.items()})
             if self.loss_guard and loss_after > rec.loss:
