@@ -442,6 +442,8 @@ class Barber:
             saved = {n: (layer.get_submodule(n).weight.detach().clone(), masks[n]) for n in block.linears}
             changed = self._rebuild_block(layer, dense_layer, block, rec, masks, targets, stats, solver, report)
             if i + 1 < len(blocks):
+                # Only the dense outputs (for the guard) are needed from here on: free the rest before the next pass.
+                rec.calls, rec.sparse_out, rec.exit_in = [], [], []
                 if not changed:
                     records, layer_out = block_pass(i + 1)
                     continue
