@@ -502,6 +502,27 @@ def test_barber_rerun_of_a_changed_exit_linear_uses_its_recorded_input(family):
     assert loss == pytest.approx(full_loss, rel=1e-5) and loss != pytest.approx(rec.loss, rel=1e-3)
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_barber_mlp_pass_replays_the_attention_instead_of_running_it(family, monkeypatch):
+    """The MLP's pass gets the attention's outputs from the caller: the attention module never runs, and the
+    MLP's records and the layer's outputs equal those of a pass that ran it."""
+    from toolchain.prune.barber import gradient_pass
+
+    lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 8, 16)
+    attn, mlp = lm.adapter.subblocks(layer)
+    attn_rec = gradient_pass(engine, layer, dense, hidden, [attn], to_end=False)[0][attn.name]
+    expected, expected_out = gradient_pass(engine, layer, dense, hidden, [mlp])
+    attn_module = layer.get_submodule(attn.exit)
+    monkeypatch.setattr(type(attn_module), "forward", lambda *a, **k: pytest.fail("the attention ran"))
+    records, out = gradient_pass(engine, layer, dense, hidden, [mlp],
+                                 replay=(attn, torch.cat(attn_rec.sparse_out), attn_rec.out_tail))
+    assert "forward" not in vars(attn_module)   # the module's own forward is back
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    assert records[mlp.name].loss == expected[mlp.name].loss
+    for n in mlp.linears:
+        torch.testing.assert_close(records[mlp.name].g2[n], expected[mlp.name].g2[n], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family,init", [("llama", "wanda"), ("opt", "sparsegpt")])
 def test_barber_that_swaps_nothing_gives_exactly_the_init_model(family, init, monkeypatch):
     """Barber's pass runs the pruned layer on the walk's own batches (the dense blocks on half batches), so with

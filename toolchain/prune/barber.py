@@ -22,9 +22,9 @@ SparseGPT's own OBS sweep (`--rebuild-solver obs`). Unchanged rows keep SparseGP
 Loss guard (ours, `loss_guard`): a block's rebuild is kept only if its block loss on the calibration windows
 does not rise; otherwise the block keeps the init's masks and weights.
 Cost: one pass per block. The attention's pass stops the sparse layer after the attention; the MLP's pass
-gathers its gradients on the (rebuilt) attention's output and measures the attention's guard against the dense
-outputs recorded by the first pass; the next layer's input is the recorded output plus the change of the
-last block's output (pre-norm decoders), so no extra layer forward is needed.
+replays the attention's (rebuilt) outputs instead of recomputing them and gathers the MLP's gradients; the
+next layer's input is the recorded output plus the change of the last block's output (pre-norm decoders), so
+no extra layer forward is needed.
 """
 from __future__ import annotations
 
@@ -192,6 +192,7 @@ class BlockRecord:
     sparse_out: list[torch.Tensor] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)                   # windows per batch
     exit_in: list[torch.Tensor] = field(default_factory=list)        # with exit terms: the last linear's input
+    out_tail: tuple | None = None    # the rest of the block module's output tuple (e.g. attention weights)
 
 
 class _StopLayer(Exception):
@@ -199,9 +200,9 @@ class _StopLayer(Exception):
 
 
 def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequence[SubBlock],
-                  grad_dtype: torch.dtype | None = torch.bfloat16,
-                  guard: dict[str, list[torch.Tensor]] | None = None, exit_terms: bool = False,
-                  to_end: bool = True) -> tuple[dict[str, BlockRecord], torch.Tensor | None]:
+                  grad_dtype: torch.dtype | None = torch.bfloat16, exit_terms: bool = False,
+                  to_end: bool = True, replay: tuple[SubBlock, torch.Tensor, tuple | None] | None = None
+                  ) -> tuple[dict[str, BlockRecord], torch.Tensor | None]:
     """One pass of the sparse `layer` over every window, capturing each block's input and output;
     each dense block runs on the captured input (the pruned model's own) with gradients, giving the block
     loss L_n = mean((y_dense - y_sparse)^2) per window n and G2 = mean_n (dL_n/dW)^2 for its linears.
@@ -209,16 +210,15 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
     of Barber's cost, bfloat16 matmuls are 3x faster than float32 on this project's AVX512-BF16 CPU
     (measured), and the result only ranks weights (the reference computes it in float16). The sparse layer
     stays float32: its output is the next layer's input.
-    Blocks named in `guard` get only their loss, against the dense outputs recorded by an earlier pass (a rebuilt
-    block's guard, measured in the same pass that gathers the next block's gradients; the dense block's input,
-    the layer's input stream, has not changed, so neither has its output).
     With `to_end=False` the sparse layer stops after the last block's exit and no layer output is returned.
+    `replay=(block, outputs, tail)`: an earlier block of the layer does not run; its module returns `outputs`
+    (every window's, in order; `tail` is the rest of its output tuple) so the blocks after it see an output
+    the caller already has (Barber's rebuilt or unchanged attention), without recomputing it.
     `exit_terms` also records, for each graded block's last linear, the gradient at the SPARSE weights and its
     sparse input's energy (`taylor_score`): -dL_n/dW = 2/(T d_out) (y_dense - y_sparse)^T x_sparse, from the
     sparse layer's own forward, so it costs one product per batch and no backward.
     Returns the records per block name and the sparse layer's output for every window (None unless `to_end`)."""
-    guard = guard or {}
-    records = {b.name: BlockRecord({} if b.name in guard else {
+    records = {b.name: BlockRecord({
         n: torch.zeros_like(dense_layer.get_submodule(n).weight, dtype=torch.float32) for n in b.linears}, 0.0)
         for b in blocks}
     last = blocks[-1].name
@@ -228,6 +228,8 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
 
     def on_exit(name, output):
         seen[("out", name)] = first_tensor(output)
+        if name == last and isinstance(output, tuple) and not records[name].calls:
+            records[name].out_tail = output[1:]
         if name == last and not to_end:
             raise _StopLayer
     for b in blocks:
@@ -238,9 +240,8 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
     exit_inputs: dict[str, torch.Tensor] = {}
     if exit_terms:
         for b in blocks:
-            if b.name not in guard:
-                hooks.append(layer.get_submodule(b.linears[-1]).register_forward_hook(
-                    lambda m, a, o, name=b.name: exit_inputs.__setitem__(name, a[0])))
+            hooks.append(layer.get_submodule(b.linears[-1]).register_forward_hook(
+                lambda m, a, o, name=b.name: exit_inputs.__setitem__(name, a[0])))
     linear_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for b in blocks:
         for n in b.linears:
@@ -251,8 +252,15 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
         # The sparse layer runs on the walk's own batches, so a rebuild that changes nothing hands the next
         # layer exactly what the init method alone would. The dense blocks run on half batches: a backward pass
         # keeps every activation of the block, and this bounds it near a plain forward at full batch.
-        half = 0   # running index of the half batches, to find a guard's recorded dense outputs
+        replayed = None
+        if replay is not None:
+            replayed = layer.get_submodule(replay[0].exit)
+            replay_rows = replay[1].shape[0] // hidden.shape[0]   # rows per window
+            current: list = [None]
+            replayed.forward = lambda *a, **k: (current[0], *replay[2]) if replay[2] is not None else current[0]
         for s in engine.batches():
+            if replayed is not None:
+                current[0] = replay[1][s.start * replay_rows:s.stop * replay_rows]
             with torch.no_grad():
                 try:
                     out = engine.call_layer(layer, hidden[s])
@@ -268,9 +276,6 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                     rec = records[b.name]
                     args, kwargs, y_sparse = _batch_slice(seen[("in", b.name)], seen[("out", b.name)],
                                                           full, lo, hi)
-                    if b.name in guard:
-                        rec.loss += float(_window_losses(guard[b.name][half], y_sparse, batch).sum())
-                        continue
                     # With the exit terms the last linear is scored by them, so its per-window gradients are not needed.
                     graded = b.linears[:-1] if b.name in exit_inputs else b.linears
                     with torch.enable_grad(), _dense_autocast(hidden.device.type, grad_dtype):
@@ -301,12 +306,13 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                         rec.sizes.append(batch)
                     linear_io.clear()
                 windows += batch
-                half += 1
             seen.clear()
             exit_inputs.clear()
     finally:
         for h in hooks:
             h.remove()
+        if replay is not None:
+            del layer.get_submodule(replay[0].exit).forward   # the module's own forward again
     for rec in records.values():
         rec.g2 = {n: g / max(windows, 1) for n, g in rec.g2.items()}
         if rec.exit_grad is not None:
@@ -414,12 +420,12 @@ class Barber:
         layer's output for every window (the next layer's input).
 
         Sub-blocks go in order (attention, then MLP on the rebuilt attention's output), one pass each: the
-        attention's pass runs the sparse layer only as far as the attention; the MLP's pass runs it to the end
-        and also measures a rebuilt attention's loss against the dense outputs the first pass recorded. A
-        rebuild is kept only if the block loss on the calibration windows does not rise (`loss_guard`, ours;
-        the reference keeps every rebuild); otherwise the block's masks and weights go back to the init's (a
-        reverted attention makes the MLP pass again, on the init's output). The last block's new loss and
-        the layer's new output come from `rerun_block`, without another pass.
+        attention's pass runs the sparse layer only as far as the attention; a rebuilt block's new loss and
+        outputs come from `rerun_block` on the pass's records; the MLP's pass runs the layer to its end with
+        the attention replaying its (rebuilt, or kept) outputs. A rebuild is kept only if the block loss on
+        the calibration windows does not rise (`loss_guard`, ours; the reference keeps every rebuild);
+        otherwise the block's masks and weights go back to the init's. The layer's new output is the MLP
+        pass's plus the change of the MLP's output, without another pass.
         With `keep_updates` and a `solver` (`solver(dense_rows, stats, prune_mask_rows, start=rows)`, given the
         init pass's `stats`: `lstsq_rows`, or SparseGPT's OBS sweep with a fixed mask), every row whose mask
         changed is re-solved under the new mask; unchanged rows keep the init method's weights.
@@ -429,12 +435,10 @@ class Barber:
         blocks = list(engine.adapter.subblocks(layer))
         exit_terms = self.score == "taylor-exit"
 
-        def block_pass(i: int, guard_block: SubBlock | None = None, guard_dense=None):
+        def block_pass(i: int, replay=None):
             """Gradients of block i on the current layer; the sparse layer runs only as far as block i."""
-            run = ([guard_block] if guard_block is not None else []) + [blocks[i]]
-            return gradient_pass(engine, layer, dense_layer, hidden, run, self.grad_dtype,
-                                 {guard_block.name: guard_dense} if guard_block is not None else None,
-                                 exit_terms, to_end=i + 1 == len(blocks))
+            return gradient_pass(engine, layer, dense_layer, hidden, [blocks[i]], self.grad_dtype, exit_terms,
+                                 to_end=i + 1 == len(blocks), replay=replay)
         records, layer_out = block_pass(0)
         for i, block in enumerate(blocks):
             rec = records[block.name]
@@ -442,19 +446,19 @@ class Barber:
             saved = {n: (layer.get_submodule(n).weight.detach().clone(), masks[n]) for n in block.linears}
             changed = self._rebuild_block(layer, dense_layer, block, rec, masks, targets, stats, solver, report)
             if i + 1 < len(blocks):
-                # Only the dense outputs (for the guard) are needed from here on: free the rest before the next pass.
-                rec.calls, rec.sparse_out, rec.exit_in = [], [], []
-                if not changed:
-                    records, layer_out = block_pass(i + 1)
-                    continue
-                # The next block's pass also measures this block's new loss (its dense outputs are recorded).
-                records, layer_out = block_pass(i + 1, block, rec.dense_out)
-                loss_after = records[block.name].loss
-                if self.loss_guard and loss_after > rec.loss:
-                    self._revert(layer, block, saved, masks, report)
-                    records, layer_out = block_pass(i + 1)   # the next block, on the init's output
-                    continue
-                report[f"{block.name}_loss_after"] = loss_after
+                outs = rec.sparse_out
+                if changed:
+                    new_outs, loss_after = rerun_block(layer, block, rec, {n: w for n, (w, _) in saved.items()})
+                    if self.loss_guard and loss_after > rec.loss:
+                        self._revert(layer, block, saved, masks, report)
+                    else:
+                        outs = new_outs
+                        report[f"{block.name}_loss_after"] = loss_after
+                # The next block's pass replays this block's output instead of recomputing it.
+                replay = (block, torch.cat(outs), rec.out_tail)
+                del outs, rec
+                records, layer_out = block_pass(i + 1, replay)
+                del replay
                 continue
             if not changed:
                 continue
