@@ -446,7 +446,7 @@ class Barber:
             saved = {n: (layer.get_submodule(n).weight.detach().clone(), masks[n]) for n in block.linears}
             changed = self._rebuild_block(layer, dense_layer, block, rec, masks, targets, stats, solver, report)
             if i + 1 < len(blocks):
-                outs = rec.sparse_out
+                outs = new_outs = rec.sparse_out
                 if changed:
                     new_outs, loss_after = rerun_block(layer, block, rec, {n: w for n, (w, _) in saved.items()})
                     if self.loss_guard and loss_after > rec.loss:
@@ -454,9 +454,11 @@ class Barber:
                     else:
                         outs = new_outs
                         report[f"{block.name}_loss_after"] = loss_after
-                # The next block's pass replays this block's output instead of recomputing it.
+                # The next block's pass replays this block's output instead of recomputing it; nothing else of
+                # this block's records is needed, so it is freed first.
                 replay = (block, torch.cat(outs), rec.out_tail)
-                del outs, rec
+                outs = new_outs = None
+                rec.calls, rec.sparse_out, rec.exit_in, rec.dense_out = [], [], [], []
                 records, layer_out = block_pass(i + 1, replay)
                 del replay
                 continue
