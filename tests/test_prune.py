@@ -48,6 +48,7 @@ def test_pattern_exact(family, method, init, sparsity):
 def test_barber_wider_granularity_keeps_each_group_total(granularity, init):
     lm = loaded("llama")
     cfg = PruneConfig(method="barber", init=init, sparsity="0.5", rebuild_ratio=0.5, rebuild_granularity=granularity,
+                      rebuild_score="taylor-exit" if granularity == "layer" else "grad-rms",
                       loss_guard=False, batch_size=4)
     report = prune_loaded(lm, calib(), cfg, device="cpu", progress=False)
     pruned = {name: w == 0 for name, w in all_linears(lm)}
@@ -281,6 +282,17 @@ def test_barber_taylor_exit_lowers_the_mlp_block_loss():
 def test_unknown_rebuild_score_is_refused():
     with pytest.raises(ConfigError, match="rebuild-score"):
         Barber(score="fisher")
+    with pytest.raises(ConfigError, match="rebuild-score"):
+        PruneConfig(method="barber", sparsity="0.5", rebuild_score="fisher").resolve()
+
+
+def test_taylor_exit_refuses_block_granularity():
+    """`block` pools every matrix of a block into one ranking; taylor-exit's scores are loss changes on the last
+    linear and |W| RMS(grad) on the others, so they cannot be ranked together."""
+    with pytest.raises(ConfigError, match="--rebuild-score grad-rms"):
+        PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="block").resolve()
+    PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="block", rebuild_score="grad-rms").resolve()
+    PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="layer").resolve()
 
 
 def test_same_seed_same_masks_and_different_seed_differs(tiny_llama_dir):

@@ -31,7 +31,8 @@ def quality_configs() -> list[tuple[str, str, str | None, list[str], tuple[str, 
     for granularity in ("row", "layer", "block"):
         for alpha in ALPHAS:
             rows.append((f"barber(sparsegpt) α={alpha} {granularity}", "barber", "sparsegpt",
-                         ["--rebuild-ratio", alpha, "--rebuild-granularity", granularity],
+                         ["--rebuild-ratio", alpha, "--rebuild-granularity", granularity]
+                         + (["--rebuild-score", "grad-rms"] if granularity == "block" else []),
                          ("0.5", "2:4") if granularity == "row" else ("0.5",)))
     for allocation in ("owl", "hessian"):
         rows.append((f"sparsegpt {allocation}", "sparsegpt", None, ["--allocation", allocation], ("0.5", "0.6", "0.7")))

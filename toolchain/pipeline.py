@@ -91,7 +91,7 @@ class PruneConfig(CalibConfig):
         target = SparsityTarget.parse(self.sparsity)
         check_allocation(self.allocation, target)
         check_granularity(self.rebuild_granularity, target)
-        check_score(self.rebuild_score)
+        check_score(self.rebuild_score, self.rebuild_granularity)
         if self.rebuild_solver not in REBUILD_SOLVERS:
             raise ConfigError(f"--rebuild-solver {self.rebuild_solver!r}: choose one of {', '.join(REBUILD_SOLVERS)}")
         return target, init

@@ -80,9 +80,14 @@ GRANULARITIES = ("row", "layer", "block")
 SCORES = ("grad-rms", "taylor-exit")
 
 
-def check_score(score: str) -> None:
+def check_score(score: str, granularity: str = "row") -> None:
     if score not in SCORES:
         raise ConfigError(f"--rebuild-score {score!r}: choose one of {', '.join(SCORES)}")
+    if score == "taylor-exit" and granularity == "block":
+        # `block` ranks every matrix of a block in one list, and taylor-exit's loss changes are not in the same
+        # units as |W| RMS(grad) on the other matrices.
+        raise ConfigError("--rebuild-granularity block ranks all of a block's matrices together, which needs one "
+                          "score for all of them: add --rebuild-score grad-rms")
 
 
 def taylor_score(weight: torch.Tensor, grad: torch.Tensor, in_sq: torch.Tensor, prune_mask: torch.Tensor,
@@ -186,7 +191,7 @@ class BlockRecord:
     exit_grad: torch.Tensor | None = None
     exit_in_sq: torch.Tensor | None = None
     tokens: int = 0
-    # Kept for the last block of the pass only (an earlier block's rebuild is measured by the next pass):
+    # Kept for the last block of the pass only (Barber's passes have one block each):
     calls: list[tuple[tuple, dict]] = field(default_factory=list)    # the block's entry call (its input)
     dense_out: list[torch.Tensor] = field(default_factory=list)
     sparse_out: list[torch.Tensor] = field(default_factory=list)
@@ -405,7 +410,7 @@ class Barber:
                  granularity: str = "row", grad_dtype: torch.dtype | None = torch.bfloat16,
                  score: str = "grad-rms"):
         check_granularity(granularity)
-        check_score(score)
+        check_score(score, granularity)
         self.score = score
         self.grad_dtype = grad_dtype
         self.ratio = ratio
