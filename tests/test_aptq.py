@@ -269,14 +269,31 @@ def test_compress_cli_prunes_then_quantizes_with_aptq(tiny_dir, tmp_path):
     assert all(check_nm(qw.prune_mask, 2, 4) for qw in state.values())
 
 
-def test_hutchinson_traces_equal_a_plain_double_backward_with_the_same_probes():
-    """`linear_hessian_traces` folds each weight's Hessian-vector product into v.(Hv) as it arrives; with the
-    same Rademacher probes that must equal the textbook form, autograd.grad(grads, W, grad_outputs=v)."""
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_hutchinson_traces_equal_a_plain_double_backward_with_the_same_probes(family):
+    """`linear_hessian_traces` takes each Hessian-vector product as a central difference of two gradients
+    (folded into v.(Hv) as each weight's gradient arrives, under activation checkpointing); in float64 that
+    must equal the textbook double backward, autograd.grad(grads, W, grad_outputs=v), with the same
+    Rademacher probes (to 1e-3: LLaMA's RMSNorm computes in float32 even in a float64 model), and leave the
+    model as it was."""
     from toolchain.sensitivity import linear_hessian_traces
 
-    lm = tiny_loaded("llama", layers=2)
+    lm = tiny_loaded(family, layers=2)
+    if family == "opt":
+        # OPT's ReLU has kinks: a difference step that crosses one sees curvature a double backward counts as
+        # zero (see toolchain.sensitivity). A smooth activation makes the two estimate the same thing.
+        for layer in lm.adapter.decoder_layers(lm.model):
+            layer.activation_fn = torch.nn.GELU()
+    lm.model.double()
     ids = random_ids(2, 16)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    lm.model.lm_head.weight.requires_grad_(False)     # a mix, to check each flag comes back as it was
+    requires = [p.requires_grad for p in lm.model.parameters()]
     got = linear_hessian_traces(lm.model, lm.adapter, ids, samples=2, seed=3, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert [p.requires_grad for p in lm.model.parameters()] == requires and False in requires
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert all("forward" not in vars(layer) for layer in lm.adapter.decoder_layers(lm.model))
     named = [(i, n, lin.weight) for i, layer in enumerate(lm.adapter.decoder_layers(lm.model))
              for n, lin in lm.adapter.linears(layer).items()]
     flat = [w for _, _, w in named]
@@ -287,9 +304,26 @@ def test_hutchinson_traces_equal_a_plain_double_backward_with_the_same_probes():
     for i in range(2):
         loss = lm.model(ids[i:i + 1], labels=ids[i:i + 1], use_cache=False).loss
         grads = torch.autograd.grad(loss, flat, create_graph=True)
-        probes = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).float() for w in flat]
+        probes = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).double() for w in flat]
         hv = torch.autograd.grad(grads, flat, grad_outputs=probes)
         totals += torch.tensor([float((h * v).sum()) for h, v in zip(hv, probes)], dtype=torch.float64)
+    exact = [abs(float(totals[k])) / 2 / w.numel() for k, (_, _, w) in enumerate(named)]
     for k, (i, n, w) in enumerate(named):
-        assert got[i][n] == pytest.approx(abs(float(totals[k])) / 2 / w.numel(), rel=1e-4), (i, n)
+        assert got[i][n] == pytest.approx(exact[k], rel=1e-3, abs=1e-6 * max(exact)), (i, n)
     assert len({round(v, 12) for layer in got for v in layer.values()}) > 1
+
+
+def test_hutchinson_traces_in_float32_track_the_double_backward():
+    """In float32 the difference step trades truncation against rounding; the estimate must still follow the
+    exact traces closely (same probes, same windows)."""
+    from toolchain.sensitivity import linear_hessian_traces
+
+    lm = tiny_loaded("llama", layers=2)
+    ids = random_ids(2, 16)
+    fd = linear_hessian_traces(lm.model, lm.adapter, ids, samples=2, seed=3, progress=False)
+    lm.model.double()
+    exact = linear_hessian_traces(lm.model, lm.adapter, ids, samples=2, seed=3, progress=False)
+    a = torch.tensor([v for layer in fd for v in layer.values()], dtype=torch.float64)
+    b = torch.tensor([v for layer in exact for v in layer.values()], dtype=torch.float64)
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.999
+    assert ((a - b).abs() / b.abs()).median() < 0.01

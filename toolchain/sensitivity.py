@@ -1,24 +1,94 @@
 """Hutchinson estimates of the trace of the full-model loss Hessian, per decoder linear.
 
-tr(H_l) = E_v[v^T H_l v] for Rademacher v, with H_l the Hessian of the model's cross-entropy on calibration
-windows with respect to linear l's weights. Each probe costs one forward, one backward with graph and one
-Hessian-vector product through the whole model; one window per probe. Used by the pruning allocation
-(`--allocation hessian`, summed per decoder layer) and by APTQ's bit allocation (`--sensitivity model`),
-where the layer-local Hessians would not see how an early layer's error grows through the rest of the model.
+tr(H_l) = E_v[v_l^T (H v)_l] for Rademacher v over every decoder linear at once, with H the Hessian of the
+model's cross-entropy on calibration windows with respect to the linears' weights (only the diagonal blocks
+survive the expectation). One window per probe.
+
+The Hessian-vector product is a central difference of two ordinary gradients,
+H v = (grad L(W + eps v) - grad L(W - eps v)) / (2 eps) + O(eps^2), not a double backward: a double backward
+keeps the whole backward graph alive (about 12x the float32 model for SmolLM2-135M at 512 tokens), two plain
+backward passes keep one layer's gradient at a time. The weights are never touched: each linear adds
+eps * v x to its output through `_ProbeShift`, so the forward is that of W + eps v. The step is
+`FD_STEP` times the RMS of the probed weights; on SmolLM2 at 128 tokens it matched the exact double backward
+with correlation 0.99999997 over the 210 linears (median relative error 3e-4), between the truncation error of
+larger steps and the float32 rounding of smaller ones. For a ReLU model (OPT) the difference also counts the
+kinks that the step crosses, which a double backward treats as zero curvature.
+
+Used by the pruning allocation (`--allocation hessian`, summed per decoder layer) and by APTQ's bit allocation
+(`--sensitivity model`), where the layer-local Hessians would not see how an early layer's error grows through
+the rest of the model.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+FD_STEP = 5e-4   # the difference step, relative to the RMS of the probed weights
 
-def _fold_into(totals: torch.Tensor, k: int, probe: torch.Tensor):
+
+class _ProbeShift(torch.autograd.Function):
+    """eps * x v^T for an int8 probe v: the output change of moving W by eps v. The backward recasts v
+    rather than saving a float copy, so the probes stay at a quarter of float32's memory."""
+
+    @staticmethod
+    def forward(ctx, x, probe, eps):
+        ctx.save_for_backward(probe)
+        ctx.eps = eps
+        return eps * F.linear(x, probe.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probe,) = ctx.saved_tensors
+        return ctx.eps * grad @ probe.to(grad.dtype), None, None
+
+
+def _shift_hook(probe: torch.Tensor, eps: float):
+    def hook(module, inputs, output):
+        return output + _ProbeShift.apply(inputs[0], probe, eps)
+    return hook
+
+
+def _fold_into(totals: torch.Tensor, k: int, probe: torch.Tensor, scale: float):
     def hook(param: torch.Tensor) -> None:
-        totals[k] += float((param.grad * probe).sum())
+        totals[k] += scale * float((param.grad * probe).sum(dtype=torch.float64))
         param.grad = None
     return hook
+
+
+@contextlib.contextmanager
+def _recomputed(layers):
+    """Run each decoder layer under activation checkpointing: its backward recomputes its forward, so only the
+    layers' inputs are kept between the forward and the backward, not every layer's internals."""
+    def wrap(forward):
+        return lambda *args, **kwargs: checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    for layer in layers:
+        layer.forward = wrap(layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _fold_gradient(model, ids, linears, probes, eps: float, totals: torch.Tensor) -> None:
+    """totals[k] += v_k . grad_k L(W + eps v) / (2 eps), for the model's loss on one window."""
+    flat = [lin.weight for lin in linears]
+    shifts = [lin.register_forward_hook(_shift_hook(v, eps)) for lin, v in zip(linears, probes)]
+    # Each weight's gradient is folded into v . grad as it arrives and freed at once, so the gradients of all
+    # linears are never held together.
+    folds = [p.register_post_accumulate_grad_hook(_fold_into(totals, k, probes[k], 0.5 / eps))
+             for k, p in enumerate(flat)]
+    try:
+        loss = model(ids, labels=ids, use_cache=False).loss
+        torch.autograd.backward(loss, inputs=flat)
+    finally:
+        for h in shifts + folds:
+            h.remove()
 
 
 def linear_hessian_traces(model, adapter, calib_ids: torch.Tensor, samples: int = 4, seed: int = 0,
@@ -26,7 +96,11 @@ def linear_hessian_traces(model, adapter, calib_ids: torch.Tensor, samples: int 
     """Per decoder layer, {linear name: estimated tr(H_l) / n_l} (the mean Hessian diagonal, per weight)."""
     layers = adapter.decoder_layers(model)
     named = [list(adapter.linears(layer).items()) for layer in layers]
-    flat = [lin.weight for group in named for _, lin in group]
+    linears = [lin for group in named for _, lin in group]
+    flat = [lin.weight for lin in linears]
+    with torch.no_grad():
+        rms = (sum(float(w.double().pow(2).sum()) for w in flat) / sum(w.numel() for w in flat)) ** 0.5
+    eps = FD_STEP * rms
     gen = torch.Generator().manual_seed(seed)
     totals = torch.zeros(len(flat), dtype=torch.float64)
     requires = {p: p.requires_grad for p in model.parameters()}
@@ -34,35 +108,23 @@ def linear_hessian_traces(model, adapter, calib_ids: torch.Tensor, samples: int 
         p.requires_grad_(False)
     for p in flat:
         p.requires_grad_(True)
-        p.grad = None   # the Hessian-vector products accumulate into .grad
-    # Double backward is not implemented for the fused attention kernels; eager attention is exact.
-    attn_impl = getattr(model.config, "_attn_implementation", None)
-    with contextlib.suppress(Exception):
-        model.set_attn_implementation("eager")
+        p.grad = None
     model.to(device)
     n = min(samples, calib_ids.shape[0])
     try:
-        for i in tqdm(range(n), desc="hessian trace (Hutchinson)", disable=not progress, leave=False):
-            ids = calib_ids[i:i + 1].to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            grads = torch.autograd.grad(loss, flat, create_graph=True)
-            # Rademacher probes are +-1: int8 holds them exactly at a quarter of float32's memory.
-            probes = [(torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8) * 2 - 1).to(device) for p in flat]
-            # (H v)_l arrives in each weight's .grad; a hook folds it into v_l . (H v)_l at once and frees it, so
-            # the Hessian-vector product is never held for every linear at the same time.
-            hooks = [p.register_post_accumulate_grad_hook(_fold_into(totals, k, probes[k])) for k, p in enumerate(flat)]
-            try:
-                torch.autograd.backward(sum((g * v).sum() for g, v in zip(grads, probes)), inputs=flat)
-            finally:
-                for h in hooks:
-                    h.remove()
-            del loss, grads, probes
+        with _recomputed(layers):
+            for i in tqdm(range(n), desc="hessian trace (Hutchinson)", disable=not progress, leave=False):
+                ids = calib_ids[i:i + 1].to(device)
+                # Rademacher probes are +-1: int8 holds them exactly at a quarter of float32's memory.
+                probes = [(torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8) * 2 - 1).to(device)
+                          for p in flat]
+                for sign in (1.0, -1.0):
+                    _fold_gradient(model, ids, linears, probes, sign * eps, totals)
+                del probes
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
-        if attn_impl:
-            with contextlib.suppress(Exception):
-                model.set_attn_implementation(attn_impl)
+            p.grad = None
         model.to("cpu")
     out, k = [], 0
     for group in named:
