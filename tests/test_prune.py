@@ -190,14 +190,15 @@ def test_barber_keeps_counts_and_lowers_block_loss():
         assert lin.weight[~masks[name]].equal(dense.get_submodule(name).weight[~masks[name]])
 
 
-def test_barber_per_window_gradients_match_autograd():
+@pytest.mark.parametrize("grad_dtype,tol", [(None, 1e-4), (torch.bfloat16, 2e-2)])
+def test_barber_per_window_gradients_match_autograd(grad_dtype, tol):
     """The batched per-window gradient (g_n^T x_n) equals one backward per window, as in the reference
-    (to bfloat16 precision: the batched product runs in bfloat16)."""
+    (to float32 precision, or to bfloat16's when the dense block and the product run in bfloat16)."""
     from toolchain.prune.barber import gradient_pass
 
     lm, engine, hidden, layer, dense = _magnitude_pruned_layer("llama", 4, 16)
     blocks = lm.adapter.subblocks(layer)
-    records, outputs = gradient_pass(engine, layer, dense, hidden, blocks)
+    records, outputs = gradient_pass(engine, layer, dense, hidden, blocks, grad_dtype=grad_dtype)
     torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden))
     block = blocks[1]
     g2 = records[block.name].g2
@@ -211,7 +212,31 @@ def test_barber_per_window_gradients_match_autograd():
         for n, g in zip(block.linears, grads):
             expected[n] += g.square() / 4
     for n in block.linears:
-        torch.testing.assert_close(g2[n], expected[n], rtol=2e-2, atol=2e-2 * float(expected[n].max()))
+        torch.testing.assert_close(g2[n], expected[n], rtol=tol, atol=tol * float(expected[n].max()))
+
+
+@pytest.mark.parametrize("hardware", [torch.bfloat16, None])
+def test_barber_gradient_dtype_follows_the_hardware(monkeypatch, hardware):
+    """Barber computes its dense-block gradients in bfloat16 only where the hardware multiplies it natively
+    (emulated bfloat16 on an AVX2 CPU is ~70x slower than float32), and says which it used."""
+    import toolchain.prune.barber as barber_mod
+
+    assert barber_mod.reduced_precision("cpu") in (torch.bfloat16, None)
+    used = []
+    real_pass = barber_mod.gradient_pass
+
+    def spy(*args, **kwargs):
+        used.append(args[5])
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(barber_mod, "reduced_precision", lambda device: hardware)
+    monkeypatch.setattr(barber_mod, "gradient_pass", spy)
+    lm, engine, hidden, layer, dense = _magnitude_pruned_layer("llama", 4, 16)
+    masks = {n: lin.weight == 0 for n, lin in lm.adapter.linears(layer).items()}
+    targets = {n: SparsityTarget.parse("0.5") for n in masks}
+    report, _ = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets)
+    assert used and all(d is hardware for d in used)
+    assert report["gradient_dtype"] == ("bfloat16" if hardware is torch.bfloat16 else "float32")
 
 
 def test_taylor_score_is_the_exact_loss_change_of_each_toggle_on_a_last_linear():

@@ -136,14 +136,38 @@ def rebuild_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor
     return out
 
 
-def _bf16_per_window_grad_sq(grad_out: torch.Tensor, x: torch.Tensor, batch: int) -> torch.Tensor:
+def reduced_precision(device: torch.device | str) -> torch.dtype | None:
+    """bfloat16 where `device` multiplies it natively, else None (plain float32).
+
+    Barber's dense-block gradients only rank weights (the reference computes them in float16), so a narrower
+    type is purely a speed choice, and which way it goes depends on the hardware: on an AVX512-BF16 CPU
+    bfloat16 matmuls are 3x faster than float32, on an AVX2-only CPU (no bfloat16 kernels in oneDNN) PyTorch
+    emulates them about 70x slower (both measured on SmolLM2-sized products). CUDA: bfloat16 where the GPU
+    supports it. The choice is made once per run from the hardware, so a machine always gives the same masks."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        try:
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        except (AttributeError, RuntimeError):   # a build without oneDNN
+            return None
+    return None
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype | None:
+    """`"auto"`: `reduced_precision(device)`; a dtype or None (float32) as given."""
+    return reduced_precision(device) if dtype == "auto" else dtype
+
+
+def _per_window_grad_sq(grad_out: torch.Tensor, x: torch.Tensor, batch: int,
+                        dtype: torch.dtype | None) -> torch.Tensor:
     """sum_n (g_n^T x_n)^2 over the windows of a batch: the per-window weight gradients of a linear layer.
 
-    The batched product runs in bfloat16 (float32 accumulation), 2.5x faster than float32 on this project's
-    AVX512-BF16 CPU (measured); the score only ranks weights, and the reference implementation computes its
-    gradients in float16."""
-    g = grad_out.detach().reshape(batch, -1, grad_out.shape[-1]).to(torch.bfloat16)
-    x = x.detach().reshape(batch, -1, x.shape[-1]).to(torch.bfloat16)
+    The batched product runs in `dtype` (None: float32) with float32 accumulation: it only ranks weights."""
+    dtype = dtype or torch.float32
+    g = grad_out.detach().reshape(batch, -1, grad_out.shape[-1]).to(dtype)
+    x = x.detach().reshape(batch, -1, x.shape[-1]).to(dtype)
     return torch.bmm(g.transpose(1, 2), x).float().square().sum(dim=0)
 
 
@@ -205,16 +229,15 @@ class _StopLayer(Exception):
 
 
 def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequence[SubBlock],
-                  grad_dtype: torch.dtype | None = torch.bfloat16, exit_terms: bool = False,
+                  grad_dtype: torch.dtype | str | None = "auto", exit_terms: bool = False,
                   to_end: bool = True, replay: tuple[SubBlock, torch.Tensor, tuple | None] | None = None
                   ) -> tuple[dict[str, BlockRecord], torch.Tensor | None]:
     """One pass of the sparse `layer` over every window, capturing each block's input and output;
     each dense block runs on the captured input (the pruned model's own) with gradients, giving the block
     loss L_n = mean((y_dense - y_sparse)^2) per window n and G2 = mean_n (dL_n/dW)^2 for its linears.
-    The dense blocks run under autocast to `grad_dtype` (None: float32). Their forward and backward are most
-    of Barber's cost, bfloat16 matmuls are 3x faster than float32 on this project's AVX512-BF16 CPU
-    (measured), and the result only ranks weights (the reference computes it in float16). The sparse layer
-    stays float32: its output is the next layer's input.
+    The dense blocks run under autocast to `grad_dtype` (None: float32; "auto": `reduced_precision`, bfloat16
+    where the hardware has it). Their forward and backward are most of Barber's cost, and the result only ranks
+    weights. The sparse layer stays float32: its output is the next layer's input.
     With `to_end=False` the sparse layer stops after the last block's exit and no layer output is returned.
     `replay=(block, outputs, tail)`: an earlier block of the layer does not run; its module returns `outputs`
     (every window's, in order; `tail` is the rest of its output tuple) so the blocks after it see an output
@@ -223,6 +246,7 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
     sparse input's energy (`taylor_score`): -dL_n/dW = 2/(T d_out) (y_dense - y_sparse)^T x_sparse, from the
     sparse layer's own forward, so it costs one product per batch and no backward.
     Returns the records per block name and the sparse layer's output for every window (None unless `to_end`)."""
+    grad_dtype = _resolve_dtype(grad_dtype, hidden.device)
     records = {b.name: BlockRecord({
         n: torch.zeros_like(dense_layer.get_submodule(n).weight, dtype=torch.float32) for n in b.linears}, 0.0)
         for b in blocks}
@@ -288,7 +312,7 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                         per_window = _window_losses(y_dense, y_sparse, batch)
                         grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in graded])
                     for n, grad_out in zip(graded, grads):
-                        rec.g2[n] += _bf16_per_window_grad_sq(grad_out, linear_io[n][0], batch)
+                        rec.g2[n] += _per_window_grad_sq(grad_out, linear_io[n][0], batch, grad_dtype)
                     if b.name in exit_inputs:
                         x = exit_inputs[b.name]
                         x = x.reshape(full, -1, x.shape[-1])[lo:hi].reshape(-1, x.shape[-1]).float()
@@ -297,8 +321,9 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                             rec.exit_grad = torch.zeros(residual.shape[1], x.shape[1], device=x.device)
                             rec.exit_in_sq = torch.zeros(x.shape[1], device=x.device)
                         rec.tokens = x.shape[0] // batch
-                        # bfloat16 product, float32 accumulation, as for the per-window gradients (it ranks weights)
-                        rec.exit_grad += (residual.T.to(torch.bfloat16) @ x.to(torch.bfloat16)).float() \
+                        # grad_dtype product, float32 accumulation, as for the per-window gradients (it ranks weights)
+                        low = grad_dtype or torch.float32
+                        rec.exit_grad += (residual.T.to(low) @ x.to(low)).float() \
                             * (2.0 / (rec.tokens * residual.shape[1]))
                         rec.exit_in_sq += x.square().sum(dim=0)
                         if b.name == last:
@@ -392,9 +417,10 @@ def _mean_window_loss(outs: list[torch.Tensor], rec: BlockRecord) -> float:
 
 @torch.no_grad()
 def block_loss(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBlock,
-               dense_dtype: torch.dtype | None = torch.bfloat16) -> float:
+               dense_dtype: torch.dtype | str | None = "auto") -> float:
     """Mean over windows of mean((dense block(u) - sparse block(u))^2), u = the pruned layer's block input; the
     dense block runs under autocast to `dense_dtype`, as in `gradient_pass`, so the two losses compare."""
+    dense_dtype = _resolve_dtype(dense_dtype, hidden.device)
     total, windows = 0.0, 0
     for s in engine.batches():
         args, kwargs, y_sparse = engine.capture_block(layer, hidden[s], block)
@@ -407,7 +433,7 @@ def block_loss(engine, layer, dense_layer, hidden: torch.Tensor, block: SubBlock
 
 class Barber:
     def __init__(self, ratio: float = 0.01, keep_updates: bool = True, loss_guard: bool = True,
-                 granularity: str = "row", grad_dtype: torch.dtype | None = torch.bfloat16,
+                 granularity: str = "row", grad_dtype: torch.dtype | str | None = "auto",
                  score: str = "grad-rms"):
         check_granularity(granularity)
         check_score(score, granularity)
@@ -436,13 +462,15 @@ class Barber:
         changed is re-solved under the new mask; unchanged rows keep the init method's weights.
         """
         dense_layer.requires_grad_(True)
-        report: dict = {"swaps": {}, "resolved_rows": {}, "reverted": []}
+        grad_dtype = _resolve_dtype(self.grad_dtype, hidden.device)
+        report: dict = {"swaps": {}, "resolved_rows": {}, "reverted": [],
+                        "gradient_dtype": str(grad_dtype or torch.float32).removeprefix("torch.")}
         blocks = list(engine.adapter.subblocks(layer))
         exit_terms = self.score == "taylor-exit"
 
         def block_pass(i: int, replay=None):
             """Gradients of block i on the current layer; the sparse layer runs only as far as block i."""
-            return gradient_pass(engine, layer, dense_layer, hidden, [blocks[i]], self.grad_dtype, exit_terms,
+            return gradient_pass(engine, layer, dense_layer, hidden, [blocks[i]], grad_dtype, exit_terms,
                                  to_end=i + 1 == len(blocks), replay=replay)
         records, layer_out = block_pass(0)
         for i, block in enumerate(blocks):
