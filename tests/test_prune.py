@@ -218,7 +218,7 @@ def test_barber_per_window_gradients_match_autograd(grad_dtype, tol):
 @pytest.mark.parametrize("hardware", [torch.bfloat16, None])
 def test_barber_gradient_dtype_follows_the_hardware(monkeypatch, hardware):
     """Barber computes its dense-block gradients in bfloat16 only where the hardware multiplies it natively
-    (emulated bfloat16 on an AVX2 CPU is ~70x slower than float32), and says which it used."""
+    (emulated bfloat16 on an AVX2 CPU is 80-120x slower than float32), and says which it used."""
     import toolchain.prune.barber as barber_mod
 
     assert barber_mod.reduced_precision("cpu") in (torch.bfloat16, None)

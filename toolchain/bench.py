@@ -82,6 +82,7 @@ def run_prune_one(model_dir: Path, out: Path, method: str, init: str | None, spa
     return {"prune_seconds": report["seconds"]["total"], "process_seconds": round(wall, 1),
             "peak_rss_mib": report["peak_rss_mib"], "peak_anon_mib": report.get("peak_anon_mib"),
             "global_sparsity": report["global_sparsity"],
+            "cpu_capability": report.get("machine", {}).get("cpu_capability"),
             "command": "toolchain " + " ".join(cmd[3:])}
 
 

@@ -105,6 +105,22 @@ def library_versions() -> dict:
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
+def machine_description() -> dict:
+    """What a timing (and, through kernel choice, float rounding) depends on: the CPU, the vector extensions
+    PyTorch dispatches to, and the threads it uses."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def proc_status_mib(field: str) -> float | None:
     """A kB field of /proc/self/status in MiB, or None where there is no such file (not Linux)."""
     try:
@@ -268,7 +284,7 @@ def run_job(model_spec: str, out: str | Path, cfg: CalibConfig, work, calibrate:
         calib, calib_info = calibration_data(loaded, cfg) if calibrate else (None, None)
         result = work(loaded, calib)
     facts = {"format": "toolchain.compression/1", "source": loaded.source, "calibration": calib_info,
-             "versions": library_versions(), "load_seconds": round(t_load, 3),
+             "versions": library_versions(), "machine": machine_description(), "load_seconds": round(t_load, 3),
              "peak_rss_mib": round(peak_rss_mib(), 1), "peak_anon_mib": round(anon.peak_mib, 1)}
     return loaded, result, facts
 
