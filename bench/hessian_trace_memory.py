@@ -1,7 +1,8 @@
 """Peak memory and time of one Hutchinson probe (`toolchain.sensitivity.linear_hessian_traces`, one window).
 
-The traces drive `--allocation hessian` and APTQ's `--sensitivity model`. RssAnon is sampled every 10 ms
-around the call on an already loaded model, so the figure is the probe's own peak (the model included).
+The traces drive `--allocation hessian` and APTQ's `--sensitivity model`. RssAnon is sampled (`AnonPeak`, as
+in compression.json) around the call on an already loaded model, so the figure is the probe's own peak, the
+model included.
 
     PYTHONPATH=. .venv/bin/python bench/hessian_trace_memory.py [--model out/bench/smollm2-hf] [--seqlen 512]
 
@@ -11,7 +12,6 @@ around the call on an already loaded model, so the figure is the probe's own pea
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import torch
@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from toolchain.data import calibration_windows, pydoc_corpus, tokenize
 from toolchain.models import adapter_for
-from toolchain.pipeline import proc_status_mib
+from toolchain.pipeline import AnonPeak
 from toolchain.sensitivity import linear_hessian_traces
 
 
@@ -31,24 +31,12 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     ids = calibration_windows(tokenize(tok, pydoc_corpus().calib_text), 1, args.seqlen, 0)
-    peak, done = [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc_status_mib("RssAnon") or 0.0)
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     t = time.perf_counter()
-    try:
+    with AnonPeak(interval=0.01) as anon:
         linear_hessian_traces(model, adapter_for(model), ids, 1, 0, "cpu", progress=False)
-    finally:
-        done.set()
-        sampler.join()
     fp32 = sum(p.numel() for p in model.parameters()) * 4 / 2**20
-    print(f"one {args.seqlen}-token probe: peak RssAnon {peak[0]:.0f} MiB = {peak[0] / fp32:.2f}x the fp32 weights "
-          f"({fp32:.1f} MiB), {time.perf_counter() - t:.1f} s")
+    print(f"one {args.seqlen}-token probe: peak RssAnon {anon.peak_mib:.0f} MiB = {anon.peak_mib / fp32:.2f}x "
+          f"the fp32 weights ({fp32:.1f} MiB), {time.perf_counter() - t:.1f} s")
 
 
 if __name__ == "__main__":

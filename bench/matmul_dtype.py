@@ -10,12 +10,12 @@ Barber's dense-block gradients only rank weights, so it runs them in bfloat16 wh
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from toolchain.pipeline import machine_description
 from toolchain.prune.barber import reduced_precision
 
 # SmolLM2-135M, 4 windows of 512 tokens (a half batch of the gradient pass): the MLP's up projection, and the
@@ -43,9 +43,7 @@ def main() -> None:
                      "bfloat16_over_float32": round(bf16 / fp32, 2)})
         print(f"{name}: float32 {fp32:.1f} ms, bfloat16 {bf16:.1f} ms ({bf16 / fp32:.2f}x)")
     picked = reduced_precision("cpu")
-    result = {"cpu": platform.processor() or platform.machine(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {**machine_description(), "torch": torch.__version__,
               "barber_picks": str(picked or torch.float32).removeprefix("torch."), "rows": rows}
     print(f"cpu capability {result['cpu_capability']}: Barber's gradients run in {result['barber_picks']}")
     out = Path(__file__).parent / "results" / "matmul_dtype.json"

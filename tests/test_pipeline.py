@@ -30,7 +30,8 @@ def test_prune_cli_writes_loadable_model_and_report(tiny_dir, tmp_path, capsys):
     # The machine a timing depends on, and the precision Barber's gradients ran in on it.
     assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert report["machine"]["threads"] == torch.get_num_threads()
-    expected_dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    from toolchain.prune.barber import reduced_precision
+    expected_dtype = "bfloat16" if reduced_precision("cpu") is torch.bfloat16 else "float32"
     assert {layer["barber"]["gradient_dtype"] for layer in report["layers"]} == {expected_dtype}
     # The saved weights really are 2:4 along the input dimension.
     names = [n for n, _ in model.named_parameters() if "layers" in n and n.endswith("weight") and "norm" not in n]

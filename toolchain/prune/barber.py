@@ -143,7 +143,8 @@ def reduced_precision(device: torch.device | str) -> torch.dtype | None:
     type is purely a speed choice, and which way it goes depends on the hardware: on an AVX512-BF16 CPU
     bfloat16 matmuls are 3x faster than float32, on an AVX2-only CPU (no bfloat16 kernels in oneDNN) PyTorch
     emulates them 80-120x slower (both measured at SmolLM2's shapes, `bench/matmul_dtype.py`). CUDA: bfloat16
-    where the GPU supports it. The choice is made once per run from the hardware, so a machine always gives the same masks."""
+    where the GPU supports it. The choice depends only on the hardware, so one machine always gives the same
+    masks."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
