@@ -98,6 +98,30 @@ def test_rebuild_mask_swaps_floor_ratio_of_beneficial_pairs():
     assert two.tolist() == [[False, False, True, True, False, False, True, True]]
 
 
+@pytest.mark.parametrize("levels", [None, 4])
+def test_rebuild_mask_matches_the_pairwise_rule_row_by_row(levels):
+    """Against the reference rule written out per row with Python lists (sorted pruned scores descending, kept
+    ascending, R = winning pairs): every row swaps floor(ratio * R) pairs, reviving its best pruned and pruning
+    its worst kept weights; with tied scores (`levels` distinct values) the swapped scores are the same."""
+    g = torch.Generator().manual_seed(1)
+    score = torch.rand(200, 24, generator=g)
+    if levels:
+        score = (score * levels).floor()
+    pruned = torch.rand(200, 24, generator=g) < torch.rand(200, 1, generator=g)
+    ratio = 0.6
+    new = rebuild_mask(pruned, score, ratio, SparsityTarget.parse("0.5"))
+    for row in range(200):
+        s, p = score[row].tolist(), pruned[row].tolist()
+        grow_scores = sorted((v for v, q in zip(s, p) if q), reverse=True)
+        cut_scores = sorted(v for v, q in zip(s, p) if not q)
+        wins = sum(a > b for a, b in zip(grow_scores, cut_scores))
+        swaps = int(ratio * wins)
+        revived = [v for v, q, n in zip(s, p, new[row].tolist()) if q and not n]
+        cut = [v for v, q, n in zip(s, p, new[row].tolist()) if not q and n]
+        assert sorted(revived, reverse=True) == grow_scores[:swaps], row
+        assert sorted(cut) == cut_scores[:swaps], row
+
+
 @pytest.mark.parametrize("nm", ["2:4", "1:4", "4:8"])
 def test_rebuild_mask_preserves_nm(nm):
     target = SparsityTarget.parse(nm)
@@ -235,7 +259,8 @@ def test_barber_gradient_dtype_follows_the_hardware(monkeypatch, hardware):
     targets = {n: SparsityTarget.parse("0.5") for n in masks}
     report, _ = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets)
     assert used and all(d is hardware for d in used)
-    assert report["gradient_dtype"] == ("bfloat16" if hardware is torch.bfloat16 else "float32")
+    assert report["gradient_dtype"] == dict.fromkeys(["attn", "mlp"], "bfloat16" if hardware is torch.bfloat16
+                                                     else "float32")
 
 
 def test_taylor_score_is_the_exact_loss_change_of_each_toggle_on_a_last_linear():
@@ -557,6 +582,42 @@ def test_barber_mlp_pass_replays_the_attention_instead_of_running_it(family, mon
     assert records[mlp.name].loss == expected[mlp.name].loss
     for n in mlp.linears:
         torch.testing.assert_close(records[mlp.name].g2[n], expected[mlp.name].g2[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("exit_terms", [False, True])
+def test_barber_attention_pass_reuses_the_statistics_pass_forward(family, exit_terms, monkeypatch):
+    """The dense attention's forward recorded (with its graph) during the statistics pass on the dense copy
+    stands in for Barber's own: the dense attention does not run again, and the block's records (gradients,
+    loss, exit terms, outputs) equal those of the pass that recomputes it. The statistics are unchanged."""
+    from toolchain.prune.barber import gradient_pass, record_dense_block
+
+    lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 8, 16)
+    dense.requires_grad_(False)
+    attn = lm.adapter.subblocks(layer)[0]
+    expected = gradient_pass(engine, layer, dense, hidden, [attn], exit_terms=exit_terms, to_end=False)[0][attn.name]
+    plain_stats = engine.collect_stats(copy.deepcopy(dense), hidden, hessian=True)
+    with record_dense_block(dense, attn, exit_terms) as recorded:
+        stats = engine.collect_stats(dense, hidden, hessian=True)
+    assert len(recorded.batches) == 2 and recorded.batches[0][0].requires_grad
+    for name in plain_stats:
+        torch.testing.assert_close(stats[name].xtx, plain_stats[name].xtx)
+    dense_attn = dense.get_submodule(attn.exit)
+    monkeypatch.setattr(dense_attn, "forward", lambda *a, **k: pytest.fail("the dense attention ran"))
+    got = gradient_pass(engine, layer, dense, hidden, [attn], exit_terms=exit_terms, to_end=False,
+                        recorded=recorded)[0][attn.name]
+    assert recorded.batches == [None, None]   # each batch's graph is let go after its backward
+    assert got.loss == pytest.approx(expected.loss, rel=1e-5)
+    assert set(got.g2) == set(expected.g2)
+    graded = attn.linears[:-1] if exit_terms else attn.linears
+    for n in graded:
+        assert float(expected.g2[n].abs().max()) > 0, n
+        torch.testing.assert_close(got.g2[n], expected.g2[n], rtol=1e-4, atol=1e-4 * float(expected.g2[n].max()))
+    if exit_terms:
+        torch.testing.assert_close(got.exit_grad, expected.exit_grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.exit_in_sq, expected.exit_in_sq)
+    torch.testing.assert_close(torch.cat(got.dense_out), torch.cat(expected.dense_out), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(got.sparse_out), torch.cat(expected.sparse_out), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family,init", [("llama", "wanda"), ("opt", "sparsegpt")])

@@ -2,6 +2,7 @@
 calibration settings and data, memory measurement, library versions. Quantization: `toolchain.quantize`."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import resource
@@ -219,8 +220,12 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
         layer_target = target if target.is_nm else SparsityTarget.unstructured(sparsities[i])
         dense_layer = copy.deepcopy(layer) if barber or cfg.reconstruct == "block" else None
         lstsq = cfg.resolve_mode == "lstsq"
-        stats = engine.collect_stats(layer, hidden, method.needs_hessian or lstsq) \
-            if method.needs_stats or lstsq else {}
+        stats, recorded = {}, None
+        if method.needs_stats or lstsq:
+            # Barber: the statistics pass runs on the dense copy (same weights) and its attention forward is
+            # recorded with the graph, so Barber's pass does not run the dense attention again.
+            with barber.record_first_block(engine, dense_layer) if barber else contextlib.nullcontext() as recorded:
+                stats = engine.collect_stats(dense_layer if barber else layer, hidden, method.needs_hessian or lstsq)
         masks, targets, dense_w = {}, {}, {}
         for name, lin in adapter.linears(layer).items():
             if lstsq:
@@ -232,7 +237,8 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
         outputs = None
         if barber:
             entry["barber"], outputs = barber.rebuild_layer(engine, layer, dense_layer, hidden, masks, targets,
-                                                            stats, rebuild_solver)
+                                                            stats, rebuild_solver, recorded)
+            recorded = None
         if lstsq:
             entry["resolve"] = resolve_layer(adapter.linears(layer), dense_w, stats, masks)
             outputs = None   # the re-solved layer's outputs are recomputed for the next layer

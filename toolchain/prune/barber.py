@@ -28,6 +28,7 @@ no extra layer forward is needed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -49,31 +50,36 @@ def _ranks(x: torch.Tensor, descending: bool) -> torch.Tensor:
 
 def rebuild_mask(prune_mask: torch.Tensor, score: torch.Tensor, ratio: float, target: SparsityTarget
                  ) -> torch.Tensor:
-    """Swap pruned<->kept weights per output row by score; the count per row (and N:M) is unchanged."""
+    """Swap pruned<->kept weights per output row by score; the count per row (and N:M) is unchanged.
+
+    The reference pairs the k-th best pruned weight with the k-th worst kept one and counts the pairs R in which
+    the pruned one scores higher; it swaps floor(ratio * R) of them, best pairs first. One sort of each row
+    (descending) gives it all: cutting the sorted row where the score strictly drops, with A pruned weights above
+    the cut and B kept ones below it, the first min(A, B) pairs all win; and R is the largest such min(A, B).
+    (Any win has its pruned weight above and its kept weight below the cut under the k-th pruned score, and
+    vice versa.) Ties: pruned weights of equal score revive in position order, kept ones go in reverse order."""
     rows, cols = score.shape
-    grow_rank = _ranks(score.masked_fill(~prune_mask, -math.inf), descending=True)   # pruned, best first
-    cut_rank = _ranks(score.masked_fill(prune_mask, math.inf), descending=False)     # kept, worst first
-    # R: pairs (k-th best pruned, k-th worst kept) where the pruned one wins. Both sequences are monotone,
-    # so the winning pairs form a prefix and R is simply their count.
-    pairs = torch.minimum(prune_mask.sum(1), (~prune_mask).sum(1))
-    g = torch.full_like(score, -math.inf).scatter_(1, grow_rank, score.masked_fill(~prune_mask, -math.inf))
-    p = torch.full_like(score, math.inf).scatter_(1, cut_rank, score.masked_fill(prune_mask, math.inf))
-    idx = torch.arange(cols, device=score.device)[None, :]
-    wins = ((g > p) & (idx < pairs[:, None])).sum(1)
+    ordered, order = torch.sort(score, dim=1, descending=True, stable=True)
+    pruned = prune_mask.gather(1, order)
+    pruned_above = pruned.cumsum(1)                                   # pruned at sorted positions <= i
+    kept_below = (~prune_mask).sum(1, keepdim=True) - (~pruned).cumsum(1)   # kept at positions > i
+    strict_drop = torch.ones_like(pruned)
+    strict_drop[:, :-1] = ordered[:, :-1] > ordered[:, 1:]
+    wins = torch.where(strict_drop, torch.minimum(pruned_above, kept_below), 0).amax(dim=1)
     swaps = torch.floor(ratio * wins.double()).long()[:, None]
-    grow = prune_mask & (grow_rank < swaps)
+    grow = torch.zeros_like(prune_mask).scatter_(1, order, pruned & (pruned_above <= swaps))
     if not target.is_nm:
-        cut = ~prune_mask & (cut_rank < swaps)
-    else:
-        n, m = target.n, target.m
-        shape = (rows, cols // m, m)
-        s_g, grow_g, kept_g = score.reshape(shape), grow.reshape(shape), (~prune_mask).reshape(shape)
-        # A group can give up at most its n kept weights: keep only its n best revivals.
-        grow_g = grow_g & (_ranks(s_g.masked_fill(~grow_g, -math.inf), descending=True) < n)
-        revived = grow_g.sum(-1, keepdim=True)
-        cut_g = kept_g & (_ranks(s_g.masked_fill(~kept_g, math.inf), descending=False) < revived)
-        grow, cut = grow_g.reshape(rows, cols), cut_g.reshape(rows, cols)
-    return (prune_mask & ~grow) | cut
+        cut = torch.zeros_like(prune_mask).scatter_(1, order, ~pruned & (kept_below < swaps))
+        return (prune_mask & ~grow) | cut
+    n, m = target.n, target.m
+    shape = (rows, cols // m, m)
+    s_g, grow_g, kept_g = score.reshape(shape), grow.reshape(shape), (~prune_mask).reshape(shape)
+    # A group can give up at most its n kept weights: keep only its n best revivals; then every group prunes
+    # as many of its weakest kept weights as it revived, so N:M holds.
+    grow_g = grow_g & (_ranks(s_g.masked_fill(~grow_g, -math.inf), descending=True) < n)
+    revived = grow_g.sum(-1, keepdim=True)
+    cut_g = kept_g & (_ranks(s_g.masked_fill(~kept_g, math.inf), descending=False) < revived)
+    return (prune_mask & ~grow_g.reshape(rows, cols)) | cut_g.reshape(rows, cols)
 
 
 GRANULARITIES = ("row", "layer", "block")
@@ -205,6 +211,91 @@ def _batch_slice(call: tuple[tuple, dict], out: torch.Tensor, batch: int, lo: in
     return cut(args), {k: cut(v) for k, v in kwargs.items()}, cut(out)
 
 
+class _OutputTaps:
+    """d(loss)/d(output) of chosen linears, with no weight gradients and nothing kept beyond what the backward needs.
+
+    A forward hook adds `tap`, a scalar zero that requires grad, to each tapped linear's output (only while grad
+    mode is on), so the graph reaches those outputs whatever the weights' `requires_grad`; a tensor hook stores the
+    output's gradient when a backward to `tap` runs. The linear's input is kept for the per-window product."""
+
+    def __init__(self, module: torch.nn.Module, names: Sequence[str]):
+        self.tap = torch.zeros((), requires_grad=True)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self._handles = [module.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: self._on_forward(n, a[0], o)) for n in names]
+
+    def _on_forward(self, name: str, x: torch.Tensor, out: torch.Tensor):
+        if not torch.is_grad_enabled():
+            return None
+        self.inputs[name] = x
+        out = out + self.tap.to(out.device)
+        out.register_hook(lambda g: self.grads.__setitem__(name, g))
+        return out
+
+    def backward(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the backward of `loss`; the tapped outputs' gradients by linear name."""
+        self.grads = {}
+        torch.autograd.grad(loss, self.tap)
+        return self.grads
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def graded_linears(block: SubBlock, exit_terms: bool) -> tuple[str, ...]:
+    """The linears scored by per-window gradients: all of the block's, or with the exit terms
+    (`taylor-exit`) all but its last, which the exit terms score."""
+    return block.linears[:-1] if exit_terms else block.linears
+
+
+@dataclass
+class RecordedBlock:
+    """A dense sub-block's forward on every calibration batch, with its autograd graph (`record_dense_block`)."""
+
+    block: SubBlock
+    taps: _OutputTaps
+    batches: list = field(default_factory=list)    # per engine batch: (output with its graph, {linear: input})
+
+
+@contextlib.contextmanager
+def record_dense_block(dense_layer, block: SubBlock, exit_terms: bool):
+    """While active, every forward of `dense_layer` records `block`'s output with its graph (`RecordedBlock`).
+
+    Run around the init method's statistics pass on the dense layer: a decoder layer's FIRST sub-block (the
+    attention) sees the layer input through a norm only, so its input in that pass is exactly the one Barber's
+    attention pass gives it, and its forward there can stand in for Barber's dense forward, which is then not
+    run again. The block runs in float32 with grad mode on; the rest of the layer does not see the graph.
+    The graphs hold what the attention's backward needs (q, k, v, output per token, about the memory of the
+    recomputed pass's records) until Barber's pass has used them."""
+    taps = _OutputTaps(dense_layer, graded_linears(block, exit_terms))
+    recorded = RecordedBlock(block, taps)
+    grad_mode: list[bool] = []
+
+    def on_entry(module, args, kwargs):
+        grad_mode.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(True)
+
+    def on_exit(module, args, output):
+        torch.set_grad_enabled(grad_mode.pop())
+        y = first_tensor(output)
+        recorded.batches.append((y, dict(taps.inputs)))
+        taps.inputs.clear()
+        return (y.detach(), *output[1:]) if isinstance(output, tuple) else y.detach()
+
+    hooks = [dense_layer.get_submodule(block.entry).register_forward_pre_hook(on_entry, with_kwargs=True),
+             dense_layer.get_submodule(block.exit).register_forward_hook(on_exit)]
+    try:
+        yield recorded
+    finally:
+        for h in hooks:
+            h.remove()
+        taps.remove()
+        if grad_mode:
+            torch.set_grad_enabled(grad_mode[0])
+
+
 @dataclass
 class BlockRecord:
     """One sub-block's share of a pass over the calibration windows, batch by batch."""
@@ -231,7 +322,8 @@ class _StopLayer(Exception):
 
 def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequence[SubBlock],
                   grad_dtype: torch.dtype | str | None = "auto", exit_terms: bool = False,
-                  to_end: bool = True, replay: tuple[SubBlock, torch.Tensor, tuple | None] | None = None
+                  to_end: bool = True, replay: tuple[SubBlock, torch.Tensor, tuple | None] | None = None,
+                  recorded: RecordedBlock | None = None
                   ) -> tuple[dict[str, BlockRecord], torch.Tensor | None]:
     """One pass of the sparse `layer` over every window, capturing each block's input and output;
     each dense block runs on the captured input (the pruned model's own) with gradients, giving the block
@@ -239,6 +331,8 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
     The dense blocks run under autocast to `grad_dtype` (None: float32; "auto": `reduced_precision`, bfloat16
     where the hardware has it). Their forward and backward are most of Barber's cost, and the result only ranks
     weights. The sparse layer stays float32: its output is the next layer's input.
+    `recorded`: a block whose dense forward was recorded with its graph on these batches (`record_dense_block`)
+    does not run again; its backward runs on the recorded graph.
     With `to_end=False` the sparse layer stops after the last block's exit and no layer output is returned.
     `replay=(block, outputs, tail)`: an earlier block of the layer does not run; its module returns `outputs`
     (every window's, in order; `tail` is the rest of its output tuple) so the blocks after it see an output
@@ -253,6 +347,8 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
         for b in blocks}
     last = blocks[-1].name
     layer_out = torch.empty_like(hidden) if to_end else None
+    if recorded is not None and recorded.block.name not in records:
+        recorded = None
     seen: dict = {}
     hooks = []
 
@@ -272,12 +368,10 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
         for b in blocks:
             hooks.append(layer.get_submodule(b.linears[-1]).register_forward_hook(
                 lambda m, a, o, name=b.name: exit_inputs.__setitem__(name, a[0])))
-    linear_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for b in blocks:
-        for n in b.linears:
-            hooks.append(dense_layer.get_submodule(n).register_forward_hook(
-                lambda m, a, o, n=n: linear_io.__setitem__(n, (a[0], o))))
+    taps = _OutputTaps(dense_layer, [n for b in blocks if recorded is None or b.name != recorded.block.name
+                                     for n in graded_linears(b, exit_terms)])
     windows = 0
+    half = max(1, engine.batch_size // 2)
     try:
         # The sparse layer runs on the walk's own batches, so a rebuild that changes nothing hands the next
         # layer exactly what the init method alone would. The dense blocks run on half batches: a backward pass
@@ -288,7 +382,7 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
             replay_rows = replay[1].shape[0] // hidden.shape[0]   # rows per window
             current: list = [None]
             replayed.forward = lambda *a, **k: (current[0], *replay[2]) if replay[2] is not None else current[0]
-        for s in engine.batches():
+        for index, s in enumerate(engine.batches()):
             if replayed is not None:
                 current[0] = replay[1][s.start * replay_rows:s.stop * replay_rows]
             with torch.no_grad():
@@ -299,22 +393,29 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                 except _StopLayer:
                     pass
             full = s.stop - s.start
-            for lo in range(0, full, max(1, engine.batch_size // 2)):
-                hi = min(lo + max(1, engine.batch_size // 2), full)
-                batch = hi - lo
-                for b in blocks:
-                    rec = records[b.name]
+            for b in blocks:
+                rec = records[b.name]
+                from_record = recorded is not None and b.name == recorded.block.name
+                spans = [(0, full)] if from_record else [(lo, min(lo + half, full)) for lo in range(0, full, half)]
+                for lo, hi in spans:
+                    batch = hi - lo
                     args, kwargs, y_sparse = _batch_slice(seen[("in", b.name)], seen[("out", b.name)],
                                                           full, lo, hi)
-                    # With the exit terms the last linear is scored by them, so its per-window gradients are not needed.
-                    graded = b.linears[:-1] if b.name in exit_inputs else b.linears
-                    with torch.enable_grad(), _dense_autocast(hidden.device.type, grad_dtype):
-                        y_dense = b.run(dense_layer, args, kwargs)
+                    if from_record:
+                        y_dense, inputs = recorded.batches[index]
+                        recorded.batches[index] = None          # the graph goes with this backward
                         per_window = _window_losses(y_dense, y_sparse, batch)
-                        grads = torch.autograd.grad(per_window.sum(), [linear_io[n][1] for n in graded])
-                    for n, grad_out in zip(graded, grads):
-                        rec.g2[n] += _per_window_grad_sq(grad_out, linear_io[n][0], batch, grad_dtype)
-                    if b.name in exit_inputs:
+                        grads = recorded.taps.backward(per_window.sum())
+                    else:
+                        with torch.enable_grad(), _dense_autocast(hidden.device.type, grad_dtype):
+                            y_dense = b.run(dense_layer, args, kwargs)
+                            per_window = _window_losses(y_dense, y_sparse, batch)
+                            grads = taps.backward(per_window.sum())
+                        inputs, taps.inputs = taps.inputs, {}
+                    for n in graded_linears(b, exit_terms):
+                        if n in grads:
+                            rec.g2[n] += _per_window_grad_sq(grads[n], inputs[n], batch, grad_dtype)
+                    if exit_terms:
                         x = exit_inputs[b.name]
                         x = x.reshape(full, -1, x.shape[-1])[lo:hi].reshape(-1, x.shape[-1]).float()
                         residual = (y_dense.detach().float() - y_sparse).reshape(x.shape[0], -1)
@@ -335,13 +436,14 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                         rec.dense_out.append(y_dense.detach())
                         rec.sparse_out.append(y_sparse)
                         rec.sizes.append(batch)
-                    linear_io.clear()
-                windows += batch
+                    del y_dense, per_window, grads, inputs
+            windows += full
             seen.clear()
             exit_inputs.clear()
     finally:
         for h in hooks:
             h.remove()
+        taps.remove()
         if replay is not None:
             del layer.get_submodule(replay[0].exit).forward   # the module's own forward again
     for rec in records.values():
@@ -447,9 +549,12 @@ class Barber:
 
     def rebuild_layer(self, engine, layer, dense_layer, hidden, masks: dict[str, torch.Tensor],
                       targets: dict[str, SparsityTarget], stats: dict | None = None,
-                      solver: Callable | None = None) -> tuple[dict, torch.Tensor]:
+                      solver: Callable | None = None, recorded: RecordedBlock | None = None
+                      ) -> tuple[dict, torch.Tensor]:
         """Rebuild the masks of every linear in `layer` in place (`masks` is updated); returns a report and the
         layer's output for every window (the next layer's input).
+        `recorded`: the dense attention's forward from the init's statistics pass (`record_first_block`), used
+        instead of running it again.
 
         Sub-blocks go in order (attention, then MLP on the rebuilt attention's output), one pass each: the
         attention's pass runs the sparse layer only as far as the attention; a rebuilt block's new loss and
@@ -462,18 +567,25 @@ class Barber:
         init pass's `stats`: `lstsq_rows`, or SparseGPT's OBS sweep with a fixed mask), every row whose mask
         changed is re-solved under the new mask; unchanged rows keep the init method's weights.
         """
-        dense_layer.requires_grad_(True)
         grad_dtype = _resolve_dtype(self.grad_dtype, hidden.device)
-        report: dict = {"swaps": {}, "resolved_rows": {}, "reverted": [],
-                        "gradient_dtype": str(grad_dtype or torch.float32).removeprefix("torch.")}
         blocks = list(engine.adapter.subblocks(layer))
+        if recorded is not None and recorded.block.name != blocks[0].name:
+            raise ValueError(f"the recorded block {recorded.block.name!r} is not this layer's first, {blocks[0].name!r}")
+        # The recorded block's gradients come from the statistics pass, which runs in float32.
+        report: dict = {"swaps": {}, "resolved_rows": {}, "reverted": [],
+                        "gradient_dtype": {b.name: str(torch.float32 if recorded is not None and i == 0
+                                                       else grad_dtype or torch.float32).removeprefix("torch.")
+                                           for i, b in enumerate(blocks)},
+                        "dense_forward_reused": [recorded.block.name] if recorded is not None else []}
         exit_terms = self.score == "taylor-exit"
 
         def block_pass(i: int, replay=None):
             """Gradients of block i on the current layer; the sparse layer runs only as far as block i."""
             return gradient_pass(engine, layer, dense_layer, hidden, [blocks[i]], grad_dtype, exit_terms,
-                                 to_end=i + 1 == len(blocks), replay=replay)
+                                 to_end=i + 1 == len(blocks), replay=replay,
+                                 recorded=recorded if i == 0 else None)
         records, layer_out = block_pass(0)
+        recorded = None
         for i, block in enumerate(blocks):
             rec = records[block.name]
             report[f"{block.name}_loss_before"] = report[f"{block.name}_loss_after"] = rec.loss
@@ -511,8 +623,11 @@ class Barber:
                     start += n
             else:
                 layer_out = engine.forward_layer(layer, hidden)
-        dense_layer.requires_grad_(False)
         return report, layer_out
+
+    def record_first_block(self, engine, dense_layer):
+        """`record_dense_block` for the layer's first sub-block, to wrap the init's statistics pass on `dense_layer`."""
+        return record_dense_block(dense_layer, engine.adapter.subblocks(dense_layer)[0], self.score == "taylor-exit")
 
     @staticmethod
     def _revert(layer, block, saved, masks, report) -> None:
