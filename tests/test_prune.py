@@ -600,6 +600,10 @@ def test_barber_attention_pass_reuses_the_statistics_pass_forward(family, exit_t
     with record_dense_block(dense, attn, exit_terms) as recorded:
         stats = engine.collect_stats(dense, hidden, hessian=True)
     assert len(recorded.batches) == 2 and recorded.batches[0][0].requires_grad
+    # q, k and v read the block input, which Barber's pass has too: it is not kept twice.
+    from toolchain.prune.barber import ENTRY_INPUT
+    kept_inputs = recorded.batches[0][1]
+    assert [kept_inputs[n] is ENTRY_INPUT for n in kept_inputs] == [True] * 3 + [False] * (not exit_terms)
     for name in plain_stats:
         torch.testing.assert_close(stats[name].xtx, plain_stats[name].xtx)
     dense_attn = dense.get_submodule(attn.exit)

@@ -188,13 +188,18 @@ def _window_losses(y_dense: torch.Tensor, y_sparse: torch.Tensor, windows: int) 
     return (y_dense - y_sparse).reshape(windows, -1).square().mean(dim=1)
 
 
+def _entry_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A block's input in its captured entry call: the first argument, or `hidden_states=`."""
+    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+
+
 def _batch_slice(call: tuple[tuple, dict], out: torch.Tensor, batch: int, lo: int, hi: int
                  ) -> tuple[tuple, dict, torch.Tensor]:
     """A captured block call and its output, cut to windows lo:hi of the `batch` windows. The block's input
     tells the layout: [batch, ...] or flattened [batch * T, ...] (OPT's MLP); every tensor with that first
     dimension is cut, shared ones (RoPE tables, broadcast masks) pass as they are."""
     args, kwargs = call
-    x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+    x = _entry_input(args, kwargs)
     rows = x.shape[0]
     if rows % batch:
         raise RuntimeError(f"a block input of {rows} rows does not split into {batch} windows")
@@ -250,6 +255,9 @@ def graded_linears(block: SubBlock, exit_terms: bool) -> tuple[str, ...]:
     return block.linears[:-1] if exit_terms else block.linears
 
 
+ENTRY_INPUT = "entry input"   # a recorded linear input that is the block's own input
+
+
 @dataclass
 class RecordedBlock:
     """A dense sub-block's forward on every calibration batch, with its autograd graph (`record_dense_block`)."""
@@ -272,16 +280,21 @@ def record_dense_block(dense_layer, block: SubBlock, exit_terms: bool):
     taps = _OutputTaps(dense_layer, graded_linears(block, exit_terms))
     recorded = RecordedBlock(block, taps)
     grad_mode: list[bool] = []
+    entry_input: list[torch.Tensor] = []
 
     def on_entry(module, args, kwargs):
         grad_mode.append(torch.is_grad_enabled())
+        entry_input[:] = [_entry_input(args, kwargs)]
         torch.set_grad_enabled(True)
 
     def on_exit(module, args, output):
         torch.set_grad_enabled(grad_mode.pop())
         y = first_tensor(output)
-        recorded.batches.append((y, dict(taps.inputs)))
+        # A linear that reads the block input itself (q, k, v) is not kept: Barber's pass has the same values as
+        # its own block input (`ENTRY_INPUT`).
+        recorded.batches.append((y, {n: ENTRY_INPUT if x is entry_input[0] else x for n, x in taps.inputs.items()}))
         taps.inputs.clear()
+        entry_input.clear()
         return (y.detach(), *output[1:]) if isinstance(output, tuple) else y.detach()
 
     hooks = [dense_layer.get_submodule(block.entry).register_forward_pre_hook(on_entry, with_kwargs=True),
@@ -404,6 +417,7 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
                     if from_record:
                         y_dense, inputs = recorded.batches[index]
                         recorded.batches[index] = None          # the graph goes with this backward
+                        inputs = {n: _entry_input(args, kwargs) if x is ENTRY_INPUT else x for n, x in inputs.items()}
                         per_window = _window_losses(y_dense, y_sparse, batch)
                         grads = recorded.taps.backward(per_window.sum())
                     else:
