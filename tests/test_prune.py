@@ -563,6 +563,21 @@ def test_barber_rerun_of_a_changed_exit_linear_uses_its_recorded_input(family):
     assert loss == pytest.approx(full_loss, rel=1e-5) and loss != pytest.approx(rec.loss, rel=1e-3)
 
 
+@pytest.mark.parametrize("per_row", [1, 3, 40, 200])
+def test_weight_change_product_equals_the_dense_product(per_row):
+    """h @ delta^T for a weight change with a few nonzeros per row (a Wanda rebuild: sparse product) or many (a
+    re-solved row: dense product over the touched columns) equals the plain product."""
+    from toolchain.prune.barber import weight_change_product
+
+    g = torch.Generator().manual_seed(per_row)
+    delta = torch.zeros(48, 200)
+    cols = torch.rand(48, 200, generator=g).argsort(dim=1)[:, :per_row]
+    delta.scatter_(1, cols, torch.randn(48, per_row, generator=g))
+    delta[7] = 0.0                                   # an unchanged row
+    h = torch.randn(300, 200, generator=g)
+    torch.testing.assert_close(weight_change_product(delta)(h), h @ delta.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_barber_mlp_pass_replays_the_attention_instead_of_running_it(family, monkeypatch):
     """The MLP's pass gets the attention's outputs from the caller: the attention module never runs, and the

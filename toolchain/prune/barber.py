@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -469,6 +470,23 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
     return records, layer_out
 
 
+def weight_change_product(delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> h @ delta^T for a weight change `delta` ([out, in]; h [tokens, in] -> [tokens, out]).
+
+    A Wanda rebuild changes a few weights per row, spread over most columns, so a dense product over the touched
+    columns costs nearly a full one; a sparse (CSR) product does only the nonzeros, 2-3x faster at SmolLM2's
+    shapes up to ~2% nonzeros. A re-solved row (SparseGPT init) changes the whole row: then the dense product
+    over the touched columns is the faster one."""
+    if int(delta.count_nonzero()) <= 0.02 * delta.numel():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            sparse = delta.to_sparse_csr()
+        return lambda h: (sparse @ h.T).T
+    touched = delta.ne(0).any(dim=0).nonzero().squeeze(1)
+    dense = delta[:, touched].T
+    return lambda h: h[:, touched] @ dense
+
+
 @torch.no_grad()
 def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str, torch.Tensor] | None = None
                 ) -> tuple[list[torch.Tensor], float]:
@@ -484,10 +502,9 @@ def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str,
     exit_name, firsts = block.linears[-1], block.linears[:-1]
     if old_weights is not None and rec.exit_in and all(
             layer.get_submodule(n).weight.equal(old_weights[n]) for n in firsts):
-        # Only the last linear changed and its input is recorded: y_new = y_old + h[:, J] (W_new - W_old)[:, J]^T.
-        delta = layer.get_submodule(exit_name).weight - old_weights[exit_name]
-        cols = delta.ne(0).any(dim=0).nonzero().squeeze(1)
-        outs = [y + (h[:, cols] @ delta[:, cols].T).reshape(y.shape) for h, y in zip(rec.exit_in, rec.sparse_out)]
+        # Only the last linear changed and its input is recorded: y_new = y_old + h (W_new - W_old)^T.
+        change = weight_change_product(layer.get_submodule(exit_name).weight - old_weights[exit_name])
+        outs = [y + change(h).reshape(y.shape) for h, y in zip(rec.exit_in, rec.sparse_out)]
         return outs, _mean_window_loss(outs, rec)
     plan = None
     if old_weights is not None and block.exit_input is not None and firsts:
