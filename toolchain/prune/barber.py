@@ -217,12 +217,29 @@ def _batch_slice(call: tuple[tuple, dict], out: torch.Tensor, batch: int, lo: in
     return cut(args), {k: cut(v) for k, v in kwargs.items()}, cut(out)
 
 
+class _Tap(torch.autograd.Function):
+    """The identity on a linear's output that hands the output's gradient to `taps` in the backward (and passes it
+    on). Its other input, the scalar `tap` that requires grad, puts it in the graph whatever the weights'
+    `requires_grad`."""
+
+    @staticmethod
+    def forward(ctx, out, tap, taps, name):
+        ctx.taps, ctx.name, ctx.tap_dtype = taps, name, tap.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.taps.grads[ctx.name] = grad
+        # The gradient goes on to the linears before this one (gate and up behind down_proj, say).
+        return grad, torch.zeros((), dtype=ctx.tap_dtype, device=grad.device), None, None
+
+
 class _OutputTaps:
     """d(loss)/d(output) of chosen linears, with no weight gradients and nothing kept beyond what the backward needs.
 
-    A forward hook adds `tap`, a scalar zero that requires grad, to each tapped linear's output (only while grad
-    mode is on), so the graph reaches those outputs whatever the weights' `requires_grad`; a tensor hook stores the
-    output's gradient when a backward to `tap` runs. The linear's input is kept for the per-window product."""
+    A forward hook passes each tapped linear's output through `_Tap` (only while grad mode is on); a backward to
+    `tap` then computes only what those outputs' gradients need. The linear's input is kept for the per-window
+    product."""
 
     def __init__(self, module: torch.nn.Module, names: Sequence[str]):
         self.tap = torch.zeros((), requires_grad=True)
@@ -235,9 +252,7 @@ class _OutputTaps:
         if not torch.is_grad_enabled():
             return None
         self.inputs[name] = x
-        out = out + self.tap.to(out.device)
-        out.register_hook(lambda g: self.grads.__setitem__(name, g))
-        return out
+        return _Tap.apply(out, self.tap, self, name)
 
     def backward(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the backward of `loss`; the tapped outputs' gradients by linear name."""
