@@ -621,6 +621,14 @@ def test_barber_attention_pass_reuses_the_statistics_pass_forward(family, exit_t
     assert [kept_inputs[n] is ENTRY_INPUT for n in kept_inputs] == [True] * 3 + [False] * (not exit_terms)
     for name in plain_stats:
         torch.testing.assert_close(stats[name].xtx, plain_stats[name].xtx)
+    # A recording offered to a pass it does not belong to is refused by name, not silently ignored or misread.
+    mlp = lm.adapter.subblocks(layer)[1]
+    with pytest.raises(ValueError, match="does not belong to this pass"):
+        gradient_pass(engine, layer, dense, hidden, [mlp], recorded=recorded)
+    half = LayerEngine(lm.model, lm.adapter, calib(8, 16), batch_size=2, device="cpu")
+    half.layer_kwargs = engine.layer_kwargs
+    with pytest.raises(ValueError, match="2 batches"):
+        gradient_pass(half, layer, dense, hidden, [attn], recorded=recorded, to_end=False)
     dense_attn = dense.get_submodule(attn.exit)
     monkeypatch.setattr(dense_attn, "forward", lambda *a, **k: pytest.fail("the dense attention ran"))
     got = gradient_pass(engine, layer, dense, hidden, [attn], exit_terms=exit_terms, to_end=False,

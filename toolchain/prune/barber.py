@@ -24,7 +24,9 @@ does not rise; otherwise the block keeps the init's masks and weights.
 Cost: one pass per block. The attention's pass stops the sparse layer after the attention; the MLP's pass
 replays the attention's (rebuilt) outputs instead of recomputing them and gathers the MLP's gradients; the
 next layer's input is the recorded output plus the change of the last block's output (pre-norm decoders), so
-no extra layer forward is needed.
+no extra layer forward is needed. The attention's dense forward is not run by Barber at all: it is recorded, with
+its graph, in the init method's statistics pass on the dense copy (`record_dense_block`), whose attention input
+is the same, and Barber's attention pass only runs the backward on it.
 """
 from __future__ import annotations
 
@@ -376,8 +378,11 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
         for b in blocks}
     last = blocks[-1].name
     layer_out = torch.empty_like(hidden) if to_end else None
-    if recorded is not None and recorded.block.name not in records:
-        recorded = None
+    if recorded is not None:
+        n_batches = len(list(engine.batches()))
+        if recorded.block.name not in records or len(recorded.batches) != n_batches:
+            raise ValueError(f"the recorded block {recorded.block.name!r} ({len(recorded.batches)} batches) does not "
+                             f"belong to this pass (blocks {list(records)}, {n_batches} batches)")
     seen: dict = {}
     hooks = []
 
@@ -404,7 +409,8 @@ def gradient_pass(engine, layer, dense_layer, hidden: torch.Tensor, blocks: Sequ
     try:
         # The sparse layer runs on the walk's own batches, so a rebuild that changes nothing hands the next
         # layer exactly what the init method alone would. The dense blocks run on half batches: a backward pass
-        # keeps every activation of the block, and this bounds it near a plain forward at full batch.
+        # keeps every activation of the block, and this bounds it near a plain forward at full batch. (A
+        # recorded block's graph is a whole batch's, made by the statistics pass; it is used at full batch.)
         replayed = None
         if replay is not None:
             replayed = layer.get_submodule(replay[0].exit)
@@ -489,7 +495,7 @@ def weight_change_product(delta: torch.Tensor) -> Callable[[torch.Tensor], torch
     """h -> h @ delta^T for a weight change `delta` ([out, in]; h [tokens, in] -> [tokens, out]).
 
     A Wanda rebuild changes a few weights per row, spread over most columns, so a dense product over the touched
-    columns costs nearly a full one; a sparse (CSR) product does only the nonzeros, 2-3x faster at SmolLM2's
+    columns costs nearly a full one; a sparse (CSR) product does only the nonzeros, 1.9-2.8x faster at SmolLM2's
     shapes up to ~2% nonzeros. A re-solved row (SparseGPT init) changes the whole row: then the dense product
     over the touched columns is the faster one."""
     if int(delta.count_nonzero()) <= 0.02 * delta.numel():
