@@ -24,7 +24,9 @@ import torch
 
 from toolchain.engine import LayerEngine
 from toolchain.models import load_model
-from toolchain.pipeline import PruneConfig, calibration_data, set_weight
+from toolchain.engine import set_weight
+from toolchain.jobs.common import calibration_for
+from toolchain.jobs.config import PruneConfig
 from toolchain.prune import Barber, make_method
 from toolchain.prune.lstsq import lstsq_rows
 
@@ -39,8 +41,8 @@ def main() -> None:
     args = ap.parse_args()
     loaded = load_model(args.model)
     cfg = PruneConfig(method="barber", init=args.init, sparsity=args.sparsity, calib_samples=32, seqlen=512)
-    target, init = cfg.resolve()
-    calib, _ = calibration_data(loaded, cfg)
+    target, init = cfg.validate()
+    calib, _ = calibration_for(loaded, cfg)
     engine = LayerEngine(loaded.model, loaded.adapter, calib, cfg.batch_size, "cpu")
     hidden = engine.capture_inputs()
     for layer in engine.layers[:args.layer]:

@@ -17,7 +17,9 @@ import json
 import time
 from pathlib import Path
 
-from toolchain import pipeline
+from toolchain.jobs import prune as prune_job
+from toolchain.jobs.common import calibration_for
+from toolchain.jobs.config import PruneConfig
 from toolchain.bench import CALIB, SEQLEN, dense_dir
 from toolchain.data import eval_windows, get_corpus, tokenize
 from toolchain.evaluate import perplexity
@@ -46,16 +48,16 @@ class SameMaskBarber(Barber):
 
 def run(model_dir: Path, method: str, sparsity: str, barber_class=Barber) -> dict:
     loaded = load_model(model_dir)
-    cfg = pipeline.PruneConfig(method=method, init="sparsegpt" if method == "barber" else None, sparsity=sparsity,
-                               calib_samples=CALIB, seqlen=SEQLEN)
-    calib, _ = pipeline.calibration_data(loaded, cfg)
-    saved, pipeline.Barber = pipeline.Barber, barber_class
+    cfg = PruneConfig(method=method, init="sparsegpt" if method == "barber" else None, sparsity=sparsity,
+                      calib_samples=CALIB, seqlen=SEQLEN)
+    calib, _ = calibration_for(loaded, cfg)
+    saved, prune_job.Barber = prune_job.Barber, barber_class
     try:
         t0 = time.perf_counter()
-        report = pipeline.prune_loaded(loaded, calib, cfg, progress=False)
+        report = prune_job.prune_loaded(loaded, calib, cfg, progress=False)
         seconds = time.perf_counter() - t0
     finally:
-        pipeline.Barber = saved
+        prune_job.Barber = saved
     windows = eval_windows(tokenize(loaded.tokenizer, get_corpus().eval_text), SEQLEN)
     resolved = sum(sum(e["barber"]["resolved_rows"].values()) for e in report["layers"] if "barber" in e)
     return {"ppl": round(perplexity(loaded.model, windows, progress=False), 3), "seconds": round(seconds, 1),

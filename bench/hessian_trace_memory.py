@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from toolchain.data import calibration_windows, pydoc_corpus, tokenize
 from toolchain.models import adapter_for
-from toolchain.pipeline import AnonPeak
+from toolchain.machine import AnonPeak
 from toolchain.sensitivity import linear_hessian_traces
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from toolchain.pipeline import machine_description
+from toolchain.machine import machine_description
 from toolchain.prune.barber import reduced_precision
 
 # SmolLM2-135M, 4 windows of 512 tokens (a half batch of the gradient pass): the MLP's up projection, and the

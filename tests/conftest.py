@@ -87,8 +87,9 @@ def tiny_dir(request, tiny_llama_dir, tiny_opt_dir):
 def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir):
     """Factory of compressed tiny models (HF dir + quant_state.safetensors + compression.json), made once per
     (family, sparsity, bits, group_size, asym) for the session: `compressed_dir("llama", "2:4", 4)`."""
-    from toolchain.pipeline import PruneConfig, run_prune
-    from toolchain.quantize import QuantConfig, run_compress, run_quantize
+    from toolchain.jobs.config import PruneConfig, QuantConfig
+    from toolchain.jobs.prune import run_prune
+    from toolchain.jobs.quantize import run_compress, run_quantize
 
     made: dict[tuple, object] = {}
     calib = dict(calib_samples=8, seqlen=32, seed=0)

@@ -15,7 +15,8 @@ from toolchain.prune.masks import check_nm
 from toolchain.quant import QuantSpec, gptq_quantize
 from toolchain.quant.allocate import allocate_bits
 from toolchain.quant.aptq import attention_token_weights, collect_aptq_stats
-from toolchain.quantize import QuantConfig, quantize_loaded
+from toolchain.jobs.config import QuantConfig
+from toolchain.jobs.quantize import quantize_loaded
 
 
 
@@ -218,7 +219,8 @@ def test_aptq_gives_more_bits_to_a_planted_sensitive_layer():
 
 def test_aptq_keeps_a_pruning_mask_and_nm():
     lm = _loaded("llama", layers=2)
-    from toolchain.pipeline import PruneConfig, prune_loaded
+    from toolchain.jobs.config import PruneConfig
+    from toolchain.jobs.prune import prune_loaded
 
     prune_loaded(lm, _calib(), PruneConfig(method="sparsegpt", sparsity="2:4", batch_size=2), device="cpu",
                  progress=False)
@@ -245,7 +247,7 @@ def test_aptq_keeps_a_pruning_mask_and_nm():
 ])
 def test_bad_quant_configs_fail_clearly(cfg, message):
     with pytest.raises(ConfigError, match=message):
-        cfg.resolve()
+        cfg.validate()
 
 
 def test_group_size_larger_than_the_input_is_refused():

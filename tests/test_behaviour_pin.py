@@ -78,8 +78,9 @@ def _model_dir(tmp: Path) -> Path:
 
 
 def _compress(src: Path, out: Path, prune: dict | None, quant: dict | None) -> Path:
-    from toolchain.pipeline import PruneConfig, run_prune
-    from toolchain.quantize import QuantConfig, run_compress, run_quantize
+    from toolchain.jobs.config import PruneConfig, QuantConfig
+    from toolchain.jobs.prune import run_prune
+    from toolchain.jobs.quantize import run_compress, run_quantize
 
     if quant is None:
         run_prune(str(src), out, PruneConfig(**prune, **CALIB), progress=False)
@@ -100,7 +101,8 @@ def _model_digests(d: Path) -> dict:
 def chip_independent(tmp: Path) -> dict:
     """magnitude 2:4 + RTN 4-bit (group 32) through blob, ONNX, compressed-tensors, FPGA and GPU bundles."""
     from toolchain.export.blob import read_blob
-    from toolchain.export.pipeline import run_export
+    from toolchain.jobs.config import ExportConfig
+    from toolchain.jobs.export import run_export
     from toolchain.fpga.bundle import write_bundle
     from toolchain.fpga.config import load_config
     from toolchain.fpga.layers import for_design, read_layer
@@ -116,7 +118,7 @@ def chip_independent(tmp: Path) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_export(model, tmp / "x", "all", "float,qdq,matmulnbits")
+        run_export(model, tmp / "x", ExportConfig(target="all", onnx_weights="float,qdq,matmulnbits"))
     with read_blob(tmp / "x" / "model.tcblob", verify=True) as blob:
         pins["blob"] = _digest((f"{n}.{s}", blob.section(n, s)) for n in blob.names()
                                for s in blob.entry(n)["sections"])
@@ -206,7 +208,7 @@ def test_chip_independent_outputs_are_pinned(tmp_path):
 def machine_key() -> str:
     """What float rounding of the calibrated methods depends on: the CPU (BLAS picks its kernels from it),
     PyTorch's CPU kernels and its threads."""
-    from toolchain.pipeline import machine_description
+    from toolchain.machine import machine_description
 
     m = machine_description()
     return f"{m['cpu']} / {m['cpu_capability']} / {m['threads']} threads"

@@ -8,7 +8,8 @@ import pytest
 
 from toolchain.cli import main
 from toolchain.errors import ConfigError, ModelLoadError
-from toolchain.export.pipeline import parse_forms, parse_targets, run_export
+from toolchain.jobs.config import ExportConfig
+from toolchain.jobs.export import parse_forms, run_export
 
 
 def test_export_all_writes_every_artifact_with_a_true_manifest(compressed_dir, tmp_path, capsys):
@@ -35,22 +36,24 @@ def test_export_all_writes_every_artifact_with_a_true_manifest(compressed_dir, t
 def test_default_onnx_form_follows_the_model():
     assert parse_forms(None, quantized=True) == ["matmulnbits"]
     assert parse_forms(None, quantized=False) == ["float"]
-    assert parse_targets("all") == ["onnx", "blob", "compressed-tensors"]
+    assert ExportConfig(target="all").validate() == ["onnx", "blob", "compressed-tensors"]
+    with pytest.raises(ConfigError, match="--target fpga writes a bundle directory of its own"):
+        ExportConfig(target="onnx,fpga").validate()
     with pytest.raises(ConfigError, match="--target"):
-        parse_targets("onnx,fpga")
+        ExportConfig(target="onnx,nope").validate()
     with pytest.raises(ConfigError, match="--onnx-weights"):
         parse_forms("int4", True)
 
 
 def test_export_refuses_bad_inputs(tiny_llama_dir, compressed_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="needs a quantized model"):
-        run_export(tiny_llama_dir, tmp_path / "x", "compressed-tensors")
+        run_export(tiny_llama_dir, tmp_path / "x", ExportConfig(target="compressed-tensors"))
     assert not (tmp_path / "x").exists()
     with pytest.raises(ModelLoadError, match="not a directory"):
-        run_export(tmp_path / "missing", tmp_path / "y", "onnx")
+        run_export(tmp_path / "missing", tmp_path / "y", ExportConfig(target="onnx"))
     model_dir = compressed_dir("llama", "2:4", "4")
     with pytest.raises(ModelLoadError, match="inside the input model"):
-        run_export(model_dir, model_dir / "inside", "onnx")
+        run_export(model_dir, model_dir / "inside", ExportConfig(target="onnx"))
     # through the CLI the same problems are one clean line, exit status 2
     assert main(["export", "--model", str(tiny_llama_dir), "--target", "nope", "--out", str(tmp_path / "z")]) == 2
     assert "--target" in capsys.readouterr().err
@@ -65,11 +68,11 @@ def test_failed_export_leaves_nothing(compressed_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_mod, "export_onnx", boom)
     out = tmp_path / "export"
     with pytest.raises(RuntimeError, match="induced"):
-        run_export(compressed_dir("llama", "2:4", "4"), out, "blob,onnx")
+        run_export(compressed_dir("llama", "2:4", "4"), out, ExportConfig(target="blob,onnx"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_dense_float_model_exports_onnx_and_blob(tiny_llama_dir, tmp_path):
-    manifest = run_export(tiny_llama_dir, tmp_path / "e", "onnx,blob")
+    manifest = run_export(tiny_llama_dir, tmp_path / "e", ExportConfig(target="onnx,blob"))
     assert manifest["results"]["onnx"]["float"]["linears"] == {"float": 15}
     assert (tmp_path / "e" / "model.tcblob").is_file()

@@ -9,7 +9,8 @@ import torch
 from conftest import random_ids as calib, tiny_loaded as loaded
 from toolchain.engine import LayerEngine
 from toolchain.errors import ConfigError
-from toolchain.pipeline import PruneConfig, prune_loaded
+from toolchain.jobs.config import PruneConfig
+from toolchain.jobs.prune import prune_loaded
 from toolchain.prune import SparseGPT, SparsityTarget, Wanda, Magnitude, check_nm, rebuild_mask
 from toolchain.prune.barber import Barber, block_loss, rebuild_masks
 from toolchain.prune.stats import InputStats
@@ -332,21 +333,21 @@ def test_unknown_rebuild_score_is_refused():
     with pytest.raises(ConfigError, match="rebuild-score"):
         Barber(score="fisher")
     with pytest.raises(ConfigError, match="rebuild-score"):
-        PruneConfig(method="barber", sparsity="0.5", rebuild_score="fisher").resolve()
+        PruneConfig(method="barber", sparsity="0.5", rebuild_score="fisher").validate()
 
 
 def test_taylor_exit_refuses_block_granularity():
     """`block` pools every matrix of a block into one ranking; taylor-exit's scores are loss changes on the last
     linear and |W| RMS(grad) on the others, so they cannot be ranked together."""
     with pytest.raises(ConfigError, match="--rebuild-score grad-rms"):
-        PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="block").resolve()
-    PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="block", rebuild_score="grad-rms").resolve()
-    PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="layer").resolve()
+        PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="block").validate()
+    PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="block", rebuild_score="grad-rms").validate()
+    PruneConfig(method="barber", sparsity="0.5", rebuild_granularity="layer").validate()
 
 
 def test_same_seed_same_masks_and_different_seed_differs(tiny_llama_dir):
     from toolchain.models import load_model
-    from toolchain.pipeline import calibration_data
+    from toolchain.jobs.common import calibration_for as calibration_data
 
     def run(seed):
         lm = load_model(tiny_llama_dir)
@@ -405,7 +406,7 @@ def test_input_dim_not_divisible_by_m():
 ])
 def test_bad_config_is_rejected(cfg, match):
     with pytest.raises(ConfigError, match=match):
-        cfg.resolve()
+        cfg.validate()
 
 
 def test_cli_rejects_unknown_method(capsys):
@@ -701,4 +702,4 @@ def test_barber_on_sparsegpt_resolves_changed_rows_by_least_squares():
 
 def test_unknown_rebuild_solver_is_refused():
     with pytest.raises(ConfigError, match="--rebuild-solver"):
-        PruneConfig(method="barber", init="sparsegpt", sparsity="0.5", rebuild_solver="cholesky").resolve()
+        PruneConfig(method="barber", init="sparsegpt", sparsity="0.5", rebuild_solver="cholesky").validate()

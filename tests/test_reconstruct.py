@@ -12,7 +12,7 @@ from toolchain.prune.reconstruct import reconstruct_layer
 
 
 def _run(family: str, target: SparsityTarget, seed: int = 0):
-    from toolchain.pipeline import set_weight
+    from toolchain.engine import set_weight
 
     loaded = tiny_loaded(family)
     engine = LayerEngine(loaded.model, loaded.adapter, random_ids(8, 32), 4, torch.device("cpu"))

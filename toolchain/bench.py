@@ -141,7 +141,7 @@ def run_prune_bench(model: str, out_dir: str | Path, only: list[str] | None = No
             rows.append(row)
             print(f"{name} {sparsity}: ppl {row['ppl']:.3f}, {row['prune_seconds']:.1f} s, "
                   f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
-    from .pipeline import library_versions
+    from .machine import library_versions
 
     result = {"benchmark": "prune", "model": str(model), "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0",
               "eval": f"pydoc held-out split, seqlen {SEQLEN}", "model_fp32_mib": round(fp32_mib, 1),
@@ -221,7 +221,7 @@ def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = No
         row["ppl"] = _eval_ppl(target)
         rows.append(row)
         print(f"{name}: ppl {row['ppl']:.3f}, {row['quant_seconds']:.1f} s, {row['avg_bits']} bits", flush=True)
-    from .pipeline import library_versions
+    from .machine import library_versions
 
     result = {"benchmark": "quant", "model": str(model), "group_size": QUANT_GROUP,
               "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0", "eval": f"pydoc held-out split, seqlen {SEQLEN}",
@@ -248,7 +248,7 @@ def run_demo(model: str, out: str | Path) -> int:
     """The main job on the default model: prune with Barber at 2:4, quantize with APTQ at 4 bits, compare
     perplexities with the dense model, export every artifact and check the ONNX graph in onnxruntime."""
     from .export.onnx_check import check_onnx
-    from .export.pipeline import run_export
+    from .jobs.export import run_export
     from .fpga.bundle import write_bundle
     from .sim.bundle_sim import simulate_bundle
 
@@ -267,7 +267,7 @@ def run_demo(model: str, out: str | Path) -> int:
     dense_ppl, pruned_ppl, quant_ppl = _eval_ppl(src), _eval_ppl(pruned), _eval_ppl(quant)
     print("[5/6] export (blob, ONNX MatMulNBits, compressed-tensors) and onnx-check", flush=True)
     exported = out / "barber-2of4-aptq4-export"
-    manifest = run_export(quant, exported, "all")
+    manifest = run_export(quant, exported)
     sizes = {a["path"]: a["bytes"] for a in manifest["artifacts"]}
     check = check_onnx(quant, exported / "onnx" / "model.matmulnbits.onnx")
     print("[6/6] FPGA bundle, then Verilator + HLS C-sim of the first attention and MLP projections", flush=True)

@@ -51,7 +51,7 @@ def run_quality_bench(model: str, out_dir: str | Path, only: list[str] | None = 
     work.mkdir(parents=True, exist_ok=True)
     src = dense_dir(model, Path("out/bench"))
     fp32_mib = _model_fp32_mib(src)
-    from .pipeline import library_versions
+    from .machine import library_versions
 
     stem, rows = _stem(out_dir, "prune_quality", model), []
     order = ["dense@-"] + [f"{n}@{s}" for n, _, _, _, sp in quality_configs() for s in sp]

@@ -114,6 +114,17 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     return ids[starts[:, None] + torch.arange(seqlen)[None, :]]
 
 
+def calibration_data(loaded, samples: int, seqlen: int, seed: int, dataset: str | None = None,
+                     text_file: str | None = None) -> tuple[torch.Tensor, dict]:
+    """Calibration windows for a loaded model (its tokenizer, capped at its context) and what they were."""
+    corpus = get_corpus(dataset, text_file)
+    seqlen = min(seqlen, model_max_seqlen(loaded.model))
+    ids = tokenize(loaded.tokenizer, corpus.calib_text)
+    calib = calibration_windows(ids, samples, seqlen, seed)
+    return calib, {"dataset": corpus.name, "samples": samples, "seqlen": seqlen, "seed": seed,
+                   "split_tokens": int(ids.numel())}
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows covering the evaluation split: LongTensor [n, seqlen]."""
     n = ids.numel() // seqlen

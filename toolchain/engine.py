@@ -24,6 +24,13 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass early once the wanted activations are captured."""
 
 
+@torch.no_grad()
+def set_weight(linear: nn.Linear, weight: torch.Tensor) -> None:
+    """Write new weights into the existing tensor: a checkpoint loaded by memory map then turns its pages
+    into the process's own copy-on-write pages, instead of holding the old (file) and new copies at once."""
+    linear.weight.data.copy_(weight)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

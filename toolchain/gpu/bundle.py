@@ -134,7 +134,7 @@ def plan_int8(loaded, names: list[str], windows, amax: dict[str, np.ndarray]) ->
 def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, precision: str = "fp16",
                      max_batch: int = 1, max_seq: int = 2048) -> dict:
     from ..export.onnx import build_onnx, save_onnx
-    from ..export.pipeline import sha256_file
+    from ..export.manifest import sha256_file
     from ..models import load_model
 
     if precision not in PRECISIONS:
@@ -157,11 +157,9 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
     max_seq = min(max_seq, int(getattr(model.config, "max_position_embeddings", max_seq) or max_seq))
     calibration = None
     if precision == "int8":
-        from ..pipeline import CalibConfig, calibration_data
+        from ..data import calibration_data
 
-        cfg = CalibConfig()
-        cfg.calib_samples, cfg.seqlen = CALIB_WINDOWS, CALIB_SEQLEN
-        windows, calibration = calibration_data(loaded, cfg)
+        windows, calibration = calibration_data(loaded, CALIB_WINDOWS, CALIB_SEQLEN, seed=0)
         names = [layer["name"] for layer in layers]
         plan = plan_int8(loaded, names, windows, calibrate_input_amax(loaded, names, windows))
         for layer in layers:

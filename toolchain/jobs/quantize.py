@@ -1,4 +1,4 @@
-"""Quantize a model (RTN, GPTQ, APTQ with mixed precision), and `compress` = prune then quantize.
+"""`toolchain quantize` (RTN, GPTQ, APTQ with mixed precision) and `toolchain compress` (prune, then quantize).
 
 APTQ = GPTQ's solver with attention-aware Hessians for q/k/v (`toolchain.quant.aptq`), plus, for an average
 budget, per-linear widths chosen from the candidates by Hessian-trace sensitivity (`toolchain.quant.allocate`)
@@ -8,92 +8,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .engine import LayerEngine, default_device
-from .errors import ConfigError
-from .models import LoadedModel, save_model
-from .pipeline import CalibConfig, PruneConfig, prune_loaded, run_job, set_weight
-from .quant import SUPPORTED_BITS, QuantizedWeight, QuantSpec, rtn_quantize, write_quant_state
-from .quant.gptq import gptq_quantize_many
-from .quant.allocate import allocate_bits
-from .quant.aptq import collect_aptq_stats
-from .sensitivity import linear_hessian_traces
-
-QUANT_METHODS = ("rtn", "gptq", "aptq")
-SENSITIVITIES = ("model", "local")
-DEFAULT_CANDIDATES = (2, 4)
-
-
-@dataclass
-class QuantPlan:
-    """What a validated QuantConfig asks for."""
-
-    spec: QuantSpec                 # group size and symmetry; the width of a uniform run
-    budget: float | None = None     # average bits of a mixed-precision run (APTQ), else None
-    candidates: tuple[int, ...] = ()
-
-    def spec_for(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits, self.spec.group_size, self.spec.symmetric)
-
-
-@dataclass
-class QuantConfig(CalibConfig):
-    method: str = "gptq"
-    bits: str | int | float = 4      # a width, or (APTQ) an average such as 3.5 or 3.0
-    candidates: str | None = None    # APTQ mixed precision: widths to choose from (default 2,4)
-    group_size: int = 128            # -1: one group per output row
-    asym: bool = False
-    act_order: bool = False          # GPTQ/APTQ: columns by decreasing Hessian diagonal, static groups
-    percdamp: float = 0.01
-    sensitivity: str = "model"       # APTQ mixed precision: "model" (Hutchinson) or "local" (layer Hessians)
-    hutchinson_samples: int = 8      # windows (one probe each) for --sensitivity model
-
-    def resolve(self) -> QuantPlan:
-        if self.method not in QUANT_METHODS:
-            raise ConfigError(f"unknown quantization method {self.method!r}; choose one of {', '.join(QUANT_METHODS)}")
-        try:
-            bits = float(self.bits)
-        except ValueError:
-            raise ConfigError(f"--bits {self.bits!r} is not a number") from None
-        # An average is asked for by a fractional value, a written decimal ("3.0") or explicit candidates.
-        mixed = bits != int(bits) or "." in str(self.bits) or self.candidates is not None
-        if mixed and self.method != "aptq":
-            raise ConfigError(f"--bits {self.bits}: an average bit budget (mixed precision) needs --method aptq; "
-                              f"{self.method} takes one of {', '.join(map(str, SUPPORTED_BITS))}")
-        self.check_calibration()
-        if self.sensitivity not in SENSITIVITIES:
-            raise ConfigError(f"--sensitivity {self.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
-        if self.hutchinson_samples < 1:
-            raise ConfigError(f"--hutchinson-samples must be >= 1, got {self.hutchinson_samples}")
-        if not 0 < self.percdamp < 1:
-            raise ConfigError(f"damping must be in (0, 1), got {self.percdamp}")
-        if not mixed:
-            return QuantPlan(QuantSpec(int(bits), self.group_size, not self.asym))
-        candidates = DEFAULT_CANDIDATES if self.candidates is None else self._parse_candidates(self.candidates)
-        for b in candidates:
-            QuantSpec(b, self.group_size, not self.asym)   # validates each width and the group size
-        if not candidates[0] <= bits <= candidates[-1]:
-            raise ConfigError(f"--bits {self.bits} is outside the candidate widths {','.join(map(str, candidates))}: "
-                              f"an average must lie in [{candidates[0]}, {candidates[-1]}]")
-        return QuantPlan(QuantSpec(candidates[-1], self.group_size, not self.asym), bits, candidates)
-
-    @staticmethod
-    def _parse_candidates(text: str) -> tuple[int, ...]:
-        try:
-            widths = sorted({int(v) for v in str(text).split(",") if v.strip()})
-        except ValueError:
-            raise ConfigError(f"--candidates {text!r}: expected comma-separated widths such as 2,4") from None
-        if len(widths) < 1:
-            raise ConfigError("--candidates is empty")
-        bad = [b for b in widths if b not in SUPPORTED_BITS]
-        if bad:
-            raise ConfigError(f"--candidates: unsupported width(s) {bad}; choose from {', '.join(map(str, SUPPORTED_BITS))}")
-        return tuple(widths)
+from ..engine import LayerEngine, default_device, set_weight
+from ..errors import ConfigError
+from ..models import LoadedModel, save_model
+from ..quant import QuantizedWeight, rtn_quantize, write_quant_state
+from ..quant.allocate import allocate_bits
+from ..quant.aptq import collect_aptq_stats
+from ..quant.gptq import gptq_quantize_many
+from ..sensitivity import linear_hessian_traces
+from .common import run_job
+from .config import PruneConfig, QuantConfig, QuantPlan, compress_validate
+from .prune import prune_loaded
 
 
 def average_bits(weights: dict[str, QuantizedWeight]) -> dict:
@@ -168,7 +99,7 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
     Exact zeros in a weight are treated as pruned and stay exactly zero (their code is the zero code).
     Returns the report and the integer state per full module name.
     """
-    plan = cfg.resolve()
+    plan = cfg.validate()
     device = torch.device(device) if device is not None else default_device()
     adapter, model = loaded.adapter, loaded.model
     layers = adapter.decoder_layers(model)
@@ -276,13 +207,15 @@ def _write(loaded: LoadedModel, out, compression: dict, state: dict[str, Quantiz
     return compression
 
 
-def run_quantize(model_spec: str, out: str | Path, cfg: QuantConfig, device=None, progress: bool = True) -> dict:
+def run_quantize(model_spec: str, out: str | Path, cfg: QuantConfig, device=None, progress: bool = True,
+                 given: set[str] | None = None) -> dict:
     """Load, calibrate (GPTQ/APTQ), quantize, and write the HF directory + quant_state.safetensors +
-    compression.json, atomically."""
-    cfg.resolve()
+    compression.json, atomically. `given`: the options set on the command line (refused where they would
+    have no effect)."""
+    cfg.validate(given)
     loaded, (report, state), facts = run_job(
         model_spec, out, cfg, lambda lm, calib: quantize_loaded(lm, calib, cfg, device=device, progress=progress),
-        calibrate=cfg.method != "rtn")
+        calibrate=cfg.calibrates())
     report["seconds"]["load"] = facts.pop("load_seconds")
     compression = {**facts, "quantization": report, "prune": _input_prune_record(model_spec, loaded),
                    "config": asdict(cfg)}
@@ -290,20 +223,17 @@ def run_quantize(model_spec: str, out: str | Path, cfg: QuantConfig, device=None
 
 
 def run_compress(model_spec: str, out: str | Path, prune_cfg: PruneConfig, quant_cfg: QuantConfig, device=None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, given: set[str] | None = None) -> dict:
     """Prune, then quantize the pruned model, in one process: one model load, one tokenization and one set of
     calibration windows serve both (the quantization pass sees the pruned model's own activations)."""
-    prune_cfg.resolve()
-    quant_cfg.resolve()
-    calib_fields = ("calib_samples", "seqlen", "seed", "dataset", "text_file")
-    if any(getattr(prune_cfg, f) != getattr(quant_cfg, f) for f in calib_fields):
-        raise ConfigError("compress uses one calibration set: prune and quantize settings must match")
+    compress_validate(prune_cfg, quant_cfg, given)
 
     def work(lm, calib):
         pruned = prune_loaded(lm, calib, prune_cfg, device=device, progress=progress)
         return pruned, *quantize_loaded(lm, calib, quant_cfg, device=device, progress=progress)
 
-    loaded, (prune_report, quant_report, state), facts = run_job(model_spec, out, prune_cfg, work)
+    loaded, (prune_report, quant_report, state), facts = run_job(
+        model_spec, out, prune_cfg, work, calibrate=prune_cfg.calibrates() or quant_cfg.calibrates())
     quant_report["seconds"]["load"] = facts.pop("load_seconds")
     compression = {**facts, "prune": prune_report, "quantization": quant_report,
                    "config": {"prune": asdict(prune_cfg), "quantize": asdict(quant_cfg)}}

@@ -1,16 +1,17 @@
-"""`toolchain export`: every artifact of a compressed model in one directory, with a manifest.
+"""`toolchain export`: every target of a compressed model, dispatched from one entry.
 
-    out/
+    --target onnx|blob|compressed-tensors|all    one directory of artifacts with a manifest:
       manifest.json              every artifact: path, bytes, sha256; what each target wrote
       model.tcblob               packed N:M low-bit blob (docs/blob-format.md)
       onnx/model.<form>.onnx     decoder with KV cache, one file per weight form
       compressed-tensors/        pack-quantized checkpoint (vLLM's format)
+    --target fpga                an accelerator bundle (toolchain.fpga.bundle, docs/fpga.md)
+    --target gpu                 a 2:4 TensorRT-ready bundle (toolchain.gpu.bundle, docs/gpu.md)
 
-The directory is written to a temporary path and renamed, so a failed export leaves nothing half-written.
+Every directory is written to a temporary path and renamed, so a failed export leaves nothing half-written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -19,33 +20,34 @@ from pathlib import Path
 
 from ..atomic import atomic_dir
 from ..errors import ConfigError
+from ..export.manifest import list_artifacts
+from ..export.source import read_compressed
 from ..models.loading import check_out_dir
-from .source import read_compressed
+from .config import ExportConfig
 
-TARGETS = ("onnx", "blob", "compressed-tensors")
 MANIFEST_FORMAT = "toolchain.export/1"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig | None = None,
+               given: set[str] | None = None) -> dict:
+    """Export `model_dir` (written by toolchain prune/quantize/compress) to `out`. Returns the artifacts'
+    manifest, or the FPGA bundle's report, or the GPU bundle's manifest. `given`: the options set on the
+    command line (refused where they would have no effect)."""
+    cfg = cfg or ExportConfig()
+    targets = cfg.validate(given)
+    if targets == ["fpga"]:
+        from ..fpga.bundle import write_bundle
 
+        return write_bundle(model_dir, out, cfg.accel_config, synth=not cfg.no_synth)
+    if targets == ["gpu"]:
+        from ..gpu.bundle import write_gpu_bundle
 
-def parse_targets(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if names == ["all"]:
-        return list(TARGETS)
-    bad = [t for t in names if t not in TARGETS]
-    if bad or not names:
-        raise ConfigError(f"--target {text!r}: choose from {', '.join(TARGETS)} or all (comma list allowed)")
-    return names
+        return write_gpu_bundle(model_dir, out, cfg.precision, cfg.max_batch, cfg.max_seq)
+    return write_artifacts(model_dir, out, targets, cfg.onnx_weights)
 
 
 def parse_forms(text: str | None, quantized: bool) -> list[str]:
-    from .onnx import FORMS
+    from ..export.onnx import FORMS
 
     if text is None:
         return ["matmulnbits"] if quantized else ["float"]
@@ -56,27 +58,25 @@ def parse_forms(text: str | None, quantized: bool) -> list[str]:
     return forms
 
 
-def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, targets: str = "all",
-               onnx_weights: str | None = None) -> dict:
-    """Export `model_dir` (written by toolchain prune/quantize/compress) to `out`; returns the manifest."""
-    chosen = parse_targets(targets)
+def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, targets: list[str],
+                    onnx_weights: str | None = None) -> dict:
+    """Write the blob / ONNX / compressed-tensors artifacts of `model_dir` into `out`; returns the manifest."""
     source = read_compressed(model_dir)
     check_out_dir(model_dir, out)
-    forms = parse_forms(onnx_weights, bool(source.quant)) if "onnx" in chosen else []
-    needs_quant = [t for t in chosen if t == "compressed-tensors"]
-    if needs_quant and not source.quant:
+    forms = parse_forms(onnx_weights, bool(source.quant)) if "onnx" in targets else []
+    if "compressed-tensors" in targets and not source.quant:
         raise ConfigError(f"--target compressed-tensors needs a quantized model ({model_dir} has no "
                           f"quant_state.safetensors); run toolchain quantize or compress first")
     results: dict[str, dict] = {}
     with atomic_dir(out) as tmp:
-        if "blob" in chosen:
-            from .blob import write_blob
+        if "blob" in targets:
+            from ..export.blob import write_blob
 
             t0 = time.perf_counter()
             results["blob"] = {**_summary(write_blob(model_dir, tmp / "model.tcblob")),
                                "seconds": round(time.perf_counter() - t0, 3)}
-        if "onnx" in chosen:
-            from .onnx import export_onnx
+        if "onnx" in targets:
+            from ..export import onnx
 
             (tmp / "onnx").mkdir()
             results["onnx"] = {}
@@ -84,20 +84,18 @@ def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, targets: st
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")   # the per-layer fallbacks are recorded in the result
-                    info = export_onnx(model_dir, tmp / "onnx" / f"model.{form}.onnx", form)
+                    info = onnx.export_onnx(model_dir, tmp / "onnx" / f"model.{form}.onnx", form)
                 info.pop("layers")
                 results["onnx"][form] = {**info, "seconds": round(time.perf_counter() - t0, 3)}
-        if "compressed-tensors" in chosen:
-            from .compressed_tensors import export_compressed_tensors
+        if "compressed-tensors" in targets:
+            from ..export.compressed_tensors import export_compressed_tensors
 
             t0 = time.perf_counter()
             results["compressed-tensors"] = {
                 **_summary(export_compressed_tensors(model_dir, tmp / "compressed-tensors")),
                 "seconds": round(time.perf_counter() - t0, 3)}
-        artifacts = [{"path": str(f.relative_to(tmp)), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                     for f in sorted(p for p in tmp.rglob("*") if p.is_file())]
         manifest = {"format": MANIFEST_FORMAT, "source": str(Path(model_dir).resolve()),
-                    "targets": chosen, "artifacts": artifacts, "results": _relative(results, tmp)}
+                    "targets": targets, "artifacts": list_artifacts(tmp), "results": _relative(results, tmp)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["out"] = str(Path(out).resolve())
     return manifest

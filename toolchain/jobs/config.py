@@ -1,0 +1,363 @@
+"""One config per job: its defaults, its command-line options and its validation, in one place.
+
+Every field that has a flag declares it here (`option`); the CLI's argparse is generated from these
+declarations, and `validate()` is the one check: it refuses bad values and, for flags given on the command
+line, any that the chosen method or mode would ignore.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data import DATASETS
+from ..errors import ConfigError
+from ..prune import INIT_METHODS, METHODS, SparsityTarget
+from ..prune.allocation import ALLOCATIONS, check_allocation
+from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
+from ..quant import SUPPORTED_BITS, QuantSpec
+from .options import option, refuse_inapplicable
+
+REBUILD_SOLVERS = ("lstsq", "obs")     # how Barber re-solves the rows it changed (SparseGPT init)
+RESOLVE_MODES = ("none", "lstsq")
+RECONSTRUCT_MODES = ("none", "block")
+QUANT_METHODS = ("rtn", "gptq", "aptq")
+SENSITIVITIES = ("model", "local")
+DEFAULT_CANDIDATES = (2, 4)
+
+
+def _barber(cfg) -> bool:
+    return cfg.method == "barber"
+
+
+def _barber_on_sparsegpt(cfg) -> bool:
+    return cfg.method == "barber" and cfg.init == "sparsegpt"
+
+
+def _block_reconstruction(cfg) -> bool:
+    return cfg.reconstruct == "block"
+
+
+def _prune_calibrates(cfg) -> bool:
+    """Magnitude pruning with nothing else asked needs no calibration text."""
+    return (cfg.method != "magnitude" or cfg.allocation != "uniform" or cfg.resolve_mode != "none"
+            or cfg.reconstruct != "none")
+
+
+def _calibrates(cfg) -> bool:
+    return cfg.calibrates()
+
+
+CALIBRATING = "to a job that calibrates (not magnitude pruning with uniform allocation, nor RTN)"
+
+
+@dataclass
+class CalibConfig:
+    """Calibration settings shared by every layer-by-layer job."""
+
+    calib_samples: int = option(128, "--calib-samples", "calibration windows", type=int,
+                                applies=_calibrates, applies_to=CALIBRATING)
+    seqlen: int = option(2048, "--seqlen", "tokens per window, capped at the model's maximum", type=int,
+                         applies=_calibrates, applies_to=CALIBRATING)
+    seed: int = option(0, "--seed", "seed for the calibration windows", type=int,
+                       applies=_calibrates, applies_to=CALIBRATING)
+    dataset: str | None = option(None, "--dataset", "calibration text (default: pydoc, CPython's reference docs; "
+                                 "others need `datasets` and a local copy)", choices=DATASETS,
+                                 applies=_calibrates, applies_to=CALIBRATING)
+    text_file: str | None = option(None, "--text-file", "calibrate on any UTF-8 text file (its last 10% is held "
+                                   "out; default: none)", metavar="PATH", applies=_calibrates, applies_to=CALIBRATING)
+    batch_size: int = option(8, "--batch-size", "windows per forward pass", type=int,
+                             applies=_calibrates, applies_to=CALIBRATING)
+
+    def calibrates(self) -> bool:
+        return True
+
+    def check_calibration(self) -> None:
+        if self.calib_samples < 1:
+            raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if self.seqlen < 2:
+            raise ConfigError(f"--seqlen must be >= 2, got {self.seqlen}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.dataset is not None and self.text_file is not None:
+            raise ConfigError("--dataset and --text-file both name the calibration text: give one")
+
+
+@dataclass
+class PruneConfig(CalibConfig):
+    method: str = option("wanda", "--method", "pruning method", choices=METHODS, required=True)
+    init: str | None = option(None, "--init", "Barber's initial pruner (default wanda)",
+                              choices=tuple(INIT_METHODS), applies=_barber, applies_to="to --method barber only")
+    sparsity: str = option("0.5", "--sparsity", "fraction in (0,1) such as 0.5, or N:M such as 2:4 / 4:8 "
+                           "(N kept of every M along the reduction dimension)", required=True)
+    allocation: str = option("uniform", "--allocation", "per-layer sparsity: uniform, OWL outlier-weighted, or "
+                             "Hessian-trace sensitivity (unstructured only; the global ratio is kept)",
+                             choices=ALLOCATIONS)
+    rebuild_ratio: float = option(0.01, "--rebuild-ratio", "Barber's alpha: the fraction of each row's beneficial "
+                                  "pruned<->kept swaps that are made", type=float,
+                                  applies=_barber, applies_to="to --method barber only")
+    rebuild_granularity: str = option(
+        "row", "--rebuild-granularity", "Barber's comparison group for ranking swaps: row (each output row, exact "
+        "per-row sparsity; the only choice for N:M), layer (a whole matrix), or block (all matrices of the attention "
+        "or MLP block pooled); the reference's output1/layer/block", choices=GRANULARITIES,
+        applies=_barber, applies_to="to --method barber only")
+    rebuild_score: str = option(
+        "taylor-exit", "--rebuild-score", "Barber's weight score. taylor-exit (ours): the reference's score for "
+        "every linear except each block's last one (o_proj, down_proj / fc2), which gets the exact block-loss change "
+        "of reviving or pruning each weight (gradient at the sparse weights plus the curvature term); grad-rms: the "
+        "reference's |W| * RMS(block-loss gradient) everywhere", choices=SCORES,
+        applies=_barber, applies_to="to --method barber only")
+    keep_updates: bool = option(
+        True, "--keep-updates", "Barber with --init sparsegpt: rows whose mask changed are re-solved under the new "
+        "mask (see --rebuild-solver), other rows keep SparseGPT's weights. --no-keep-updates resets every kept weight "
+        "to its dense value, as the reference code does by default (default: keep)", negatable=True,
+        applies=_barber_on_sparsegpt, applies_to="to --method barber --init sparsegpt only (magnitude and Wanda "
+                                                  "do not update weights)")
+    rebuild_solver: str = option(
+        "lstsq", "--rebuild-solver", "Barber with --init sparsegpt: how rows whose mask changed are re-solved under "
+        "the new mask: lstsq (the exact least-squares fit on the layer Hessian, conjugate gradients from SparseGPT's "
+        "weights) or obs (SparseGPT's own OBS sweep)", choices=REBUILD_SOLVERS,
+        applies=_barber_on_sparsegpt, applies_to="to --method barber --init sparsegpt only (only SparseGPT's rows "
+                                                  "are re-solved)")
+    loss_guard: bool = option(
+        True, "--loss-guard", "Barber: keep a sub-block's rebuilt masks only if its block loss on the calibration "
+        "windows does not rise, else keep the init's (ours; the reference keeps every rebuild; default: on)",
+        negatable=True, applies=_barber, applies_to="to --method barber only")
+    hessian_samples: int = 4         # windows for the Hutchinson trace (--allocation hessian)
+    resolve_mode: str = option(
+        "none", "--resolve", "lstsq: once each layer's masks are final (after Barber's rebuild), re-solve every kept "
+        "weight of every linear as the exact least-squares fit to the dense layer's output on the calibration inputs "
+        "(conjugate gradients on the layer Hessian, started from the current weights, so the layer error only "
+        "falls); SparseGPT's OBS sweep only approximates this", choices=RESOLVE_MODES)
+    reconstruct: str = option(
+        "none", "--reconstruct", "block: after each layer is pruned, tune its kept weights (Adam, mask fixed) so the "
+        "attention and MLP blocks reproduce the dense blocks' outputs on the calibration windows; a block whose loss "
+        "would rise keeps its weights", choices=RECONSTRUCT_MODES)
+    reconstruct_epochs: int = option(1, "--reconstruct-epochs", "passes over the windows (docs/pruning.md has the "
+                                     "measured settings)", type=int, applies=_block_reconstruction,
+                                     applies_to="with --reconstruct block only")
+    reconstruct_lr: float = option(5e-4, "--reconstruct-lr", "Adam learning rate", type=float,
+                                   applies=_block_reconstruction, applies_to="with --reconstruct block only")
+    reconstruct_batch: int = option(4, "--reconstruct-batch", "windows per Adam step", type=int,
+                                    applies=_block_reconstruction, applies_to="with --reconstruct block only")
+
+    def calibrates(self) -> bool:
+        return _prune_calibrates(self)
+
+    def validate(self, given: set[str] | None = None) -> tuple[SparsityTarget, str]:
+        """Check every setting; return the sparsity target and the method that makes the first mask.
+        `given`: fields set on the command line, each refused where it would have no effect."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method != "barber" and self.init is not None:
+            raise ConfigError("--init only applies to --method barber")
+        init = (self.init or "wanda") if self.method == "barber" else self.method
+        if init not in INIT_METHODS:
+            raise ConfigError(f"unknown --init {init!r}; choose one of {', '.join(INIT_METHODS)}")
+        if not 0.0 <= self.rebuild_ratio <= 1.0:
+            raise ConfigError(f"--rebuild-ratio must be in [0, 1], got {self.rebuild_ratio}")
+        self.check_calibration()
+        if self.resolve_mode not in RESOLVE_MODES:
+            raise ConfigError(f"--resolve {self.resolve_mode!r}: choose one of {', '.join(RESOLVE_MODES)}")
+        if self.reconstruct not in RECONSTRUCT_MODES:
+            raise ConfigError(f"--reconstruct {self.reconstruct!r}: choose one of {', '.join(RECONSTRUCT_MODES)}")
+        if self.reconstruct_epochs < 1 or not self.reconstruct_lr > 0 or self.reconstruct_batch < 1:
+            raise ConfigError(f"--reconstruct-epochs and --reconstruct-batch must be >= 1 and --reconstruct-lr > 0 "
+                              f"(got {self.reconstruct_epochs}, {self.reconstruct_batch}, {self.reconstruct_lr})")
+        target = SparsityTarget.parse(self.sparsity)
+        check_allocation(self.allocation, target)
+        check_granularity(self.rebuild_granularity, target)
+        check_score(self.rebuild_score, self.rebuild_granularity)
+        if self.rebuild_solver not in REBUILD_SOLVERS:
+            raise ConfigError(f"--rebuild-solver {self.rebuild_solver!r}: choose one of {', '.join(REBUILD_SOLVERS)}")
+        refuse_inapplicable(self, given, {"method": "--method"})
+        return target, init
+
+
+@dataclass
+class QuantPlan:
+    """What a validated QuantConfig asks for."""
+
+    spec: QuantSpec                 # group size and symmetry; the width of a uniform run
+    budget: float | None = None     # average bits of a mixed-precision run (APTQ), else None
+    candidates: tuple[int, ...] = ()
+
+    def spec_for(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits, self.spec.group_size, self.spec.symmetric)
+
+
+def _calibrated_quant(cfg) -> bool:
+    return cfg.method != "rtn"
+
+
+def _mixed(cfg) -> bool:
+    return cfg.method == "aptq" and cfg.is_mixed()
+
+
+def _hutchinson(cfg) -> bool:
+    return _mixed(cfg) and cfg.sensitivity == "model"
+
+
+@dataclass
+class QuantConfig(CalibConfig):
+    method: str = option("gptq", "--method", "round-to-nearest; GPTQ with the layer Hessian; APTQ: GPTQ with "
+                         "attention-aware Hessians for q/k/v and, for an average --bits, Hessian-trace mixed "
+                         "precision", choices=QUANT_METHODS, required=True)
+    bits: str | int | float = option(4, "--bits", "code width 2, 3, 4 or 8; with aptq also an average such as 3.5 "
+                                     "or 3.0 (written with a decimal point), met exactly by per-layer widths from "
+                                     "--candidates", required=True)
+    candidates: str | None = option(None, "--candidates", "aptq mixed precision: comma list of widths to choose "
+                                    "from (default 2,4, the APTQ paper's scheme; on small models 2,3,4 is much "
+                                    "better, see docs/aptq.md); giving it makes --bits an average")
+    group_size: int = option(128, "--group-size", "input columns per scale; -1 = one scale per output row; a shorter "
+                             "last group is allowed", type=int)
+    asym: bool = option(False, "--asym", "asymmetric (min/max with a zero point) instead of symmetric")
+    act_order: bool = option(False, "--act-order", "GPTQ/APTQ: quantize columns by decreasing Hessian diagonal "
+                             "(static groups, natural-order codes)", applies=_calibrated_quant,
+                             applies_to="to --method gptq or aptq only (RTN has no column order)")
+    percdamp: float = 0.01
+    sensitivity: str = option("model", "--sensitivity", "aptq mixed precision: per-linear Hessian trace of the "
+                              "full-model loss (Hutchinson, HAWQ-style; sees how an error grows through later "
+                              "layers), or of each linear's local objective (APTQ's attention-aware Hessian for "
+                              "q/k/v, 2XX^T otherwise)", choices=SENSITIVITIES, applies=_mixed,
+                              applies_to="to --method aptq with an average --bits only")
+    hutchinson_samples: int = option(8, "--hutchinson-samples", "calibration windows, one Hutchinson probe each, for "
+                                     "--sensitivity model", type=int, applies=_hutchinson,
+                                     applies_to="to --method aptq with an average --bits and --sensitivity model only")
+
+    def calibrates(self) -> bool:
+        return _calibrated_quant(self)
+
+    def _bits(self) -> float:
+        try:
+            return float(self.bits)
+        except ValueError:
+            raise ConfigError(f"--bits {self.bits!r} is not a number") from None
+
+    def is_mixed(self) -> bool:
+        """An average is asked for by a fractional value, a written decimal ("3.0") or explicit candidates."""
+        bits = self._bits()
+        return bits != int(bits) or "." in str(self.bits) or self.candidates is not None
+
+    def validate(self, given: set[str] | None = None) -> QuantPlan:
+        """Check every setting; return the plan. `given`: fields set on the command line, each refused where
+        it would have no effect."""
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"unknown quantization method {self.method!r}; choose one of {', '.join(QUANT_METHODS)}")
+        bits = self._bits()
+        mixed = self.is_mixed()
+        if mixed and self.method != "aptq":
+            raise ConfigError(f"--bits {self.bits}: an average bit budget (mixed precision) needs --method aptq; "
+                              f"{self.method} takes one of {', '.join(map(str, SUPPORTED_BITS))}")
+        self.check_calibration()
+        if self.sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"--sensitivity {self.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
+        if self.hutchinson_samples < 1:
+            raise ConfigError(f"--hutchinson-samples must be >= 1, got {self.hutchinson_samples}")
+        if not 0 < self.percdamp < 1:
+            raise ConfigError(f"damping must be in (0, 1), got {self.percdamp}")
+        refuse_inapplicable(self, given, {"method": "--method"})
+        if not mixed:
+            return QuantPlan(QuantSpec(int(bits), self.group_size, not self.asym))
+        candidates = DEFAULT_CANDIDATES if self.candidates is None else self._parse_candidates(self.candidates)
+        for b in candidates:
+            QuantSpec(b, self.group_size, not self.asym)   # validates each width and the group size
+        if not candidates[0] <= bits <= candidates[-1]:
+            raise ConfigError(f"--bits {self.bits} is outside the candidate widths {','.join(map(str, candidates))}: "
+                              f"an average must lie in [{candidates[0]}, {candidates[-1]}]")
+        return QuantPlan(QuantSpec(candidates[-1], self.group_size, not self.asym), bits, candidates)
+
+    @staticmethod
+    def _parse_candidates(text: str) -> tuple[int, ...]:
+        try:
+            widths = sorted({int(v) for v in str(text).split(",") if v.strip()})
+        except ValueError:
+            raise ConfigError(f"--candidates {text!r}: expected comma-separated widths such as 2,4") from None
+        if len(widths) < 1:
+            raise ConfigError("--candidates is empty")
+        bad = [b for b in widths if b not in SUPPORTED_BITS]
+        if bad:
+            raise ConfigError(f"--candidates: unsupported width(s) {bad}; choose from {', '.join(map(str, SUPPORTED_BITS))}")
+        return tuple(widths)
+
+
+CALIB_FIELDS = ("calib_samples", "seqlen", "seed", "dataset", "text_file", "batch_size")
+
+
+def compress_validate(prune: PruneConfig, quant: QuantConfig, given: set[str] | None = None):
+    """compress: one calibration set serves both steps; a calibration flag applies if either step calibrates."""
+    if any(getattr(prune, f) != getattr(quant, f) for f in CALIB_FIELDS[:-1]):
+        raise ConfigError("compress uses one calibration set: prune and quantize settings must match")
+    calibrates = prune.calibrates() or quant.calibrates()
+    rest = set(given or ()) - (set(CALIB_FIELDS) if calibrates else set())
+    if given is not None and not calibrates and set(given) & set(CALIB_FIELDS):
+        flag = sorted(set(given) & set(CALIB_FIELDS))[0].replace("_", "-")
+        raise ConfigError(f"--{flag} has no effect here: neither step calibrates (magnitude pruning with uniform "
+                          f"allocation, RTN)")
+    return prune.validate(rest & _names(PruneConfig)), quant.validate(rest & _names(QuantConfig))
+
+
+def _names(cls) -> set[str]:
+    from dataclasses import fields
+
+    return {f.name for f in fields(cls)}
+
+
+ARTIFACT_TARGETS = ("onnx", "blob", "compressed-tensors")
+BUNDLE_TARGETS = ("fpga", "gpu")
+GPU_PRECISIONS = ("fp16", "int8")
+
+
+def _fpga(cfg) -> bool:
+    return cfg.targets() == ["fpga"]
+
+
+def _gpu(cfg) -> bool:
+    return cfg.targets() == ["gpu"]
+
+
+def _onnx(cfg) -> bool:
+    return "onnx" in cfg.targets()
+
+
+@dataclass
+class ExportConfig:
+    target: str = option("all", "--target", "onnx, blob, compressed-tensors, or all; comma list allowed; fpga or "
+                         "gpu, each on its own, writes an accelerator bundle to --out")
+    onnx_weights: str | None = option(None, "--onnx-weights", "float, qdq, matmulnbits; comma list allowed (default: "
+                                      "matmulnbits when the model is quantized, else float)",
+                                      applies=_onnx, applies_to="to --target onnx (or all) only")
+    accel_config: str | None = option(None, "--config", "fpga: accelerator config (keys of accel.json: n, m, "
+                                      "groups_per_beat, pes, weight_bits, act_bits, group_size, k_max, scale_bits, "
+                                      "out_bits, clock_mhz, mem_gbps); default: a design that runs every layer of "
+                                      "the model", metavar="ACCEL_JSON", applies=_fpga,
+                                      applies_to="to --target fpga only")
+    no_synth: bool = option(False, "--no-synth", "fpga: skip the Yosys resource estimate (UltraScale+ and iCE40)",
+                            applies=_fpga, applies_to="to --target fpga only")
+    precision: str = option("fp16", "--precision", "gpu: GEMM precision in the graph (TensorRT 11 networks are "
+                            "strongly typed): fp16, or int8 with explicit Q/DQ (per-channel weights, static "
+                            "per-tensor input scales calibrated on 32 windows of 512 tokens)", choices=GPU_PRECISIONS,
+                            applies=_gpu, applies_to="to --target gpu only")
+    max_batch: int = option(1, "--max-batch", "gpu: the engine profile's largest batch", type=int,
+                            applies=_gpu, applies_to="to --target gpu only")
+    max_seq: int = option(2048, "--max-seq", "gpu: the engine profile's longest context, capped at the model's",
+                          type=int, applies=_gpu, applies_to="to --target gpu only")
+
+    def targets(self) -> list[str]:
+        names = [t.strip() for t in self.target.split(",") if t.strip()]
+        return list(ARTIFACT_TARGETS) if names == ["all"] else names
+
+    def validate(self, given: set[str] | None = None) -> list[str]:
+        """Check the targets (a bundle target stands alone) and every setting; return the target list."""
+        names = self.targets()
+        bundles = [t for t in names if t in BUNDLE_TARGETS]
+        if bundles and len(names) > 1:
+            raise ConfigError(f"--target {bundles[0]} writes a bundle directory of its own; export it on its own")
+        bad = [t for t in names if t not in ARTIFACT_TARGETS + BUNDLE_TARGETS]
+        if bad or not names:
+            raise ConfigError(f"--target {self.target!r}: choose from {', '.join(ARTIFACT_TARGETS)} or all (comma "
+                              f"list allowed), or fpga or gpu on its own")
+        if self.precision not in GPU_PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: this release builds {', '.join(GPU_PRECISIONS)} bundles")
+        if self.max_batch < 1 or self.max_seq < 2:
+            raise ConfigError(f"--max-batch must be >= 1 and --max-seq >= 2 (got {self.max_batch}, {self.max_seq})")
+        refuse_inapplicable(self, given)
+        return names

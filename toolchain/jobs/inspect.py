@@ -1,0 +1,37 @@
+"""The commands that read a model or a bundle without writing one: eval, sim, onnx-check, gpu-run."""
+from __future__ import annotations
+
+import os
+
+
+def run_eval(model: str, seqlen: int = 2048, datasets: tuple[str, ...] = ("pydoc",), device: str | None = None,
+             progress: bool = True) -> dict:
+    """Perplexity of `model` on each named evaluation split (unavailable ones reported, not failed)."""
+    from ..evaluate import evaluate
+    from ..models import load_model
+
+    return evaluate(load_model(model), seqlen, tuple(datasets), device=device or "cpu", progress=progress)
+
+
+def run_sim(bundle: str | os.PathLike, layers: list[str] | None = None, rows: int | None = None,
+            simulator: str = "verilator", seed: int = 0, tokens: int | None = None) -> dict:
+    """Simulate layers of an FPGA bundle bit-exactly against the golden model."""
+    from ..sim.bundle_sim import simulate_bundle
+
+    return simulate_bundle(bundle, layers, rows, simulator, seed, tokens)
+
+
+def run_onnx_check(model_dir: str | os.PathLike, onnx_path: str | os.PathLike, tokens: int = 64,
+                   new_tokens: int = 16, rtol: float | None = None) -> dict:
+    """An exported graph in onnxruntime against the PyTorch model: prefill logits and greedy tokens."""
+    from ..export.onnx_check import RTOL_LOGITS, check_onnx
+
+    return check_onnx(model_dir, onnx_path, tokens=tokens, new_tokens=new_tokens,
+                      rtol=rtol if rtol is not None else RTOL_LOGITS)
+
+
+def run_gpu_run(bundle: str | os.PathLike, prompt: str, max_new_tokens: int = 32, backend: str = "auto") -> dict:
+    """Greedy generation through a GPU bundle's graph, with tokens/s."""
+    from ..gpu.run import gpu_run
+
+    return gpu_run(bundle, prompt, max_new_tokens, backend)

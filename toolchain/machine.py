@@ -1,0 +1,84 @@
+"""What a measurement depends on and how much memory a run takes: library versions, the machine, and the
+process's memory (recorded in compression.json and in benchmark rows)."""
+from __future__ import annotations
+
+import platform
+import resource
+import threading
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+
+def library_versions() -> dict:
+    import numpy
+    import transformers
+
+    return {"toolchain": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def machine_description() -> dict:
+    """What a timing (and, through kernel choice, float rounding) depends on: the CPU, the vector extensions
+    PyTorch dispatches to, and the threads it uses."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def proc_status_mib(field: str) -> float | None:
+    """A kB field of /proc/self/status in MiB, or None where there is no such file (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+class AnonPeak:
+    """Samples the process's anonymous resident memory (RssAnon) every 20 ms while active.
+
+    Peak RSS (VmHWM) also counts the clean, file-backed pages of the memory-mapped input checkpoint, which
+    are page cache the kernel can drop; RssAnon is the memory the process itself allocated."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_mib = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read_mib() -> float:
+        return proc_status_mib("RssAnon") or 0.0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self.read_mib())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.read_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter survives fork+exec, so a
+    child started by a big parent would report the parent's peak."""
+    hwm = proc_status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
