@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2
+# Benchmark results go here; the models the benchmarks make on the way go to $(BENCH_OUT)/work/.
+BENCH_OUT ?= bench/results
 
 .PHONY: demo test bench bench-gpu venv clean
 
@@ -27,15 +29,15 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(VENV)/bin/toolchain bench prune --model $(MODEL) --out bench/results
-	$(VENV)/bin/toolchain bench prune-quality --model $(MODEL) --out bench/results
-	$(VENV)/bin/toolchain bench quant --model $(MODEL) --out bench/results
-	$(VENV)/bin/toolchain bench export --model $(MODEL) --out bench/results
-	$(VENV)/bin/toolchain bench fpga --model $(MODEL) --out bench/results
+	$(VENV)/bin/toolchain bench prune --model $(MODEL) --out $(BENCH_OUT)
+	$(VENV)/bin/toolchain bench prune-quality --model $(MODEL) --out $(BENCH_OUT)
+	$(VENV)/bin/toolchain bench quant --model $(MODEL) --out $(BENCH_OUT)
+	$(VENV)/bin/toolchain bench export --model $(MODEL) --out $(BENCH_OUT)
+	$(VENV)/bin/toolchain bench fpga --model $(MODEL) --out $(BENCH_OUT)
 
 # Dense fp16 vs 2:4 semi-structured linears: measured on a CUDA machine, else a labelled roofline estimate.
 bench-gpu: $(STAMP)
-	$(VENV)/bin/toolchain gpu-bench --model $(MODEL) --out bench/results
+	$(VENV)/bin/toolchain gpu-bench --model $(MODEL) --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from toolchain.bench_quality import best_per_column, quality_configs, quality_table
+from toolchain.bench.quality import best_per_column, quality_configs, quality_table
 from toolchain.cli import build_parser
 from toolchain.jobs.config import PruneConfig
 from toolchain.jobs.options import config_from_args

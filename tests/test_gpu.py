@@ -182,7 +182,7 @@ def test_int8_graph_tracks_transformers_and_the_fp16_graph(int8_bundle, gpu_bund
 def test_engine_timing_says_why_it_cannot_run_here(gpu_bundle, tmp_path):
     import torch
 
-    from toolchain.gpu.bench import run_gpu_bench
+    from toolchain.bench.gpu import run_gpu_bench
     from toolchain.models import load_model
 
     model_dir, out, _ = gpu_bundle

@@ -1,4 +1,4 @@
-"""`toolchain gpu-bench` (toolchain.gpu.bench): the roofline estimate, the GPU table, the shapes, and the
+"""`toolchain gpu-bench` (toolchain.bench.gpu): the roofline estimate, the GPU table, the shapes, and the
 labelling of everything written without CUDA as an estimate. The CUDA measurement runs only on a GPU."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 
 from conftest import tiny_loaded
 from toolchain.errors import ConfigError
-from toolchain.gpu import bench
-from toolchain.gpu.bench import (GPUS, TOKENS, NoCudaError, get_gpu, linear_shapes, match_gpu, measure_cuda,
-                                 roofline, run_gpu_bench, weight_bytes)
+from toolchain.bench.gpu import (GPUS, TOKENS, NoCudaError, get_gpu, linear_shapes, match_gpu, measure_cuda,
+                                 report, roofline, run, run_gpu_bench, weight_bytes)
+from toolchain.bench.gpu.measure import _two_four_mask
 
 # H100 SXM vendor peak figures, restated here so the hand computations below do not read them from the code
 # under test: NVIDIA H100 Tensor Core GPU Architecture whitepaper V1.04, Table 3, "Peak FP16 Tensor TFLOPS"
@@ -78,7 +78,7 @@ def test_sparse_weight_bytes_match_pytorchs_2_4_layout():
     assert weight_bytes(64, 64, True, bytes_per_weight=1) / weight_bytes(64, 64, False, bytes_per_weight=1) == 10 / 16
     # ... which is what PyTorch's own 2:4 compression (the CUTLASS layout, computable on the CPU) produces
     conversions = pytest.importorskip("torch.sparse._semi_structured_conversions")
-    w = bench._two_four_mask(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)))
+    w = _two_four_mask(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)))
     for dtype, width in ((torch.float16, 2), (torch.int8, 1)):
         values, meta = conversions.sparse_semi_structured_from_dense_cutlass((w * 8).to(dtype))
         stored = values.numel() * values.element_size() + meta.numel() * meta.element_size()
@@ -179,7 +179,7 @@ def _table_rows(md: str) -> list[str]:
 
 def test_run_gpu_bench_without_cuda_writes_only_labelled_estimates(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(bench, "_import_pyplot", lambda: None)     # as on a machine without matplotlib
+    monkeypatch.setattr(report, "_import_pyplot", lambda: None)     # as on a machine without matplotlib
     r = run_gpu_bench("tiny", out_dir=tmp_path, gpu="A100-SXM-80GB", source=tiny_loaded("llama"))
     out = capsys.readouterr()
     assert "no CUDA device: writing a roofline ESTIMATE for A100-SXM-80GB, not a measurement" in out.out
@@ -255,8 +255,8 @@ def _fake_measure(device):
 def test_run_gpu_bench_on_cuda_keeps_measurements_and_estimates_apart(tmp_path, monkeypatch, capsys):
     # the CUDA branch's bookkeeping, with the measurement itself replaced (no GPU here)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench, "_import_pyplot", lambda: None)
-    monkeypatch.setattr(bench, "measure_cuda", _fake_measure("NVIDIA H100 80GB HBM3"))
+    monkeypatch.setattr(report, "_import_pyplot", lambda: None)
+    monkeypatch.setattr(run, "measure_cuda", _fake_measure("NVIDIA H100 80GB HBM3"))
     r = run_gpu_bench("tiny", out_dir=tmp_path, gpu="L40S", source=tiny_loaded("llama"), tokens=(64, 256))
     assert "no CUDA device" not in capsys.readouterr().out
     assert r["measured"]["summary"]["target_met_by_measured"] is True
@@ -267,7 +267,7 @@ def test_run_gpu_bench_on_cuda_keeps_measurements_and_estimates_apart(tmp_path, 
     assert sum(row.startswith("| estimate |") for row in rows) == 8
     assert "skipped 1 x 2: why" in md and "smallest MEASURED 2:4 speedup 2.00x" in md
 
-    monkeypatch.setattr(bench, "measure_cuda", _fake_measure("NVIDIA GeForce RTX 4090"))
+    monkeypatch.setattr(run, "measure_cuda", _fake_measure("NVIDIA GeForce RTX 4090"))
     r = run_gpu_bench("tiny", out_dir=tmp_path, source=tiny_loaded("llama"), tokens=(64,))
     assert r["estimate"] is None and "matches no entry" in r["estimate_note"]
     assert "No roofline estimate" in (tmp_path / "gpu_tiny.md").read_text()
@@ -277,7 +277,7 @@ def test_two_four_mask_keeps_the_two_largest_of_every_four():
     from toolchain.gpu.sparsity import two_four_status
 
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
-    pruned = bench._two_four_mask(w)
+    pruned = _two_four_mask(w)
     assert two_four_status(pruned) == {"two_four": True, "reason": None}
     groups, kept = w.abs().reshape(32, 16, 4), pruned.abs().reshape(32, 16, 4)
     assert torch.equal(kept.sum(-1), groups.topk(2, dim=-1).values.sum(-1))

@@ -161,13 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--bundle", default=None, help="a GPU bundle (toolchain export --target gpu): on CUDA with "
                     "TensorRT, also build its sparse and dense engines and time them end to end")
 
-    b = sub.add_parser("bench", help="benchmarks (writes bench/results/)")
+    b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
+                       "--out/work)")
     b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
                    help="comma list of configurations to run, in that order, as NAME or NAME@SPARSITY (e.g. wanda@2:4); "
-                        "their rows replace the same rows of an existing result file")
+                        "for export, ONNX forms (float, qdq, matmulnbits, matmulnbits acc4); not for fpga. "
+                        "Their rows replace the same rows of an existing result file")
     return parser
 
 
@@ -229,7 +231,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .bench import run_demo
+    from .demo import run_demo
 
     return run_demo(args.model, args.out)
 
@@ -295,7 +297,7 @@ def cmd_gpu_run(args) -> int:
 
 
 def cmd_gpu_bench(args) -> int:
-    from .gpu.bench import run_gpu_bench
+    from .bench.gpu import run_gpu_bench
 
     run_gpu_bench(args.model, out_dir=args.out, gpu=args.gpu, bundle=args.bundle)
     return 0
@@ -339,15 +341,10 @@ def cmd_onnx_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_prune_bench, run_quant_bench
-    from .bench_export import run_export_bench
-    from .bench_fpga import run_fpga_bench
-    from .bench_quality import run_quality_bench
+    from .bench.registry import run_benchmark
 
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    run = {"prune": run_prune_bench, "quant": run_quant_bench, "export": run_export_bench,
-           "fpga": run_fpga_bench, "prune-quality": run_quality_bench}[args.what]
-    run(args.model, args.out, only=only)
+    run_benchmark(args.what, args.model, args.out, only=only)
     return 0
 
 

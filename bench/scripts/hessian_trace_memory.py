@@ -4,10 +4,9 @@ The traces drive `--allocation hessian` and APTQ's `--sensitivity model`. RssAno
 in compression.json) around the call on an already loaded model, so the figure is the probe's own peak, the
 model included.
 
-    PYTHONPATH=. .venv/bin/python bench/hessian_trace_memory.py [--model out/bench/smollm2-hf] [--seqlen 512]
+    .venv/bin/python bench/scripts/hessian_trace_memory.py [--model bench/results/work/smollm2-hf] [--seqlen 512]
 
-(`toolchain bench prune` leaves the dense SmolLM2 directory at out/bench/smollm2-hf.) Run at commit d2a7db7^
-(the double backward) the same script measures the implementation this one replaced.
+(`toolchain bench prune` leaves the dense SmolLM2 directory at bench/results/work/smollm2-hf.)
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from toolchain.sensitivity import linear_hessian_traces
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="out/bench/smollm2-hf")
+    ap.add_argument("--model", default="bench/results/work/smollm2-hf")
     ap.add_argument("--seqlen", type=int, default=512)
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model)

@@ -5,7 +5,7 @@ Barber's dense-block gradients only rank weights, so it runs them in bfloat16 wh
 (AVX512, AMX) it is faster, on an AVX2-only CPU PyTorch emulates it. This prints both timings and what
 `reduced_precision` picks, and writes them to bench/results/matmul_dtype.json.
 
-    PYTHONPATH=. .venv/bin/python bench/matmul_dtype.py
+    .venv/bin/python bench/scripts/matmul_dtype.py
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def main() -> None:
     result = {**machine_description(), "torch": torch.__version__,
               "barber_picks": str(picked or torch.float32).removeprefix("torch."), "rows": rows}
     print(f"cpu capability {result['cpu_capability']}: Barber's gradients run in {result['barber_picks']}")
-    out = Path(__file__).parent / "results" / "matmul_dtype.json"
+    out = Path(__file__).resolve().parents[1] / "results" / "matmul_dtype.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -5,34 +5,34 @@ same templates: the 2:4 design and its dense twin (N = M = 2, the same multiplie
 one attention and two MLP projections is simulated in Verilator (bit-exact against the golden model, with
 back-pressure, and again at full rate for cycles) and in the HLS C-simulation; the dense twin runs the
 attention projection, so both designs' measured dense-equivalent MACs per cycle per multiplier compare.
+The designs and layers are one measurement, so this benchmark takes no `--only`.
 """
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .bench import save_result
-from .bench_export import compressed_source
+from .common import save_result, work_dir
+from .export import compressed_source
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj")
 
 
 def _bundle(src: Path, out: Path, config: Path | None) -> tuple[dict, float]:
-    from .fpga.bundle import write_bundle
+    from toolchain.fpga.bundle import write_bundle
 
     t0 = time.perf_counter()
     report = write_bundle(src, out, str(config) if config else None)
     return report, round(time.perf_counter() - t0, 1)
 
 
-def run_fpga_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
-    from .fpga.config import load_config
-    from .sim.bundle_sim import simulate_bundle
+def run_fpga_bench(model: str, out_dir: str | Path) -> dict:
+    from toolchain.fpga.config import load_config
+    from toolchain.sim.bundle_sim import simulate_bundle
 
-    work = Path("out/bench")
+    work = work_dir(out_dir)
     src = compressed_source(model, work)
     sparse_dir, dense_dir = work / "fpga-2of4", work / "fpga-dense"
     sparse_report, sparse_s = _bundle(src, sparse_dir, None)
@@ -96,6 +96,3 @@ def fpga_table(r: dict) -> str:
                   f"{r['sim_seconds_2of4_three_layers']} s.", ""]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    run_fpga_bench(sys.argv[1] if len(sys.argv) > 1 else "smollm2", "bench/results")

@@ -7,11 +7,11 @@ recording; (b) the plain statistics pass, then `rebuild_layer` recomputing the d
 prints the statistics pass, the rebuild, and their sum; and the init's own output pass (the forward the walk
 runs when there is no Barber) for scale.
 
-    PYTHONPATH=. .venv/bin/python bench/barber_layer_time.py [--model out/bench/smollm2-hf] [--layer 5]
+    .venv/bin/python bench/scripts/barber_layer_time.py [--model bench/results/work/smollm2-hf] [--layer 5]
         [--sparsity 0.5] [--init wanda] [--repeats 4]
 
-(`toolchain bench prune` leaves the dense SmolLM2 directory at out/bench/smollm2-hf.) Calibration: 32 windows of
-512 pydoc tokens, as in the pruning benchmark.
+(`toolchain bench prune` leaves the dense SmolLM2 directory at bench/results/work/smollm2-hf.) Calibration: 32
+windows of 512 pydoc tokens, as in the pruning benchmark.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from toolchain.prune.lstsq import lstsq_rows
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="out/bench/smollm2-hf")
+    ap.add_argument("--model", default="bench/results/work/smollm2-hf")
     ap.add_argument("--layer", type=int, default=5)
     ap.add_argument("--sparsity", default="0.5")
     ap.add_argument("--init", default="wanda", choices=("magnitude", "wanda", "sparsegpt"))

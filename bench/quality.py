@@ -1,4 +1,4 @@
-"""`toolchain bench prune-quality`: the pruning-quality table (issue 6) on a real model.
+"""`toolchain bench prune-quality`: the pruning-quality table on a real model.
 
 Every method and flag combination that can beat the plain references, each pruned in its own process
 (`toolchain prune`, as in the prune benchmark) with the benchmark budget (32 x 512 calibration windows):
@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .bench import CALIB, SEQLEN, _eval_ppl, _model_fp32_mib, _slug, _stem, _write_result, dense_dir, run_prune_one
+from toolchain.reference_runs import CALIB_SAMPLES, SEQLEN, dense_hf_dir, heldout_perplexity, prune_in_subprocess
+
+from .common import check_only, model_fp32_mib, result_stem, slug, work_dir, write_result
 
 ALPHAS = ("0.01", "0.05", "0.1", "0.2")
 COLUMNS = ("0.5", "2:4", "0.6", "0.7")
 REFERENCE = {"0.5": "sparsegpt", "2:4": "sparsegpt", "0.6": "sparsegpt", "0.7": "sparsegpt"}
-TIME_BOUND = 3.0   # issue 6: the best configuration must stay under 3x SparseGPT's wall time
+TIME_BOUND = 3.0   # the best configuration must stay under 3x SparseGPT's wall time to count
 
 
 def quality_configs() -> list[tuple[str, str, str | None, list[str], tuple[str, ...]]]:
@@ -46,37 +48,49 @@ def quality_configs() -> list[tuple[str, str, str | None, list[str], tuple[str, 
     return rows
 
 
-def run_quality_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
-    out_dir, work = Path(out_dir), Path("out/bench/quality")
-    work.mkdir(parents=True, exist_ok=True)
-    src = dense_dir(model, Path("out/bench"))
-    fp32_mib = _model_fp32_mib(src)
-    from .machine import library_versions
+def quality_runs(only: list[str] | None = None) -> list[tuple[str, str, str | None, list[str], str]]:
+    """(name, method, init, extra flags, sparsity) of every run `--only` selects (NAME or NAME@SPARSITY; all
+    without it). With `--only` the runs come in the order asked for, so the rows that matter most go first."""
+    configs = quality_configs()
+    check_only("prune-quality", only, ["dense", *(c[0] for c in configs),
+                                       *(f"{n}@{s}" for n, _, _, _, sp in configs for s in sp)])
+    runs = [(name, method, init, extra, sparsity) for name, method, init, extra, sparsities in configs
+            for sparsity in sparsities if not only or name in only or f"{name}@{sparsity}" in only]
+    if only:
+        runs.sort(key=lambda r: min(i for i, o in enumerate(only) if o in (r[0], f"{r[0]}@{r[4]}")))
+    return runs
 
-    stem, rows = _stem(out_dir, "prune_quality", model), []
+
+def run_quality_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
+    from toolchain.machine import library_versions
+
+    runs = quality_runs(only)
+    out_dir = Path(out_dir)
+    src = dense_hf_dir(model, work_dir(out_dir))
+    work = work_dir(out_dir) / "quality"
+    work.mkdir(exist_ok=True)
+    fp32_mib = model_fp32_mib(src)
+    stem, rows = result_stem(out_dir, "prune_quality", model), []
     order = ["dense@-"] + [f"{n}@{s}" for n, _, _, _, sp in quality_configs() for s in sp]
 
     def save(partial: bool) -> dict:
-        result = {"benchmark": "prune-quality", "model": str(model), "calibration": f"pydoc {CALIB}x{SEQLEN}, seed 0",
+        result = {"benchmark": "prune-quality", "model": str(model),
+                  "calibration": f"pydoc {CALIB_SAMPLES}x{SEQLEN}, seed 0",
                   "eval": f"pydoc held-out split, seqlen {SEQLEN}", "model_fp32_mib": round(fp32_mib, 1),
                   "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": list(rows),
                   "partial": partial}
-        _write_result(stem, result, order, lambda r: f"{r['name']}@{r['sparsity']}", quality_table)
+        write_result(stem, result, order, lambda r: f"{r['name']}@{r['sparsity']}", quality_table)
         return result
 
     if not only or "dense" in only:
-        rows.append({"name": "dense", "sparsity": "-", "ppl": _eval_ppl(src)})
-    runs = [(name, method, init, extra, sparsity) for name, method, init, extra, sparsities in quality_configs()
-            for sparsity in sparsities if not only or name in only or f"{name}@{sparsity}" in only]
-    if only:   # in the order asked for, so the rows that matter most can go first
-        runs.sort(key=lambda r: min(i for i, o in enumerate(only) if o in (r[0], f"{r[0]}@{r[4]}")))
+        rows.append({"name": "dense", "sparsity": "-", "ppl": heldout_perplexity(src)})
     for name, method, init, extra, sparsity in runs:
-        target = work / _slug(f"{name}-{sparsity.replace(':', 'of')}")
-        row = {"name": name, "sparsity": sparsity, **run_prune_one(src, target, method, init, sparsity, extra)}
+        target = work / slug(f"{name}-{sparsity.replace(':', 'of')}")
+        row = {"name": name, "sparsity": sparsity, **prune_in_subprocess(src, target, method, init, sparsity, extra)}
         # The command as a user types it: the model by name, an output of their choice.
         row["command"] = (row["command"].replace(f"--model {src}", f"--model {model}")
                           .replace(f"--out {target}", "--out OUT").replace(" --quiet", ""))
-        row["ppl"] = _eval_ppl(target)
+        row["ppl"] = heldout_perplexity(target)
         row["peak_anon_x_fp32"] = round(row["peak_anon_mib"] / fp32_mib, 2)
         rows.append(row)
         print(f"{name} @ {sparsity}: ppl {row['ppl']:.3f}, {row['prune_seconds']:.1f} s", flush=True)

@@ -1,7 +1,9 @@
 """`toolchain bench export`: blob packing speed and size, ONNX sizes, onnxruntime CPU latency, on SmolLM2.
 
 The input is SmolLM2-135M pruned 2:4 (Wanda) and quantized 4-bit g64 (GPTQ), made once by `toolchain
-compress` into out/bench/. Every artifact is then written by `toolchain export` in its own process.
+compress` into the benchmarks' work dir under --out. Every artifact is then written by `toolchain export` in
+its own process. The blob is measured through its public API: `pack_codes` / `unpack_codes` per width, and
+`write_blob` / `read_blob` on the whole model.
 """
 from __future__ import annotations
 
@@ -9,25 +11,38 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .bench import CALIB, SEQLEN, dense_dir, save_result
+from toolchain.reference_runs import CALIB_SAMPLES, SEQLEN, dense_hf_dir
+
+from .common import check_only, result_stem, work_dir, write_result
 
 PREFILL, DECODE_STEPS, REPEATS = 128, 32, 5
+# The ONNX forms checked and timed, in the table's order; `--only` picks some of them.
+FORMS = ("float", "qdq", "matmulnbits", "matmulnbits acc4")
 
 
 def compressed_source(model: str, work: Path) -> Path:
+    """The benchmark's input model (Wanda 2:4 + GPTQ 4-bit g64) under `work`, compressed once."""
     out = work / "export-src-wanda2of4-gptq4g64"
     if not (out / "quant_state.safetensors").is_file():
-        src = dense_dir(model, work)
+        src = dense_hf_dir(model, work)
         subprocess.run([sys.executable, "-m", "toolchain.cli", "compress", "--model", str(src), "--prune", "wanda",
                         "--sparsity", "2:4", "--quant", "gptq", "--bits", "4", "--group-size", "64",
-                        "--calib-samples", str(CALIB), "--seqlen", str(SEQLEN), "--quiet", "--out", str(out)],
+                        "--calib-samples", str(CALIB_SAMPLES), "--seqlen", str(SEQLEN), "--quiet", "--out", str(out)],
                        check=True)
     return out
+
+
+def export_forms(only: list[str] | None = None) -> list[str]:
+    """The ONNX forms `--only` selects (all without it), in the table's order."""
+    check_only("export", only, FORMS)
+    return [f for f in FORMS if not only or f in only]
 
 
 def _best_seconds(fn, repeats: int = 3) -> float:
@@ -42,8 +57,8 @@ def _best_seconds(fn, repeats: int = 3) -> float:
 def pack_throughput(state_path: Path) -> list[dict]:
     """Pack and unpack every linear's codes of the model at each width (codes clipped into the width's
     range, so each row packs the model's real shapes). MB/s counts the source as fp16 weights (2 bytes each)."""
-    from .export.blob import pack_codes, unpack_codes
-    from .quant import read_quant_state
+    from toolchain.export.blob import pack_codes, unpack_codes
+    from toolchain.quant import read_quant_state
 
     state = read_quant_state(state_path)
     flat = np.concatenate([qw.codes.numpy().reshape(-1) for qw in state.values()]).astype(np.int32)
@@ -64,33 +79,26 @@ def pack_throughput(state_path: Path) -> list[dict]:
     return rows
 
 
-class _NullBody:
-    """Stands in for the blob's section writer, so encoding is timed without file I/O."""
+def writer_throughput(model_dir: Path, scratch: Path) -> dict:
+    """`write_blob` on the whole compressed model (reading it, N:M slot selection, zero-code checks, packing
+    codes and metadata, fixed-point scales, writing the file), and `read_blob` decoding every quantized linear
+    back to dense codes. The blob goes to a temporary folder under `scratch`, removed afterwards. MB/s counts
+    the quantized weights as an fp16 source (2 bytes each)."""
+    from toolchain.export.blob import read_blob, write_blob
 
-    def add(self, data) -> dict:
-        return {"offset": 0, "length": int(np.asarray(data).nbytes), "crc32": 0}
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        blob_path = Path(tmp) / "model.tcblob"
+        t_enc = _best_seconds(lambda: write_blob(model_dir, blob_path))
+        with read_blob(blob_path) as b:
+            quantized = [name for name in b.names() if b.entry(name)["kind"] == "quant"]
+            weights = sum(int(np.prod(b.entry(name)["shape"])) for name in quantized)
 
+        def decode():
+            with read_blob(blob_path) as blob:
+                for name in quantized:
+                    blob.quantized(name)
 
-def writer_throughput(model_dir: Path, blob_path: Path) -> dict:
-    """The blob writer's whole per-layer encoding (N:M slot selection, zero-code checks, packing codes and
-    metadata, fixed-point scales) without I/O, and the reader's decoding back to dense codes, over every
-    quantized linear. MB/s counts the source as fp16 weights (2 bytes each)."""
-    from .export import blob
-    from .export.source import read_compressed
-
-    model = read_compressed(model_dir)
-    weights = sum(qw.codes.numel() for qw in model.quant.values())
-
-    def encode():
-        for name, qw in model.quant.items():
-            blob._encode_quant(f"{name}.weight", name, qw, model.nm, _NullBody())
-
-    def decode():
-        with blob.read_blob(blob_path) as b:
-            for name in model.quant:
-                b.quantized(name)
-
-    t_enc, t_dec = _best_seconds(encode), _best_seconds(decode)
+        t_dec = _best_seconds(decode)
     return {"weights": int(weights), "encode_mb_per_s": round(2 * weights / t_enc / 1e6, 1),
             "decode_mb_per_s": round(2 * weights / t_dec / 1e6, 1)}
 
@@ -98,7 +106,7 @@ def writer_throughput(model_dir: Path, blob_path: Path) -> dict:
 def ort_latency(path: Path, threads: int) -> dict:
     """Prefill of PREFILL tokens (median of REPEATS) and the median decode step after it (DECODE_STEPS),
     batch 1, onnxruntime CPU with all graph optimizations."""
-    from .export.onnx_check import OrtDecoder, ort_session, time_decoder
+    from toolchain.export.onnx_check import OrtDecoder, ort_session, time_decoder
 
     t0 = time.perf_counter()
     dec = OrtDecoder(ort_session(path, "all", threads=threads))
@@ -109,15 +117,19 @@ def ort_latency(path: Path, threads: int) -> dict:
 
 
 def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
-    from .export.onnx_check import check_onnx
+    """Every artifact by `toolchain export`, then the ONNX forms `--only` selects (all without it) checked
+    against PyTorch and timed in onnxruntime; a partial run replaces those forms' rows and keeps the others."""
+    from toolchain.export.onnx import export_onnx
+    from toolchain.export.onnx_check import check_onnx
 
-    work = Path("out/bench")
-    work.mkdir(parents=True, exist_ok=True)
+    forms = export_forms(only)
+    out_dir = Path(out_dir)
+    work = work_dir(out_dir)
     src = compressed_source(model, work)
     threads = os.cpu_count() or 1
     result: dict = {"model": model, "source": str(src), "source_recipe":
                     "toolchain compress --prune wanda --sparsity 2:4 --quant gptq --bits 4 --group-size 64 "
-                    f"--calib-samples {CALIB} --seqlen {SEQLEN}", "threads": threads}
+                    f"--calib-samples {CALIB_SAMPLES} --seqlen {SEQLEN}", "threads": threads}
 
     # every target, in one `toolchain export` process
     out = work / "export-all"
@@ -131,19 +143,19 @@ def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = N
     result["artifacts"] = {a["path"]: a["bytes"] for a in manifest["artifacts"]}
     result["blob"] = {k: v for k, v in manifest["results"]["blob"].items() if not isinstance(v, (dict, list))}
 
-    # MatMulNBits with int8 activations (accuracy level 4): faster, approximate
-    acc4 = work / "export-matmulnbits-acc4.onnx"   # beside the export, not in it: its manifest stays true
-    from .export.onnx import export_onnx
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(src, acc4, "matmulnbits", accuracy_level=4)
-
     graphs = {"float": out / "onnx" / "model.float.onnx", "qdq": out / "onnx" / "model.qdq.onnx",
-              "matmulnbits": out / "onnx" / "model.matmulnbits.onnx", "matmulnbits acc4": acc4}
+              "matmulnbits": out / "onnx" / "model.matmulnbits.onnx",
+              # MatMulNBits with int8 activations (accuracy level 4): faster, approximate. Written beside the
+              # export, not in it, so the export's manifest stays true.
+              "matmulnbits acc4": work / "export-matmulnbits-acc4.onnx"}
+    if "matmulnbits acc4" in forms:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(src, graphs["matmulnbits acc4"], "matmulnbits", accuracy_level=4)
     float_bytes = graphs["float"].stat().st_size
     rows = []
-    for name, path in graphs.items():
+    for name in forms:
+        path = graphs[name]
         check = check_onnx(src, path, tokens=64, new_tokens=16)
         row = {"form": name, "bytes": path.stat().st_size,
                "x_float": round(path.stat().st_size / float_bytes, 4),
@@ -153,10 +165,13 @@ def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = N
         print(json.dumps(row), flush=True)
     result["onnx"] = rows
     result["pack"] = pack_throughput(src / "quant_state.safetensors")
-    result["writer"] = writer_throughput(src, out / "model.tcblob")
+    result["writer"] = writer_throughput(src, work)
     print(f"blob writer encode {result['writer']['encode_mb_per_s']} MB/s, "
           f"reader decode {result['writer']['decode_mb_per_s']} MB/s", flush=True)
-    return save_result(out_dir, "export", model, result, export_table)
+    result["partial"] = bool(only)
+    write_result(result_stem(out_dir, "export", model), result, list(FORMS), lambda r: r["form"], export_table,
+                 rows="onnx")
+    return result
 
 
 def export_table(r: dict) -> str:
@@ -182,10 +197,10 @@ def export_table(r: dict) -> str:
         lines.append(f"| {p['bits']} | {p['weights']} | {p['packed_bytes'] / 1e6:.1f} | {p['pack_mb_per_s']} | "
                      f"{p['unpack_mb_per_s']} | {p['pack_mweights_per_s']} |")
     w = r["writer"]
-    lines += ["", f"Blob writer, whole per-layer encoding without I/O (N:M slot selection, zero-code checks, packing "
-              f"codes and metadata, fixed-point scales): {w['encode_mb_per_s']} MB/s; reader decoding every layer "
-              f"back to dense codes: {w['decode_mb_per_s']} MB/s ({w['weights']} weights, fp16 source = 2 bytes "
-              "per weight)."]
+    lines += ["", f"Blob writer, `write_blob` on the whole model (reading it, N:M slot selection, zero-code checks, "
+              f"packing codes and metadata, fixed-point scales, writing the file): {w['encode_mb_per_s']} MB/s; "
+              f"`read_blob` decoding every quantized layer back to dense codes: {w['decode_mb_per_s']} MB/s "
+              f"({w['weights']} quantized weights, fp16 source = 2 bytes per weight)."]
     lines += ["", f"onnxruntime CPU, {r['threads']} threads, ORT_ENABLE_ALL, batch 1; prefill median of {REPEATS}, "
               f"decode median of {DECODE_STEPS} steps after a {PREFILL}-token prefill. Logit differences against "
               "the PyTorch model on 64 real tokens (onnx-check).", ""]

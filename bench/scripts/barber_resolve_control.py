@@ -7,8 +7,9 @@ rows, same solver, same loss guard) but re-solves those rows under their OLD mas
 the `sparsegpt` and `barber(sparsegpt)` rows of bench/results/prune_smollm2.json (same budget and evaluation);
 `--all` runs those two here as well.
 
-    PYTHONPATH=. .venv/bin/python bench/barber_resolve_control.py --sparsity 2:4
-writes bench/results/barber_control_smollm2.json (one entry per sparsity; the others are kept).
+    .venv/bin/python bench/scripts/barber_resolve_control.py --sparsity 2:4
+writes bench/results/barber_control_smollm2.json (one entry per sparsity; the others are kept), or the same
+file under --out; the dense model is cached under <out>/work as the benchmarks do.
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ import json
 import time
 from pathlib import Path
 
+from toolchain.bench.common import work_dir
 from toolchain.jobs import prune as prune_job
 from toolchain.jobs.common import calibration_for
 from toolchain.jobs.config import PruneConfig
-from toolchain.bench import CALIB, SEQLEN, dense_dir
 from toolchain.data import eval_windows, get_corpus, tokenize
 from toolchain.evaluate import perplexity
 from toolchain.models import load_model
 from toolchain.prune.barber import Barber
+from toolchain.reference_runs import CALIB_SAMPLES, SEQLEN, dense_hf_dir
 
 
 class SameMaskBarber(Barber):
@@ -49,7 +51,7 @@ class SameMaskBarber(Barber):
 def run(model_dir: Path, method: str, sparsity: str, barber_class=Barber) -> dict:
     loaded = load_model(model_dir)
     cfg = PruneConfig(method=method, init="sparsegpt" if method == "barber" else None, sparsity=sparsity,
-                      calib_samples=CALIB, seqlen=SEQLEN)
+                      calib_samples=CALIB_SAMPLES, seqlen=SEQLEN)
     calib, _ = calibration_for(loaded, cfg)
     saved, prune_job.Barber = prune_job.Barber, barber_class
     try:
@@ -71,7 +73,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--all", action="store_true", help="also run SparseGPT and Barber(SparseGPT) here")
     args = ap.parse_args()
-    model_dir = dense_dir(args.model, Path("out/bench"))
+    model_dir = dense_hf_dir(args.model, work_dir(args.out))
     entry = {"same rows re-solved, old mask": run(model_dir, "barber", args.sparsity, SameMaskBarber)}
     if args.all:
         entry["sparsegpt"] = run(model_dir, "sparsegpt", args.sparsity)

@@ -1,0 +1,114 @@
+"""The benchmarks' plumbing (toolchain.bench), without running a benchmark: `--only` picks exactly the rows it
+names and refuses unknown ones, a partial run keeps the other rows, everything is written under --out, and the
+blob is measured through its public API."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from toolchain.bench import common, prune
+from toolchain.bench.common import merge_rows, write_result
+from toolchain.bench.export import FORMS, export_forms, writer_throughput
+from toolchain.bench.prune import PRUNE_CONFIGS, SPARSITIES, prune_runs
+from toolchain.bench.quality import quality_configs, quality_runs
+from toolchain.bench.quant import QUANT_CONFIGS, quant_runs
+from toolchain.bench.registry import BENCHMARKS, TAKES_ONLY, run_benchmark
+from toolchain.cli import main
+from toolchain.errors import ConfigError
+
+
+def test_prune_only_selects_by_name_or_name_at_sparsity():
+    assert len(prune_runs()) == len(PRUNE_CONFIGS) * len(SPARSITIES)
+    assert [(r[0], r[4]) for r in prune_runs(["wanda@2:4"])] == [("wanda", "2:4")]
+    assert [(r[0], r[4]) for r in prune_runs(["wanda"])] == [("wanda", s) for s in SPARSITIES]
+    assert prune_runs(["dense"]) == []          # the dense row alone: no pruning run
+
+
+def test_quant_only_selects_by_name():
+    assert quant_runs() == QUANT_CONFIGS
+    assert [r[0] for r in quant_runs(["gptq 3-bit", "dense"])] == ["gptq 3-bit"]
+
+
+def test_quality_only_runs_in_the_order_asked():
+    assert len(quality_runs()) == sum(len(sp) for *_, sp in quality_configs())
+    runs = quality_runs(["sparsegpt@0.7", "wanda@0.5"])
+    assert [(r[0], r[4]) for r in runs] == [("sparsegpt", "0.7"), ("wanda", "0.5")]
+
+
+def test_export_only_selects_onnx_forms():
+    assert export_forms() == list(FORMS)
+    assert export_forms(["matmulnbits acc4", "qdq"]) == ["qdq", "matmulnbits acc4"]
+
+
+@pytest.mark.parametrize("select", [prune_runs, quant_runs, quality_runs, export_forms])
+def test_unknown_only_names_are_refused_by_name(select):
+    with pytest.raises(ConfigError, match="'wanda@3:4'"):
+        select(["wanda@3:4"])
+
+
+@pytest.mark.parametrize("what", TAKES_ONLY)
+def test_unknown_only_is_refused_before_any_work(what, tmp_path):
+    # the model does not exist: a benchmark that started work would fail on it, not on --only
+    with pytest.raises(ConfigError, match="unknown configuration 'nope'"):
+        run_benchmark(what, str(tmp_path / "no-model"), tmp_path / "out", only=["nope"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_fpga_takes_no_only(tmp_path, capsys):
+    assert set(BENCHMARKS) - set(TAKES_ONLY) == {"fpga"}
+    with pytest.raises(ConfigError, match="bench fpga takes no --only"):
+        run_benchmark("fpga", str(tmp_path / "no-model"), tmp_path / "out", only=["q_proj"])
+    assert main(["bench", "fpga", "--only", "q_proj", "--out", str(tmp_path / "out")]) == 2
+    assert "takes no --only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path):
+    stem = tmp_path / "export_tiny"
+
+    def table(r):
+        return "".join(f"{x['form']}={x['v']}\n" for x in r["onnx"])
+
+    rows = [{"form": f, "v": 0} for f in FORMS]
+    write_result(stem, {"onnx": rows, "partial": False}, list(FORMS), lambda r: r["form"], table, rows="onnx")
+    write_result(stem, {"onnx": [{"form": "qdq", "v": 1}], "partial": True}, list(FORMS), lambda r: r["form"],
+                 table, rows="onnx")
+    saved = json.loads((tmp_path / "export_tiny.json").read_text())
+    assert "partial" not in saved
+    assert [(r["form"], r["v"]) for r in saved["onnx"]] == [("float", 0), ("qdq", 1), ("matmulnbits", 0),
+                                                              ("matmulnbits acc4", 0)]
+    assert merge_rows([], [{"form": "x"}], list(FORMS), lambda r: r["form"]) == [{"form": "x"}]
+
+
+def test_prune_bench_runs_only_what_is_asked_and_writes_under_out(tmp_path, monkeypatch):
+    """The whole prune benchmark with its runs faked: --only decides the rows, and nothing lands in the cwd."""
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    made = []
+
+    def fake_prune(src, target, method, init, sparsity, extra):
+        made.append(target)
+        return {"prune_seconds": 1.0, "peak_rss_mib": 10.0, "peak_anon_mib": 5.0, "command": "toolchain prune"}
+
+    monkeypatch.setattr(prune, "dense_hf_dir", lambda model, cache: cache / "dense")
+    monkeypatch.setattr(prune, "model_fp32_mib", lambda path: 10.0)
+    monkeypatch.setattr(prune, "heldout_perplexity", lambda path: 20.0)
+    monkeypatch.setattr(prune, "prune_in_subprocess", fake_prune)
+    result = prune.run_prune_bench("tiny", out, only=["barber(sparsegpt)@2:4"])
+    assert [(r["name"], r["sparsity"]) for r in result["rows"]] == [("barber(sparsegpt)", "2:4")]
+    assert made == [common.work_dir(out) / "barber-sparsegpt-2of4"]
+    assert (out / "prune_tiny.json").is_file() and (out / "prune_tiny.md").is_file()
+    assert list(cwd.iterdir()) == []
+
+
+def test_writer_throughput_drives_the_public_blob_api(compressed_dir, tmp_path):
+    from toolchain.quant import read_quant_state
+
+    src = compressed_dir("llama", "2:4", 4)
+    r = writer_throughput(src, tmp_path)
+    weights = sum(qw.codes.numel() for qw in read_quant_state(src / "quant_state.safetensors").values())
+    assert r["weights"] == weights
+    assert r["encode_mb_per_s"] > 0 and r["decode_mb_per_s"] > 0
+    assert list(tmp_path.iterdir()) == []       # its temporary blob is gone

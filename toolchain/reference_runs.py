@@ -1,0 +1,81 @@
+"""Reference runs on a real model, shared by `toolchain demo` and the benchmarks.
+
+A run prunes or quantizes in its own process (`toolchain prune` / `toolchain quantize`), so its wall time and
+peak RSS are its own, and returns the facts of the `compression.json` it wrote. Perplexity is measured on the
+held-out pydoc split. Every run uses the reference budget: CALIB_SAMPLES calibration windows of SEQLEN tokens.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .data import eval_windows, get_corpus, tokenize
+from .evaluate import perplexity
+from .models import load_model, save_model
+
+CALIB_SAMPLES, SEQLEN = 32, 512   # the reference budget: 32 calibration windows of 512 tokens
+# SmolLM2's hidden size 576 is not a multiple of 128, so the reference quantization groups are 64 wide
+GROUP_SIZE = 64
+
+
+def heldout_perplexity(model_dir: str | Path, seqlen: int = SEQLEN) -> float:
+    """Perplexity of the model directory on the held-out pydoc split, in windows of `seqlen` tokens."""
+    loaded = load_model(model_dir)
+    windows = eval_windows(tokenize(loaded.tokenizer, get_corpus().eval_text), seqlen)
+    return perplexity(loaded.model, windows, progress=False)
+
+
+def dense_hf_dir(model: str, cache: Path) -> Path:
+    """The model as a plain HF directory under `cache` (loaded once, e.g. from GGUF), so every run loads it
+    the same fast way."""
+    path = cache / f"{Path(str(model)).name}-hf"
+    if not (path / "config.json").exists():
+        save_model(load_model(model), path)
+    return path
+
+
+def _toolchain_command(command: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "toolchain.cli", command, *args]
+
+
+def _as_typed(cmd: list[str]) -> str:
+    """The command as a user types it: `toolchain prune ...` without the interpreter."""
+    return "toolchain " + " ".join(cmd[3:])
+
+
+def prune_in_subprocess(model_dir: Path, out: Path, method: str, init: str | None, sparsity: str,
+                        extra: list[str], calib: int = CALIB_SAMPLES, seqlen: int = SEQLEN,
+                        quiet: bool = True) -> dict:
+    """`toolchain prune` in its own process; its time, peak memory and global sparsity."""
+    cmd = _toolchain_command(
+        "prune", "--model", str(model_dir), "--method", method, "--sparsity", sparsity,
+        "--calib-samples", str(calib), "--seqlen", str(seqlen), "--out", str(out),
+        *(["--quiet"] if quiet else []), *(["--init", init] if init else []), *extra)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    report = json.loads((out / "compression.json").read_text())
+    return {"prune_seconds": report["seconds"]["total"], "process_seconds": round(wall, 1),
+            "peak_rss_mib": report["peak_rss_mib"], "peak_anon_mib": report.get("peak_anon_mib"),
+            "global_sparsity": report["global_sparsity"],
+            "cpu_capability": report.get("machine", {}).get("cpu_capability"),
+            "command": _as_typed(cmd)}
+
+
+def quantize_in_subprocess(model_dir: Path, out: Path, method: str, bits: str, extra: list[str],
+                           quiet: bool = True) -> dict:
+    """`toolchain quantize` (symmetric, GROUP_SIZE groups) in its own process; its time, bits and memory."""
+    cmd = _toolchain_command(
+        "quantize", "--model", str(model_dir), "--method", method, "--bits", bits,
+        "--group-size", str(GROUP_SIZE), "--calib-samples", str(CALIB_SAMPLES), "--seqlen", str(SEQLEN),
+        "--out", str(out), *(["--quiet"] if quiet else []), *extra)
+    subprocess.run(cmd, check=True)
+    report = json.loads((out / "compression.json").read_text())
+    q = report["quantization"]
+    return {"quant_seconds": q["seconds"]["total"], "avg_bits": round(q["avg_bits"], 4),
+            "avg_bits_with_params": round(q["avg_bits_with_params"], 4),
+            "weight_mib": round(q["weight_bytes"] / 2**20, 2), "peak_rss_mib": report["peak_rss_mib"],
+            "command": _as_typed(cmd)}
