@@ -71,14 +71,9 @@ def modules() -> dict[str, Path]:
     for package, folder in dirs.items():
         for path in folder.rglob("*.py"):
             parts = path.relative_to(folder).with_suffix("").parts
-            if any(p.startswith(".") or p in ("templates",) for p in parts[:-1]):
+            if any(p.startswith(".") for p in parts[:-1]):
                 continue
-            # a nested folder that package-dir maps elsewhere is found through its own entry
-            name = ".".join((package, *parts))
-            if any(other != package and (name == other or name.startswith(other + "."))
-                   and len(other) > len(package) for other in dirs):
-                continue
-            found[name.removesuffix(".__init__")] = path
+            found[".".join((package, *parts)).removesuffix(".__init__")] = path
     return found
 
 
