@@ -14,7 +14,8 @@ import numpy as np
 
 from ..fpga.config import AccelConfig
 from ..fpga.layers import LayerData, write_images
-from .runner import SimulationError, expected_outputs
+from ..fpga.tools import SimulationError
+from .runner import expected_outputs
 
 
 def ap_types_dir() -> Path:

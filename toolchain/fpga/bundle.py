@@ -30,6 +30,7 @@ from ..models.loading import check_out_dir
 from .config import AccelConfig, load_config
 from .generate import LayerShape, lint, render_hls, render_rtl
 from .layers import for_design, read_layer, write_images
+from .tools import testbench_source
 
 CONTRACT_FORMAT = "toolchain.fpga.contract/1"
 CAPTURE_TOKENS = 8
@@ -187,10 +188,8 @@ sys.exit(main(["sim", str(Path(__file__).resolve().parent.parent), *sys.argv[1:]
 
 def write_sim_dir(directory: Path) -> None:
     """The bundle's testbench (a copy, for reading and reuse) and a runner script."""
-    from .. import sim
-
     directory.mkdir()
-    (directory / "tb_spmac_array.py").write_text(Path(sim.__file__).with_name("tb_spmac_array.py").read_text())
+    (directory / "tb_spmac_array.py").write_text(testbench_source().read_text())
     (directory / "run.py").write_text(RUN_SIM)
 
 

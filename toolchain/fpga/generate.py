@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import ToolchainError
 from .config import AccelConfig
+from .tools import RTL_SOURCES, simulator_env
 
 def template_dir(kind: str = "rtl") -> Path:
     """rtl_templates/ or hls/ (installed as toolchain.rtl_templates / toolchain.hls)."""
@@ -78,8 +79,6 @@ def render_hls(cfg: AccelConfig, out_dir: Path, wdepth: int, sdepth: int, genera
 
 def lint(rtl_dir: Path, top: str = "spmac_array") -> str:
     """`verilator --lint-only -Wall` over the generated RTL; raises with Verilator's messages on any warning."""
-    from ..sim.runner import RTL_SOURCES, simulator_env
-
     simulator_env()
     cmd = ["verilator", "--lint-only", "-Wall", "--top-module", top, *RTL_SOURCES]
     proc = subprocess.run(cmd, cwd=rtl_dir, capture_output=True, text=True)

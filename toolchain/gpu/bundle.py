@@ -4,7 +4,8 @@
       model.onnx (+ model.onnx.data over 2 GB)   the decoder with a KV cache; decoder GEMMs in fp16 with their
                                                    weights [K, N] as initializers feeding MatMul directly
       build_engine.py, build_engine.sh            TensorRT Python API / trtexec, SPARSE_WEIGHTS, one profile
-      manifest.json                               shapes, profile, precision, per-layer 2:4 status, files
+      manifest.json                               shapes, profile, precision, per-layer 2:4 status, files, the
+                                                   source model's path and the sha256 of its config and weights
       README.md, tokenizer files
 """
 from __future__ import annotations
@@ -194,7 +195,8 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
                 shutil.copy2(model_dir / name, tmp / name)
         (tmp / "README.md").write_text(bundle_readme(precision, max_batch, max_seq, len(sparse), len(layers)))
         manifest = {
-            "format": MANIFEST_FORMAT, "source": str(model_dir.resolve()), "precision": precision,
+            "format": MANIFEST_FORMAT, "source": str(model_dir.resolve()),
+            "source_files": source_files(model_dir), "precision": precision,
             "graph": {"file": "model.onnx", "opset": 21,
                       "gemm": ("float16" if precision == "fp16" else
                                "int8 explicit Q/DQ: weights symmetric per output channel, inputs static per tensor"),
@@ -210,6 +212,50 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _source_candidates(source: Path) -> list[Path]:
+    """What loading the source model reads: a GGUF file itself, or a model directory's config and weights."""
+    if source.is_file():
+        return [source]
+    weights = (".safetensors", ".safetensors.index.json")
+    return sorted(p for p in source.iterdir() if p.is_file() and (p.name == "config.json" or p.name.endswith(weights)))
+
+
+def source_files(source: Path) -> list[dict]:
+    """The source model's config and weight files with their sha256, so that `gpu-run --backend torch`, which
+    loads the source model rather than the bundle's graph, can tell that it still holds what was exported."""
+    from ..export.pipeline import sha256_file
+
+    return [{"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in _source_candidates(source)]
+
+
+def bundle_source(bundle: Path) -> Path:
+    """The model the bundle was exported from, as manifest.json records it, checked to be unchanged since."""
+    from ..export.pipeline import sha256_file
+
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{bundle} has no manifest.json, which names the model the bundle was exported from; "
+                          f"re-export it with toolchain export --target gpu")
+    manifest = json.loads(path.read_text())
+    if not manifest.get("source"):
+        raise ConfigError(f"{path} records no source model; re-export the bundle with toolchain export --target gpu")
+    source = Path(manifest["source"])
+    if not source.exists():
+        raise ConfigError(f"the model the bundle was exported from, {source}, is not there any more; restore it "
+                          f"or re-export the bundle from where it is now")
+    if "source_files" not in manifest:
+        raise ConfigError(f"{path} records no sha256 of its source model's files (the bundle predates them), so "
+                          f"{source} cannot be checked to be the exported model; re-export the bundle")
+    folder = source.parent if source.is_file() else source
+    changed = [f["path"] for f in manifest["source_files"]
+               if not (folder / f["path"]).is_file() or sha256_file(folder / f["path"]) != f["sha256"]]
+    if changed:
+        raise ConfigError(f"the source model {source} changed since the bundle was exported ({', '.join(changed)} "
+                          f"differ from the sha256 in {path}); re-export the bundle")
+    return source
 
 
 def bundle_readme(precision: str, max_batch: int, max_seq: int, sparse: int, total: int) -> str:
@@ -232,4 +278,9 @@ those it picked sparse tactics for.
 Anywhere (CPU included), onnxruntime runs the same graph:
 
     toolchain gpu-run BUNDLE --prompt "def fibonacci(n):" --max-new-tokens 32
+
+On an Ampere-or-newer NVIDIA GPU, PyTorch's semi-structured 2:4 kernels run the model the bundle was exported
+from (fp16; the source path and its files' sha256 are in `manifest.json`):
+
+    toolchain gpu-run BUNDLE --backend torch --prompt "def fibonacci(n):"
 """

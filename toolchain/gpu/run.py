@@ -1,8 +1,9 @@
 """`toolchain gpu-run BUNDLE`: greedy generation through the bundle's KV cache, with tokens/s.
 
-One generation loop drives either backend through the same `step(ids, cache, past)`: the TensorRT engine
-(`model.plan`) when it is built, TensorRT imports and a CUDA device is present, else onnxruntime on the
-bundle's `model.onnx` (its CUDA provider when available, else the CPU)."""
+One generation loop drives every backend through the same `step(ids, cache, past)`. `auto` picks the TensorRT
+engine (`model.plan`) when it is built, TensorRT imports and a CUDA device is present, else onnxruntime on the
+bundle's `model.onnx` (its CUDA provider when available, else the CPU). `torch`, only when asked for, runs the
+model the bundle was exported from in fp16 on CUDA, its 2:4 linears as PyTorch semi-structured sparse weights."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
 
 class TrtDecoder:
@@ -62,13 +65,71 @@ class TrtDecoder:
         return out["logits"].cpu().numpy(), cache
 
 
+class TorchDecoder:
+    """Prefill/decode steps through a transformers model on CUDA (the bundle's source model with
+    semi-structured sparse weights); the cache is the model's own key/value cache object."""
+
+    def __init__(self, model, device):
+        import inspect
+
+        self.model, self.device = model, device
+        # transformers 5.x renames the forward's `past_key_values` to `cache`; older releases only know the former
+        self.cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def empty_cache(self, batch: int):
+        return None
+
+    def step(self, ids: np.ndarray, cache, past_len: int):
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.from_numpy(ids.astype(np.int64)).to(self.device), use_cache=True,
+                             **{self.cache_keyword: cache})
+        return out.logits.float().cpu().numpy(), getattr(out, "cache", None) or out.past_key_values
+
+
+def check_torch_backend(bundle: Path) -> Path:
+    """The source model `--backend torch` would load, once this PyTorch and machine can run semi-structured
+    kernels and the source is still the exported one; a ConfigError naming why not otherwise. Loads nothing."""
+    from .bundle import bundle_source
+    from .semi_structured import semi_structured_unavailable
+
+    why = semi_structured_unavailable()
+    if why is not None:
+        raise ConfigError(f"--backend torch: {why}. Use --backend onnxruntime, which runs the bundle's graph "
+                          f"anywhere (CPU included)")
+    try:
+        return bundle_source(bundle)
+    except ConfigError as exc:
+        raise ConfigError(f"--backend torch runs the model the bundle was exported from: {exc}; or use "
+                          f"--backend onnxruntime, which runs the bundle's own graph") from None
+
+
+def torch_decoder(source: Path):
+    """(decoder, description): the source model in fp16 on CUDA with its 2:4 linears swapped."""
+    import torch
+
+    from ..models import load_model
+    from .semi_structured import swap_to_semi_structured
+
+    model = load_model(str(source), with_tokenizer=False).model.eval()
+    report = swap_to_semi_structured(model, torch.float16)
+    swapped = report["sparse"] + report["padded"]
+    description = (f"torch ({report['backend']} semi-structured, fp16, {torch.cuda.get_device_name(report['device'])}:"
+                   f" {swapped} of {len(report['layers'])} linears 2:4 sparse)")
+    return TorchDecoder(model, torch.device(report["device"])), description
+
+
 def choose_backend(bundle: Path, backend: str = "auto"):
-    """(decoder, description): TensorRT when asked or available with a built engine and CUDA, else onnxruntime."""
+    """(decoder, description): `torch` when asked for; else TensorRT when asked or available with a built engine
+    and CUDA, else onnxruntime."""
     import importlib.util
 
     plan = bundle / "model.plan"
-    if backend not in ("auto", "tensorrt", "onnxruntime"):
-        raise ConfigError(f"--backend {backend!r}: choose auto, tensorrt or onnxruntime")
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    if backend == "torch":
+        return torch_decoder(check_torch_backend(bundle))
     trt_ready, why = False, None
     if not plan.is_file():
         why = "no model.plan (run build_engine.py on a GPU machine)"
@@ -103,11 +164,16 @@ def gpu_run(bundle: str | os.PathLike, prompt: str, max_new_tokens: int = 32, ba
         raise ConfigError(f"{bundle} has no model.onnx; write a bundle with toolchain export --target gpu")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    # refuse before the tokenizer and the model are loaded
+    torch_source = check_torch_backend(bundle) if backend == "torch" else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(bundle))
     except Exception as exc:
         raise ConfigError(f"cannot load the bundle's tokenizer: {exc}") from None
-    decoder, description = choose_backend(bundle, backend)
+    if torch_source is not None:
+        decoder, description = torch_decoder(torch_source)
+    else:
+        decoder, description = choose_backend(bundle, backend)
     ids = np.array([tokenizer(prompt, add_special_tokens=False).input_ids], dtype=np.int64)
     if ids.shape[1] == 0:
         raise ConfigError("the prompt is empty after tokenization")
