@@ -51,6 +51,7 @@ class DecoderGraph:
         onnxruntime (and TensorRT) fold into a float table once, at load: a small file, float speed, and the
         same values. A tied lm_head multiplies by that same table."""
         g = self.g
+        self.table_width = weight.shape[1]   # the hidden size, or narrower where project_in/out widen it
         blocks = lossless_int8_blocks(weight) if self.linear.form != "float" else None
         if blocks is None:
             self.table, self.linear.embedding = g.init(name, to_numpy(weight)), "float32"
@@ -244,7 +245,7 @@ class DecoderGraph:
             return self.linear(x, "lm_head", lm_head, keep_fp32=True)
         g = self.g
         # tied: Gemm against the embedding table itself (transB), so the file holds the matrix once
-        x2 = g.op("Reshape", [x, g.const([-1, self.dims.hidden])])
+        x2 = g.op("Reshape", [x, g.const([-1, self.table_width])])
         logits = g.op("Gemm", [x2, self.table], transB=1, hint="lm_head")
         batch_seq = self.shape_of(x, 0, 2)
         return g.op("Reshape", [logits, g.op("Concat", [batch_seq, g.const([self.dims.vocab])], axis=0)],
