@@ -21,9 +21,11 @@ ACTIVATIONS = ("silu", "relu")
 
 def optional_module(model: torch.nn.Module, path: str | None) -> torch.nn.Module | None:
     """The module at `path`, or None where the layout has no such piece or this model holds None there."""
+    if path is None:
+        return None
     module = model
-    for part in (path.split(".") if path else [None]):
-        module = getattr(module, part, None) if part else None
+    for part in path.split("."):
+        module = getattr(module, part, None)
         if module is None:
             return None
     return module
@@ -165,6 +167,7 @@ class DecoderGraph:
         return g.op("Relu", [x])
 
     def residual(self, x: str, branch: str, prefix: str, which: int) -> str:
+        """x + branch; `which` picks the sum's name from the layout (0 attention, 1 MLP)."""
         names = self.layout.residual_names
         return self.g.op("Add", [x, branch], hint=names[which].format(layer=prefix) if names else None)
 
@@ -200,16 +203,19 @@ class DecoderGraph:
                       layer: torch.nn.Module) -> str:
         """One layer: each branch reads its normed input (pre-norm) or the residual stream itself, then its
         output is added to the stream (and, post-norm, the sum is normed)."""
-        lay, prefix = self.layout, f"{self.layout.layers}.{i}"
-        pre = self.adapter.norm_before(layer)
-        branches = ((lay.attn_norm, lambda h: self.attention_branch(i, prefix, h, mask, rope, layer)),
-                    (lay.mlp_norm, lambda h: self.mlp_branch(prefix, h, layer)))
-        for which, (norm_name, branch) in enumerate(branches):
-            norm = layer.get_submodule(norm_name)
-            h = self.norm(x, norm, f"{prefix}.{norm_name}") if pre else x
-            x = self.residual(x, branch(h), prefix, which)
-            if not pre:
-                x = self.norm(x, norm, f"{prefix}.{norm_name}")
+        prefix, pre = f"{self.layout.layers}.{i}", self.adapter.norm_before(layer)
+        attn_norm, mlp_norm = (layer.get_submodule(n) for n in (self.layout.attn_norm, self.layout.mlp_norm))
+        attn_norm_name, mlp_norm_name = f"{prefix}.{self.layout.attn_norm}", f"{prefix}.{self.layout.mlp_norm}"
+
+        h = self.norm(x, attn_norm, attn_norm_name) if pre else x
+        x = self.residual(x, self.attention_branch(i, prefix, h, mask, rope, layer), prefix, 0)
+        if not pre:
+            x = self.norm(x, attn_norm, attn_norm_name)
+
+        h = self.norm(x, mlp_norm, mlp_norm_name) if pre else x
+        x = self.residual(x, self.mlp_branch(prefix, h, layer), prefix, 1)
+        if not pre:
+            x = self.norm(x, mlp_norm, mlp_norm_name)
         return x
 
     def body(self, input_ids: str, position_ids: str) -> str:
