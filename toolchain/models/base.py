@@ -64,6 +64,12 @@ class DecoderLayout:
     #: graph names of the residual sums, formatted with the layer's path; None leaves them named by op type
     residual_names: tuple[str, str] | None = None
 
+    def __post_init__(self):
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"DecoderLayout.norm must be 'rms' or 'layer', got {self.norm!r}")
+        if len(self.mlp) not in (2, 3):
+            raise ValueError(f"DecoderLayout.mlp names (gate, up, down) or (fc1, fc2), got {self.mlp!r}")
+
     @property
     def gated_mlp(self) -> bool:
         return len(self.mlp) == 3
@@ -102,9 +108,11 @@ class ArchAdapter(ABC):
         return True
 
     def kv_heads(self, config) -> int:
+        """Key/value heads (fewer than the query heads under grouped-query attention)."""
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
     def head_dim(self, config) -> int:
+        """Width of one attention head."""
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def attention_window(self, config) -> int | None:
