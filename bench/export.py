@@ -106,7 +106,7 @@ def writer_throughput(model_dir: Path, scratch: Path) -> dict:
 def ort_latency(path: Path, threads: int) -> dict:
     """Prefill of PREFILL tokens (median of REPEATS) and the median decode step after it (DECODE_STEPS),
     batch 1, onnxruntime CPU with all graph optimizations."""
-    from toolchain.export.onnx_check import OrtDecoder, ort_session, time_decoder
+    from toolchain.export.ort_runtime import OrtDecoder, ort_session, time_decoder
 
     t0 = time.perf_counter()
     dec = OrtDecoder(ort_session(path, "all", threads=threads))

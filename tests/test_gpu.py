@@ -67,7 +67,9 @@ def test_graph_gemms_are_fp16_with_2of4_along_k(gpu_bundle):
 
 
 def test_onnxruntime_matches_transformers(gpu_bundle):
-    from toolchain.export.onnx_check import OrtDecoder, ort_session, sample_tokens, torch_greedy
+    from toolchain.data import sample_tokens
+    from toolchain.export.onnx_check import torch_greedy
+    from toolchain.export.ort_runtime import OrtDecoder, ort_session
     from toolchain.models import load_model
 
     model_dir, out, _ = gpu_bundle
@@ -271,7 +273,9 @@ def test_int8_graph_holds_2of4_codes_along_k(int8_bundle):
 
 
 def test_int8_graph_tracks_transformers_and_the_fp16_graph(int8_bundle, gpu_bundle):
-    from toolchain.export.onnx_check import OrtDecoder, ort_session, sample_tokens, torch_greedy
+    from toolchain.data import sample_tokens
+    from toolchain.export.onnx_check import torch_greedy
+    from toolchain.export.ort_runtime import OrtDecoder, ort_session
     from toolchain.gpu.run import ort_perplexity
     from toolchain.models import load_model
 

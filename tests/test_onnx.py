@@ -11,7 +11,8 @@ import torch
 from toolchain.errors import ConfigError
 from toolchain.export.blob import pack_codes
 from toolchain.export.onnx import ExportWarning, build_onnx, export_onnx, matmulnbits_widths
-from toolchain.export.onnx_check import OrtDecoder, check_onnx, ort_session
+from toolchain.export.onnx_check import check_onnx
+from toolchain.export.ort_runtime import OrtDecoder, ort_session
 from toolchain.models import load_model
 
 
@@ -193,3 +194,49 @@ def test_int8_block_embedding_is_stored_compactly_and_exactly(compressed_dir, tm
     assert float_info["embedding"] == "float32"
     r = check_onnx(model_dir, path, tokens=16, new_tokens=6)
     assert r["ok"] and r["relative_diff"] < 1e-5, r
+
+
+def _variant(name):
+    """Tiny models whose decoder layouts differ from the fixtures': post-norm OPT with narrower embeddings
+    (project_in/out, no final norm), a sliding window, tied embeddings with q/k/v biases."""
+    from transformers import MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=320)
+    if name == "opt-post-norm":
+        return OPTForCausalLM(OPTConfig(ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=32,
+                                        do_layer_norm_before=False, **small)).eval()
+    if name == "mistral-window":
+        return MistralForCausalLM(MistralConfig(intermediate_size=96, num_key_value_heads=2, sliding_window=5,
+                                                **small)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True,
+                                        **small)).eval()
+
+
+@pytest.mark.parametrize("name", ["opt-post-norm", "mistral-window", "qwen2-tied"])
+def test_decoder_layouts_match_pytorch_through_the_cache(tmp_path, name):
+    """The one decoder builder follows each adapter's layout: prefill, then decode steps through the cache."""
+    from toolchain.export.onnx import save_onnx
+    from toolchain.models import adapter_for
+
+    model = _variant(name)
+    proto, _ = build_onnx(model, adapter_for(model).family, {}, "float")
+    save_onnx(proto, tmp_path / "model.onnx")
+    dec = OrtDecoder(ort_session(tmp_path / "model.onnx"))
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    logits, cache = dec.step(ids[:, :9].numpy(), dec.empty_cache(1), 0)
+    steps = [logits]
+    for t in range(9, 12):
+        logits, cache = dec.step(ids[:, t:t + 1].numpy(), cache, t)
+        steps.append(logits)
+    out = np.concatenate(steps, axis=1)
+    assert np.abs(out - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_unsupported_activation_is_named(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir), with_tokenizer=False).model
+    model.config.hidden_act = "gelu"
+    with pytest.raises(ConfigError, match="llama activation 'gelu'"):
+        build_onnx(model, "llama", {}, "float")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 DATASETS = ("pydoc", "wikitext2", "c4", "ptb")
 EVAL_EVERY = 5  # pydoc split: every 5th topic is held out for evaluation
@@ -137,3 +137,15 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
 
 def model_max_seqlen(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+
+def sample_tokens(loaded, n: int) -> torch.Tensor:
+    """The first `n` tokens of the evaluation split of the default corpus (real text), [1, n], tokenized by
+    `loaded.tokenizer`."""
+    if loaded.tokenizer is None:
+        raise ConfigError("the model directory has no tokenizer; one is needed to make real tokens from the "
+                          "held-out text")
+    ids = tokenize(loaded.tokenizer, pydoc_corpus().eval_text[: 40 * n])
+    if ids.numel() < n:
+        raise ConfigError(f"only {ids.numel()} tokens of text available, asked for {n}")
+    return ids[:n][None, :]

@@ -74,7 +74,7 @@ def capture_activations(model_dir: Path, names: list[str], tokens: int = CAPTURE
     """Inputs [tokens, K] of each named linear on the first `tokens` tokens of the held-out pydoc split."""
     import torch
 
-    from ..export.onnx_check import sample_tokens
+    from ..data import sample_tokens
     from ..models import load_model
 
     loaded = load_model(str(model_dir))

@@ -16,8 +16,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from ..atomic import atomic_dir
 from ..errors import ConfigError
 from ..models.loading import check_out_dir
@@ -60,83 +58,12 @@ def _trtexec_shapes(shapes: dict, which: int) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims[which])}" for name, dims in shapes.items())
 
 
-def calibrate_input_amax(loaded, names: list[str], windows, batch: int = 8) -> dict[str, np.ndarray]:
-    """Per-channel max |x| of each named linear's input over the calibration windows."""
-    import torch
-
-    amax: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(module, args, name=name):
-            m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
-        handles.append(loaded.model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for start in range(0, windows.shape[0], batch):
-                loaded.model(input_ids=windows[start:start + batch])
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: value.numpy().astype(np.float64) for name, value in amax.items()}
-
-
-SMOOTH_ALPHAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-INT8_MAX_ERROR = 1e-3   # a layer whose best int8 output error (relative, on calibration) exceeds this stays fp16
-SEARCH_WINDOWS = 2      # calibration windows on which each layer's migration strength is chosen
-
-
-def plan_int8(loaded, names: list[str], windows, amax: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Per layer: the SmoothQuant strength minimising the layer's int8 output error on calibration windows
-    (||XW^T - Q(X/s) Q(W s)^T||^2 / ||XW^T||^2), that error, and whether the layer goes int8 (error at most
-    INT8_MAX_ERROR) or stays fp16."""
-    import torch
-
-    from ..export.onnx import int8_per_channel, smoothquant_scales
-
-    errors = {name: np.zeros((len(SMOOTH_ALPHAS), 2)) for name in names}
-    candidates = {}
-    for name in names:
-        w = loaded.model.get_submodule(name).weight.detach().float().numpy()
-        per_alpha = []
-        for alpha in SMOOTH_ALPHAS:
-            smooth, act_scale = smoothquant_scales(amax[name], w, alpha)
-            codes, scales = int8_per_channel(torch.from_numpy((w * smooth[None, :]).astype(np.float32)))
-            w_q = torch.from_numpy((codes.astype(np.float32) * scales[:, None]).T.copy())          # [K, N]
-            per_alpha.append((torch.from_numpy((1.0 / smooth).astype(np.float32)), act_scale, w_q))
-        candidates[name] = (torch.from_numpy(w.T.copy()), per_alpha)
-
-    def hook(module, args, name):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        w_t, per_alpha = candidates[name]
-        ref = x @ w_t
-        ref_energy = float((ref ** 2).sum())
-        for i, (inv_smooth, act_scale, w_q) in enumerate(per_alpha):
-            x_q = torch.clamp(torch.round(x * inv_smooth / act_scale), -127, 127) * act_scale
-            errors[name][i] += (float(((x_q @ w_q - ref) ** 2).sum()), ref_energy)
-
-    handles = [loaded.model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
-    try:
-        with torch.no_grad():
-            for start in range(min(SEARCH_WINDOWS, windows.shape[0])):
-                loaded.model(input_ids=windows[start:start + 1])
-    finally:
-        for h in handles:
-            h.remove()
-    plan = {}
-    for name in names:
-        rel = errors[name][:, 0] / np.maximum(errors[name][:, 1], 1e-30)
-        best = int(rel.argmin())
-        plan[name] = {"amax": amax[name], "alpha": SMOOTH_ALPHAS[best], "error": float(rel[best]),
-                      "int8": bool(rel[best] <= INT8_MAX_ERROR)}
-    return plan
-
-
 def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, precision: str = "fp16",
                      max_batch: int = 1, max_seq: int = 2048) -> dict:
     from ..export.onnx import build_onnx, save_onnx
     from ..export.manifest import sha256_file
     from ..models import load_model
+    from ..quant.smoothquant import INT8_MAX_ERROR, calibrate_input_amax, plan_int8
 
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r}: this release builds {', '.join(PRECISIONS)} bundles")

@@ -146,7 +146,7 @@ def choose_backend(bundle: Path, backend: str = "auto"):
         return TrtDecoder(plan), "tensorrt (model.plan)"
     import onnxruntime as ort
 
-    from ..export.onnx_check import OrtDecoder
+    from ..export.ort_runtime import OrtDecoder
 
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     opts = ort.SessionOptions()
@@ -213,7 +213,7 @@ def build_engines(bundle: Path) -> dict[str, Path]:
 
 def time_engine(plan: Path, prefill_tokens: int = 128, decode_steps: int = 32, repeats: int = 5) -> dict:
     """Median prefill time of `prefill_tokens` and median decode step after it, batch 1, in TensorRT."""
-    from ..export.onnx_check import time_decoder
+    from ..export.ort_runtime import time_decoder
 
     t = time_decoder(TrtDecoder(plan), prefill_tokens, decode_steps, repeats)
     return {key: round(value, 3) for key, value in t.items()}
@@ -230,7 +230,7 @@ def engine_timings(bundle: str | os.PathLike) -> dict:
 
 def ort_perplexity(onnx_path: str | os.PathLike, windows: np.ndarray, level: str = "basic") -> float:
     """Perplexity of a bundle's graph on token windows [n, seqlen] (each a fresh prefill), in onnxruntime."""
-    from ..export.onnx_check import OrtDecoder, ort_session
+    from ..export.ort_runtime import OrtDecoder, ort_session
 
     decoder = OrtDecoder(ort_session(onnx_path, level))
     nll, count = 0.0, 0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import ModelLoadError
-from .base import ArchAdapter, SubBlock
+from .base import ArchAdapter, DecoderLayout, SubBlock
 from .llama import LlamaAdapter
 from .opt import OPTAdapter
 
@@ -26,5 +26,5 @@ def adapter_for(model_or_config) -> ArchAdapter:
 
 from .loading import LoadedModel, load_model, save_model  # noqa: E402
 
-__all__ = ["ArchAdapter", "SubBlock", "adapter_for", "supported_model_types", "LoadedModel", "load_model",
+__all__ = ["ArchAdapter", "DecoderLayout", "SubBlock", "adapter_for", "supported_model_types", "LoadedModel", "load_model",
            "save_model"]

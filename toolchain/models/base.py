@@ -4,6 +4,9 @@ An adapter names a family's decoder layers, the linear layers of each sub-block,
 input (so their statistics are gathered once), and how to run one sub-block on captured inputs. Calling
 the decoder layers themselves goes through transformers' own modules with the keyword arguments that
 the model passes them (captured once), so RoPE, masks and GQA stay transformers' business.
+
+Exporters that rebuild the decoder op by op (the ONNX graph) read the family's `DecoderLayout`: where each
+piece lives and what it computes, as plain data.
 """
 from __future__ import annotations
 
@@ -36,6 +39,42 @@ class SubBlock:
     exit_input: Callable[[nn.Module, tuple, dict, torch.Tensor], torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class DecoderLayout:
+    """A decoder-only LM as an exporter rebuilds it: embedding (+ projection) (+ learned positions), then per
+    layer attention and MLP branches, each with its norm before the branch (pre-norm) or after the residual
+    add (post-norm), then the final norm (+ projection) and the LM head.
+
+    Model-level paths are module paths from the model root; per-layer paths are relative to a decoder layer.
+    An optional path may also name an attribute that holds None in a given model (OPT's projections)."""
+
+    embed: str                        # token embedding, an nn.Embedding
+    layers: str                       # the decoder layers, an nn.ModuleList
+    final_norm: str | None            # after the last layer
+    norm: str                         # "rms" (RMSNorm: weight, eps) or "layer" (LayerNorm: weight, bias, eps)
+    attn_norm: str                    # per layer: the attention branch's norm
+    mlp_norm: str                     # per layer: the MLP branch's norm
+    attention: str                    # per layer: the attention module (its `scaling` multiplies q k^T)
+    qkvo: tuple[str, str, str, str]   # per layer: q, k, v and output projections
+    mlp: tuple[str, ...]              # per layer: (gate, up, down) for a gated MLP act(gate) * up, or (fc1, fc2)
+    rotary: str | None = None         # rotary embedding (inv_freq, rope_type, attention_scaling), or None
+    positions: str | None = None      # learned position table (with its `offset`), or None
+    project_in: str | None = None     # linear after the embedding, when the embedding is narrower
+    project_out: str | None = None    # linear before the LM head
+    #: graph names of the residual sums, formatted with the layer's path; None leaves them named by op type
+    residual_names: tuple[str, str] | None = None
+
+    def __post_init__(self):
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"DecoderLayout.norm must be 'rms' or 'layer', got {self.norm!r}")
+        if len(self.mlp) not in (2, 3):
+            raise ValueError(f"DecoderLayout.mlp names (gate, up, down) or (fc1, fc2), got {self.mlp!r}")
+
+    @property
+    def gated_mlp(self) -> bool:
+        return len(self.mlp) == 3
+
+
 class ArchAdapter(ABC):
     """Base class for one model family."""
 
@@ -56,6 +95,29 @@ class ArchAdapter(ABC):
 
     #: q, k and v projections; their output rows are heads of head_dim consecutive rows (APTQ's per-head Hessians)
     attention_qkv: tuple[str, str, str] = ()
+
+    #: where the decoder's pieces live and what they compute, for exporters
+    layout: DecoderLayout | None = None
+
+    def activation(self, config) -> str:
+        """The MLP's activation function, by its transformers name."""
+        return config.hidden_act
+
+    def norm_before(self, layer: nn.Module) -> bool:
+        """True when each branch normalizes its input (pre-norm); False when the norm follows the residual add."""
+        return True
+
+    def kv_heads(self, config) -> int:
+        """Key/value heads (fewer than the query heads under grouped-query attention)."""
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def head_dim(self, config) -> int:
+        """Width of one attention head."""
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def attention_window(self, config) -> int | None:
+        """The sliding attention window in tokens, or None when every earlier token is visible."""
+        return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
 
     def query_scale(self, layer: nn.Module) -> float:
         """A factor the family applies to the query projection's output before attention (OPT scales q by

@@ -1,7 +1,7 @@
 """LLaMA-style decoders: Llama, Mistral, Qwen2, SmolLM (q/k/v/o attention with GQA, SwiGLU MLP)."""
 from __future__ import annotations
 
-from .base import ArchAdapter, SubBlock, first_tensor, rows_linear
+from .base import ArchAdapter, DecoderLayout, SubBlock, first_tensor, rows_linear
 
 
 def _run_attention(layer, args, kwargs):
@@ -22,6 +22,12 @@ class LlamaAdapter(ArchAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2")
     attention_qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    layout = DecoderLayout(
+        embed="model.embed_tokens", layers="model.layers", final_norm="model.norm", norm="rms",
+        attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", attention="self_attn",
+        qkvo=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), rotary="model.rotary_emb",
+        residual_names=("{layer}/attn_residual", "{layer}/mlp_residual"))
 
     def decoder_layers(self, model):
         return model.model.layers

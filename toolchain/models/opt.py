@@ -1,7 +1,7 @@
 """OPT decoders (q/k/v/out_proj attention, fc1/fc2 MLP with ReLU)."""
 from __future__ import annotations
 
-from .base import ArchAdapter, SubBlock, first_tensor, rows_linear
+from .base import ArchAdapter, DecoderLayout, SubBlock, first_tensor, rows_linear
 
 
 def _run_attention(layer, args, kwargs):
@@ -23,6 +23,18 @@ class OPTAdapter(ArchAdapter):
     family = "opt"
     model_types = ("opt",)
     attention_qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    layout = DecoderLayout(
+        embed="model.decoder.embed_tokens", layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm",
+        norm="layer", attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", attention="self_attn",
+        qkvo=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+        mlp=("fc1", "fc2"), positions="model.decoder.embed_positions",
+        project_in="model.decoder.project_in", project_out="model.decoder.project_out")
+
+    def activation(self, config):
+        return config.activation_function
+
+    def norm_before(self, layer):
+        return bool(layer.do_layer_norm_before)   # OPT-350m normalizes after each residual add
 
     def query_scale(self, layer):
         return float(layer.self_attn.scaling)  # q_proj(x) * scaling, then attention with scale 1
