@@ -152,7 +152,7 @@ def _source_candidates(source: Path) -> list[Path]:
 def source_files(source: Path) -> list[dict]:
     """The source model's config and weight files with their sha256, so that `gpu-run --backend torch`, which
     loads the source model rather than the bundle's graph, can tell that it still holds what was exported."""
-    from ..export.pipeline import sha256_file
+    from ..export.manifest import sha256_file
 
     return [{"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in _source_candidates(source)]
@@ -160,7 +160,7 @@ def source_files(source: Path) -> list[dict]:
 
 def bundle_source(bundle: Path) -> Path:
     """The model the bundle was exported from, as manifest.json records it, checked to be unchanged since."""
-    from ..export.pipeline import sha256_file
+    from ..export.manifest import sha256_file
 
     path = bundle / "manifest.json"
     if not path.is_file():
