@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("base", ["errors", "atomic", "machine", "numerics", "rtl_templates", "hls"]),
     ("models/data", ["models", "data"]),
-    ("engine", ["engine", "sensitivity", "evaluate"]),
+    ("engine", ["engine", "input_stats", "sensitivity", "evaluate"]),
     ("methods", ["prune", "quant"]),
     ("export", ["export"]),
     ("targets", ["fpga", "gpu"]),
@@ -44,8 +44,6 @@ ALLOWED = {
     ("toolchain.cli", "toolchain.bench"),
     # quant/gptq.py importing prune (the shared Hessian numerics move to toolchain/numerics)
     ("toolchain.quant.gptq", "toolchain.prune"),
-    # the engine's input statistics (prune/stats.py) sit in prune
-    ("toolchain.engine", "toolchain.prune"),
 }
 
 

@@ -9,7 +9,7 @@ from toolchain.jobs.config import PruneConfig
 from toolchain.jobs.prune import prune_loaded
 from toolchain.prune import SparseGPT, SparsityTarget, check_nm
 from toolchain.prune.lstsq import damped_hessian, layer_error, lstsq_with_mask
-from toolchain.prune.stats import InputStats
+from toolchain.input_stats import InputStats
 
 
 def _layer(rows=12, cols=48, seed=0):

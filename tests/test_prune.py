@@ -13,7 +13,7 @@ from toolchain.jobs.config import PruneConfig
 from toolchain.jobs.prune import prune_loaded
 from toolchain.prune import SparseGPT, SparsityTarget, Wanda, Magnitude, check_nm, rebuild_mask
 from toolchain.prune.barber import Barber, block_loss, rebuild_masks
-from toolchain.prune.stats import InputStats
+from toolchain.input_stats import InputStats
 
 def all_linears(lm):
     for i, layer in enumerate(lm.adapter.decoder_layers(lm.model)):

@@ -6,7 +6,7 @@ import torch
 
 from toolchain.errors import ConfigError, ToolchainError
 from toolchain.prune.masks import check_nm, nm_prune_mask
-from toolchain.prune.stats import InputStats
+from toolchain.input_stats import InputStats
 from toolchain.quant import QuantSpec, gptq_quantize, read_quant_state, rtn_quantize, write_quant_state
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models.base import ArchAdapter, SubBlock, first_tensor
-from .prune.stats import InputStats
+from .input_stats import InputStats
 
 
 class _StopForward(Exception):

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from .masks import SparsityTarget
-from .stats import InputStats
+from ..input_stats import InputStats
 
 
 class PruneMethod(ABC):
