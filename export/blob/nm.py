@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ...numerics.nm import MAX_M, groups_breaking, index_bits, is_pattern
+from ...numerics.nm import MAX_M, fits_groups, groups_breaking, index_bits, is_pattern
 from .format import BlobError, BlobFormatError
 from .packing import pack_stream, uint_for, unpack_codes
 
@@ -38,7 +38,8 @@ def _nm_tables(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
 
 class NMChunk:
-    """The N:M slots of a [rows, cols] prune mask: slot_flat (bool per position), counts (kept per group)."""
+    """The N:M slots of a [rows, cols] prune mask: slot_flat (bool per position), counts (kept per group).
+    `ok` is False, and the slots are not computed, when some group keeps more than N (the mask is not N:M)."""
 
     def __init__(self, pm: np.ndarray, n: int, m: int):
         self.n, self.m = n, m
@@ -98,7 +99,7 @@ def nm_select(prune_mask: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.nd
     group keeps more than N columns (the mask is not N:M)."""
     n, m = check_pattern(n, m)
     pm = np.asarray(prune_mask, bool)
-    if pm.ndim != 2 or pm.shape[1] % m:
+    if pm.ndim != 2 or not fits_groups(pm.shape[1], m):
         raise BlobError(f"N:M needs a 2-D mask whose column count is a multiple of M={m}, got shape {pm.shape}")
     chunk = NMChunk(pm, n, m)
     if not chunk.ok:
@@ -115,7 +116,7 @@ def nm_compress(values: np.ndarray, prune_mask: np.ndarray, n: int, m: int, fill
     n, m = check_pattern(n, m)
     values = np.asarray(values)
     pm = np.asarray(prune_mask, bool)
-    if pm.shape != values.shape or pm.ndim != 2 or pm.shape[1] % m:
+    if pm.shape != values.shape or pm.ndim != 2 or not fits_groups(pm.shape[1], m):
         raise BlobError(f"N:M needs 2-D values and mask of one shape with columns a multiple of M={m}, got "
                         f"{values.shape} and {pm.shape}")
     chunk = NMChunk(pm, n, m)

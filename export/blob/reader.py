@@ -13,7 +13,7 @@ import numpy as np
 
 from ...errors import ToolchainError
 from ...numerics.geometry import group_count
-from ...numerics.nm import index_bits, is_pattern
+from ...numerics.nm import fits_groups, index_bits, is_pattern
 from ...numerics.widths import SUPPORTED_BITS
 from .format import (ALIGN, FORMAT, HEADER, HEADER_CRC_SPAN, HEADER_SIZE, MAGIC, MAX_DIM, MAX_NUMEL, VERSION,
                      BlobError, BlobFormatError, column_zeros, group_lengths)
@@ -74,7 +74,7 @@ def _validate_entry(e, i: int) -> dict:
         if nm is not None:
             if not (isinstance(nm, list) and len(nm) == 2 and all(_is_int(x) for x in nm) and is_pattern(*nm)):
                 _fail(f"{where}: bad N:M {nm!r}")
-            if shape[1] % nm[1]:
+            if not fits_groups(shape[1], nm[1]):
                 _fail(f"{where}: shape {shape} has {shape[1]} columns, not a multiple of M={nm[1]}")
             if not _int_eq(e.get("meta_bits"), index_bits(nm[1])):
                 _fail(f"{where}: meta_bits {e.get('meta_bits')!r}, N:M {nm[0]}:{nm[1]} needs {index_bits(nm[1])}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from ...atomic import atomic_file
 from ...numerics.geometry import group_count
-from ...numerics.nm import index_bits
+from ...numerics.nm import fits_groups, index_bits
 from .format import (ALIGN, FIXED_BITS, FORMAT, HEADER, HEADER_CRC_SPAN, HEADER_SIZE, MAGIC, VERSION, BlobError,
                      align, column_zeros, group_lengths)
 from .nm import NMChunk, check_pattern
@@ -139,7 +139,7 @@ def _encode_quant(name: str, module: str, qw, nm, body: _Body) -> dict:
             reason = "layer has no pruned weights"
         elif mask.shape != codes.shape:
             reason = f"prune mask shape {list(mask.shape)} differs from the codes"
-        elif cols % m:
+        elif not fits_groups(cols, m):
             reason = f"input dimension {cols} is not a multiple of M={m}"
         if reason is None:
             meta = index_bits(m)
@@ -196,7 +196,7 @@ def _encode_float(name: str, tensor, nm, body: _Body) -> dict:
         raise BlobError(f"{name}: values do not fit fp16 (max |x| = {peak:g}, fp16 max 65504) or are not finite")
     shape = list(t16.shape)
     entry = {"name": name, "kind": "fp16", "shape": shape}
-    if nm is not None and t16.ndim == 2 and t16.shape[1] % nm[1] == 0 and t16.size:
+    if nm is not None and t16.ndim == 2 and fits_groups(t16.shape[1], nm[1]) and t16.size:
         n, m = nm
         bits16 = t16.view(np.uint16)                        # +0.0 only: -0.0 is kept as a value, bit-exact
         zero_mask = bits16 == 0
