@@ -11,7 +11,7 @@ from ..numerics.nm import fits_groups, groups_breaking, kept_per_group
 def two_four_status(weight: torch.Tensor) -> dict:
     """{"two_four": bool, "reason": str | None} for a [N, K] weight: 2:4 when every aligned group of 4
     consecutive K values holds at most 2 non-zeros."""
-    n, k = weight.shape
+    k = weight.shape[1]
     if not fits_groups(k, 4):
         return {"two_four": False, "reason": f"K = {k} is not a multiple of 4"}
     groups = kept_per_group(weight.detach() != 0, 4)
