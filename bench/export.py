@@ -58,12 +58,13 @@ def pack_throughput(state_path: Path) -> list[dict]:
     """Pack and unpack every linear's codes of the model at each width (codes clipped into the width's
     range, so each row packs the model's real shapes). MB/s counts the source as fp16 weights (2 bytes each)."""
     from toolchain.export.blob import pack_codes, unpack_codes
+    from toolchain.numerics.widths import SUPPORTED_BITS
     from toolchain.quant import read_quant_state
 
     state = read_quant_state(state_path)
     flat = np.concatenate([qw.codes.numpy().reshape(-1) for qw in state.values()]).astype(np.int32)
     rows = []
-    for bits in (2, 3, 4, 8):
+    for bits in SUPPORTED_BITS:
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         codes = np.clip(flat, lo, hi).astype(np.int8)
         packed = pack_codes(codes, bits)

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..fpga.config import AccelConfig
 from ..fpga.layers import LayerData, write_images
 from ..fpga.tools import RTL_SOURCES, TESTBENCH_MODULE, SimulationError, simulator_env
+from ..numerics.geometry import row_passes
 from .golden import layer_outputs
 
 SIMULATORS = ("verilator", "icarus")
@@ -24,7 +25,7 @@ SIMULATORS = ("verilator", "icarus")
 
 def array_parameters(cfg: AccelConfig, layer: LayerData) -> dict[str, int]:
     return {"BPR": layer.k // cfg.beat_k, "BPG": layer.group_size // cfg.beat_k,
-            "PASSES": -(-layer.rows // cfg.pes)}
+            "PASSES": row_passes(layer.rows, cfg.pes)}
 
 
 def expected_outputs(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, rounding: str = "half_up") -> np.ndarray:
@@ -32,7 +33,7 @@ def expected_outputs(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, round
     w = cfg.widths
     out = layer_outputs(layer.dense_codes(), layer.scales_fixed, layer.shift, acts, layer.group_size,
                         w.gacc, w.total, cfg.out_bits, rounding)
-    passes = -(-layer.rows // cfg.pes)
+    passes = row_passes(layer.rows, cfg.pes)
     padded = np.zeros((acts.shape[0], passes * cfg.pes), np.int64)
     padded[:, : layer.rows] = out
     return padded.reshape(acts.shape[0], passes, cfg.pes)

@@ -14,9 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from toolchain.export import blob as B
-from toolchain.export.blob import (BlobError, BlobFormatError, nm_compress, nm_expand, nm_select, pack_codes,
+from toolchain.export.blob import (Blob, BlobError, BlobFormatError, nm_compress, nm_expand, nm_select, pack_codes,
                                    read_blob, unpack_codes, write_blob)
+from toolchain.export.blob import packing as blob_packing
+from toolchain.export.blob import writer as blob_writer
+from toolchain.export.blob.nm import NMChunk
+from toolchain.numerics.nm import index_bits
 from toolchain.export.source import read_compressed
 from toolchain.quant import QuantizedWeight, QuantSpec, write_quant_state
 
@@ -62,7 +65,7 @@ def test_pack_unpack_round_trip_matches_the_spec(case):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("signed", [True, False])
 def test_pack_unpack_large_chunked(bits, signed, monkeypatch):
-    monkeypatch.setattr(B, "CHUNK", 64)          # many chunks, a ragged last one
+    monkeypatch.setattr(blob_packing, "CHUNK", 64)          # many chunks, a ragged last one
     rng = np.random.default_rng(bits)
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     values = rng.integers(lo, hi + 1, 1001)
@@ -97,7 +100,7 @@ def test_known_bytes_2of4_metadata():
     meta = pack_codes(index, 2, signed=False)
     assert meta.tobytes() == bytes([0x84, 0x9C, 0xED, 0x08])
     # and the writer's per-group tables produce the same stream
-    chunk = B._NMChunk(mask, 2, 4)
+    chunk = NMChunk(mask, 2, 4)
     assert chunk.meta_stream().tobytes() == meta.tobytes()
     assert np.array_equal(nm_expand(slots, index, 2, 4, mask.shape[1]), values)
 
@@ -121,8 +124,8 @@ def test_nm_compress_expand_round_trip(nm, rows, groups, seed):
     recovered = ~slot_mask
     recovered.reshape(-1)[np.flatnonzero(slot_mask)[pruned]] = True
     assert np.array_equal(recovered, mask)
-    meta = pack_codes(index, B.nm_meta_bits(m), signed=False)
-    assert B._NMChunk(mask, n, m).meta_stream().tobytes() == meta.tobytes()
+    meta = pack_codes(index, index_bits(m), signed=False)
+    assert NMChunk(mask, n, m).meta_stream().tobytes() == meta.tobytes()
 
 
 def test_nm_refuses_non_nm_and_lossy():
@@ -141,7 +144,7 @@ def test_nm_refuses_non_nm_and_lossy():
 # --------------------------------------------------------------------------------------------------------
 # model round trips
 
-def assert_round_trip(model_dir: Path, path: Path, summary: dict) -> B.Blob:
+def assert_round_trip(model_dir: Path, path: Path, summary: dict) -> Blob:
     model = read_compressed(model_dir)
     blob = read_blob(path, verify=True)
     floats = model.float_tensors()
@@ -195,7 +198,7 @@ def test_model_round_trip(compressed_dir, tmp_path, bits, sparsity):
         assert summary["payload_ratio"] <= 1.02
         assert summary["payload_bytes"] * 8 >= summary["theoretical_min_bits"]
         per_weight = [summary["tensors"][e["name"]]["bytes"] * 8 / (e["shape"][0] * e["shape"][1]) for e in quant]
-        assert max(per_weight) < int(bits) * n / m + B.nm_meta_bits(m) * n / m + 1.0 + 0.1
+        assert max(per_weight) < int(bits) * n / m + index_bits(m) * n / m + 1.0 + 0.1
     else:
         assert all(e["nm"] is None and "nm_fallback" not in e for e in quant)
 
@@ -553,17 +556,17 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
             raise BlobError("injected failure")
         return real(*args, **kwargs)
 
-    real = B._encode_float
-    monkeypatch.setattr(B, "_encode_float", boom)
+    real = blob_writer._encode_float
+    monkeypatch.setattr(blob_writer, "_encode_float", boom)
     with pytest.raises(BlobError, match="injected"):
         write_blob(src, target)
     assert list(target.parent.iterdir()) == []
     # an existing blob survives a failed rewrite untouched
-    monkeypatch.setattr(B, "_encode_float", real)
+    monkeypatch.setattr(blob_writer, "_encode_float", real)
     write_blob(src, target)
     before = target.read_bytes()
     calls.clear()
-    monkeypatch.setattr(B, "_encode_float", boom)
+    monkeypatch.setattr(blob_writer, "_encode_float", boom)
     with pytest.raises(BlobError, match="injected"):
         write_blob(src, target)
     assert target.read_bytes() == before

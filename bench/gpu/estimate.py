@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from toolchain.errors import ConfigError
+from toolchain.numerics.nm import fits_groups
 
 from .specs import (BITS_PER_BYTE, FP16_BYTES, GIGA, GROUP, KEPT_FRACTION, METADATA_BITS_PER_KEPT, TARGET_MIN_TOKENS,
                     TARGET_SPEEDUP, TERA, TOKENS, US_PER_S, GPUSpec, get_gpu)
@@ -64,7 +65,7 @@ def roofline(shape, tokens: int, gpu: str | GPUSpec, sparse: bool, bytes_per_wei
         raise ConfigError(f"tokens must be a positive integer, got {tokens!r}")
     if bytes_per_weight <= 0 or bytes_per_act <= 0:
         raise ConfigError("bytes_per_weight and bytes_per_act must be positive")
-    if sparse and k % GROUP:
+    if sparse and not fits_groups(k, GROUP):
         raise ConfigError(f"2:4 needs K (in_features) divisible by {GROUP}, got K = {k}")
     t = int(tokens)
     flops = 2 * n * k * t  # one multiply and one add per multiply-accumulate

@@ -7,6 +7,7 @@ import statistics
 from typing import Iterable
 
 from toolchain.errors import ToolchainError
+from toolchain.numerics.nm import fits_groups
 
 from .specs import FP16_BYTES, GROUP, KEPT_FRACTION, TOKENS, US_PER_MS
 
@@ -95,7 +96,7 @@ def measure_cuda(shapes: list[dict], tokens: Iterable[int] = TOKENS, warmup: int
     rows, skipped = [], []
     for s in shapes:
         n, k = s["n"], s["k"]
-        if k % GROUP:
+        if not fits_groups(k, GROUP):
             skipped.append({"n": n, "k": k, "reason": f"K = {k} is not divisible by {GROUP}"})
             continue
         base = _two_four_mask(torch.randn(n, k, generator=gen, device=device, dtype=torch.float16))

@@ -11,14 +11,15 @@ Accumulator widths are not chosen by hand: they are derived from the largest K a
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..numerics.geometry import group_count, row_passes
+from ..numerics.nm import index_bits
+from ..numerics.widths import SUPPORTED_BITS
 
-WEIGHT_BITS = (2, 3, 4, 8)
 MAX_TOTAL_BITS = 62   # the golden model and the round-half-up add stay inside int64
 
 
@@ -75,7 +76,7 @@ class AccelConfig:
         need(1 <= self.n <= self.m, f"N must be in 1..M={self.m}, got {self.n}")
         need(1 <= self.groups_per_beat <= 64, f"groups_per_beat must be in 1..64, got {self.groups_per_beat}")
         need(1 <= self.pes <= 256, f"pes must be in 1..256, got {self.pes}")
-        need(self.weight_bits in WEIGHT_BITS, f"weight_bits must be one of {WEIGHT_BITS}, got {self.weight_bits}")
+        need(self.weight_bits in SUPPORTED_BITS, f"weight_bits must be one of {SUPPORTED_BITS}, got {self.weight_bits}")
         need(2 <= self.act_bits <= 16, f"act_bits must be in 2..16, got {self.act_bits}")
         need(self.group_size >= 1 and self.group_size % self.beat_k == 0,
              f"group_size {self.group_size} must be a positive multiple of the beat's K = groups_per_beat*M = "
@@ -108,14 +109,14 @@ class AccelConfig:
     @property
     def widths(self) -> Widths:
         wb, ab = self.weight_bits, self.act_bits
-        idx = max(1, math.ceil(math.log2(self.m)))
+        idx = index_bits(self.m)
         # |w| <= 2^(WB-1) (the code -2^(WB-1) is allowed), |a| <= 2^(AB-1) - 1 (symmetric activations)
         max_product = (1 << (wb - 1)) * ((1 << (ab - 1)) - 1)
         psum_bound = self.slots_per_beat * max_product
         group_kept = self.group_size // self.m * self.n
         gacc_bound = group_kept * max_product
         scaled_bound = gacc_bound * ((1 << self.scale_bits) - 1)
-        n_groups = -(-self.k_max // self.group_size)
+        n_groups = group_count(self.k_max, self.group_size)
         total_bound = n_groups * scaled_bound + (1 << (self.max_shift - 1))   # + the rounding half
 
         def bits_for(bound: int) -> int:       # signed width holding [-bound, bound]
@@ -166,7 +167,7 @@ class AccelConfig:
 
     def layer_cycles(self, k: int, rows: int) -> int:
         """Ideal cycles for one token through a K x rows layer: every PE busy every cycle."""
-        return -(-rows // self.pes) * (k // self.beat_k)
+        return row_passes(rows, self.pes) * (k // self.beat_k)
 
     def to_json(self) -> dict:
         return {**asdict(self), "derived": {**asdict(self.widths), "beat_k": self.beat_k,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ToolchainError
+from ..numerics.geometry import row_passes
 from .config import AccelConfig
 from .tools import RTL_SOURCES, simulator_env
 
@@ -35,7 +36,7 @@ class LayerShape:
 
     @classmethod
     def of(cls, cfg: AccelConfig, name: str, k: int, rows: int, group_size: int, shift: int, stem: str) -> "LayerShape":
-        return cls(name, k, rows, k // cfg.beat_k, group_size // cfg.beat_k, -(-rows // cfg.pes), shift,
+        return cls(name, k, rows, k // cfg.beat_k, group_size // cfg.beat_k, row_passes(rows, cfg.pes), shift,
                    f"{stem}.weights.mem", f"{stem}.scales.mem")
 
 

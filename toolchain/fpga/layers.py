@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..numerics.geometry import row_passes
 from .config import AccelConfig
 
 
@@ -98,7 +99,7 @@ def memory_images(cfg: AccelConfig, layer: LayerData) -> tuple[list[str], list[s
     positions (IDXW bits each), at bit p*SLOTW. Scale word (pass q, group j): PE p's SCW-bit mantissa at
     bit p*SCW. Rows past the layer's end (the last pass) hold zero weights."""
     w = cfg.widths
-    p, passes = cfg.pes, -(-layer.rows // cfg.pes)
+    p, passes = cfg.pes, row_passes(layer.rows, cfg.pes)
     bpr, spb = layer.k // cfg.beat_k, cfg.slots_per_beat
     padded = passes * p
 

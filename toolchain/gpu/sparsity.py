@@ -5,15 +5,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..numerics.nm import fits_groups, groups_breaking, kept_per_group
+
 
 def two_four_status(weight: torch.Tensor) -> dict:
     """{"two_four": bool, "reason": str | None} for a [N, K] weight: 2:4 when every aligned group of 4
     consecutive K values holds at most 2 non-zeros."""
-    n, k = weight.shape
-    if k % 4:
+    k = weight.shape[1]
+    if not fits_groups(k, 4):
         return {"two_four": False, "reason": f"K = {k} is not a multiple of 4"}
-    groups = (weight.detach().reshape(n, k // 4, 4) != 0).sum(-1)
-    dense_groups = int((groups > 2).sum())
+    groups = kept_per_group(weight.detach() != 0, 4)
+    dense_groups = groups_breaking(groups, 2)
     if dense_groups:
         return {"two_four": False, "reason": f"{dense_groups} of {groups.numel()} groups of 4 along K keep more than 2"}
     return {"two_four": True, "reason": None}

@@ -13,7 +13,8 @@ from ..errors import ConfigError
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
 from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
-from ..quant import SUPPORTED_BITS, QuantSpec
+from ..numerics.widths import SUPPORTED_BITS
+from ..quant import QuantSpec
 from .options import option, refuse_inapplicable
 
 REBUILD_SOLVERS = ("lstsq", "obs")     # how Barber re-solves the rows it changed (SparseGPT init)

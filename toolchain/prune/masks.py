@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..numerics.nm import is_nm
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,4 @@ def select_prune_mask(score: torch.Tensor, target: SparsityTarget) -> torch.Tens
 
 def check_nm(prune_mask: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of m input columns keeps exactly n weights."""
-    rows, cols = prune_mask.shape
-    kept = (~prune_mask).reshape(rows, cols // m, m).sum(dim=2)
-    return bool((kept == n).all())
+    return is_nm(~prune_mask, n, m, exact=True)

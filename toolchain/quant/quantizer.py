@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..numerics.widths import SUPPORTED_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 FP16_TINY = 2.0 ** -14  # smallest normal fp16: scales never underflow
 
 
