@@ -19,7 +19,7 @@ from ..fpga.config import AccelConfig
 from ..fpga.layers import LayerData, write_images
 from .golden import layer_outputs
 
-RTL_SOURCES = ("axis_skid.sv", "spmac_pe.sv", "spmac_array.sv")
+RTL_SOURCES = ("spmac_pkg.sv", "axis_skid.sv", "spmac_pe.sv", "spmac_array.sv")   # the package first
 SIMULATORS = ("verilator", "icarus")
 
 
