@@ -176,8 +176,8 @@ PINS = {
         "onnx.matmulnbits": "d1401972e79f6400",
         "compressed_tensors": "daa92919f51078f2",
         "fpga.mem": "e208dd4dfce097a5",
-        "fpga.rtl": "365be2c708c3ccc0",
-        "fpga.hls": "298c0cad858a91f7",
+        "fpga.rtl": "ae6965deaecaca5e",
+        "fpga.hls": "2ba4277bd48d1282",
         "fpga.json": "f0594d948de8537c",
         "fpga.golden": "e878aac477cc14c8",
         "gpu.onnx": "6c15ceacf4d47114"

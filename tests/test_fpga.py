@@ -11,7 +11,7 @@ import pytest
 
 from toolchain.errors import ConfigError
 from toolchain.fpga.config import AccelConfig, load_config
-from toolchain.fpga.generate import LayerShape, lint, render_rtl
+from toolchain.fpga.generate import RTL_MODULES, LayerShape, lint, render_rtl, template_dir
 from toolchain.fpga.layers import LayerData, for_design, memory_images
 from toolchain.sim.golden import layer_outputs, quantize_activations, round_shift, wrap
 
@@ -115,8 +115,10 @@ def test_generated_rtl_is_lint_clean(tmp_path, nm, bits):
     cfg = AccelConfig(n=nm[0], m=nm[1], groups_per_beat=2, pes=3, weight_bits=bits, group_size=64, k_max=256)
     render_rtl(cfg, LayerShape.of(cfg, "layer", 128, 7, 64, 18, "layer"), tmp_path)
     lint(tmp_path)
-    text = (tmp_path / "spmac_pe.sv").read_text()
-    assert f"parameter int N     = {nm[0]}," in text and f"parameter int WB    = {bits}," in text
+    package = (tmp_path / "spmac_pkg.sv").read_text()
+    assert f"localparam int N         = {nm[0]};" in package and f"localparam int WB        = {bits};" in package
+    for module in RTL_MODULES:   # plain parameterised SystemVerilog, the same for every design
+        assert (tmp_path / module).read_text() == (template_dir("rtl") / module).read_text()
 
 
 def test_memory_image_layout():

@@ -1,2 +1,2 @@
-"""FPGA target: an accelerator config object, Jinja2 templates in rtl_templates/ and hls/ that only render,
-and a writer that lays out the bundle (RTL, weight images, contract, testbench, report)."""
+"""FPGA target: an accelerator config object, the plain parameterised SystemVerilog of rtl_templates/ and HLS
+C++ of hls/ with the design's constants rendered beside them, and a writer that lays out the bundle (RTL, weight images, contract, testbench, report)."""

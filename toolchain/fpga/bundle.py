@@ -7,7 +7,7 @@
       layers.json          every layer: shape, N:M, bits, scale shift, array parameters, images, ideal cycles
       model.tcblob         the packed blob the images are built from
       sim/                 the cocotb testbench (tb_spmac_array.py) and run.py (= toolchain sim BUNDLE)
-      rtl/                 spmac_pe.sv, axis_skid.sv, spmac_array.sv (lint-clean under verilator -Wall)
+      rtl/                 spmac_pkg.sv, spmac_pe.sv, axis_skid.sv, spmac_array.sv (lint-clean under verilator -Wall)
       hls/                 spmac.h, spmac.cpp (the same datapath in HLS C++), tb_spmac.cpp (C-simulation)
       mem/<layer>.weights.mem, mem/<layer>.scales.mem   $readmemh images, one pair per layer
       activations.npz      real inputs of every layer, captured on text from the held-out pydoc split

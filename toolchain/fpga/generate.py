@@ -1,8 +1,11 @@
-"""Render the accelerator's SystemVerilog from rtl_templates/ (templates only render: every number comes
-from the AccelConfig), and lint it with Verilator."""
+"""Write the accelerator's SystemVerilog (rtl_templates/) and HLS C++ (hls/) for one design, and lint the RTL
+with Verilator.
+
+Only the design's constants are rendered, from the AccelConfig: the SystemVerilog package spmac_pkg.sv and the
+C++ header spmac.h. The modules and the kernel are plain parameterised sources, copied as they are."""
 from __future__ import annotations
 
-import math
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +14,10 @@ from ..errors import ToolchainError
 from ..numerics.geometry import row_passes
 from .config import AccelConfig
 from .tools import RTL_SOURCES, simulator_env
+
+RTL_MODULES = ("axis_skid.sv", "spmac_pe.sv", "spmac_array.sv")   # their defaults come from spmac_pkg
+HLS_SOURCES = ("spmac.cpp", "tb_spmac.cpp")                       # their constants come from spmac.h
+
 
 def template_dir(kind: str = "rtl") -> Path:
     """rtl_templates/ or hls/ (installed as toolchain.rtl_templates / toolchain.hls)."""
@@ -22,7 +29,7 @@ def template_dir(kind: str = "rtl") -> Path:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """The array parameters of one layer (defaults rendered into the array module; simulation overrides)."""
+    """The array parameters of one layer (the first layer's are the array's defaults; simulation overrides)."""
 
     name: str
     k: int
@@ -40,42 +47,30 @@ class LayerShape:
                    f"{stem}.weights.mem", f"{stem}.scales.mem")
 
 
-def _environment(kind: str):
+def _write(kind: str, out_dir: Path, rendered: str, plain: tuple[str, ...], values: dict) -> list[Path]:
+    """Render `rendered` from its .j2 template with `values`, and copy the `plain` sources beside it."""
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir(kind))),
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-
-
-def render_rtl(cfg: AccelConfig, layer: LayerShape, out_dir: Path, generator: str = "toolchain") -> list[Path]:
-    """Write spmac_pe.sv, axis_skid.sv and spmac_array.sv for `cfg` (array defaults from `layer`)."""
-    env = _environment("rtl")
+    source = template_dir(kind)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(source)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    common = {"cfg": cfg, "w": cfg.widths, "generator": generator}
-    files = {
-        "spmac_pe.sv": env.get_template("spmac_pe.sv.j2").render(
-            **common, tree_levels=max(1, math.ceil(math.log2(cfg.slots_per_beat)))),
-        "axis_skid.sv": env.get_template("axis_skid.sv.j2").render(**common, width=cfg.pes * cfg.out_bits),
-        "spmac_array.sv": env.get_template("spmac_array.sv.j2").render(**common, layer=layer, top="spmac_array"),
-    }
-    written = []
-    for name, text in files.items():
-        (out_dir / name).write_text(text)
-        written.append(out_dir / name)
-    return written
+    (out_dir / rendered).write_text(env.get_template(f"{rendered}.j2").render(**values))
+    for name in plain:
+        shutil.copyfile(source / name, out_dir / name)
+    return [out_dir / rendered, *(out_dir / name for name in plain)]
 
 
-def render_hls(cfg: AccelConfig, out_dir: Path, wdepth: int, sdepth: int, generator: str = "toolchain") -> list[Path]:
-    """Write spmac.h, spmac.cpp and the C-simulation testbench tb_spmac.cpp; memories sized for the largest
-    layer (`wdepth` weight words, `sdepth` scale words)."""
-    env = _environment("hls")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    values = {"cfg": cfg, "w": cfg.widths, "generator": generator, "wdepth": wdepth, "sdepth": sdepth}
-    written = []
-    for name in ("spmac.h", "spmac.cpp", "tb_spmac.cpp"):
-        (out_dir / name).write_text(env.get_template(f"{name}.j2").render(**values))
-        written.append(out_dir / name)
-    return written
+def render_rtl(cfg: AccelConfig, layer: LayerShape, out_dir: Path) -> list[Path]:
+    """Write spmac_pkg.sv (the design's constants; `layer` is the array's default layer) and the modules."""
+    return _write("rtl", out_dir, "spmac_pkg.sv", RTL_MODULES, {"cfg": cfg, "w": cfg.widths, "layer": layer})
+
+
+def render_hls(cfg: AccelConfig, out_dir: Path, wdepth: int, sdepth: int) -> list[Path]:
+    """Write spmac.h (the design's constants; memories sized for the largest layer: `wdepth` weight words,
+    `sdepth` scale words), the kernel spmac.cpp and the C-simulation testbench tb_spmac.cpp."""
+    values = {"cfg": cfg, "w": cfg.widths, "wdepth": wdepth, "sdepth": sdepth}
+    return _write("hls", out_dir, "spmac.h", HLS_SOURCES, values)
 
 
 def lint(rtl_dir: Path, top: str = "spmac_array") -> str:

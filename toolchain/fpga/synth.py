@@ -22,6 +22,7 @@ TARGETS = {
     "ice40": ("synth_ice40 -dsp", ("SB_LUT4", "SB_CARRY", "SB_DFF", "SB_MAC16", "SB_RAM")),
 }
 IO_CELLS = ("IBUF", "OBUF", "BUFG", "SB_IO", "SB_GB")
+PACKAGE = "spmac_pkg.sv"
 
 
 class SynthesisError(ToolchainError):
@@ -40,16 +41,20 @@ def _cells(stat_json: dict, module: str) -> dict[str, int]:
     return {k: int(v) for k, v in entry["num_cells_by_type"].items() if not k.startswith(IO_CELLS)}
 
 
-def synth_module(rtl_dir: Path, module: str, target: str) -> dict[str, int]:
-    """Mapped cell counts of `module` (IO buffers left out)."""
+def synth_module(rtl_dir: Path, module: str, target: str, parameters: dict[str, int] | None = None
+                 ) -> dict[str, int]:
+    """Mapped cell counts of `module` (IO buffers left out), its parameters at the design's defaults (from
+    spmac_pkg.sv) unless `parameters` sets them."""
     binary = yosys_binary()
     if binary is None:
         raise SynthesisError("yosys is not installed (Debian: apt-get install yosys)")
     command, _ = TARGETS[target]
     with tempfile.TemporaryDirectory() as tmp:
         stat = Path(tmp) / "stat.json"
-        sources = str(Path(rtl_dir) / f"{module}.sv")   # one module per file; the array's images are not needed
-        script = f"read_verilog -sv {sources}; {command} -top {module}; tee -q -o {stat} stat -json"
+        # one module per file, after the package its defaults come from; the array's images are not needed
+        sources = " ".join(str(Path(rtl_dir) / name) for name in (PACKAGE, f"{module}.sv"))
+        chparam = "".join(f"chparam -set {name} {value} {module}; " for name, value in (parameters or {}).items())
+        script = f"read_verilog -sv {sources}; {chparam}{command} -top {module}; tee -q -o {stat} stat -json"
         proc = subprocess.run([binary, "-q", "-p", script], capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             raise SynthesisError(f"yosys failed on {module} ({target}): {proc.stderr[-2000:] or proc.stdout[-2000:]}")
@@ -76,7 +81,7 @@ def estimate(rtl_dir: Path, cfg: AccelConfig, largest_layer_bits: int) -> dict:
                  "largest_layer_bram36": -(-largest_layer_bits // 36864)}
     for target in TARGETS:
         pe = summarise(synth_module(rtl_dir, "spmac_pe", target), target)
-        skid = summarise(synth_module(rtl_dir, "axis_skid", target), target)
+        skid = summarise(synth_module(rtl_dir, "axis_skid", target, {"W": cfg.pes * cfg.out_bits}), target)
         out[target] = {"pe": pe, "skid": skid,
                        "array": {k: cfg.pes * pe.get(k, 0) + skid.get(k, 0) for k in set(pe) | set(skid)}}
     return out

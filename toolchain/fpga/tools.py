@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ToolchainError
 
-RTL_SOURCES = ("axis_skid.sv", "spmac_pe.sv", "spmac_array.sv")
+RTL_SOURCES = ("spmac_pkg.sv", "axis_skid.sv", "spmac_pe.sv", "spmac_array.sv")   # the package first
 TESTBENCH_MODULE = "toolchain.sim.tb_spmac_array"
 
 
