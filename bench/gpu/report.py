@@ -52,7 +52,7 @@ def gpu_table(r: dict) -> str:
         mkey = f"mlp_min_speedup_measured_at_{TARGET_MIN_TOKENS}plus_tokens"
         if mkey in ms:
             lines += ["", f"MLP shapes, >= {TARGET_MIN_TOKENS} tokens: smallest MEASURED 2:4 speedup {ms[mkey]:.2f}x; "
-                      f"the issue's target is {TARGET_SPEEDUP}x: {'met' if ms['target_met_by_measured'] else 'NOT met'}."]
+                      f"the target is {TARGET_SPEEDUP}x: {'met' if ms['target_met_by_measured'] else 'NOT met'}."]
         lines.append("")
         for x in m["skipped"]:
             lines.append(f"- skipped {x['n']} x {x['k']}" + (f" at {x['tokens']} tokens" if "tokens" in x else "")
@@ -80,7 +80,7 @@ def gpu_table(r: dict) -> str:
         key = f"mlp_min_speedup_estimate_at_{TARGET_MIN_TOKENS}plus_tokens"
         if key in s:
             lines += ["", f"MLP shapes, >= {TARGET_MIN_TOKENS} tokens: smallest 2:4 speedup ESTIMATE "
-                      f"{s[key]:.2f}x against the issue's target of {TARGET_SPEEDUP}x. An estimate cannot confirm "
+                      f"{s[key]:.2f}x against the target of {TARGET_SPEEDUP}x. An estimate cannot confirm "
                       "the target; only a measurement on the GPU can."]
     elif r["cuda"]:
         lines += ["", f"No roofline estimate: {r.get('estimate_note', '')}"]
@@ -115,7 +115,7 @@ def plot(r: dict, path: Path) -> str | None:
             pts = sorted((x["tokens"], x[key]) for x in rows if (x["n"], x["k"]) == (n, k) and x.get(key))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{n}x{k} ({label})")
-    ax.axhline(TARGET_SPEEDUP, color="grey", linestyle=":", label=f"issue target {TARGET_SPEEDUP}x")
+    ax.axhline(TARGET_SPEEDUP, color="grey", linestyle=":", label=f"target {TARGET_SPEEDUP}x")
     ax.axhline(1.0, color="black")  # parity with dense
     ax.set_xscale("log")
     ax.set_xlabel("tokens")

@@ -1,5 +1,5 @@
 """The published figures the GPU benchmark rests on: vendor peaks per GPU, the fp16 and 2:4 storage formats,
-and the GPU issue's token counts and target.
+and the token counts and target of the 2:4 comparison.
 
 Every figure of `GPUS` is a VENDOR PEAK FIGURE (datasheet / whitepaper), never a measurement; the roofline
 built on them (`estimate.roofline`) is an estimate.
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from toolchain.errors import ConfigError
 
-# The token counts the GPU issue names ("at 1, 16, 64, 256 and 2048 tokens").
+# The token counts the comparison covers ("at 1, 16, 64, 256 and 2048 tokens").
 TOKENS: tuple[int, ...] = (1, 16, 64, 256, 2048)
-# The GPU issue's target: "the 2:4 semi-structured linear is >= 1.3x faster than dense fp16 on SmolLM2's MLP
+# The target: "the 2:4 semi-structured linear is >= 1.3x faster than dense fp16 on SmolLM2's MLP
 # shapes at >= 64 tokens on an H100" (a goal to check against a measurement, not a hardware figure).
 TARGET_SPEEDUP = 1.3
 TARGET_MIN_TOKENS = 64
