@@ -115,5 +115,5 @@ def summary(rows: list[dict], key: str, label: str) -> dict:
     worst = min(r[key] for r in mlp)
     return {"kind": label, "mlp_rows": len(mlp), f"mlp_min_{key}_at_{TARGET_MIN_TOKENS}plus_tokens": worst,
             "by_shape": {f"{r['n']}x{r['k']}@{r['tokens']}": r[key] for r in mlp},
-            "target": f">= {TARGET_SPEEDUP}x at >= {TARGET_MIN_TOKENS} tokens ",
+            "target": f">= {TARGET_SPEEDUP}x at >= {TARGET_MIN_TOKENS} tokens",
             f"target_met_by_{label}": worst >= TARGET_SPEEDUP}
