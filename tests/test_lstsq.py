@@ -7,7 +7,8 @@ import torch
 from conftest import random_ids as calib, tiny_loaded as loaded
 from toolchain.pipeline import PruneConfig, prune_loaded
 from toolchain.prune import SparseGPT, SparsityTarget, check_nm
-from toolchain.prune.lstsq import damped_hessian, layer_error, lstsq_with_mask
+from toolchain.numerics.hessian import damped_hessian
+from toolchain.prune.lstsq import layer_error, lstsq_with_mask
 from toolchain.prune.stats import InputStats
 
 

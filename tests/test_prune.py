@@ -678,7 +678,8 @@ def test_barber_that_swaps_nothing_gives_exactly_the_init_model(family, init, mo
 def test_barber_on_sparsegpt_resolves_changed_rows_by_least_squares():
     """The default re-solve (`lstsq_rows`): each changed row gets the exact least-squares weights under its new
     mask (a direct solve per row agrees), unchanged rows keep SparseGPT's weights."""
-    from toolchain.prune.lstsq import damped_hessian, lstsq_rows
+    from toolchain.numerics.hessian import damped_hessian
+    from toolchain.prune.lstsq import lstsq_rows
 
     lm, engine, hidden, layer, dense, stats, masks, targets, init = _one_pruned_layer(SparseGPT(), hessian=True)
     old = {n: m.clone() for n, m in masks.items()}
