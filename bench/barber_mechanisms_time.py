@@ -15,7 +15,7 @@ Per arm: statistics + rebuild seconds (median and range), the seconds inside `re
 exit-only path (`weight_change_product`) ran and whether the masks equal the default arm's.
 
     .venv/bin/python bench/barber_mechanisms_time.py [--model smollm2] [--layer 5] [--sparsity 0.5]
-        [--init wanda] [--repeats 3] [--arms default,weight-grads,...]
+        [--init wanda] [--score taylor-exit] [--ratio 0.01] [--repeats 3] [--arms default,weight-grads,...]
 
 Calibration: 32 windows of 512 pydoc tokens, as in the pruning benchmark.
 """
@@ -105,12 +105,15 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=5)
     ap.add_argument("--sparsity", default="0.5")
     ap.add_argument("--init", default="wanda", choices=("magnitude", "wanda", "sparsegpt"))
+    ap.add_argument("--score", default="taylor-exit", choices=("taylor-exit", "grad-rms"))
+    ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--arms", default=",".join(ARMS))
     args = ap.parse_args()
     arms = args.arms.split(",")
     loaded = load_model(args.model)
-    cfg = PruneConfig(method="barber", init=args.init, sparsity=args.sparsity, calib_samples=32, seqlen=512)
+    cfg = PruneConfig(method="barber", init=args.init, sparsity=args.sparsity, calib_samples=32, seqlen=512,
+                      rebuild_score=args.score, rebuild_ratio=args.ratio)
     target, init = cfg.resolve()
     calib, _ = calibration_data(loaded, cfg)
     engine = LayerEngine(loaded.model, loaded.adapter, calib, cfg.batch_size, "cpu")
@@ -125,7 +128,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for arm in arms:
             layer, dense = copy.deepcopy(source), copy.deepcopy(source)
-            barber = Barber(score=cfg.rebuild_score)
+            barber = Barber(cfg.rebuild_ratio, score=cfg.rebuild_score)
             counters = {"rerun_s": 0.0, "exit_only": 0, "csr": 0}
             with _arm_context(arm), _counting(counters):
                 t0 = time.perf_counter()
@@ -152,7 +155,7 @@ def main() -> None:
             r["exit_only"], r["csr"] = counters["exit_only"], counters["csr"]
             print(f"{arm:22s} statistics {t1 - t0:.2f} s, rebuild {t3 - t2:.2f} s (rerun {counters['rerun_s']:.2f} s,"
                   f" exit-only reruns {counters['exit_only']}, CSR {counters['csr']})", flush=True)
-    print(f"layer {args.layer}, {args.init} {args.sparsity}, score {cfg.rebuild_score}, "
+    print(f"layer {args.layer}, {args.init} {args.sparsity}, score {cfg.rebuild_score}, ratio {cfg.rebuild_ratio}, "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads:")
     for arm, r in results.items():
         print(f"  {arm:22s} statistics + rebuild: median {statistics.median(r['sums']):.2f} s "
