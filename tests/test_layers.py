@@ -42,8 +42,6 @@ ALLOWED = {
     # `toolchain bench ...` and `toolchain gpu-bench` are thin entry points into the benchmarks, which sit
     # above everything they measure: the one sanctioned upward import.
     ("toolchain.cli", "toolchain.bench"),
-    # quant/gptq.py importing prune (the shared Hessian numerics move to toolchain/numerics)
-    ("toolchain.quant.gptq", "toolchain.prune"),
 }
 
 

@@ -8,8 +8,9 @@ from conftest import random_ids as calib, tiny_loaded as loaded
 from toolchain.jobs.config import PruneConfig
 from toolchain.jobs.prune import prune_loaded
 from toolchain.prune import SparseGPT, SparsityTarget, check_nm
-from toolchain.prune.lstsq import damped_hessian, layer_error, lstsq_with_mask
 from toolchain.input_stats import InputStats
+from toolchain.numerics.hessian import damped_hessian
+from toolchain.prune.lstsq import layer_error, lstsq_with_mask
 
 
 def _layer(rows=12, cols=48, seed=0):

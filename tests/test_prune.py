@@ -199,7 +199,7 @@ def test_barber_keeps_counts_and_lowers_block_loss():
     blocks = lm.adapter.subblocks(layer)
     before_attn = block_loss(engine, layer, dense, hidden, blocks[0])
     counts = {name: m.sum(dim=1).clone() for name, m in masks.items()}
-    report, outputs = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets)
+    report, outputs = Barber(ratio=0.5, score="grad-rms").rebuild_layer(engine, layer, dense, hidden, masks, targets)
     # The returned outputs (recorded output + change of the MLP output) are the rebuilt layer's outputs.
     torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden), rtol=1e-5, atol=1e-5)
     after_attn = block_loss(engine, layer, dense, hidden, blocks[0])
@@ -219,11 +219,11 @@ def test_barber_keeps_counts_and_lowers_block_loss():
 def test_barber_per_window_gradients_match_autograd(grad_dtype, tol):
     """The batched per-window gradient (g_n^T x_n) equals one backward per window, as in the reference
     (to float32 precision, or to bfloat16's when the dense block and the product run in bfloat16)."""
-    from toolchain.prune.barber import gradient_pass
+    from toolchain.prune.barber import PassOptions, gradient_pass
 
     lm, engine, hidden, layer, dense = _magnitude_pruned_layer("llama", 4, 16)
     blocks = lm.adapter.subblocks(layer)
-    records, outputs = gradient_pass(engine, layer, dense, hidden, blocks, grad_dtype=grad_dtype)
+    records, outputs = gradient_pass(engine, layer, dense, hidden, blocks, PassOptions(grad_dtype=grad_dtype))
     torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden))
     block = blocks[1]
     g2 = records[block.name].g2
@@ -244,21 +244,22 @@ def test_barber_per_window_gradients_match_autograd(grad_dtype, tol):
 def test_barber_gradient_dtype_follows_the_hardware(monkeypatch, hardware):
     """Barber computes its dense-block gradients in bfloat16 only where the hardware multiplies it natively
     (emulated bfloat16 on an AVX2 CPU is 80-120x slower than float32), and says which it used."""
-    import toolchain.prune.barber as barber_mod
+    import toolchain.prune.barber.gradients as gradients_mod
+    import toolchain.prune.barber.rebuild as rebuild_mod
 
     used = []
-    real_pass = barber_mod.gradient_pass
+    real_pass = rebuild_mod.gradient_pass
 
-    def spy(engine, layer, dense_layer, hidden, blocks, grad_dtype, *args, **kwargs):
-        used.append(grad_dtype)
-        return real_pass(engine, layer, dense_layer, hidden, blocks, grad_dtype, *args, **kwargs)
+    def spy(engine, layer, dense_layer, hidden, blocks, options):
+        used.append(options.grad_dtype)
+        return real_pass(engine, layer, dense_layer, hidden, blocks, options)
 
-    monkeypatch.setattr(barber_mod, "reduced_precision", lambda device: hardware)
-    monkeypatch.setattr(barber_mod, "gradient_pass", spy)
+    monkeypatch.setattr(gradients_mod, "reduced_precision", lambda device: hardware)
+    monkeypatch.setattr(rebuild_mod, "gradient_pass", spy)
     lm, engine, hidden, layer, dense = _magnitude_pruned_layer("llama", 4, 16)
     masks = {n: lin.weight == 0 for n, lin in lm.adapter.linears(layer).items()}
     targets = {n: SparsityTarget.parse("0.5") for n in masks}
-    report, _ = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets)
+    report, _ = Barber(ratio=0.5, score="grad-rms").rebuild_layer(engine, layer, dense, hidden, masks, targets)
     assert used and all(d is hardware for d in used)
     assert report["gradient_dtype"] == dict.fromkeys(["attn", "mlp"], "bfloat16" if hardware is torch.bfloat16
                                                      else "float32")
@@ -294,11 +295,11 @@ def test_taylor_score_is_the_exact_loss_change_of_each_toggle_on_a_last_linear()
 def test_barber_exit_terms_are_the_sparse_gradient_of_the_last_linear(family):
     """`exit_terms`: minus the gradient of the block loss with respect to the SPARSE last linear, and that
     linear's input energy (the dense output runs in bfloat16, hence the tolerance)."""
-    from toolchain.prune.barber import gradient_pass
+    from toolchain.prune.barber import PassOptions, gradient_pass
 
     lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 4, 16)
     for block in lm.adapter.subblocks(layer):
-        rec = gradient_pass(engine, layer, dense, hidden, [block], exit_terms=True)[0][block.name]
+        rec = gradient_pass(engine, layer, dense, hidden, [block], PassOptions(exit_terms=True))[0][block.name]
         exit_lin = layer.get_submodule(block.linears[-1])
         args, kwargs, _ = engine.capture_block(layer, hidden, block)
         inputs = []
@@ -448,8 +449,8 @@ def test_barber_on_sparsegpt_resolves_changed_rows_only():
     sgpt = SparseGPT()
     lm, engine, hidden, layer, dense, stats, masks, targets, init = _one_pruned_layer(sgpt, hessian=True)
     old = {n: m.clone() for n, m in masks.items()}
-    report, _ = Barber(ratio=0.5, loss_guard=False).rebuild_layer(engine, layer, dense, hidden, masks, targets,
-                                                                  stats, sgpt.solve_with_mask)
+    barber = Barber(ratio=0.5, loss_guard=False, score="grad-rms")
+    report, _ = barber.rebuild_layer(engine, layer, dense, hidden, masks, targets, stats, sgpt.solve_with_mask)
     assert sum(report["resolved_rows"].values()) > 0
     for name, lin in lm.adapter.linears(layer).items():
         changed = (masks[name] != old[name]).any(dim=1)
@@ -471,12 +472,12 @@ def test_barber_loss_guard_reverts_a_rebuild_that_raises_the_block_loss():
     old = {n: m.clone() for n, m in masks.items()}
     unguarded = copy.deepcopy(layer)
     masks_u = dict(masks)
-    Barber(ratio=0.5, loss_guard=False).rebuild_layer(engine, unguarded, dense, hidden, masks_u, targets, stats,
-                                                      sgpt.solve_with_mask)
+    Barber(ratio=0.5, loss_guard=False, score="grad-rms").rebuild_layer(engine, unguarded, dense, hidden, masks_u,
+                                                                        targets, stats, sgpt.solve_with_mask)
     assert block_loss(engine, unguarded, dense, hidden, blocks[0]) > before[0]
 
-    report, outputs = Barber(ratio=0.5).rebuild_layer(engine, layer, dense, hidden, masks, targets, stats,
-                                                      sgpt.solve_with_mask)
+    report, outputs = Barber(ratio=0.5, score="grad-rms").rebuild_layer(engine, layer, dense, hidden, masks, targets,
+                                                                        stats, sgpt.solve_with_mask)
     assert report["reverted"] == ["attn", "mlp"]
     assert sum(report["swaps"].values()) == 0
     for name, lin in lm.adapter.linears(layer).items():
@@ -501,8 +502,8 @@ def test_barber_layer_outputs_match_a_forward_of_the_rebuilt_layer(family, pre_n
     for name, lin in lm.adapter.linears(layer).items():
         w, masks[name] = Magnitude().prune(lin.weight, None, SparsityTarget.parse("0.5"))
         lin.weight.data, targets[name] = w, SparsityTarget.parse("0.5")
-    report, outputs = Barber(ratio=1.0, loss_guard=False).rebuild_layer(engine, layer, dense, hidden, masks,
-                                                                        targets)
+    barber = Barber(ratio=1.0, loss_guard=False, score="grad-rms")
+    report, outputs = barber.rebuild_layer(engine, layer, dense, hidden, masks, targets)
     assert report["swaps"]["fc2" if family == "opt" else "mlp.down_proj"] > 0
     torch.testing.assert_close(outputs, engine.forward_layer(layer, hidden), rtol=1e-5, atol=1e-5)
 
@@ -513,7 +514,7 @@ def test_barber_rerun_of_a_few_touched_channels_matches_a_full_rerun(family):
     linears, changed columns of the exit linear); the outputs and loss equal a full rerun of the block."""
     import dataclasses
 
-    from toolchain.prune.barber import gradient_pass, rerun_block
+    from toolchain.prune.barber import PassOptions, gradient_pass, rerun_block
 
     lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 8, 16)
     mlp = lm.adapter.subblocks(layer)[1]
@@ -543,11 +544,11 @@ def test_barber_rerun_of_a_changed_exit_linear_uses_its_recorded_input(family):
     recorded input (no block runs, not even the first linears); outputs and loss equal a full rerun."""
     import dataclasses
 
-    from toolchain.prune.barber import gradient_pass, rerun_block
+    from toolchain.prune.barber import PassOptions, gradient_pass, rerun_block
 
     lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 8, 16)
     mlp = lm.adapter.subblocks(layer)[1]
-    rec = gradient_pass(engine, layer, dense, hidden, [mlp], exit_terms=True)[0][mlp.name]
+    rec = gradient_pass(engine, layer, dense, hidden, [mlp], PassOptions(exit_terms=True))[0][mlp.name]
     assert len(rec.exit_in) == len(rec.sparse_out)
     old = {n: layer.get_submodule(n).weight.detach().clone() for n in mlp.linears}
     exit_ = layer.get_submodule(mlp.linears[-1]).weight
@@ -583,16 +584,16 @@ def test_weight_change_product_equals_the_dense_product(per_row):
 def test_barber_mlp_pass_replays_the_attention_instead_of_running_it(family, monkeypatch):
     """The MLP's pass gets the attention's outputs from the caller: the attention module never runs, and the
     MLP's records and the layer's outputs equal those of a pass that ran it."""
-    from toolchain.prune.barber import gradient_pass
+    from toolchain.prune.barber import PassOptions, Replay, gradient_pass
 
     lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 8, 16)
     attn, mlp = lm.adapter.subblocks(layer)
-    attn_rec = gradient_pass(engine, layer, dense, hidden, [attn], to_end=False)[0][attn.name]
+    attn_rec = gradient_pass(engine, layer, dense, hidden, [attn], PassOptions(to_end=False))[0][attn.name]
     expected, expected_out = gradient_pass(engine, layer, dense, hidden, [mlp])
     attn_module = layer.get_submodule(attn.exit)
     monkeypatch.setattr(type(attn_module), "forward", lambda *a, **k: pytest.fail("the attention ran"))
-    records, out = gradient_pass(engine, layer, dense, hidden, [mlp],
-                                 replay=(attn, torch.cat(attn_rec.sparse_out), attn_rec.out_tail))
+    records, out = gradient_pass(engine, layer, dense, hidden, [mlp], PassOptions(
+        replay=Replay(attn, torch.cat(attn_rec.sparse_out), attn_rec.out_tail)))
     assert "forward" not in vars(attn_module)   # the module's own forward is back
     torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
     assert records[mlp.name].loss == expected[mlp.name].loss
@@ -606,12 +607,14 @@ def test_barber_attention_pass_reuses_the_statistics_pass_forward(family, exit_t
     """The dense attention's forward recorded (with its graph) during the statistics pass on the dense copy
     stands in for Barber's own: the dense attention does not run again, and the block's records (gradients,
     loss, exit terms, outputs) equal those of the pass that recomputes it. The statistics are unchanged."""
-    from toolchain.prune.barber import gradient_pass, record_dense_block
+    from toolchain.prune.barber import PassOptions, gradient_pass, record_dense_block
 
     lm, engine, hidden, layer, dense = _magnitude_pruned_layer(family, 8, 16)
     dense.requires_grad_(False)
     attn = lm.adapter.subblocks(layer)[0]
-    expected = gradient_pass(engine, layer, dense, hidden, [attn], exit_terms=exit_terms, to_end=False)[0][attn.name]
+    # The recorded forward runs in float32, so the pass it is compared with does too (on any hardware).
+    expected = gradient_pass(engine, layer, dense, hidden, [attn],
+                             PassOptions(None, exit_terms=exit_terms, to_end=False))[0][attn.name]
     plain_stats = engine.collect_stats(copy.deepcopy(dense), hidden, hessian=True)
     with record_dense_block(dense, attn, exit_terms) as recorded:
         stats = engine.collect_stats(dense, hidden, hessian=True)
@@ -625,15 +628,15 @@ def test_barber_attention_pass_reuses_the_statistics_pass_forward(family, exit_t
     # A recording offered to a pass it does not belong to is refused by name, not silently ignored or misread.
     mlp = lm.adapter.subblocks(layer)[1]
     with pytest.raises(ValueError, match="does not belong to this pass"):
-        gradient_pass(engine, layer, dense, hidden, [mlp], recorded=recorded)
+        gradient_pass(engine, layer, dense, hidden, [mlp], PassOptions(recorded=recorded))
     half = LayerEngine(lm.model, lm.adapter, calib(8, 16), batch_size=2, device="cpu")
     half.layer_kwargs = engine.layer_kwargs
     with pytest.raises(ValueError, match="2 batches"):
-        gradient_pass(half, layer, dense, hidden, [attn], recorded=recorded, to_end=False)
+        gradient_pass(half, layer, dense, hidden, [attn], PassOptions(recorded=recorded, to_end=False))
     dense_attn = dense.get_submodule(attn.exit)
     monkeypatch.setattr(dense_attn, "forward", lambda *a, **k: pytest.fail("the dense attention ran"))
-    got = gradient_pass(engine, layer, dense, hidden, [attn], exit_terms=exit_terms, to_end=False,
-                        recorded=recorded)[0][attn.name]
+    got = gradient_pass(engine, layer, dense, hidden, [attn],
+                        PassOptions(None, exit_terms=exit_terms, to_end=False, recorded=recorded))[0][attn.name]
     assert recorded.batches == [None, None]   # each batch's graph is let go after its backward
     assert got.loss == pytest.approx(expected.loss, rel=1e-5)
     assert set(got.g2) == set(expected.g2)
@@ -679,12 +682,13 @@ def test_barber_that_swaps_nothing_gives_exactly_the_init_model(family, init, mo
 def test_barber_on_sparsegpt_resolves_changed_rows_by_least_squares():
     """The default re-solve (`lstsq_rows`): each changed row gets the exact least-squares weights under its new
     mask (a direct solve per row agrees), unchanged rows keep SparseGPT's weights."""
-    from toolchain.prune.lstsq import damped_hessian, lstsq_rows
+    from toolchain.numerics.hessian import damped_hessian
+    from toolchain.prune.lstsq import lstsq_rows
 
     lm, engine, hidden, layer, dense, stats, masks, targets, init = _one_pruned_layer(SparseGPT(), hessian=True)
     old = {n: m.clone() for n, m in masks.items()}
-    report, _ = Barber(ratio=0.5, loss_guard=False).rebuild_layer(engine, layer, dense, hidden, masks, targets,
-                                                                  stats, lstsq_rows)
+    barber = Barber(ratio=0.5, loss_guard=False, score="grad-rms")
+    report, _ = barber.rebuild_layer(engine, layer, dense, hidden, masks, targets, stats, lstsq_rows)
     assert sum(report["resolved_rows"].values()) > 0
     for name, lin in lm.adapter.linears(layer).items():
         changed = (masks[name] != old[name]).any(dim=1)

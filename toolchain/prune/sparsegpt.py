@@ -13,26 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ToolchainError
+from ..numerics.hessian import inverse_hessian_cholesky, neutralise_dead_inputs
 from .base import PruneMethod
 from .masks import SparsityTarget, nm_prune_mask, row_prune_mask
-
-
-def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, name: str = "layer",
-                             retries: int = 4) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*I)^-1; retries with 10x damping when H is not positive definite."""
-    damp = percdamp * torch.mean(torch.diag(hessian))
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for _ in range(retries + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
-        if info == 0:
-            inv = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info == 0:
-                return upper
-        damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=hessian.device)
-    raise ToolchainError(f"{name}: the layer Hessian is not positive definite even with damping {float(damp):.3g}; "
-                         f"use more calibration samples or a larger damping")
 
 
 class SparseGPT(PruneMethod):
@@ -46,9 +29,7 @@ class SparseGPT(PruneMethod):
     def _prepare(self, weight, stats):
         W = weight.detach().float().clone()
         H = stats.hessian.to(W.device).clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
+        W[:, neutralise_dead_inputs(H)] = 0.0
         return W, inverse_hessian_cholesky(H, self.percdamp)
 
     def prune(self, weight, stats, target: SparsityTarget):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..prune.sparsegpt import inverse_hessian_cholesky
+from ..numerics.hessian import inverse_hessian_cholesky, neutralise_dead_inputs
 from .quantizer import QuantizedWeight, QuantSpec, fit_params, quantize_codes
 
 
@@ -29,9 +29,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     if rows % k:
         raise ValueError(f"{name}: {rows} rows do not split into {k} Hessian blocks")
     W = weight.detach().float().reshape(k, rows // k, cols).clone()
-    dead = torch.diagonal(H, dim1=1, dim2=2) == 0                        # [k, cols]
-    for j in range(k):
-        H[j, dead[j], dead[j]] = 1.0
+    dead = neutralise_dead_inputs(H)                                      # [k, cols]
     W.masked_fill_(dead[:, None, :], 0.0)
     groups = spec.groups(cols)
     group_of = torch.empty(cols, dtype=torch.long)

@@ -1,0 +1,98 @@
+"""The layer Hessian H = 2 X X^T / n of a linear layer's inputs, as the OBS-family methods use it.
+
+SparseGPT and least-squares reconstruction (prune) and GPTQ (quant) all solve with H, and all prepare it the
+same way; the preparation lives here once so the three agree to the bit:
+
+- Dead inputs: an input that was zero on every calibration token has a zero row and column in H, which makes H
+  singular. Its diagonal entry is set to 1 (the input is decoupled from the others, which is exact: it never
+  contributes to the output on the calibration data) and the callers zero the weights that read it.
+- Damping: percdamp * mean(diag H) is added to the diagonal. H of a few calibration windows is ill-conditioned;
+  damping relative to its own scale keeps the solve stable whatever the layer's activation magnitude.
+- The inverse as an upper Cholesky factor U of (H + damp I)^-1, the form the OBS sweeps read column by column.
+- A conjugate-gradient solve of the masked least-squares problem, for all rows of a weight at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ToolchainError
+
+
+def neutralise_dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
+    """Set the zero diagonal entries of `hessian` ([in, in], or a stack [k, in, in]) to 1, in place; returns the
+    dead inputs ([in] or [k, in], True = dead) so the caller can zero the weights that read them.
+
+    A dead input's row and column are zero apart from that entry, so the 1 decouples it from every other input
+    and makes H invertible without changing the solution on the live inputs."""
+    diagonal = hessian.diagonal(dim1=-2, dim2=-1)
+    dead = diagonal == 0
+    diagonal.masked_fill_(dead, 1.0)
+    return dead
+
+
+def hessian_damping(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The damping added to H's diagonal: `percdamp` times the mean diagonal entry, so it scales with H."""
+    return percdamp * torch.mean(torch.diag(hessian))
+
+
+def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy H + damp * I of `hessian` with its dead inputs neutralised (before the damping, so their 1s
+    count in the mean diagonal); returns (H, dead)."""
+    H = hessian.float().clone()
+    dead = neutralise_dead_inputs(H)
+    H.diagonal().add_(hessian_damping(H, percdamp))
+    return H, dead
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, name: str = "layer",
+                             retries: int = 4) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * I)^-1, H with its dead inputs already neutralised.
+
+    U[c, c]^2 is [H^-1]_cc of the columns from c on, and row c of U carries a column's error onto the columns
+    after it: what the OBS sweeps of SparseGPT and GPTQ need. When H + damp * I is not positive definite in
+    floating point, the damping grows tenfold per retry (from 1e-6 if H's diagonal mean is 0)."""
+    damp = hessian_damping(hessian, percdamp)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for _ in range(retries + 1):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if info == 0:
+            inv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info == 0:
+                return upper
+        damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=hessian.device)
+    raise ToolchainError(f"{name}: the layer Hessian is not positive definite even with damping {float(damp):.3g}; "
+                         f"use more calibration samples or a larger damping")
+
+
+def masked_conjugate_gradient(H: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor,
+                              max_iters: int, tol: float) -> tuple[torch.Tensor, int]:
+    """Per row of `target` ([rows, in]), the v that minimises (target - v)^T H (target - v) with v zero outside
+    `keep` ([rows, in], 1.0 = free); returns (v, iterations used).
+
+    Equivalently it minimises 1/2 v^T H v - v^T H target over the kept set K, whose gradient gives the residual
+    r = keep * ((target - v) H). Conjugate gradients on all rows at once, Jacobi-preconditioned (1 / diag H):
+    each iteration is one [rows, in] x [in, in] product, where a direct solve would need one factorisation per
+    row (each row keeps a different set). Every iteration lowers each row's error, so the result is never
+    worse than `start`. It stops when every row's residual norm has fallen to `tol` times its initial one, or
+    after `max_iters` iterations."""
+    V = start * keep
+    inv_diag = 1.0 / torch.diag(H)
+    r = ((target - V) @ H) * keep
+    z = r * inv_diag
+    p = z.clone()
+    rz = (r * z).sum(1)
+    r0 = r.norm(dim=1).clamp_min(1e-30)
+    iterations = 0
+    for iterations in range(max_iters + 1):
+        if iterations == max_iters or bool((r.norm(dim=1) <= tol * r0).all()):
+            break
+        Ap = (p @ H) * keep
+        alpha = rz / (p * Ap).sum(1).clamp_min(1e-30)
+        V += alpha[:, None] * p
+        r -= alpha[:, None] * Ap
+        z = r * inv_diag
+        rz_new = (r * z).sum(1)
+        p = z + (rz_new / rz.clamp_min(1e-30))[:, None] * p
+        rz = rz_new
+    return V * keep, iterations
