@@ -276,8 +276,10 @@ A {cfg.n}:{cfg.m} sparse multiply-accumulate array ({cfg.pes} PEs, {cfg.weight_b
 - `report.md`: cycles and tokens/s from the throughput formula, and Yosys resource estimates.
 - `sim/`: the cocotb testbench and `run.py`, which runs it (same as `toolchain sim`).
 
-Simulate real layers bit-exactly against the golden model (Verilator through cocotb):
+Simulate real layers on the images in `mem/`, bit-exactly against the golden model computed from
+`model.tcblob` (Verilator through cocotb, and the HLS C-sim); check every image word against the blob:
 
     toolchain sim BUNDLE --layer {report['layers'][0]['name']} --rows 64
     toolchain sim BUNDLE          # the first attention and the first MLP projection, every row
+    toolchain sim BUNDLE --check-images
 """
