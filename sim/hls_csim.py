@@ -45,11 +45,14 @@ def compile_csim(hls_dir: Path, work: Path) -> Path:
 
 
 def csim_layer(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, hls_dir: Path, work: Path,
-               rounding: str = "half_up") -> dict:
-    """Run the HLS kernel on `layer` for activation codes `acts` [T, K]; mismatches against the golden model."""
+               rounding: str = "half_up", images: tuple[Path, Path] | None = None) -> dict:
+    """Run the HLS kernel on `layer` for activation codes `acts` [T, K]; mismatches against the golden model.
+
+    `images`: the weight and scale images the kernel loads (a bundle's shipped ones); without them the images
+    of `layer` are written into `work`. The golden outputs always come from `layer`."""
     work = Path(work)
     exe = compile_csim(Path(hls_dir), work)
-    wfile, sfile = write_images(work, f"{layer.name}.hls", cfg, layer)
+    wfile, sfile = images or write_images(work, f"{layer.name}.hls", cfg, layer)
     expected = expected_outputs(cfg, layer, acts, rounding)                      # [T, passes, P]
     tokens, passes, _ = expected.shape
     bpr, bpg = layer.k // cfg.beat_k, layer.group_size // cfg.beat_k

@@ -74,15 +74,18 @@ def build(rtl_dir: Path, params: dict, work: Path, simulator: str = "verilator")
 
 def simulate_layer(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, rtl_dir: Path, work: Path,
                    gap: float = 0.0, stall: float = 0.0, seed: int = 0, simulator: str = "verilator",
-                   rounding: str = "half_up") -> dict:
+                   rounding: str = "half_up", images: tuple[Path, Path] | None = None) -> dict:
     """Stream `acts` (activation codes [T, K]) through `layer` on the generated array; compare every output
-    with the golden model (`rounding` other than half_up is for proving the check can fail)."""
+    with the golden model (`rounding` other than half_up is for proving the check can fail).
+
+    `images`: the weight and scale images the array loads (a bundle's shipped ones); without them the images
+    of `layer` are written into `work`. The golden outputs always come from `layer`, never from the images."""
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     params = array_parameters(cfg, layer)
     runner, build_dir = build(Path(rtl_dir).resolve(), params, work, simulator)
     stem = layer.name.replace("/", "_")
-    wfile, sfile = write_images(work, stem, cfg, layer)
+    wfile, sfile = images or write_images(work, stem, cfg, layer)
     expected = expected_outputs(cfg, layer, acts, rounding)
     beats = np.broadcast_to(acts.reshape(acts.shape[0], 1, params["BPR"], cfg.beat_k),
                             (acts.shape[0], params["PASSES"], params["BPR"], cfg.beat_k))

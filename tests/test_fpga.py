@@ -233,6 +233,110 @@ def test_sim_command_on_the_bundle(tiny_bundle, capsys):
     assert "16 rows x K 64, 2 tokens: bit-exact" in text and "HLS C-sim: 0 of" in text
     assert main(["sim", str(out), "--layer", "nope"]) == 2
     assert "no layer nope" in capsys.readouterr().err
+    assert main(["sim", str(out), "--check-images"]) == 0
+    assert "words of 14 layers equal the blob's" in capsys.readouterr().out
+    assert main(["sim", str(out), "--check-images", "--rows", "4"]) == 2
+    assert "--rows would be ignored" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- shipped images
+def _flip(path, word: int, bits: int) -> None:
+    """Complement the low `bits` bits of one word of a $readmemh image (every field of every PE in it)."""
+    lines = path.read_text().splitlines()
+    lines[word] = f"{int(lines[word], 16) ^ ((1 << bits) - 1):0{len(lines[word])}x}"
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _copy(bundle, to):
+    import shutil
+
+    shutil.copytree(bundle, to, ignore=shutil.ignore_patterns("sim_build", "hls_build"))
+    return to
+
+
+def test_shipped_images_equal_the_blob_and_cut_to_rows(tiny_bundle):
+    """The bundle's images pass the word-by-word check, and a cut to the first rows is exactly the images of
+    those rows (the PEs past them in the last pass zeroed) for every remainder of rows by PEs."""
+    from toolchain.export.blob import read_blob
+    from toolchain.fpga.images import check_bundle_images, first_rows_images, read_image
+    from toolchain.fpga.layers import read_layer
+
+    out, report = tiny_bundle
+    checked = check_bundle_images(out)
+    assert checked["layers"] == 14 and checked["words"] == report["images"]["words"] > 0
+    cfg = load_config(out / "accel.json")
+    name = "model.layers.0.mlp.down_proj"
+    with read_blob(out / "model.tcblob") as blob:
+        whole = for_design(read_layer(blob, name), cfg)
+    shipped = read_image(out / "mem" / f"{name}.weights.mem"), read_image(out / "mem" / f"{name}.scales.mem")
+    for rows in (1, 5, 8, 12, 17, whole.rows - 1, whole.rows, whole.rows + 3):
+        assert first_rows_images(cfg, whole, rows, *shipped) == memory_images(cfg, whole.first_rows(rows)), rows
+
+
+def test_check_images_names_the_corrupted_layer_file_and_word(tiny_bundle, tmp_path, capsys):
+    from toolchain.cli import main
+    from toolchain.fpga.images import ImageMismatchError, check_bundle_images
+
+    out, _ = tiny_bundle
+    cfg = load_config(out / "accel.json")
+    weights = {"bits": cfg.pes * cfg.slots_per_beat * (cfg.weight_bits + cfg.widths.idx), "file": "weights"}
+    scales = {"bits": cfg.pes * cfg.scale_bits, "file": "scales"}
+    for layer, image, word in (("model.layers.1.self_attn.v_proj", weights, 3),
+                               ("model.layers.0.mlp.up_proj", scales, 5)):
+        bundle = _copy(out, tmp_path / f"{layer}.{image['file']}")
+        path = bundle / "mem" / f"{layer}.{image['file']}.mem"
+        _flip(path, word, 1)
+        with pytest.raises(ImageMismatchError, match=f"{layer}: .*{path.name} word {word} "):
+            check_bundle_images(bundle)
+        assert main(["sim", str(bundle), "--check-images"]) == 1
+        err = capsys.readouterr().err
+        assert layer in err and path.name in err and f"word {word} (line {word + 1})" in err
+    path.unlink()
+    assert main(["sim", str(bundle), "--check-images"]) == 1
+    assert "is missing" in capsys.readouterr().err
+
+
+def test_bundle_writer_refuses_an_image_that_disagrees_with_the_blob(compressed_dir, tmp_path, monkeypatch):
+    from toolchain.fpga import bundle as bundle_module
+    from toolchain.fpga.images import ImageMismatchError
+
+    def write_wrong_images(directory, stem, cfg, layer):
+        paths = write_images(directory, stem, cfg, layer)
+        if stem.endswith("layers.1.mlp.down_proj"):
+            _flip(paths[1], 0, 1)
+        return paths
+
+    write_images = bundle_module.write_images
+    monkeypatch.setattr(bundle_module, "write_images", write_wrong_images)
+    with pytest.raises(ImageMismatchError, match="layers.1.mlp.down_proj: .*scales.mem word 0 "):
+        bundle_module.write_bundle(compressed_dir("llama", "2:4", "4"), tmp_path / "b", lint_rtl=False, synth=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_sim_runs_the_shipped_images_and_fails_on_a_corrupted_word(tiny_bundle, capsys):
+    """A word complemented in the first attention layer's weight image and one in the first MLP layer's
+    scale image (the layers `toolchain sim` runs by default): each layer fails in the RTL and the HLS C-sim,
+    with --rows cutting the shipped images (12 rows: part of the second pass masked off)."""
+    from toolchain.cli import main
+    from toolchain.sim.bundle_sim import default_layers
+
+    out, _ = tiny_bundle
+    cfg = load_config(out / "accel.json")
+    attn, mlp = default_layers(json.loads((out / "layers.json").read_text())["layers"])
+    weights, scales = out / "mem" / f"{attn}.weights.mem", out / "mem" / f"{mlp}.scales.mem"
+    shipped = {path: path.read_text() for path in (weights, scales)}
+    try:   # in place, so the Verilator build of this shape (2 passes) is reused
+        _flip(weights, 0, cfg.pes * cfg.slots_per_beat * (cfg.weight_bits + cfg.widths.idx))
+        _flip(scales, 0, cfg.pes * cfg.scale_bits)
+        assert main(["sim", str(out), "--rows", "12", "--tokens", "2", "--seed", "5", "--json"]) == 1
+    finally:
+        for path, text in shipped.items():
+            path.write_text(text)
+    result = json.loads(capsys.readouterr().out)
+    assert [r["layer"] for r in result["layers"]] == [attn, mlp] and not result["bit_exact"]
+    for r in result["layers"]:
+        assert not r["bit_exact"] and r["mismatches"] > 0 and r["hls_csim"]["mismatches"] > 0, r
+        assert all(path.startswith(str((out / "sim_build").resolve())) for path in r["images"])
 
 
 @pytest.mark.skipif(__import__("shutil").which("yosys") is None, reason="Debian yosys not installed (.ci/run installs it)")

@@ -129,15 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true", help="print JSON for machines")
 
     sm = sub.add_parser("sim", help="simulate layers of an FPGA bundle in Verilator, bit-exactly against the "
-                        "golden model", description="Builds the bundle's RTL with Verilator through cocotb, streams "
-                        "each layer's real weights and captured activations with random valid/ready back-pressure, "
-                        "compares every output with the integer golden model, then reruns without back-pressure "
-                        "to measure cycles against the throughput formula. Exit status 1 on any mismatch.")
+                        "golden model", description="Builds the bundle's RTL with Verilator through cocotb and runs "
+                        "it, and the HLS C-simulation, on the images the bundle ships (mem/<layer>.weights.mem, "
+                        ".scales.mem): streams each layer's captured activations with random valid/ready "
+                        "back-pressure, compares every output with the integer golden model (computed from "
+                        "model.tcblob, never from the images), then reruns without back-pressure to measure cycles "
+                        "against the throughput formula. --check-images instead checks every word of every shipped "
+                        "image against the blob, without simulation. Exit status 1 on any mismatch.")
     sm.add_argument("bundle", help="directory written by toolchain export --target fpga")
     sm.add_argument("--layer", action="append", default=None,
                     help="layer (module name) to simulate; repeatable (default: the first attention and the first "
                          "MLP projection)")
-    sm.add_argument("--rows", type=int, default=None, help="simulate only the first N output rows (default: all)")
+    sm.add_argument("--rows", type=int, default=None,
+                    help="simulate only the first N output rows, cut from the shipped images (default: all)")
+    sm.add_argument("--check-images", action="store_true",
+                    help="check every word of every layer's shipped images against model.tcblob, without "
+                         "simulation; names the first differing layer, file and word")
     sm.add_argument("--tokens", type=int, default=None, help="captured tokens to stream (default: all, 8)")
     sm.add_argument("--simulator", choices=["verilator", "icarus"], default="verilator")
     sm.add_argument("--seed", type=int, default=0, help="seed of the back-pressure pattern (default %(default)s)")
@@ -305,9 +312,16 @@ def cmd_gpu_bench(args) -> int:
 
 
 def cmd_sim(args) -> int:
+    from .fpga.images import ImageMismatchError
     from .jobs.inspect import run_sim
 
-    result = run_sim(args.bundle, args.layer, args.rows, args.simulator, args.seed, args.tokens)
+    if args.check_images:
+        return cmd_check_images(args)
+    try:
+        result = run_sim(args.bundle, args.layer, args.rows, args.simulator, args.seed, args.tokens)
+    except ImageMismatchError as exc:
+        print(f"toolchain sim: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -321,6 +335,29 @@ def cmd_sim(args) -> int:
                   f"{r['sim_cycles_per_s']:,} cycles/s; golden vs float layer: relative RMS "
                   f"{e['relative_rms']:.2e}, {e['saturated']} saturated")
     return 0 if result["bit_exact"] else 1
+
+
+def cmd_check_images(args) -> int:
+    from .fpga.images import ImageMismatchError
+    from .jobs.inspect import run_check_images
+
+    simulation_only = [flag for flag, given in (("--layer", args.layer), ("--rows", args.rows),
+                                                ("--tokens", args.tokens)) if given is not None]
+    if simulation_only:
+        print(f"toolchain sim: error: --check-images checks every layer without simulation; "
+              f"{', '.join(simulation_only)} would be ignored", file=sys.stderr)
+        return 2
+    try:
+        result = run_check_images(args.bundle)
+    except ImageMismatchError as exc:
+        print(f"toolchain sim: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"images: {result['words']:,} words of {result['layers']} layers equal the blob's "
+              f"({result['seconds']} s)")
+    return 0
 
 
 def cmd_onnx_check(args) -> int:

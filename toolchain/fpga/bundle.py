@@ -5,7 +5,7 @@
       accel.json           the accelerator config, with every derived width and its bound
       contract.json        the numeric contract the RTL, the HLS C++ and the golden model implement
       layers.json          every layer: shape, N:M, bits, scale shift, array parameters, images, ideal cycles
-      model.tcblob         the packed blob the images are built from
+      model.tcblob         the packed blob the images are built from (every word checked against it)
       sim/                 the cocotb testbench (tb_spmac_array.py) and run.py (= toolchain sim BUNDLE)
       rtl/                 spmac_pkg.sv, spmac_pe.sv, axis_skid.sv, spmac_array.sv (lint-clean under verilator -Wall)
       hls/                 spmac.h, spmac.cpp (the same datapath in HLS C++), tb_spmac.cpp (C-simulation)
@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..models.loading import check_out_dir
 from .config import AccelConfig, load_config
 from .generate import LayerShape, lint, render_hls, render_rtl
+from .images import check_bundle_images
 from .layers import for_design, read_layer, write_images
 from .tools import testbench_source
 
@@ -151,8 +152,10 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
         (tmp / "accel.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
         (tmp / "contract.json").write_text(json.dumps(contract(cfg), indent=2) + "\n")
         (tmp / "layers.json").write_text(json.dumps({"layers": layers}, indent=2) + "\n")
+        images = check_bundle_images(tmp)   # never ship an image that disagrees with the blob
         report = performance_report(cfg, layers)
         report["resources"] = resources(tmp / "rtl", cfg, layers) if synth else {"skipped": "synthesis not asked for"}
+        report["images"] = {"check": "every word of every image equals the blob's", **images}
         report.update({"lint": "verilator --lint-only -Wall: clean" if lint_messages is not None else "skipped",
                        "source": str(model_dir.resolve()), "seconds": round(time.perf_counter() - t0, 2)})
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -227,6 +230,8 @@ def report_markdown(r: dict) -> str:
              f"{d['dense_equivalent_macs_per_cycle']} dense-equivalent MACs/cycle "
              f"({d['dense_macs_per_cycle_per_multiplier']:.2f} per multiplier), {d['clock_mhz']} MHz, "
              f"{d['mem_gbps']} GB/s weight memory. RTL lint: {r['lint']}.", "",
+             *([f"Images: every one of the {r['images']['words']:,} words of mem/ checked against model.tcblob.", ""]
+               if "images" in r else []),
              "| per token | |", "|---|---|",
              f"| cycles (throughput formula: sum of ceil(rows/P) x K/(G*M)) | {t['cycles']:,} |",
              f"| utilisation of the dense-equivalent MACs | {t['utilisation']:.4f} |",
@@ -271,8 +276,10 @@ A {cfg.n}:{cfg.m} sparse multiply-accumulate array ({cfg.pes} PEs, {cfg.weight_b
 - `report.md`: cycles and tokens/s from the throughput formula, and Yosys resource estimates.
 - `sim/`: the cocotb testbench and `run.py`, which runs it (same as `toolchain sim`).
 
-Simulate real layers bit-exactly against the golden model (Verilator through cocotb):
+Simulate real layers on the images in `mem/`, bit-exactly against the golden model computed from
+`model.tcblob` (Verilator through cocotb, and the HLS C-sim); check every image word against the blob:
 
     toolchain sim BUNDLE --layer {report['layers'][0]['name']} --rows 64
     toolchain sim BUNDLE          # the first attention and the first MLP projection, every row
+    toolchain sim BUNDLE --check-images
 """

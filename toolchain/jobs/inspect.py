@@ -21,6 +21,13 @@ def run_sim(bundle: str | os.PathLike, layers: list[str] | None = None, rows: in
     return simulate_bundle(bundle, layers, rows, simulator, seed, tokens)
 
 
+def run_check_images(bundle: str | os.PathLike) -> dict:
+    """Every word of every image an FPGA bundle ships against its blob, without simulation."""
+    from ..sim.bundle_sim import check_images
+
+    return check_images(bundle)
+
+
 def run_onnx_check(model_dir: str | os.PathLike, onnx_path: str | os.PathLike, tokens: int = 64,
                    new_tokens: int = 16, rtol: float | None = None) -> dict:
     """An exported graph in onnxruntime against the PyTorch model: prefill logits and greedy tokens."""

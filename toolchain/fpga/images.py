@@ -1,0 +1,124 @@
+"""The `$readmemh` images a bundle ships (mem/<layer>.weights.mem, mem/<layer>.scales.mem), held against the
+blob they are built from: every word checked, and a layer's images cut to its first rows for simulation.
+
+The images are what a hardware engineer takes into their flow, so simulation runs on them, and the expected
+words are regenerated independently from model.tcblob (`layers.memory_images`) to check them."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..errors import ToolchainError
+from ..numerics.geometry import row_passes
+from .config import AccelConfig, load_config
+from .layers import LayerData, for_design, memory_images, read_layer
+
+
+class ImageMismatchError(ToolchainError):
+    """A shipped image is missing, malformed, or disagrees with the blob."""
+
+
+def read_image(path: Path) -> list[str]:
+    """The words of a `$readmemh` file as written by `layers.write_images`: one hex word per line."""
+    if not path.is_file():
+        raise ImageMismatchError(f"the shipped image {path} is missing")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _value(line: str) -> int | None:
+    try:
+        return int(line, 16)
+    except ValueError:
+        return None
+
+
+def compare_image(path: Path, found: list[str], expected: list[str], layer: str) -> None:
+    """Raise naming the layer, the file, the first differing word (0-based line) and both values."""
+    if found == expected:
+        return
+    for word, (got, want) in enumerate(zip(found, expected)):
+        if got != want and _value(got) != _value(want):
+            raise ImageMismatchError(f"{layer}: {path} word {word} (line {word + 1}) is {got!r}; the blob gives "
+                                     f"{want!r}")
+    if len(found) != len(expected):
+        raise ImageMismatchError(f"{layer}: {path} has {len(found)} words; the blob gives {len(expected)}")
+
+
+def check_layer_images(cfg: AccelConfig, layer: LayerData, weight_path: Path, scale_path: Path) -> int:
+    """Every word of one layer's two shipped images against the words regenerated from the blob; the count."""
+    weight_lines, scale_lines = memory_images(cfg, layer)
+    compare_image(weight_path, read_image(weight_path), weight_lines, layer.name)
+    compare_image(scale_path, read_image(scale_path), scale_lines, layer.name)
+    return len(weight_lines) + len(scale_lines)
+
+
+def check_bundle_images(bundle: str | Path) -> dict:
+    """Check every image of every layer of a bundle against its blob, without simulation."""
+    from ..export.blob import read_blob
+
+    bundle = Path(bundle)
+    t0 = time.perf_counter()
+    cfg = load_config(bundle / "accel.json")
+    table = json.loads((bundle / "layers.json").read_text())["layers"]
+    words = 0
+    with read_blob(bundle / "model.tcblob") as blob:
+        quantized = {blob.entry(n)["module"] for n in blob.names() if blob.entry(n)["kind"] == "quant"}
+        unlisted = sorted(quantized - {entry["name"] for entry in table})
+        if unlisted:
+            raise ImageMismatchError(f"layers.json lists no images for {len(unlisted)} quantized layer(s) of the "
+                                     f"blob, e.g. {unlisted[0]}")
+        for entry in table:
+            layer = for_design(read_layer(blob, entry["name"]), cfg)
+            weight_path, scale_path = image_paths(bundle, entry)
+            words += check_layer_images(cfg, layer, weight_path, scale_path)
+    return {"layers": len(table), "words": words, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def image_paths(bundle: Path, entry: dict) -> tuple[Path, Path]:
+    """The shipped weight and scale images of a layers.json entry."""
+    return bundle / "mem" / entry["weight_file"], bundle / "mem" / entry["scale_file"]
+
+
+def first_rows_images(cfg: AccelConfig, layer: LayerData, rows: int, weight_lines: list[str],
+                      scale_lines: list[str]) -> tuple[list[str], list[str]]:
+    """The images of `layer.first_rows(rows)`, cut from the shipped lines of the whole layer.
+
+    The images are pass-major (word (q, b): rows q*P .. q*P+P-1), so the first ceil(rows / P) passes are a
+    prefix of the lines; in the last of them the PEs past `rows` must hold zeros, as they do past a layer's end:
+    their fields (PE p at bit p * field width) are masked off, the others kept as shipped."""
+    rows = max(1, min(rows, layer.rows))
+    p, passes = cfg.pes, row_passes(rows, cfg.pes)
+    keep = rows - (passes - 1) * p                       # PEs of the last pass that carry real rows
+    slot_bits = cfg.slots_per_beat * (cfg.weight_bits + cfg.widths.idx)
+    per_pass = ((layer.k // cfg.beat_k, slot_bits, weight_lines, "weights"),
+                (layer.k // layer.group_size, cfg.scale_bits, scale_lines, "scales"))
+    out = []
+    for words_per_pass, field_bits, lines, kind in per_pass:
+        needed = passes * words_per_pass
+        if len(lines) < needed:
+            raise ImageMismatchError(f"{layer.name}: the shipped {kind} image has {len(lines)} words; "
+                                     f"{rows} rows need {needed}")
+        cut = lines[:needed]
+        digits = -(-p * field_bits // 4)
+        mask = (1 << (keep * field_bits)) - 1
+        for word in range(needed - words_per_pass, needed):
+            value = _value(cut[word])
+            if value is None:
+                raise ImageMismatchError(f"{layer.name}: the shipped {kind} image's word {word} {cut[word]!r} "
+                                         f"is not hexadecimal")
+            cut[word] = f"{value & mask:0{digits}x}"
+        out.append(cut)
+    return out[0], out[1]
+
+
+def write_first_rows_images(cfg: AccelConfig, layer: LayerData, rows: int, shipped: tuple[Path, Path],
+                            directory: Path) -> tuple[Path, Path]:
+    """Write the first-rows cut of the shipped images into `directory`; their paths."""
+    weight_lines, scale_lines = first_rows_images(cfg, layer, rows, read_image(shipped[0]), read_image(shipped[1]))
+    stem = layer.name.replace("/", "_")
+    paths = directory / f"{stem}.rows{rows}.weights.mem", directory / f"{stem}.rows{rows}.scales.mem"
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, lines in zip(paths, (weight_lines, scale_lines)):
+        path.write_text("\n".join(lines) + "\n")
+    return paths
