@@ -70,10 +70,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_model_job(sub, name: str, help: str, epilog: str, *configs) -> argparse.ArgumentParser:
-    """A command that reads --model and writes --out, with the options of `configs` [(cls, flags, skip)]."""
+def _add_model_job(sub, name: str, help: str, epilog: str, *configs, methods=()) -> argparse.ArgumentParser:
+    """A command that reads --model and writes --out, with the options of `configs` [(cls, flags, skip)];
+    `methods`: (flag, dest, choices, help) of method flags that precede them."""
     p = sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
+    for flag, dest, choices, text in methods:
+        p.add_argument(flag, dest=dest, required=True, choices=choices, help=text)
     for cls, flags, skip in configs:
         add_options(p, cls, flags, skip)
     _add_run_args(p)
@@ -88,12 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_job(sub, "prune", "prune a model layer by layer", PRUNE_EXAMPLES, (PruneConfig, None, ()))
     _add_model_job(sub, "quantize", "quantize a (dense or pruned) model's decoder weights", QUANT_EXAMPLES,
                    (QuantConfig, None, ()))
-    c = _add_model_job(sub, "compress", "prune, then quantize, in one run with one calibration set",
-                       COMPRESS_EXAMPLES, (PruneConfig, None, ("method",)),
-                       (QuantConfig, None, ("method", *CALIB_FIELDS)))
-    c.add_argument("--prune", dest="prune_method", required=True, choices=METHODS, help="pruning method")
-    c.add_argument("--quant", dest="quant_method", required=True, choices=QUANT_METHODS,
-                   help="quantization method")
+    _add_model_job(sub, "compress", "prune, then quantize, in one run with one calibration set",
+                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method",)), (QuantConfig, None, ("method", *CALIB_FIELDS)),
+                   methods=[("--prune", "prune_method", METHODS, "pruning method"),
+                            ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 
     e = sub.add_parser("eval", help="perplexity of a model on the evaluation split(s)")
     e.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
