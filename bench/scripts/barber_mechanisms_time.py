@@ -7,10 +7,9 @@ Arms (each switches one mechanism off; everything else stays the default):
   pass recomputes it (`Barber.record_first_block` not used).
 - weight-grads: the backward also computes the tapped linears' weight gradients, as a backward to the weights
   would (the output taps skip them).
-- full-mlp-rerun: the loss guard's rerun of a changed MLP runs the whole block instead of the touched channels
-  (`rebuild._touched_channels` answers "not worth it").
-- no-csr: a change of the exit linear alone is multiplied densely over its touched columns, never as CSR
-  (`rebuild.CSR_MAX_DENSITY` below any density).
+Two more mechanisms were timed this way and removed for not paying (docs/pruning.md, "Speed mechanisms"): the
+loss guard's rerun of only the MLP channels a rebuild touched, and a sparse (CSR) product for a change of the exit
+linear alone.
 Per arm: statistics + rebuild seconds (median and range), the seconds inside `rerun_block`, how often the
 exit-only path (`weight_change_product`) ran and whether the masks equal the default arm's.
 
@@ -38,7 +37,7 @@ from toolchain.models import load_model
 from toolchain.prune import Barber, make_method
 from toolchain.prune.lstsq import lstsq_rows
 
-ARMS = ("default", "recomputed-attention", "weight-grads", "full-mlp-rerun", "no-csr")
+ARMS = ("default", "recomputed-attention", "weight-grads")
 
 
 @contextlib.contextmanager
@@ -72,10 +71,6 @@ def _with_weight_grads():
 def _arm_context(arm: str):
     if arm == "weight-grads":
         return _with_weight_grads()
-    if arm == "full-mlp-rerun":
-        return _patched(rebuild, "_touched_channels", lambda *a: None)
-    if arm == "no-csr":
-        return _patched(rebuild, "CSR_MAX_DENSITY", -1.0)
     return contextlib.nullcontext()
 
 
@@ -92,7 +87,6 @@ def _counting(counters: dict):
 
     def counted_product(delta):
         counters["exit_only"] += 1
-        counters["csr"] += int(int(delta.count_nonzero()) <= rebuild.CSR_MAX_DENSITY * delta.numel())
         return product(delta)
     stack = contextlib.ExitStack()
     stack.enter_context(_patched(rebuild, "rerun_block", timed_rerun))
@@ -124,13 +118,13 @@ def main() -> None:
     source = engine.layers[args.layer]
     method = make_method(init)
     solver = lstsq_rows if method.needs_hessian else None
-    results = {arm: {"sums": [], "rerun_s": [], "exit_only": 0, "csr": 0, "same_masks": True} for arm in arms}
+    results = {arm: {"sums": [], "rerun_s": [], "exit_only": 0, "same_masks": True} for arm in arms}
     reference_masks = None
     for repeat in range(args.repeats):
         for arm in arms:
             layer, dense = copy.deepcopy(source), copy.deepcopy(source)
             barber = Barber(cfg.rebuild_ratio, score=cfg.rebuild_score)
-            counters = {"rerun_s": 0.0, "exit_only": 0, "csr": 0}
+            counters = {"rerun_s": 0.0, "exit_only": 0}
             with _arm_context(arm), _counting(counters):
                 t0 = time.perf_counter()
                 if arm != "recomputed-attention":
@@ -153,16 +147,16 @@ def main() -> None:
             r["same_masks"] &= all(masks[n].equal(reference_masks[n]) for n in masks)
             r["sums"].append(t1 - t0 + t3 - t2)
             r["rerun_s"].append(counters["rerun_s"])
-            r["exit_only"], r["csr"] = counters["exit_only"], counters["csr"]
+            r["exit_only"] = counters["exit_only"]
             print(f"{arm:22s} statistics {t1 - t0:.2f} s, rebuild {t3 - t2:.2f} s (rerun {counters['rerun_s']:.2f} s,"
-                  f" exit-only reruns {counters['exit_only']}, CSR {counters['csr']})", flush=True)
+                  f" exit-only reruns {counters['exit_only']})", flush=True)
     print(f"layer {args.layer}, {args.init} {args.sparsity}, score {cfg.rebuild_score}, ratio {cfg.rebuild_ratio}, "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads:")
     for arm, r in results.items():
         print(f"  {arm:22s} statistics + rebuild: median {statistics.median(r['sums']):.2f} s "
               f"(range {min(r['sums']):.2f}-{max(r['sums']):.2f}), "
               f"rerun median {statistics.median(r['rerun_s']):.2f} s, "
-              f"exit-only reruns {r['exit_only']} (CSR {r['csr']}), masks as default: {r['same_masks']}")
+              f"exit-only reruns {r['exit_only']}, masks as default: {r['same_masks']}")
 
 
 if __name__ == "__main__":

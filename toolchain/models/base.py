@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,10 +32,6 @@ class SubBlock:
     entry: str
     exit: str
     run: Callable[[nn.Module, tuple, dict], torch.Tensor]
-    # MLP blocks: exit_input(layer, args, kwargs, channels) is the last linear's input at `channels` only, where
-    # channel c is made by row c of the other linears. With it a change to a few rows or columns costs a
-    # few channels instead of the whole block (Barber's guard, `barber.rerun_block`).
-    exit_input: Callable[[nn.Module, tuple, dict, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,11 +130,6 @@ class ArchAdapter(ABC):
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
         return {name: layer.get_submodule(name) for name in self.linear_names()}
-
-
-def rows_linear(x: torch.Tensor, linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
-    """`linear(x)` at the output features `rows` only."""
-    return F.linear(x, linear.weight[rows], None if linear.bias is None else linear.bias[rows])
 
 
 def first_tensor(out) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """LLaMA-style decoders: Llama, Mistral, Qwen2, SmolLM (q/k/v/o attention with GQA, SwiGLU MLP)."""
 from __future__ import annotations
 
-from .base import ArchAdapter, DecoderLayout, SubBlock, first_tensor, rows_linear
+from .base import ArchAdapter, DecoderLayout, SubBlock, first_tensor
 
 
 def _run_attention(layer, args, kwargs):
@@ -10,12 +10,6 @@ def _run_attention(layer, args, kwargs):
 
 def _run_mlp(layer, args, kwargs):
     return first_tensor(layer.mlp(*args, **kwargs))
-
-
-def _mlp_channels(layer, args, kwargs, channels):
-    """down_proj's input at `channels`: act(gate(x)) * up(x) from those rows of gate and up only."""
-    mlp, x = layer.mlp, (args[0] if args else next(iter(kwargs.values())))
-    return mlp.act_fn(rows_linear(x, mlp.gate_proj, channels)) * rows_linear(x, mlp.up_proj, channels)
 
 
 class LlamaAdapter(ArchAdapter):
@@ -36,8 +30,7 @@ class LlamaAdapter(ArchAdapter):
         return (
             SubBlock("attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
                      "self_attn", "self_attn", _run_attention),
-            SubBlock("mlp", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "mlp", "mlp", _run_mlp,
-                     _mlp_channels),
+            SubBlock("mlp", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "mlp", "mlp", _run_mlp),
         )
 
     def output_adds_last_block(self, layer):

@@ -1,7 +1,7 @@
 """OPT decoders (q/k/v/out_proj attention, fc1/fc2 MLP with ReLU)."""
 from __future__ import annotations
 
-from .base import ArchAdapter, DecoderLayout, SubBlock, first_tensor, rows_linear
+from .base import ArchAdapter, DecoderLayout, SubBlock, first_tensor
 
 
 def _run_attention(layer, args, kwargs):
@@ -11,12 +11,6 @@ def _run_attention(layer, args, kwargs):
 def _run_mlp(layer, args, kwargs):
     # OPT has no MLP module: the branch is fc2(act(fc1(x))) on the flattened, normed hidden state.
     return layer.fc2(layer.activation_fn(layer.fc1(*args, **kwargs)))
-
-
-def _mlp_channels(layer, args, kwargs, channels):
-    """fc2's input at `channels`: act(fc1(x)) from those rows of fc1 only."""
-    x = args[0] if args else next(iter(kwargs.values()))
-    return layer.activation_fn(rows_linear(x, layer.fc1, channels))
 
 
 class OPTAdapter(ArchAdapter):
@@ -46,7 +40,7 @@ class OPTAdapter(ArchAdapter):
         return (
             SubBlock("attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
                      "self_attn", "self_attn", _run_attention),
-            SubBlock("mlp", ("fc1", "fc2"), "fc1", "fc2", _run_mlp, _mlp_channels),
+            SubBlock("mlp", ("fc1", "fc2"), "fc1", "fc2", _run_mlp),
         )
 
     def output_adds_last_block(self, layer):

@@ -1,12 +1,11 @@
 """The Barber rebuild of one decoder layer: score, swap, set weights, check the block loss, hand on the output.
 
 Sub-blocks go in order (attention, then MLP on the rebuilt attention's output), one gradient pass each. After a
-block's masks change, its new outputs and loss come from `rerun_block` on the pass's records, which recomputes
-only what the rebuild touched; the loss guard keeps a rebuild only if the block loss does not rise.
+block's masks change, its new outputs and loss come from `rerun_block` on the pass's records (one product when
+only the exit linear changed, else the block again); the loss guard keeps a rebuild only if the block loss does not rise.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -17,23 +16,10 @@ from .gradients import (BlockRecord, PassOptions, RecordedBlock, Replay, gradien
                         resolve_grad_dtype, window_losses)
 from .score import check_granularity, check_score, grad_rms_score, rebuild_masks, taylor_score
 
-# Below this share of nonzeros a weight change is multiplied as a sparse (CSR) matrix, above it densely over the
-# columns it touches (see `weight_change_product`).
-CSR_MAX_DENSITY = 0.02
-
 
 def weight_change_product(delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """h -> h @ delta^T for a weight change `delta` ([out, in]; h [tokens, in] -> [tokens, out]).
-
-    A Wanda rebuild changes a few weights per row, spread over most columns, so a dense product over the touched
-    columns costs nearly a full one; a sparse (CSR) product does only the nonzeros, which is faster while they
-    are few. A re-solved row (SparseGPT init) changes the whole row: then the dense product over the touched
-    columns is the faster one."""
-    if int(delta.count_nonzero()) <= CSR_MAX_DENSITY * delta.numel():
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            sparse = delta.to_sparse_csr()
-        return lambda h: (sparse @ h.T).T
+    """h -> h @ delta^T for a weight change `delta` ([out, in]; h [tokens, in] -> [tokens, out]), over the columns
+    the change touches only. (A sparse CSR product does not pay: docs/pruning.md, "Speed mechanisms".)"""
     touched = delta.ne(0).any(dim=0).nonzero().squeeze(1)
     dense = delta[:, touched].T
     return lambda h: h[:, touched] @ dense
@@ -48,75 +34,21 @@ def _mean_window_loss(outs: list[torch.Tensor], rec: BlockRecord) -> float:
     return total / max(windows, 1)
 
 
-def _touched_channels(layer, block: SubBlock, old_weights: dict[str, torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For an MLP rebuild: (J u C, C), with C the channels whose rows of the first linears changed and J the exit
-    linear's columns that changed; None when recomputing them costs as much as a full rerun."""
-    exit_name, firsts = block.linears[-1], block.linears[:-1]
-    if block.exit_input is None or not firsts:
-        return None
-    cols = (layer.get_submodule(exit_name).weight != old_weights[exit_name]).any(dim=0)
-    rows = torch.zeros_like(cols)
-    for n in firsts:
-        rows |= (layer.get_submodule(n).weight != old_weights[n]).any(dim=1)
-    if int((cols | rows).sum()) + int(rows.sum()) >= cols.numel():
-        return None
-    return (cols | rows).nonzero().squeeze(1), rows.nonzero().squeeze(1)
-
-
-def _rerun_touched_channels(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str, torch.Tensor],
-                            touched: torch.Tensor, changed: torch.Tensor) -> list[torch.Tensor]:
-    """y_new = y_old + h_old[J u C] (W_new - W_old)[:, J u C]^T + (h_new - h_old)[C] W_new[:, C]^T per batch.
-
-    h_old needs the first linears' old weights: they are put back for it and the new ones always restored."""
-    exit_name, firsts = block.linears[-1], block.linears[:-1]
-    exit_w = layer.get_submodule(exit_name).weight
-    delta_w = (exit_w - old_weights[exit_name])[:, touched]
-    new_exit_c = exit_w[:, changed]
-    h_new = [block.exit_input(layer, args, kwargs, changed) for args, kwargs in rec.calls] if len(changed) else []
-    in_changed = torch.isin(touched, changed)   # where C sits among the touched channels
-    new = {n: layer.get_submodule(n).weight.detach().clone() for n in firsts}
-    outs = []
-    try:
-        for n in firsts:
-            layer.get_submodule(n).weight.copy_(old_weights[n])
-        for i, ((args, kwargs), y) in enumerate(zip(rec.calls, rec.sparse_out)):
-            h_old = block.exit_input(layer, args, kwargs, touched)
-            y = y + torch.nn.functional.linear(h_old, delta_w)
-            if len(changed):
-                y = y + torch.nn.functional.linear(h_new[i] - h_old[..., in_changed], new_exit_c)
-            outs.append(y)
-    finally:
-        for n in firsts:
-            layer.get_submodule(n).weight.copy_(new[n])
-    return outs
-
-
 @torch.no_grad()
 def rerun_block(layer, block: SubBlock, rec: BlockRecord, old_weights: dict[str, torch.Tensor] | None = None
                 ) -> tuple[list[torch.Tensor], float]:
     """The (rebuilt) sparse block on its recorded inputs: outputs per batch and the mean block loss.
 
-    With the block's weights before the rebuild (`old_weights`), only what the rebuild touched is recomputed:
-    - only the exit linear changed and its input is recorded (exit terms): y_new = y_old + h (W_new - W_old)^T;
-    - an MLP block (`exit_input`): with h the exit linear's input, W its weight, C the channels whose rows of the
-      first linears changed and J the exit columns that changed,
-        y_new - y_old = h_old[J] (W_new - W_old)[:, J]^T + (h_new - h_old)[C] W_new[:, C]^T
-      so only h_old on J u C and h_new on C are needed, from the recorded block inputs. A Wanda rebuild swaps a
-      weight or two per row, so that is a fraction of the block;
-    - otherwise, or past the cost of a full rerun (SparseGPT init, whose re-solved exit rows change every
-      column), the whole block runs."""
+    With the block's weights before the rebuild (`old_weights`), a rebuild that changed only the exit linear,
+    whose input is recorded (exit terms), costs one product: y_new = y_old + h (W_new - W_old)^T. Otherwise the
+    whole block runs (recomputing only the channels a rebuild touched does not pay: docs/pruning.md)."""
     exit_name, firsts = block.linears[-1], block.linears[:-1]
     if old_weights is not None and rec.exit_in and all(
             layer.get_submodule(n).weight.equal(old_weights[n]) for n in firsts):
         change = weight_change_product(layer.get_submodule(exit_name).weight - old_weights[exit_name])
         outs = [y + change(h).reshape(y.shape) for h, y in zip(rec.exit_in, rec.sparse_out)]
         return outs, _mean_window_loss(outs, rec)
-    plan = _touched_channels(layer, block, old_weights) if old_weights is not None else None
-    if plan is None:
-        outs = [block.run(layer, args, kwargs) for args, kwargs in rec.calls]
-    else:
-        outs = _rerun_touched_channels(layer, block, rec, old_weights, *plan)
+    outs = [block.run(layer, args, kwargs) for args, kwargs in rec.calls]
     return outs, _mean_window_loss(outs, rec)
 
 
