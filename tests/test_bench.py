@@ -112,3 +112,32 @@ def test_writer_throughput_drives_the_public_blob_api(compressed_dir, tmp_path):
     assert r["weights"] == weights
     assert r["encode_mb_per_s"] > 0 and r["decode_mb_per_s"] > 0
     assert list(tmp_path.iterdir()) == []       # its temporary blob is gone
+
+
+def _accepted(cmd: list[str]) -> None:
+    """The command a benchmark runs passes the CLI's parse and validation, no-op flags included."""
+    from toolchain.cli import build_parser
+    from toolchain.jobs.config import PruneConfig, QuantConfig
+    from toolchain.jobs.options import config_from_args
+
+    args = build_parser().parse_args(cmd[3:])   # without the interpreter and `-m toolchain.cli`
+    cfg, given = config_from_args(PruneConfig if args.command == "prune" else QuantConfig, args)
+    cfg.validate(given)
+
+
+def test_every_benchmark_command_is_one_the_cli_accepts(tmp_path):
+    """The prune, quality and quant benchmarks and the demo run `toolchain prune|quantize` commands; each must
+    pass the CLI's checks, so calibration flags go only to a job that calibrates (magnitude and RTN do not)."""
+    from toolchain.reference_runs import prune_command, quantize_command
+
+    commands = [prune_command(tmp_path, tmp_path / "o", m, i, s, extra) for _, m, i, extra in PRUNE_CONFIGS
+                for s in SPARSITIES]
+    commands += [prune_command(tmp_path, tmp_path / "o", m, i, s, extra) for _, m, i, extra, sp in quality_configs()
+                 for s in sp]
+    commands += [quantize_command(tmp_path, tmp_path / "o", m, bits, extra) for _, _, m, bits, extra in QUANT_CONFIGS]
+    for cmd in commands:
+        _accepted(cmd)
+    magnitude = prune_command(tmp_path, tmp_path / "o", "magnitude", None, "0.5", [])
+    rtn = quantize_command(tmp_path, tmp_path / "o", "rtn", "4", [])
+    gptq = quantize_command(tmp_path, tmp_path / "o", "gptq", "4", [])
+    assert "--calib-samples" not in magnitude and "--calib-samples" not in rtn and "--calib-samples" in gptq

@@ -46,14 +46,36 @@ def _as_typed(cmd: list[str]) -> str:
     return "toolchain " + " ".join(cmd[3:])
 
 
+def _calibration_args(command: str, args: list[str], calib: int, seqlen: int) -> list[str]:
+    """The calibration flags, for a job that calibrates (the CLI refuses them where they would do nothing)."""
+    from .cli import build_parser
+    from .jobs.config import PruneConfig, QuantConfig
+    from .jobs.options import config_from_args
+
+    parsed = build_parser().parse_args([command, *args])
+    cfg, _ = config_from_args(PruneConfig if command == "prune" else QuantConfig, parsed)
+    return ["--calib-samples", str(calib), "--seqlen", str(seqlen)] if cfg.calibrates() else []
+
+
+def prune_command(model_dir: Path, out: Path, method: str, init: str | None, sparsity: str, extra: list[str],
+                  calib: int = CALIB_SAMPLES, seqlen: int = SEQLEN, quiet: bool = True) -> list[str]:
+    args = ["--model", str(model_dir), "--method", method, "--sparsity", sparsity, "--out", str(out),
+            *(["--quiet"] if quiet else []), *(["--init", init] if init else []), *extra]
+    return _toolchain_command("prune", *args, *_calibration_args("prune", args, calib, seqlen))
+
+
+def quantize_command(model_dir: Path, out: Path, method: str, bits: str, extra: list[str],
+                     quiet: bool = True) -> list[str]:
+    args = ["--model", str(model_dir), "--method", method, "--bits", bits, "--group-size", str(GROUP_SIZE),
+            "--out", str(out), *(["--quiet"] if quiet else []), *extra]
+    return _toolchain_command("quantize", *args, *_calibration_args("quantize", args, CALIB_SAMPLES, SEQLEN))
+
+
 def prune_in_subprocess(model_dir: Path, out: Path, method: str, init: str | None, sparsity: str,
                         extra: list[str], calib: int = CALIB_SAMPLES, seqlen: int = SEQLEN,
                         quiet: bool = True) -> dict:
     """`toolchain prune` in its own process; its time, peak memory and global sparsity."""
-    cmd = _toolchain_command(
-        "prune", "--model", str(model_dir), "--method", method, "--sparsity", sparsity,
-        "--calib-samples", str(calib), "--seqlen", str(seqlen), "--out", str(out),
-        *(["--quiet"] if quiet else []), *(["--init", init] if init else []), *extra)
+    cmd = prune_command(model_dir, out, method, init, sparsity, extra, calib, seqlen, quiet)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
@@ -68,10 +90,7 @@ def prune_in_subprocess(model_dir: Path, out: Path, method: str, init: str | Non
 def quantize_in_subprocess(model_dir: Path, out: Path, method: str, bits: str, extra: list[str],
                            quiet: bool = True) -> dict:
     """`toolchain quantize` (symmetric, GROUP_SIZE groups) in its own process; its time, bits and memory."""
-    cmd = _toolchain_command(
-        "quantize", "--model", str(model_dir), "--method", method, "--bits", bits,
-        "--group-size", str(GROUP_SIZE), "--calib-samples", str(CALIB_SAMPLES), "--seqlen", str(SEQLEN),
-        "--out", str(out), *(["--quiet"] if quiet else []), *extra)
+    cmd = quantize_command(model_dir, out, method, bits, extra, quiet)
     subprocess.run(cmd, check=True)
     report = json.loads((out / "compression.json").read_text())
     q = report["quantization"]
