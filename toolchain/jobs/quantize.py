@@ -11,19 +11,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..engine import LayerEngine, default_device, set_weight
 from ..errors import ConfigError
 from ..models import LoadedModel, save_model
 from ..quant import QuantizedWeight, rtn_quantize, write_quant_state
-from ..quant.allocate import allocate_bits
 from ..quant.aptq import collect_aptq_stats
 from ..quant.gptq import gptq_quantize_many
-from ..sensitivity import linear_hessian_traces
+from ..quant.mixed_precision import choose_widths, local_sensitivity, model_sensitivity
+from ..quant.quantizer import pruned_positions
 from .common import run_job
-from .config import PruneConfig, QuantConfig, QuantPlan, compress_validate
+from .config import PruneConfig, QuantConfig, compress_validate
 from .prune import prune_loaded
 
 
@@ -44,52 +43,6 @@ def hessian_error(dw: torch.Tensor, hessian: torch.Tensor) -> float:
     k = hessian.shape[0]
     blocks = dw.reshape(k, -1, dw.shape[1])
     return float((torch.bmm(blocks, hessian) * blocks).sum())
-
-
-def _prune_mask(w: torch.Tensor) -> torch.Tensor | None:
-    zero = w == 0
-    return zero if bool(zero.any()) else None
-
-
-def _rtn_errors(w: torch.Tensor, plan: QuantPlan) -> list[float]:
-    """||W - RTN_b(W)||_F^2 at every candidate width, pruned weights kept at zero."""
-    mask = _prune_mask(w)
-    return [float((rtn_quantize(w, plan.spec_for(b), mask).dequantize() - w).square().sum()) for b in plan.candidates]
-
-
-def model_sensitivity(loaded: LoadedModel, calib: torch.Tensor, plan: QuantPlan, cfg: "QuantConfig", device,
-                      progress: bool) -> list[dict]:
-    """HAWQ-V2 sensitivity from the full-model loss: S_l = Hutchinson tr(H_l)/n_l, H_l the Hessian of the
-    model's cross-entropy with respect to linear l, on `hutchinson_samples` calibration windows."""
-    traces = linear_hessian_traces(loaded.model, loaded.adapter, calib, cfg.hutchinson_samples, cfg.seed, device,
-                                   progress)
-    out = []
-    for i, (layer, per_linear) in enumerate(zip(loaded.adapter.decoder_layers(loaded.model), traces)):
-        entry = {}
-        for name, lin in loaded.adapter.linears(layer).items():
-            w = lin.weight.detach().float()
-            entry[name] = {"sensitivity": per_linear[name], "rtn_sq_error": _rtn_errors(w, plan),
-                           "weights": w.numel()}
-        out.append({"layer": i, "linears": entry})
-    return out
-
-
-def local_sensitivity(engine: LayerEngine, plan: QuantPlan, progress: bool) -> list[dict]:
-    """A pass over the unquantized model: per linear, S = mean diagonal of its layer-local Hessian
-    (attention-aware for q/k/v, 2XX^T/n otherwise) and the squared RTN error at every candidate width."""
-    qkv = engine.adapter.attention_qkv
-
-    def measure(i, layer, hidden):
-        stats, attention = collect_aptq_stats(engine, layer, hidden, traces_only=True)
-        entry = {}
-        for name, lin in engine.adapter.linears(layer).items():
-            w = lin.weight.detach().float()
-            sens = (attention.mean_diagonal("qkv"[qkv.index(name)]) if name in qkv
-                    else stats[name].hessian_mean_diagonal)
-            entry[name] = {"sensitivity": sens, "rtn_sq_error": _rtn_errors(w, plan), "weights": w.numel()}
-        return {"linears": entry}
-
-    return engine.walk(measure, desc=f"aptq sensitivity ({len(engine.layers)} layers)", progress=progress)
 
 
 def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantConfig, device=None,
@@ -119,14 +72,10 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
     sensitivity: dict[tuple[int, str], float] = {}
     allocation = None
     if plan.budget is not None:
-        measured = (model_sensitivity(loaded, calib, plan, cfg, device, progress) if cfg.sensitivity == "model"
-                    else local_sensitivity(engine, plan, progress))
-        keys = [(e["layer"], name) for e in measured for name in e["linears"]]
-        items = [e["linears"][name] for e in measured for name in e["linears"]]
-        costs = np.array([[it["sensitivity"] * err for err in it["rtn_sq_error"]] for it in items])
-        picks = allocate_bits([it["weights"] for it in items], costs, list(plan.candidates), plan.budget)
-        widths = dict(zip(keys, picks))
-        sensitivity = {key: it["sensitivity"] for key, it in zip(keys, items)}
+        specs = [plan.spec_for(b) for b in plan.candidates]
+        measured = (model_sensitivity(loaded, calib, specs, cfg.hutchinson_samples, cfg.seed, device, progress)
+                    if cfg.sensitivity == "model" else local_sensitivity(engine, specs, progress))
+        widths, sensitivity = choose_widths(measured, plan.candidates, plan.budget)
         allocation = {"budget": plan.budget, "candidates": list(plan.candidates), "sensitivity": cfg.sensitivity,
                       "seconds": round(time.perf_counter() - t0, 3),
                       "objective": "sum of sensitivity * squared RTN error, exact knapsack (toolchain.quant.allocate)",
@@ -141,7 +90,7 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
             stats = engine.collect_stats(layer, hidden, hessian=True) if needs_calibration else {}
         linears = adapter.linears(layer)
         weights = {n: lin.weight.detach().float() for n, lin in linears.items()}
-        masks = {n: _prune_mask(w) for n, w in weights.items()}
+        masks = {n: pruned_positions(w) for n, w in weights.items()}
         specs = {n: plan.spec_for(widths.get((i, n), plan.spec.bits)) for n in linears}
         results: dict[str, QuantizedWeight] = {}
         hessians: dict[str, torch.Tensor] = {}

@@ -55,6 +55,12 @@ class QuantSpec:
             raise ConfigError(f"{name}: weight has non-finite values (NaN or inf); cannot quantize it")
 
 
+def pruned_positions(w: torch.Tensor) -> torch.Tensor | None:
+    """Where a weight is exactly zero (pruned; its code stays the zero code), or None if nowhere."""
+    zero = w == 0
+    return zero if bool(zero.any()) else None
+
+
 def fit_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per row for the columns in `w` ([rows, g]); both [rows]."""
     w = w.float()
