@@ -313,16 +313,11 @@ def cmd_gpu_bench(args) -> int:
 
 
 def cmd_sim(args) -> int:
-    from .fpga.images import ImageMismatchError
     from .jobs.inspect import run_sim
 
     if args.check_images:
         return cmd_check_images(args)
-    try:
-        result = run_sim(args.bundle, args.layer, args.rows, args.simulator, args.seed, args.tokens)
-    except ImageMismatchError as exc:
-        print(f"toolchain sim: error: {exc}", file=sys.stderr)
-        return 1
+    result = run_sim(args.bundle, args.layer, args.rows, args.simulator, args.seed, args.tokens)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -339,7 +334,6 @@ def cmd_sim(args) -> int:
 
 
 def cmd_check_images(args) -> int:
-    from .fpga.images import ImageMismatchError
     from .jobs.inspect import run_check_images
 
     simulation_only = [flag for flag, given in (("--layer", args.layer), ("--rows", args.rows),
@@ -348,11 +342,7 @@ def cmd_check_images(args) -> int:
         print(f"toolchain sim: error: --check-images checks every layer without simulation; "
               f"{', '.join(simulation_only)} would be ignored", file=sys.stderr)
         return 2
-    try:
-        result = run_check_images(args.bundle)
-    except ImageMismatchError as exc:
-        print(f"toolchain sim: error: {exc}", file=sys.stderr)
-        return 1
+    result = run_check_images(args.bundle)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -396,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except ToolchainError as exc:
         print(f"toolchain {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130

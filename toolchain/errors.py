@@ -2,7 +2,10 @@
 
 
 class ToolchainError(Exception):
-    """Base class: the message names the problem and, where possible, the fix."""
+    """Base class: the message names the problem and, where possible, the fix. `exit_status`: the CLI's (2, a
+    usage or input error; a check that found a mismatch says 1)."""
+
+    exit_status = 2
 
 
 class ConfigError(ToolchainError, ValueError):

@@ -52,7 +52,7 @@ def _patched(obj, name: str, value):
 
 def _with_weight_grads():
     """OutputTaps whose backward also computes the tapped linears' weight gradients."""
-    init, backward = taps.OutputTaps.__init__, taps.OutputTaps.backward
+    init = taps.OutputTaps.__init__
 
     def patched_init(self, module, names):
         init(self, module, names)

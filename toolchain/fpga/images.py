@@ -18,6 +18,8 @@ from .layers import LayerData, for_design, memory_images, read_layer
 class ImageMismatchError(ToolchainError):
     """A shipped image is missing, malformed, or disagrees with the blob."""
 
+    exit_status = 1   # a failed check, like a simulation mismatch
+
 
 def read_image(path: Path) -> list[str]:
     """The words of a `$readmemh` file as written by `layers.write_images`: one hex word per line."""

@@ -39,11 +39,17 @@ def _templates():
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
+def check_bundle_options(precision: str, max_batch: int, max_seq: int) -> None:
+    """The GPU bundle's options: a precision this release builds and an engine profile that holds a token."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: this release builds {', '.join(PRECISIONS)} bundles")
+    if max_batch < 1 or max_seq < 2:
+        raise ConfigError(f"--max-batch must be >= 1 and --max-seq >= 2 (got {max_batch}, {max_seq})")
+
+
 def profile_shapes(layers: int, kv_heads: int, head_dim: int, max_batch: int, max_seq: int) -> dict:
     """One optimization profile, (min, opt, max) per input: prompts up to max_seq tokens, and a KV cache up to
     max_seq - 1 past tokens (so past + new never exceeds max_seq). opt is a batch-1 prompt of up to 64."""
-    if max_batch < 1 or max_seq < 2:
-        raise ConfigError(f"--max-batch must be >= 1 and --max-seq >= 2 (got {max_batch}, {max_seq})")
     opt_seq = min(64, max_seq)
     shapes = {name: ((1, 1), (1, opt_seq), (max_batch, max_seq)) for name in ("input_ids", "position_ids")}
     shapes["attention_mask"] = ((1, 1), (1, opt_seq), (max_batch, max_seq))
@@ -65,8 +71,7 @@ def write_gpu_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, preci
     from ..models import load_model
     from ..quant.smoothquant import INT8_MAX_ERROR, calibrate_input_amax, plan_int8
 
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r}: this release builds {', '.join(PRECISIONS)} bundles")
+    check_bundle_options(precision, max_batch, max_seq)
     model_dir = Path(model_dir)
     check_out_dir(model_dir, out)
     loaded = load_model(str(model_dir), with_tokenizer=precision == "int8")

@@ -6,16 +6,17 @@ line, any that the chosen method or mode would ignore.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..data import DATASETS
 from ..errors import ConfigError
+from ..gpu.bundle import PRECISIONS as GPU_PRECISIONS, check_bundle_options
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
 from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
 from ..numerics.widths import SUPPORTED_BITS
 from ..quant import QuantSpec
-from .options import option, refuse_inapplicable
+from .options import flag_of, option, refuse_inapplicable
 
 REBUILD_SOLVERS = ("lstsq", "obs")     # how Barber re-solves the rows it changed (SparseGPT init)
 RESOLVE_MODES = ("none", "lstsq")
@@ -35,12 +36,6 @@ def _barber_on_sparsegpt(cfg) -> bool:
 
 def _block_reconstruction(cfg) -> bool:
     return cfg.reconstruct == "block"
-
-
-def _prune_calibrates(cfg) -> bool:
-    """Magnitude pruning with nothing else asked needs no calibration text."""
-    return (cfg.method != "magnitude" or cfg.allocation != "uniform" or cfg.resolve_mode != "none"
-            or cfg.reconstruct != "none")
 
 
 def _calibrates(cfg) -> bool:
@@ -141,7 +136,9 @@ class PruneConfig(CalibConfig):
                                     applies=_block_reconstruction, applies_to="with --reconstruct block only")
 
     def calibrates(self) -> bool:
-        return _prune_calibrates(self)
+        """Magnitude pruning with nothing else asked needs no calibration text."""
+        return (self.method != "magnitude" or self.allocation != "uniform" or self.resolve_mode != "none"
+                or self.reconstruct != "none")
 
     def validate(self, given: set[str] | None = None) -> tuple[SparsityTarget, str]:
         """Check every setting; return the sparsity target and the method that makes the first mask.
@@ -290,21 +287,18 @@ def compress_validate(prune: PruneConfig, quant: QuantConfig, given: set[str] | 
     calibrates = prune.calibrates() or quant.calibrates()
     rest = set(given or ()) - (set(CALIB_FIELDS) if calibrates else set())
     if given is not None and not calibrates and set(given) & set(CALIB_FIELDS):
-        flag = sorted(set(given) & set(CALIB_FIELDS))[0].replace("_", "-")
-        raise ConfigError(f"--{flag} has no effect here: neither step calibrates (magnitude pruning with uniform "
+        flag = flag_of(CalibConfig, sorted(set(given) & set(CALIB_FIELDS))[0])
+        raise ConfigError(f"{flag} has no effect here: neither step calibrates (magnitude pruning with uniform "
                           f"allocation, RTN)")
     return prune.validate(rest & _names(PruneConfig)), quant.validate(rest & _names(QuantConfig))
 
 
 def _names(cls) -> set[str]:
-    from dataclasses import fields
-
     return {f.name for f in fields(cls)}
 
 
 ARTIFACT_TARGETS = ("onnx", "blob", "compressed-tensors")
 BUNDLE_TARGETS = ("fpga", "gpu")
-GPU_PRECISIONS = ("fp16", "int8")
 
 
 def _fpga(cfg) -> bool:
@@ -356,9 +350,6 @@ class ExportConfig:
         if bad or not names:
             raise ConfigError(f"--target {self.target!r}: choose from {', '.join(ARTIFACT_TARGETS)} or all (comma "
                               f"list allowed), or fpga or gpu on its own")
-        if self.precision not in GPU_PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r}: this release builds {', '.join(GPU_PRECISIONS)} bundles")
-        if self.max_batch < 1 or self.max_seq < 2:
-            raise ConfigError(f"--max-batch must be >= 1 and --max-seq >= 2 (got {self.max_batch}, {self.max_seq})")
+        check_bundle_options(self.precision, self.max_batch, self.max_seq)
         refuse_inapplicable(self, given)
         return names
