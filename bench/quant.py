@@ -1,16 +1,18 @@
-"""`toolchain bench quant`: RTN, GPTQ and APTQ at 4 and 3 bits, APTQ at 3.5 and 3.0 average bits, and the
-prune benchmark's 2:4 Barber model with 4-bit GPTQ and APTQ, on a real model.
+"""`toolchain bench quant`: RTN, GPTQ and APTQ at 4 and 3 bits, APTQ at 3.5 and 3.0 average bits, the prune
+benchmark's 2:4 Barber model with 4-bit GPTQ and APTQ, and llm-compressor's GPTQ and RTN as peers, on a real model.
 
-Each configuration quantizes in its own process (`toolchain quantize`, symmetric, GROUP_SIZE groups);
-perplexity is then measured on the held-out pydoc split.
+Each configuration quantizes in its own process (`toolchain quantize`, symmetric, GROUP_SIZE groups; the peers in
+llm-compressor's own environment, bench/peers.py, on the same calibration windows and grid); perplexity is then
+measured on the held-out pydoc split and on the out-of-domain texts (docs/data.md).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from toolchain.reference_runs import (CALIB_SAMPLES, GROUP_SIZE, SEQLEN, dense_hf_dir, heldout_perplexity,
-                                      prune_in_subprocess, quantize_in_subprocess)
+from toolchain.reference_runs import (CALIB_SAMPLES, EVAL_DATASETS, GROUP_SIZE, SEED, SEQLEN, dense_hf_dir,
+                                      heldout_perplexities, loaded_perplexities, prune_in_subprocess,
+                                      quantize_in_subprocess)
 
 from .common import check_only, result_stem, slug, work_dir, write_result
 
@@ -18,9 +20,11 @@ QUANT_CONFIGS = [
     # name, input ("dense" or a pruned model from the prune bench), method, bits, extra flags
     ("rtn 4-bit", "dense", "rtn", "4", []),
     ("gptq 4-bit", "dense", "gptq", "4", []),
+    ("gptq 4-bit natural order", "dense", "gptq", "4", ["--no-act-order"]),
     ("aptq 4-bit", "dense", "aptq", "4", []),
     ("rtn 3-bit", "dense", "rtn", "3", []),
     ("gptq 3-bit", "dense", "gptq", "3", []),
+    ("gptq 3-bit natural order", "dense", "gptq", "3", ["--no-act-order"]),
     ("aptq 3-bit", "dense", "aptq", "3", []),
     ("aptq 3.5 avg (2/4)", "dense", "aptq", "3.5", []),
     ("aptq 3.0 avg (2/4)", "dense", "aptq", "3.0", []),
@@ -28,7 +32,13 @@ QUANT_CONFIGS = [
     ("aptq 3.0 avg (2/3/4)", "dense", "aptq", "3.0", ["--candidates", "2,3,4"]),
     ("barber 2:4 + gptq 4-bit", "barber-sparsegpt-2of4", "gptq", "4", []),
     ("barber 2:4 + aptq 4-bit", "barber-sparsegpt-2of4", "aptq", "4", []),
+    # peers: method "llm-compressor <gptq|rtn>" runs in llm-compressor's own environment (bench/peers.py)
+    ("llm-compressor gptq 4-bit", "dense", "llm-compressor gptq", "4", []),
+    ("llm-compressor rtn 4-bit", "dense", "llm-compressor rtn", "4", []),
+    ("llm-compressor gptq 3-bit", "dense", "llm-compressor gptq", "3", []),
+    ("llm-compressor rtn 3-bit", "dense", "llm-compressor rtn", "3", []),
 ]
+PEER_PREFIX = "llm-compressor "
 
 
 def quant_runs(only: list[str] | None = None) -> list[tuple[str, str, str, str, list[str]]]:
@@ -48,23 +58,26 @@ def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = No
     src = dense_hf_dir(model, work)
     rows = []
     if not only or "dense" in only:
-        rows.append({"name": "dense (fp32)", "ppl": heldout_perplexity(src)})
+        rows.append({"name": "dense (fp32)", "ppl": heldout_perplexities(src)})
     for name, source, method, bits, extra in runs:
+        if method.startswith(PEER_PREFIX):
+            rows.append(peer_row(name, src, work, method[len(PEER_PREFIX):], int(bits)))
+            continue
         model_dir = src
         if source != "dense":
             model_dir = work / source
             if not (model_dir / "compression.json").is_file():
                 prune_in_subprocess(src, model_dir, "barber", "sparsegpt", "2:4", [])
             if not any(r["name"] == "barber 2:4 (unquantized)" for r in rows):
-                rows.append({"name": "barber 2:4 (unquantized)", "ppl": heldout_perplexity(model_dir)})
+                rows.append({"name": "barber 2:4 (unquantized)", "ppl": heldout_perplexities(model_dir)})
         target = work / "quant" / slug(name)
         row = {"name": name, **quantize_in_subprocess(model_dir, target, method, bits, extra)}
-        row["ppl"] = heldout_perplexity(target)
+        row["ppl"] = heldout_perplexities(target)
         rows.append(row)
-        print(f"{name}: ppl {row['ppl']:.3f}, {row['quant_seconds']:.1f} s, {row['avg_bits']} bits", flush=True)
+        print(f"{name}: ppl {_ppl_text(row)}, {row['quant_seconds']:.1f} s, {row['avg_bits']} bits", flush=True)
     result = {"benchmark": "quant", "model": str(model), "group_size": GROUP_SIZE,
-              "calibration": f"pydoc {CALIB_SAMPLES}x{SEQLEN}, seed 0",
-              "eval": f"pydoc held-out split, seqlen {SEQLEN}",
+              "calibration": f"pydoc {CALIB_SAMPLES}x{SEQLEN}, seed {SEED}",
+              "eval": f"held-out splits {', '.join(EVAL_DATASETS)}, seqlen {SEQLEN}",
               "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows, "partial": bool(only)}
     dense_rows = [c[0] for c in QUANT_CONFIGS if c[1] == "dense"]
     order = ["dense (fp32)", *dense_rows, "barber 2:4 (unquantized)", *(c[0] for c in QUANT_CONFIGS if c[1] != "dense")]
@@ -72,13 +85,46 @@ def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = No
     return result
 
 
+def peer_row(name: str, src: Path, work: Path, method: str, bits: int) -> dict:
+    """llm-compressor's `method` at `bits` on the dense model and the reference calibration windows, evaluated
+    here like every other row."""
+    from toolchain.data import calibration_data
+    from toolchain.models import load_model
+
+    from .peers import llmcompressor_env, llmcompressor_quantize, with_weights
+
+    python = llmcompressor_env(work)
+    loaded = load_model(src)
+    calib, _ = calibration_data(loaded, CALIB_SAMPLES, SEQLEN, SEED)
+    weights, facts = llmcompressor_quantize(python, src, calib, method, bits, GROUP_SIZE, work / "llmcompressor")
+    row = {"name": name, "peer": f"llmcompressor {facts['llmcompressor']}", "quant_seconds": facts["seconds"],
+           "peak_rss_mib": facts.get("peak_rss_mib", "-"), "avg_bits": bits,
+           "ppl": loaded_perplexities(with_weights(loaded, weights))}
+    print(f"{name}: ppl {_ppl_text(row)}, {row['quant_seconds']:.1f} s", flush=True)
+    return row
+
+
+def _ppl_text(row: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in row["ppl"].items())
+
+
+def _ppl_by_text(row: dict) -> dict[str, float]:
+    """A row's perplexities by evaluation text (rows measured before the out-of-domain texts hold a number: pydoc)."""
+    return row["ppl"] if isinstance(row["ppl"], dict) else {"pydoc": row["ppl"]}
+
+
 def quant_table(result: dict) -> str:
+    names = list(dict.fromkeys(k for r in result["rows"] for k in _ppl_by_text(r)))
     lines = [f"Model: {result['model']}; symmetric, group size {result['group_size']}; calibration "
-             f"{result['calibration']}; eval {result['eval']}. Weight MiB = codes at their width plus fp16 "
-             "scales of the quantized decoder linears (pruned weights counted as codes).", "",
-             "| configuration | perplexity | avg bits | avg bits incl. scales | weight MiB | quantize time (s) | "
-             "peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+             f"{result['calibration']}; eval {result['eval']} (wiki and science are out of the calibration domain). "
+             "Weight MiB = codes at their width plus fp16 scales of the quantized decoder linears (pruned weights "
+             "counted as codes). Peers run in their own environment on the same windows and grid.", "",
+             "| configuration | " + " | ".join(f"ppl {n}" for n in names) + " | avg bits | avg bits incl. scales | "
+             "weight MiB | quantize time (s) | peak RSS (MiB) |", "|---" * (len(names) + 6) + "|"]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r.get('avg_bits', '-')} | {r.get('avg_bits_with_params', '-')} "
-                     f"| {r.get('weight_mib', '-')} | {r.get('quant_seconds', '-')} | {r.get('peak_rss_mib', '-')} |")
+        ppl = _ppl_by_text(r)
+        cells = [f"{ppl[n]:.2f}" if n in ppl else "-" for n in names]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r.get('avg_bits', '-')} | "
+                     f"{r.get('avg_bits_with_params', '-')} | {r.get('weight_mib', '-')} | "
+                     f"{r.get('quant_seconds', '-')} | {r.get('peak_rss_mib', '-')} |")
     return "\n".join(lines) + "\n"

@@ -184,17 +184,17 @@ PINS = {
     },
     "chip_dependent": {
         "AMD EPYC / AVX512 / 2 threads": {
-            "barber_wanda_gptq.weights": "e5110da015cedaa9",
-            "barber_wanda_gptq.quant_state": "6fe5a726842c03b9",
-            "sparsegpt_lstsq_aptq.weights": "4f67b771d723677e",
-            "sparsegpt_lstsq_aptq.quant_state": "b661393914912b48",
+            "barber_wanda_gptq.weights": "03a40b0d1f74c1d6",
+            "barber_wanda_gptq.quant_state": "83c0441512e0af36",
+            "sparsegpt_lstsq_aptq.weights": "0f7e865f72dce5c8",
+            "sparsegpt_lstsq_aptq.quant_state": "4fe03fc71b39e946",
             "barber_sparsegpt.weights": "91d8c5cac7891820"
         },
         "AMD EPYC / AVX512 / 1 threads": {
-            "barber_wanda_gptq.weights": "e5110da015cedaa9",
-            "barber_wanda_gptq.quant_state": "6fe5a726842c03b9",
-            "sparsegpt_lstsq_aptq.weights": "2afec1f5372d7202",
-            "sparsegpt_lstsq_aptq.quant_state": "d2c7d2e8cfe1f52b",
+            "barber_wanda_gptq.weights": "03a40b0d1f74c1d6",
+            "barber_wanda_gptq.quant_state": "83c0441512e0af36",
+            "sparsegpt_lstsq_aptq.weights": "b3facd8adb8cbeaa",
+            "sparsegpt_lstsq_aptq.quant_state": "9cb76dfaf1791e88",
             "barber_sparsegpt.weights": "b3cb67ec2167bd5f"
         }
     }

@@ -64,7 +64,7 @@ def test_gptq_layer_error_below_rtn(bits, sym):
 def test_gptq_act_order_static_groups_natural_order():
     w, x, stats = _layer()
     spec = QuantSpec(3, 32, True)
-    plain = gptq_quantize(w, stats.hessian, spec)
+    plain = gptq_quantize(w, stats.hessian, spec, act_order=False)
     ordered = gptq_quantize(w, stats.hessian, spec, act_order=True)
     # Static groups: the scales are those of the original weights' groups, in natural column order.
     rtn = rtn_quantize(w, spec)

@@ -12,20 +12,41 @@ import sys
 import time
 from pathlib import Path
 
-from .data import eval_windows, get_corpus, tokenize
+from .data import OUT_OF_DOMAIN, eval_windows, get_corpus, tokenize
 from .evaluate import perplexity
 from .models import load_model, save_model
 
 CALIB_SAMPLES, SEQLEN = 32, 512   # the reference budget: 32 calibration windows of 512 tokens
+SEED = 0                          # the calibration windows' seed (the commands' default --seed)
 # SmolLM2's hidden size 576 is not a multiple of 128, so the reference quantization groups are 64 wide
 GROUP_SIZE = 64
 
 
+# The evaluation splits of the quality benchmarks: the calibration domain, then the texts outside it.
+EVAL_DATASETS = ("pydoc", *OUT_OF_DOMAIN)
+# At most this many windows of each split (the first ones): 32K tokens at SEQLEN, all of pydoc's held-out split.
+EVAL_MAX_WINDOWS = 64
+
+
 def heldout_perplexity(model_dir: str | Path, seqlen: int = SEQLEN) -> float:
     """Perplexity of the model directory on the held-out pydoc split, in windows of `seqlen` tokens."""
-    loaded = load_model(model_dir)
-    windows = eval_windows(tokenize(loaded.tokenizer, get_corpus().eval_text), seqlen)
-    return perplexity(loaded.model, windows, progress=False)
+    return heldout_perplexities(model_dir, ("pydoc",), seqlen)["pydoc"]
+
+
+def heldout_perplexities(model_dir: str | Path, datasets: tuple[str, ...] = EVAL_DATASETS,
+                         seqlen: int = SEQLEN) -> dict[str, float]:
+    """Perplexity of the model directory on the evaluation split of each dataset, loading the model once."""
+    return loaded_perplexities(load_model(model_dir), datasets, seqlen)
+
+
+def loaded_perplexities(loaded, datasets: tuple[str, ...] = EVAL_DATASETS, seqlen: int = SEQLEN) -> dict[str, float]:
+    """Perplexity of a loaded model on the evaluation split of each dataset, in its first EVAL_MAX_WINDOWS
+    windows of `seqlen` tokens."""
+    result = {}
+    for name in datasets:
+        windows = eval_windows(tokenize(loaded.tokenizer, get_corpus(name).eval_text), seqlen, EVAL_MAX_WINDOWS)
+        result[name] = perplexity(loaded.model, windows, progress=False)
+    return result
 
 
 def dense_hf_dir(model: str, cache: Path) -> Path:

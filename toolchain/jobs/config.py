@@ -209,9 +209,14 @@ class QuantConfig(CalibConfig):
     group_size: int = option(128, "--group-size", "input columns per scale; -1 = one scale per output row; a shorter "
                              "last group is allowed", type=int)
     asym: bool = option(False, "--asym", "asymmetric (min/max with a zero point) instead of symmetric")
-    act_order: bool = option(False, "--act-order", "GPTQ/APTQ: quantize columns by decreasing Hessian diagonal "
-                             "(static groups, natural-order codes)", applies=_calibrated_quant,
-                             applies_to="to --method gptq or aptq only (RTN has no column order)")
+    act_order: bool = option(True, "--act-order", "GPTQ/APTQ: quantize columns by decreasing Hessian diagonal, with "
+                             "each group's scale fitted on the original weights before the sweep (static groups; "
+                             "codes, scales and groups stay in natural column order for export). The default, as "
+                             "in llm-compressor: out of the calibration domain it beats the natural order "
+                             "(docs/quantization.md); --no-act-order sweeps in natural order and fits each group's "
+                             "scale on the updated weights when the sweep reaches it", negatable=True,
+                             applies=_calibrated_quant, applies_to="to --method gptq or aptq only (RTN has no column "
+                             "order)")
     percdamp: float = 0.01
     sensitivity: str = option("model", "--sensitivity", "aptq mixed precision: per-linear Hessian trace of the "
                               "full-model loss (Hutchinson, HAWQ-style; sees how an error grows through later "

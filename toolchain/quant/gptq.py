@@ -2,9 +2,12 @@
 
 H = 2XX^T/n from the layer engine, dead inputs zeroed, damping `percdamp` * mean(diag H) (retried with
 more when Cholesky fails), U = upper Cholesky factor of H^-1, 128-column blocks with lazy updates.
-Group parameters are fitted at the first column of each group on the already-updated weights (dynamic
-groups), or, with act-order, on the original weights before the loop (static groups), so that codes,
-scales and groups stay in natural column order for export. Pruned weights are quantized to exactly
+By default (act-order, as llm-compressor does) the columns are swept by decreasing diag(H) and each group's
+parameters are fitted on the original weights before the loop (static groups), so that codes, scales and
+groups stay in natural column order for export. With act_order=False the sweep runs in natural order and a
+group's parameters are fitted at its first column on the already-updated weights (dynamic groups, the
+reference's default). Activation order is the better default out of the calibration domain: the columns that
+matter most are rounded first, before error from the others has piled onto them. Pruned weights are quantized to exactly
 zero and their error is propagated like any other column's, which keeps every mask and N:M pattern.
 
 The Hessian may also be a stack [k, in, in]: the rows then form k equal consecutive blocks, block j with
@@ -21,7 +24,7 @@ from .quantizer import QuantizedWeight, QuantSpec, fit_params, quantize_codes
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                   prune_mask: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False, name: str = "layer") -> QuantizedWeight:
+                  act_order: bool = True, name: str = "layer") -> QuantizedWeight:
     rows, cols = weight.shape
     H = hessian.to(weight.device).float()
     H = (H[None] if H.dim() == 2 else H).clone()
