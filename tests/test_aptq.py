@@ -130,20 +130,23 @@ def test_token_weights_match_their_definition():
     assert w_q[0, 0] == pytest.approx(0.0, abs=1e-12)   # the first token attends to itself only: no Q gradient
 
 
-def test_stacked_hessian_gptq_equals_one_run_per_row_block():
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
+def test_stacked_hessian_gptq_equals_one_run_per_row_block(act_order):
     g = torch.Generator().manual_seed(0)
     rows, cols, k = 24, 40, 3
     w = torch.randn(rows, cols, generator=g)
     hs = []
-    for _ in range(k):
+    for j in range(k):
         x = torch.randn(256, cols, generator=g) * torch.logspace(0, -1, cols)
-        hs.append(2 * x.T @ x / 256)
+        # With activation order the blocks share one column order (by the summed diagonal), so one run per
+        # block gives the same codes only where every block's own order is that order: scaled copies of one H.
+        hs.append(2 * x.T @ x / 256 if not act_order or j == 0 else (j + 1) * hs[0])
     stack = torch.stack(hs)
     spec = QuantSpec(3, 16)
-    both = gptq_quantize(w, stack, spec)
+    both = gptq_quantize(w, stack, spec, act_order=act_order)
     r = rows // k
     for j in range(k):
-        one = gptq_quantize(w[j * r:(j + 1) * r], hs[j], spec)
+        one = gptq_quantize(w[j * r:(j + 1) * r], hs[j], spec, act_order=act_order)
         assert torch.equal(both.codes[j * r:(j + 1) * r], one.codes)
         assert torch.equal(both.scales[j * r:(j + 1) * r], one.scales)
 

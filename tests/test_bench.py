@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from toolchain.bench import common, prune
 from toolchain.bench.common import merge_rows, write_result
 from toolchain.bench.export import FORMS, export_forms, writer_throughput
 from toolchain.bench.prune import PRUNE_CONFIGS, SPARSITIES, prune_runs
 from toolchain.bench.quality import quality_configs, quality_runs
-from toolchain.bench.quant import QUANT_CONFIGS, quant_runs
+from toolchain.bench.quant import PEER_PREFIX, QUANT_CONFIGS, quant_runs, quant_table
 from toolchain.bench.registry import BENCHMARKS, TAKES_ONLY, run_benchmark
 from toolchain.cli import main
 from toolchain.errors import ConfigError
@@ -134,10 +135,39 @@ def test_every_benchmark_command_is_one_the_cli_accepts(tmp_path):
                 for s in SPARSITIES]
     commands += [prune_command(tmp_path, tmp_path / "o", m, i, s, extra) for _, m, i, extra, sp in quality_configs()
                  for s in sp]
-    commands += [quantize_command(tmp_path, tmp_path / "o", m, bits, extra) for _, _, m, bits, extra in QUANT_CONFIGS]
+    commands += [quantize_command(tmp_path, tmp_path / "o", m, bits, extra) for _, _, m, bits, extra in QUANT_CONFIGS
+                 if not m.startswith(PEER_PREFIX)]   # the peers run in their own environment
     for cmd in commands:
         _accepted(cmd)
     magnitude = prune_command(tmp_path, tmp_path / "o", "magnitude", None, "0.5", [])
     rtn = quantize_command(tmp_path, tmp_path / "o", "rtn", "4", [])
     gptq = quantize_command(tmp_path, tmp_path / "o", "gptq", "4", [])
     assert "--calib-samples" not in magnitude and "--calib-samples" not in rtn and "--calib-samples" in gptq
+
+
+def test_quant_table_has_a_column_per_evaluation_text():
+    """Rows measured on every text and an older row with only pydoc's number share one table."""
+    result = {"model": "m", "group_size": 64, "calibration": "pydoc 32x512, seed 0", "eval": "e",
+              "rows": [{"name": "dense (fp32)", "ppl": {"pydoc": 14.0, "wiki": 20.0, "science": 30.0}},
+                       {"name": "llm-compressor gptq 4-bit", "ppl": {"pydoc": 16.0, "wiki": 22.5, "science": 33.0},
+                        "avg_bits": 4, "quant_seconds": 10.0},
+                       {"name": "old", "ppl": 17.0}]}
+    lines = quant_table(result).splitlines()
+    assert "| configuration | ppl pydoc | ppl wiki | ppl science |" in lines[2]
+    assert lines[5].startswith("| llm-compressor gptq 4-bit | 16.00 | 22.50 | 33.00 | 4 |")
+    assert lines[6].startswith("| old | 17.00 | - | - |")
+
+
+def test_peer_weights_must_match_the_model(tiny_llama_dir):
+    from toolchain.bench.peers import with_weights
+    from toolchain.errors import ToolchainError
+    from toolchain.models import load_model
+
+    loaded = load_model(tiny_llama_dir)
+    name, param = next((n, p) for n, p in loaded.model.named_parameters() if n.endswith("q_proj.weight"))
+    with_weights(loaded, {name: torch.zeros_like(param)})
+    assert float(dict(loaded.model.named_parameters())[name].abs().sum()) == 0.0
+    with pytest.raises(ToolchainError, match="does not match"):
+        with_weights(loaded, {name: torch.zeros(3, 3)})
+    with pytest.raises(ToolchainError, match="does not match"):
+        with_weights(loaded, {"model.nothing.weight": torch.zeros(3)})
