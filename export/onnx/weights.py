@@ -95,6 +95,8 @@ class LinearWriter:
     accuracy_level: int = 0      # MatMulNBits: 0 computes in fp32 from the exact weights; 4 quantizes A to int8
     fp16_gemm: bool = False      # float form: fp16 weights and GEMMs (the GPU target), fp32 everywhere else
     dims: Dims | None = None   # the written graph's dimensions, set by build_onnx
+    graph: str | None = None   # the decoder written (fused or plain), set by build_onnx
+    graph_fallback: str | None = None   # why a fused graph was asked for and the plain one written
     int8_plan: dict[str, dict] | None = None   # float form: int8 Q/DQ GEMMs: {"amax": per-channel input max, "alpha"}
 
     def __call__(self, x: str, module_name: str, module: torch.nn.Linear, keep_fp32: bool = False) -> str:
