@@ -187,3 +187,37 @@ def test_fused_batch_rows_are_right_padded(tiny_llama_dir, tmp_path):
                                        "position_ids": pos.numpy(), **dec.empty_cache(2)})[0]
     real = mask.numpy().astype(bool)
     assert np.abs(out[real] - ref[real]).max() < 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_lm_head_int8_keeps_a_q8_0_table_exact_and_int4_is_matmulnbits(compressed_dir, tmp_path):
+    """--lm-head int8 on a tied table that is exactly int8 blocks (GGUF Q8_0) multiplies by those very codes:
+    still exact. --lm-head int4 rounds the head to 4-bit MatMulNBits blocks: smaller, approximate."""
+    import shutil
+
+    from onnx import helper
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "q8-table"
+    shutil.copytree(compressed_dir("qwen2", "2:4", "4"), model_dir)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    name = "model.embed_tokens.weight"
+    table = tensors[name].reshape(tensors[name].shape[0], -1, 32)
+    scales = (table.abs().amax(-1, keepdim=True) / 127).half().float()
+    tensors[name] = (scales * torch.round(table / scales).clamp(-127, 127)).reshape(tensors[name].shape).contiguous()
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    sizes = {}
+    for head in ("int8", "int4"):
+        path = tmp_path / head / "model.onnx"
+        path.parent.mkdir()
+        info = export_onnx(model_dir, path, "matmulnbits", graph="fused", lm_head=head)
+        sizes[head] = info["bytes"]
+        nodes = {n.output[0]: n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"}
+        head_node = next(n for n in nodes.values() if n.name.startswith("lm_head"))
+        assert {a.name: helper.get_attribute_value(a) for a in head_node.attribute}["bits"] == (8 if head == "int8" else 4)
+        r = check_onnx(model_dir, path, tokens=16, new_tokens=4)
+        if head == "int8":
+            assert info["lm_head"] == "its own int8 blocks (exact)"
+            assert r["ok"] and r["relative_diff"] < 1e-5, r
+        else:
+            assert info["lm_head"].startswith("round-to-nearest 4-bit") and 0 < r["relative_diff"] < 0.5
+    assert sizes["int4"] < sizes["int8"]

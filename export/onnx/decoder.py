@@ -13,7 +13,7 @@ import torch
 from ...errors import ConfigError, ModelLoadError
 from ...models import ArchAdapter
 from .graph import MS_DOMAIN, OPSET, Dims, to_numpy
-from .weights import LinearWriter, lossless_int8_blocks
+from .weights import LinearWriter, lm_head_codes, lossless_int8_blocks
 
 NEG_LARGE = float(np.finfo(np.float32).min)  # masked scores, as transformers does (finite: no NaN rows)
 ACTIVATIONS = ("silu", "relu")
@@ -254,6 +254,13 @@ class DecoderGraph:
 
     def lm_head(self, x: str) -> str:
         lm_head = self.model.get_output_embeddings()
+        if self.linear.lm_head != "float" and "lm_head" not in self.linear.quant:
+            qw, how = lm_head_codes(lm_head.weight, self.linear.lm_head)
+            y = self.linear._matmulnbits(x, "lm_head", qw)
+            self.linear.layers["lm_head"]["codes"] = how
+            if lm_head.bias is not None:
+                y = self.g.op("Add", [y, self.g.init("lm_head.bias", to_numpy(lm_head.bias))], hint="lm_head/bias")
+            return y
         if "lm_head" in self.linear.quant or not self.model.config.tie_word_embeddings:
             return self.linear(x, "lm_head", lm_head, keep_fp32=True)
         g = self.g

@@ -314,6 +314,7 @@ def _onnx(cfg) -> bool:
 
 
 ONNX_GRAPHS = ("fused", "plain")
+LM_HEADS = ("float", "int8", "int4")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
@@ -334,6 +335,11 @@ class ExportConfig:
                                  "PyTorch), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (faster on CPU, no longer "
                                  "exact: onnx-check measures by how much)", type=int, choices=ACCURACY_LEVELS,
                                  applies=_onnx, applies_to="to --target onnx (or all) only")
+    lm_head: str = option("float", "--lm-head", "the LM head's weight when it was not quantized: float, or "
+                          "MatMulNBits int8 / int4 in symmetric blocks of 32. int8 keeps a table that is exactly "
+                          "int8 blocks (a GGUF Q8_0 embedding, tied) exact; otherwise the head is rounded to the "
+                          "nearest code and the logits change (onnx-check measures by how much)", choices=LM_HEADS,
+                          applies=_onnx, applies_to="to --target onnx (or all) only")
     accel_config: str | None = option(None, "--config", "fpga: accelerator config (keys of accel.json: n, m, "
                                       "groups_per_beat, pes, weight_bits, act_bits, group_size, k_max, scale_bits, "
                                       "out_bits, clock_mhz, mem_gbps); default: a design that runs every layer of "

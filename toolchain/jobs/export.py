@@ -44,7 +44,8 @@ def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Export
         from ..gpu.bundle import write_gpu_bundle
 
         return write_gpu_bundle(model_dir, out, cfg.precision, cfg.max_batch, cfg.max_seq)
-    return write_artifacts(model_dir, out, targets, cfg.onnx_weights, cfg.onnx_graph, cfg.accuracy_level)
+    return write_artifacts(model_dir, out, targets, cfg.onnx_weights, cfg.onnx_graph, cfg.accuracy_level,
+                           cfg.lm_head)
 
 
 def parse_forms(text: str | None, quantized: bool) -> list[str]:
@@ -60,7 +61,8 @@ def parse_forms(text: str | None, quantized: bool) -> list[str]:
 
 
 def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, targets: list[str],
-                    onnx_weights: str | None = None, onnx_graph: str = "fused", accuracy_level: int = 0) -> dict:
+                    onnx_weights: str | None = None, onnx_graph: str = "fused", accuracy_level: int = 0,
+                    lm_head: str = "float") -> dict:
     """Write the blob / ONNX / compressed-tensors artifacts of `model_dir` into `out`; returns the manifest.
     The ONNX directory also holds genai_config.json (naming the first weight form) and the tokenizer, so
     onnxruntime-genai runs it as it is."""
@@ -88,7 +90,7 @@ def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, target
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")   # the per-layer fallbacks are recorded in the result
                     info = onnx.export_onnx(model_dir, tmp / "onnx" / f"model.{form}.onnx", form, accuracy_level,
-                                            graph=onnx_graph, genai=i == 0)
+                                            graph=onnx_graph, genai=i == 0, lm_head=lm_head)
                 if info["genai"] is None:
                     info.pop("genai")
                 info.pop("layers")
