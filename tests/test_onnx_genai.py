@@ -215,9 +215,12 @@ def test_lm_head_int8_keeps_a_q8_0_table_exact_and_int4_is_matmulnbits(compresse
         head_node = next(n for n in nodes.values() if n.name.startswith("lm_head"))
         assert {a.name: helper.get_attribute_value(a) for a in head_node.attribute}["bits"] == (8 if head == "int8" else 4)
         r = check_onnx(model_dir, path, tokens=16, new_tokens=4)
-        if head == "int8":
-            assert info["lm_head"] == "its own int8 blocks (exact)"
+        if head == "int8":   # the tied table is stored once: the head's codes, looked up by GatherBlockQuantized
+            assert info["lm_head"] == "its own int8 blocks (exact), shared with the embedding"
+            assert "GatherBlockQuantized" in _ops(path)
+            assert not [t.name for t in onnx.load(str(path)).graph.initializer if "embed_tokens" in t.name]
             assert r["ok"] and r["relative_diff"] < 1e-5, r
         else:
             assert info["lm_head"].startswith("round-to-nearest 4-bit") and 0 < r["relative_diff"] < 0.5
-    assert sizes["int4"] < sizes["int8"]
+    # the shared int8 table is stored once; an int4 head is a second, 4-bit copy beside the exact embedding
+    assert sizes["int8"] < sizes["int4"]

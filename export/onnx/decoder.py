@@ -56,10 +56,25 @@ class DecoderGraph:
         """Token embedding lookup. In the quantized forms a table that is exactly int8 blocks of 32 (see
         `lossless_int8_blocks`) is stored as those codes and rebuilt by Cast and Mul of initializers, which
         onnxruntime (and TensorRT) fold into a float table once, at load: a small file, float speed, and the
-        same values. A tied lm_head multiplies by that same table."""
+        same values. A tied lm_head multiplies by that same table.
+
+        With `--lm-head int8` such a tied table is stored once, as the LM head's MatMulNBits codes, and the
+        lookup is a GatherBlockQuantized of those codes: no float table at all, the same values."""
         g = self.g
         self.table_width = weight.shape[1]   # the hidden size, or narrower where project_in/out widen it
-        blocks = lossless_int8_blocks(weight) if self.linear.form != "float" else None
+        self.shared_head = None
+        shared = (self.linear.lm_head == "int8" and self.model.config.tie_word_embeddings
+                  and "lm_head" not in self.linear.quant)
+        blocks = lossless_int8_blocks(weight) if self.linear.form != "float" or shared else None
+        if blocks is not None and shared:
+            codes, scales = blocks
+            rows, cols = codes.shape
+            qweight = g.init("lm_head.qweight", (codes.astype(np.int16) + 128).astype(np.uint8).reshape(rows, -1, 32))
+            self.shared_head = (qweight, g.init("lm_head.scales", scales), rows, cols)
+            self.linear.embedding = "int8 blocks of 32 (lossless), the LM head's codes (GatherBlockQuantized)"
+            table = g.op("Reshape", [qweight, g.const([rows, cols])], hint="embed/codes")
+            return g.op("GatherBlockQuantized", [table, input_ids, self.shared_head[1]], domain=MS_DOMAIN, bits=8,
+                        block_size=32, quantize_axis=1, gather_axis=0, hint="embed")
         if blocks is None:
             self.table, self.linear.embedding = g.init(name, to_numpy(weight)), "float32"
         else:
@@ -254,6 +269,12 @@ class DecoderGraph:
 
     def lm_head(self, x: str) -> str:
         lm_head = self.model.get_output_embeddings()
+        if self.shared_head is not None:   # the embedding's int8 codes, offset by MatMulNBits' zero point 128
+            qweight, scales, rows, cols = self.shared_head
+            self.linear.layers["lm_head"] = {"form": "matmulnbits", "bits": 8, "container": 8, "block_size": 32,
+                                             "codes": "its own int8 blocks (exact), shared with the embedding"}
+            return self.g.op("MatMulNBits", [x, qweight, scales], hint="lm_head", domain=MS_DOMAIN, K=cols, N=rows,
+                             bits=8, block_size=32, accuracy_level=self.linear.accuracy_level)
         if self.linear.lm_head != "float" and "lm_head" not in self.linear.quant:
             qw, how = lm_head_codes(lm_head.weight, self.linear.lm_head)
             y = self.linear._matmulnbits(x, "lm_head", qw)
