@@ -23,8 +23,10 @@ from toolchain.reference_runs import CALIB_SAMPLES, SEQLEN, dense_hf_dir
 from .common import check_only, result_stem, work_dir, write_result
 
 PREFILL, DECODE_STEPS, REPEATS = 128, 32, 5
-# The ONNX forms checked and timed, in the table's order; `--only` picks some of them.
+# The ONNX forms checked and timed, in the table's order; `--only` picks some of them, and `genai` the
+# comparison with onnxruntime-genai's model builder (bench/export_genai.py).
 FORMS = ("float", "qdq", "matmulnbits", "matmulnbits acc4")
+GENAI = "genai"
 
 
 def compressed_source(model: str, work: Path) -> Path:
@@ -41,7 +43,7 @@ def compressed_source(model: str, work: Path) -> Path:
 
 def export_forms(only: list[str] | None = None) -> list[str]:
     """The ONNX forms `--only` selects (all without it), in the table's order."""
-    check_only("export", only, FORMS)
+    check_only("export", only, FORMS + (GENAI,))
     return [f for f in FORMS if not only or f in only]
 
 
@@ -127,6 +129,8 @@ def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = N
     out_dir = Path(out_dir)
     work = work_dir(out_dir)
     src = compressed_source(model, work)
+    if only and set(only) == {GENAI}:
+        return genai_comparison(model, out_dir, src, work)
     threads = os.cpu_count() or 1
     result: dict = {"model": model, "source": str(src), "source_recipe":
                     "toolchain compress --prune wanda --sparsity 2:4 --quant gptq --bits 4 --group-size 64 "
@@ -172,7 +176,25 @@ def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = N
     result["partial"] = bool(only)
     write_result(result_stem(out_dir, "export", model), result, list(FORMS), lambda r: r["form"], export_table,
                  rows="onnx")
+    if not only or GENAI in only:
+        result["genai"] = genai_comparison(model, out_dir, src, work)
     return result
+
+
+def genai_comparison(model: str, out_dir: Path, src: Path, work: Path) -> dict:
+    """Our fused export against onnxruntime-genai's builder (bench/export_genai.py), written to
+    export_genai_<model>.{json,md}; skipped, saying so, where onnxruntime-genai is not installed."""
+    from toolchain.export.ort_runtime import genai_available
+
+    from .common import save_result
+    from .export_genai import genai_table, run_genai_comparison
+
+    if not genai_available():
+        print("export genai: skipped: onnxruntime-genai is not installed (pip install 'toolchain[genai]')")
+        return {"skipped": "onnxruntime-genai is not installed"}
+    result = {"model": model, "source": str(src), **run_genai_comparison(src, work)}
+    return save_result(out_dir, "export_genai", model, result, lambda r: f"# Export benchmark: {r['model']}\n\n" +
+                       genai_table(r))
 
 
 def export_table(r: dict) -> str:

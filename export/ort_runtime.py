@@ -79,3 +79,34 @@ def time_decoder(decoder, prefill_tokens: int = 128, decode_steps: int = 32, rep
         steps.append(time.perf_counter() - t0)
         past += 1
     return {"prefill_ms": 1000 * float(np.median(prefill)), "decode_ms_per_token": 1000 * float(np.median(steps))}
+
+
+def genai_available() -> bool:
+    """Whether onnxruntime-genai (the optional `genai` extra) is installed."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def genai_greedy(model_dir: str | os.PathLike, ids: np.ndarray, new_tokens: int, model=None) -> list[int]:
+    """Greedy tokens after the prompt `ids` [1, S] from onnxruntime-genai running the export in `model_dir`
+    (its genai_config.json) as it is; generation stops early at an EOS token, as the runtime does. `model`: an
+    already loaded `og.Model` of that directory."""
+    import onnxruntime_genai as og
+
+    if model is None:
+        try:
+            model = og.Model(str(model_dir))
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime-genai cannot load {model_dir}: {exc}") from None
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=int(ids.shape[1]) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(ids, dtype=np.int32))
+    tokens: list[int] = []
+    while not generator.is_done() and len(tokens) < new_tokens:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens

@@ -31,6 +31,17 @@ def make_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(cfg).eval()
 
 
+def make_qwen2(vocab_size: int, seed: int = 0, layers: int = 2):
+    """A LLaMA-family layout with q/k/v biases and a tied embedding (Qwen2)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
+                      tie_word_embeddings=True, use_sliding_window=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
 def make_opt(vocab_size: int, seed: int = 0, layers: int = 2):
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -78,13 +89,21 @@ def tiny_opt_dir(tmp_path_factory, tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    make_qwen2(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=["llama", "opt"])
 def tiny_dir(request, tiny_llama_dir, tiny_opt_dir):
     return tiny_llama_dir if request.param == "llama" else tiny_opt_dir
 
 
 @pytest.fixture(scope="session")
-def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir):
+def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir, tiny_qwen2_dir):
     """Factory of compressed tiny models (HF dir + quant_state.safetensors + compression.json), made once per
     (family, sparsity, bits, group_size, asym) for the session: `compressed_dir("llama", "2:4", 4)`."""
     from toolchain.jobs.config import PruneConfig, QuantConfig
@@ -98,7 +117,7 @@ def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir):
              asym: bool = False, method: str = "gptq"):
         key = (family, sparsity, str(bits), group_size, asym, method)
         if key not in made:
-            src = str(tiny_llama_dir if family == "llama" else tiny_opt_dir)
+            src = str({"llama": tiny_llama_dir, "opt": tiny_opt_dir, "qwen2": tiny_qwen2_dir}[family])
             out = tmp_path_factory.mktemp("compressed") / "model"
             qcfg = QuantConfig(method=method, bits=bits, group_size=group_size, asym=asym, **calib)
             if bits is None:

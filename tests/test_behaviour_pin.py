@@ -118,7 +118,8 @@ def chip_independent(tmp: Path) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_export(model, tmp / "x", ExportConfig(target="all", onnx_weights="float,qdq,matmulnbits"))
+        run_export(model, tmp / "x", ExportConfig(target="all", onnx_weights="float,qdq,matmulnbits",
+                                                   onnx_graph="plain"))
     with read_blob(tmp / "x" / "model.tcblob", verify=True) as blob:
         pins["blob"] = _digest((f"{n}.{s}", blob.section(n, s)) for n in blob.names()
                                for s in blob.entry(n)["sections"])

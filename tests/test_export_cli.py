@@ -8,6 +8,7 @@ import pytest
 
 from toolchain.cli import main
 from toolchain.errors import ConfigError, ModelLoadError
+from toolchain.export.ort_runtime import genai_available
 from toolchain.jobs.config import ExportConfig
 from toolchain.jobs.export import parse_forms, run_export
 
@@ -20,7 +21,11 @@ def test_export_all_writes_every_artifact_with_a_true_manifest(compressed_dir, t
     manifest = json.loads((out / "manifest.json").read_text())
     paths = {a["path"] for a in manifest["artifacts"]}
     assert {"model.tcblob", "onnx/model.float.onnx", "onnx/model.matmulnbits.onnx",
-            "compressed-tensors/config.json"} <= paths
+            "compressed-tensors/config.json", "onnx/genai_config.json", "onnx/tokenizer.json"} <= paths
+    # the default graph is the fused one; onnxruntime-genai's config names the first form given
+    assert manifest["results"]["onnx"]["float"]["graph"] == "fused"
+    assert json.loads((out / "onnx/genai_config.json").read_text())["model"]["decoder"]["filename"] == \
+        "model.float.onnx"
     for art in manifest["artifacts"]:
         data = (out / art["path"]).read_bytes()
         assert len(data) == art["bytes"]
@@ -30,7 +35,13 @@ def test_export_all_writes_every_artifact_with_a_true_manifest(compressed_dir, t
     # the exported graph passes onnx-check from the command line
     assert main(["onnx-check", "--model", str(model_dir), "--onnx", str(out / "onnx/model.matmulnbits.onnx"),
                  "--tokens", "16", "--new-tokens", "4"]) == 0
-    assert "tokens match: ok" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tokens match: ok" in printed
+    assert "onnxruntime-genai: skipped (genai_config.json names model.float.onnx" in printed
+    assert main(["onnx-check", "--model", str(model_dir), "--onnx", str(out / "onnx/model.float.onnx"),
+                 "--tokens", "16", "--new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert ("onnxruntime-genai greedy generation" in printed) == genai_available()
 
 
 def test_default_onnx_form_follows_the_model():

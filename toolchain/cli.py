@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("onnx-check", help="run an exported ONNX graph in onnxruntime against the PyTorch model",
                        description="Loads the graph in onnxruntime (ORT_ENABLE_BASIC), compares the prefill "
                                    "logits on real text with the PyTorch model, then generates greedily through "
-                                   "the KV cache in both and compares the tokens. Exit status 1 when they differ.")
+                                   "the KV cache in both and compares the tokens. Where onnxruntime-genai is "
+                                   "installed (pip install 'toolchain[genai]') and a genai_config.json beside the "
+                                   "graph names it, also generates through onnxruntime-genai as it runs the export "
+                                   "out of the box. Exit status 1 when they differ.")
     o.add_argument("--model", required=True, help="the model directory the graph was exported from")
     o.add_argument("--onnx", required=True, help="the .onnx file")
     o.add_argument("--tokens", type=int, default=64, help="prompt tokens (default %(default)s)")
@@ -277,6 +280,13 @@ def _print_artifacts(manifest: dict, model: str) -> None:
     for form, info in manifest["results"].get("onnx", {}).items():
         for layer, why in info.get("warnings", {}).items():
             print(f"warning: onnx {form}: {layer}: {why}", file=sys.stderr)
+        if "graph_fallback" in info:
+            print(f"note: onnx {form}: plain graph: {info['graph_fallback']}", file=sys.stderr)
+        genai = info.get("genai")
+        if genai and genai["written"]:
+            print(f"onnx {form} ({info['graph']} graph): onnxruntime-genai runs onnx/ as it is (genai_config.json)")
+        elif genai:
+            print(f"note: no genai_config.json: {genai['reason']}", file=sys.stderr)
     print(f"exported {model} ({', '.join(manifest['targets'])}) -> {manifest['out']}")
 
 
@@ -366,6 +376,13 @@ def cmd_onnx_check(args) -> int:
               f"{'ok' if r['logits_ok'] else 'MISMATCH'}")
         print(f"greedy generation through the KV cache: {r['tokens_matched']}/{len(r['torch_tokens'])} tokens "
               f"match: {'ok' if r['tokens_ok'] else 'MISMATCH'}")
+        g = r["genai"]
+        if "skipped" in g:
+            print(f"onnxruntime-genai: skipped ({g['skipped']})")
+        else:
+            stop = ", stopped at EOS" if g["stopped_at_eos"] else ""
+            print(f"onnxruntime-genai greedy generation: {g['tokens_matched']}/{len(g['tokens'])} tokens match "
+                  f"PyTorch{stop}: {'ok' if g['tokens_ok'] else 'MISMATCH'}")
         if r["text"] is not None:
             print(f"onnx generated: {r['text']!r}")
     return 0 if r["ok"] else 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,8 +11,11 @@ from ...errors import ConfigError, ModelLoadError
 from ...models import ADAPTERS, ArchAdapter
 from ...quant import QuantizedWeight
 from .decoder import DecoderGraph
+from .fused import FusedDecoderGraph, fused_unsupported
 from .graph import OPSET, Graph
-from .weights import FORMS, LinearWriter
+from .weights import FORMS, LM_HEADS, ExportWarning, LinearWriter
+
+GRAPHS = ("fused", "plain")   # contrib-op graph for onnxruntime(-genai), or op by op for any runtime
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB cap: larger graphs keep weights in a side file
 
@@ -26,9 +30,18 @@ def exportable_adapter(family: str) -> ArchAdapter:
 
 
 def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWeight], form: str = "float",
-               accuracy_level: int = 0, fp16_gemm: bool = False, int8_plan: dict[str, dict] | None = None):
-    """The ONNX ModelProto of `model` with its linears in `form`, and the LinearWriter holding the record of
-    what each layer became."""
+               accuracy_level: int = 0, fp16_gemm: bool = False, int8_plan: dict[str, dict] | None = None,
+               graph: str = "plain", lm_head: str = "float"):
+    """The ONNX ModelProto of `model` with its linears in `form` and its decoder as `graph` (fused: contrib
+    ops; plain: op by op), and the LinearWriter holding the record of what each layer became; its `graph` says
+    which decoder was written (a model the fused form cannot represent is written plain, with a warning).
+    `lm_head` int8/int4: an LM head that was never quantized becomes MatMulNBits (see `lm_head_codes`)."""
+    if graph not in GRAPHS:
+        raise ConfigError(f"--onnx-graph {graph!r}: choose one of {', '.join(GRAPHS)}")
+    if lm_head not in LM_HEADS:
+        raise ConfigError(f"--lm-head {lm_head!r}: choose one of {', '.join(LM_HEADS)}")
+    if lm_head != "float" and (fp16_gemm or int8_plan is not None):
+        raise ConfigError("--lm-head int8/int4 is MatMulNBits, an onnxruntime contrib op; the GPU bundle has none")
     if form not in FORMS:
         raise ConfigError(f"--onnx-weights {form!r}: choose one of {', '.join(FORMS)}")
     if form != "float" and not quant:
@@ -39,12 +52,18 @@ def build_onnx(model: torch.nn.Module, family: str, quant: dict[str, QuantizedWe
         raise ConfigError(f"MatMulNBits accuracy level must be 0-4, got {accuracy_level}")
     if (fp16_gemm or int8_plan is not None) and form != "float":
         raise ConfigError("fp16 and int8 GEMMs apply to the float weight form only")
-    writer = LinearWriter(Graph(), form, quant, accuracy_level=accuracy_level, fp16_gemm=fp16_gemm,
-                          int8_plan=int8_plan)
+    if graph == "fused" and (fp16_gemm or int8_plan is not None):
+        raise ConfigError("fp16 and int8 GEMMs are written in the plain graph only (TensorRT has no contrib ops)")
+    writer = LinearWriter(Graph(), form, dict(quant), accuracy_level=accuracy_level, fp16_gemm=fp16_gemm,
+                          int8_plan=int8_plan, lm_head=lm_head)
+    why = fused_unsupported(model, adapter) if graph == "fused" else None
+    if why is not None:
+        warnings.warn(f"--onnx-graph fused: {why}; writing the plain graph", ExportWarning, stacklevel=2)
+        graph = "plain"
     with torch.no_grad():
-        graph = DecoderGraph(model, adapter, writer)
-        proto = graph.build()
-    writer.dims = graph.dims
+        decoder = (FusedDecoderGraph if graph == "fused" else DecoderGraph)(model, adapter, writer)
+        proto = decoder.build()
+    writer.dims, writer.graph, writer.graph_fallback = decoder.dims, graph, why
     return proto, writer
 
 
@@ -63,23 +82,38 @@ def save_onnx(proto, path: str | os.PathLike) -> list[Path]:
 
 
 def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike, form: str = "float",
-                accuracy_level: int = 0) -> dict:
+                accuracy_level: int = 0, graph: str = "plain", genai: bool = False, lm_head: str = "float") -> dict:
     """Read a compressed model directory and write its ONNX graph in weight form `form` to `out_path`.
     `accuracy_level` is MatMulNBits': 0 (default) is exact fp32 compute, 4 quantizes activations to int8
-    (faster on CPU, no longer bit-faithful to the PyTorch model: onnx-check measures by how much)."""
+    (faster on CPU, no longer bit-faithful to the PyTorch model: onnx-check measures by how much). `graph`:
+    fused (contrib ops) or plain (op by op). `genai`: also write genai_config.json and the tokenizer beside
+    the graph, so onnxruntime-genai runs that directory as it is."""
     from ...models import load_model
     from ..source import read_compressed
 
     source = read_compressed(model_dir, require_quant=False)
     loaded = load_model(str(model_dir), with_tokenizer=False)
-    proto, writer = build_onnx(loaded.model, loaded.adapter.family, source.quant, form, accuracy_level)
+    proto, writer = build_onnx(loaded.model, loaded.adapter.family, source.quant, form, accuracy_level,
+                               graph=graph, lm_head=lm_head)
     layers = writer.layers
     files = save_onnx(proto, out_path)
+    genai_files = None
+    if genai:
+        from .genai import write_genai_files
+
+        d = writer.dims
+        genai_files = write_genai_files(model_dir, out_path, [kv for _, kv in d.layer_heads],
+                                        [h for h, _ in d.layer_heads], d.head_dim,
+                                        share_buffer=writer.graph == "fused")
     forms: dict[str, int] = {}
     for info in layers.values():
-        forms[info["form"]] = forms.get(info["form"], 0) + 1
-    return {"path": str(out_path), "form": form, "opset": OPSET, "files": [str(f) for f in files],
+        if "form" in info:   # entries without one are layer-level notes (projections kept apart)
+            forms[info["form"]] = forms.get(info["form"], 0) + 1
+    return {"path": str(out_path), "form": form, "graph": writer.graph, "genai": genai_files, "opset": OPSET,
+            **({"graph_fallback": writer.graph_fallback} if writer.graph_fallback else {}), "files": [str(f) for f in files],
             "bytes": sum(f.stat().st_size for f in files), "linears": forms, "embedding": writer.embedding,
-            "accuracy_level": accuracy_level if form == "matmulnbits" else None,
+            "accuracy_level": accuracy_level if form == "matmulnbits" or lm_head != "float" else None,
+            "lm_head": (layers["lm_head"].get("codes", layers["lm_head"]["form"]) if "lm_head" in layers
+                        else "float (the tied embedding table)"),
             "warnings": {k: v["warning"] for k, v in layers.items() if "warning" in v},
             "layers": layers}

@@ -13,7 +13,7 @@ import torch
 from ...errors import ConfigError, ModelLoadError
 from ...models import ArchAdapter
 from .graph import MS_DOMAIN, OPSET, Dims, to_numpy
-from .weights import LinearWriter, lossless_int8_blocks
+from .weights import LinearWriter, lm_head_codes, lossless_int8_blocks
 
 NEG_LARGE = float(np.finfo(np.float32).min)  # masked scores, as transformers does (finite: no NaN rows)
 ACTIVATIONS = ("silu", "relu")
@@ -40,8 +40,13 @@ class DecoderGraph:
         self.model, self.adapter, self.layout = model, adapter, adapter.layout
         self.linear, self.g = linear, linear.g
         c = model.config
-        self.dims = Dims(c.num_hidden_layers, c.num_attention_heads, adapter.kv_heads(c), adapter.head_dim(c),
-                         c.hidden_size, c.vocab_size)
+        head_dim = adapter.head_dim(c)
+        q_name, k_name = self.layout.qkvo[:2]
+        layer_heads = tuple((layer.get_submodule(q_name).out_features // head_dim,
+                             layer.get_submodule(k_name).out_features // head_dim)
+                            for layer in model.get_submodule(self.layout.layers))
+        self.dims = Dims(c.num_hidden_layers, c.num_attention_heads, adapter.kv_heads(c), head_dim,
+                         c.hidden_size, c.vocab_size, layer_heads)
 
     # -- model-wide pieces
     def shape_of(self, x: str, start: int, end: int) -> str:
@@ -51,10 +56,25 @@ class DecoderGraph:
         """Token embedding lookup. In the quantized forms a table that is exactly int8 blocks of 32 (see
         `lossless_int8_blocks`) is stored as those codes and rebuilt by Cast and Mul of initializers, which
         onnxruntime (and TensorRT) fold into a float table once, at load: a small file, float speed, and the
-        same values. A tied lm_head multiplies by that same table."""
+        same values. A tied lm_head multiplies by that same table.
+
+        With `--lm-head int8` such a tied table is stored once, as the LM head's MatMulNBits codes, and the
+        lookup is a GatherBlockQuantized of those codes: no float table at all, the same values."""
         g = self.g
         self.table_width = weight.shape[1]   # the hidden size, or narrower where project_in/out widen it
-        blocks = lossless_int8_blocks(weight) if self.linear.form != "float" else None
+        self.shared_head = None
+        shared = (self.linear.lm_head == "int8" and self.model.config.tie_word_embeddings
+                  and "lm_head" not in self.linear.quant)
+        blocks = lossless_int8_blocks(weight) if self.linear.form != "float" or shared else None
+        if blocks is not None and shared:
+            codes, scales = blocks
+            rows, cols = codes.shape
+            qweight = g.init("lm_head.qweight", (codes.astype(np.int16) + 128).astype(np.uint8).reshape(rows, -1, 32))
+            self.shared_head = (qweight, g.init("lm_head.scales", scales), rows, cols)
+            self.linear.embedding = "int8 blocks of 32 (lossless), the LM head's codes (GatherBlockQuantized)"
+            table = g.op("Reshape", [qweight, g.const([rows, cols])], hint="embed/codes")
+            return g.op("GatherBlockQuantized", [table, input_ids, self.shared_head[1]], domain=MS_DOMAIN, bits=8,
+                        block_size=32, quantize_axis=1, gather_axis=0, hint="embed")
         if blocks is None:
             self.table, self.linear.embedding = g.init(name, to_numpy(weight)), "float32"
         else:
@@ -145,10 +165,11 @@ class DecoderGraph:
         GQA without copying K/V: q is viewed as [B, KV, H/KV, S, D] and K/V as [B, KV, 1, T, D], so MatMul's
         broadcasting pairs query head h with KV head h // (H/KV), as transformers' repeat_kv does."""
         g, d = self.g, self.dims
+        heads, kv_heads = d.layer_heads[i]
         k = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
         v = g.op("Concat", [f"past_key_values.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
-        group = d.heads // d.kv_heads
-        q5 = g.op("Reshape", [q, g.const([0, d.kv_heads, group, -1, d.head_dim])])
+        group = heads // kv_heads
+        q5 = g.op("Reshape", [q, g.const([0, kv_heads, group, -1, d.head_dim])])
         k5 = g.op("Unsqueeze", [k, g.const([2])])
         v5 = g.op("Unsqueeze", [v, g.const([2])])
         scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])], hint=f"layers.{i}/scores")
@@ -156,9 +177,9 @@ class DecoderGraph:
             scores = g.op("Mul", [scores, g.const(scale, np.float32)])
         probs = g.op("Softmax", [g.op("Add", [scores, mask])], axis=-1, hint=f"layers.{i}/probs")
         ctx = g.op("MatMul", [probs, v5])                                                  # [B,KV,G,S,D]
-        ctx = g.op("Reshape", [ctx, g.const([0, d.heads, -1, d.head_dim])])
+        ctx = g.op("Reshape", [ctx, g.const([0, heads, -1, d.head_dim])])
         ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])
-        return g.op("Reshape", [ctx, g.const([0, 0, d.heads * d.head_dim])], hint=f"layers.{i}/attn_out")
+        return g.op("Reshape", [ctx, g.const([0, 0, heads * d.head_dim])], hint=f"layers.{i}/attn_out")
 
     def activation(self, x: str, kind: str, prefix: str) -> str:
         g = self.g
@@ -174,15 +195,16 @@ class DecoderGraph:
     def attention_branch(self, i: int, prefix: str, h: str, mask: str, rope: tuple[str, str] | None,
                          layer: torch.nn.Module) -> str:
         """The attention branch's output (before the residual add) from its normed input h."""
-        d, lin = self.dims, self.linear
+        lin = self.linear
+        heads, kv_heads = self.dims.layer_heads[i]
         q_name, k_name, v_name, o_name = self.layout.qkvo
-        q = self.split_heads(lin(h, f"{prefix}.{q_name}", layer.get_submodule(q_name)), d.heads)
+        q = self.split_heads(lin(h, f"{prefix}.{q_name}", layer.get_submodule(q_name)), heads)
         if rope:
             q = self.rotate(q, *rope)
-        k = self.split_heads(lin(h, f"{prefix}.{k_name}", layer.get_submodule(k_name)), d.kv_heads)
+        k = self.split_heads(lin(h, f"{prefix}.{k_name}", layer.get_submodule(k_name)), kv_heads)
         if rope:
             k = self.rotate(k, *rope)
-        v = self.split_heads(lin(h, f"{prefix}.{v_name}", layer.get_submodule(v_name)), d.kv_heads)
+        v = self.split_heads(lin(h, f"{prefix}.{v_name}", layer.get_submodule(v_name)), kv_heads)
         scale = float(layer.get_submodule(self.layout.attention).scaling)
         a = self.attention(i, q, k, v, mask, scale)
         return lin(a, f"{prefix}.{o_name}", layer.get_submodule(o_name))
@@ -247,6 +269,19 @@ class DecoderGraph:
 
     def lm_head(self, x: str) -> str:
         lm_head = self.model.get_output_embeddings()
+        if self.shared_head is not None:   # the embedding's int8 codes, offset by MatMulNBits' zero point 128
+            qweight, scales, rows, cols = self.shared_head
+            self.linear.layers["lm_head"] = {"form": "matmulnbits", "bits": 8, "container": 8, "block_size": 32,
+                                             "codes": "its own int8 blocks (exact), shared with the embedding"}
+            return self.g.op("MatMulNBits", [x, qweight, scales], hint="lm_head", domain=MS_DOMAIN, K=cols, N=rows,
+                             bits=8, block_size=32, accuracy_level=self.linear.accuracy_level)
+        if self.linear.lm_head != "float" and "lm_head" not in self.linear.quant:
+            qw, how = lm_head_codes(lm_head.weight, self.linear.lm_head)
+            y = self.linear._matmulnbits(x, "lm_head", qw)
+            self.linear.layers["lm_head"]["codes"] = how
+            if lm_head.bias is not None:
+                y = self.g.op("Add", [y, self.g.init("lm_head.bias", to_numpy(lm_head.bias))], hint="lm_head/bias")
+            return y
         if "lm_head" in self.linear.quant or not self.model.config.tie_word_embeddings:
             return self.linear(x, "lm_head", lm_head, keep_fp32=True)
         g = self.g
@@ -264,14 +299,14 @@ class DecoderGraph:
         logits = self.body("input_ids", "position_ids")
         if logits != "logits":
             self.g.op("Identity", [logits], outputs=["logits"])
-        kv = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
-        kv_out = ["batch_size", d.kv_heads, "total_sequence_length", d.head_dim]
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                                 ["batch_size", "total_sequence_length"]),
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", d.vocab])]
-        for i in range(d.layers):
+        for i, (_, kv_heads) in enumerate(d.layer_heads):
+            kv = ["batch_size", kv_heads, "past_sequence_length", d.head_dim]
+            kv_out = ["batch_size", kv_heads, "total_sequence_length", d.head_dim]
             for kind in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_out))

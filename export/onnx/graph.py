@@ -19,6 +19,9 @@ class Dims:
     head_dim: int
     hidden: int
     vocab: int
+    #: (query heads, KV heads) of each layer, read from its projections' shapes: structured pruning makes
+    #: layers differ, so the config's head counts are only the widest layer's
+    layer_heads: tuple[tuple[int, int], ...] = ()
 
 
 class Graph:

@@ -28,6 +28,8 @@ from ..blob import pack_codes  # LSB-first bit streams: the layout of MatMulNBit
 from .graph import MS_DOMAIN, OPSET, Dims, Graph, to_numpy
 
 FORMS = ("float", "qdq", "matmulnbits")
+LM_HEADS = ("float", "int8", "int4")   # --lm-head: the LM head's weight (int8/int4 through MatMulNBits)
+LM_HEAD_BLOCK = 32
 
 
 class ExportWarning(UserWarning):
@@ -51,6 +53,22 @@ def lossless_int8_blocks(weight: torch.Tensor, block: int = 32) -> tuple[np.ndar
     if np.abs(codes).max(initial=0) > 127 or not np.array_equal(scales[..., None] * codes.astype(np.float32), b):
         return None
     return codes.astype(np.int8).reshape(w.shape), scales
+
+
+def lm_head_codes(weight: torch.Tensor, mode: str) -> tuple[QuantizedWeight, str]:
+    """Codes for an LM head that was never quantized (`--lm-head int8|int4`), symmetric blocks of 32, and how
+    they were made. int8 takes the table's own codes where it is exactly int8 blocks (a GGUF Q8_0 table:
+    lossless); otherwise round-to-nearest, which changes the logits (onnx-check measures by how much)."""
+    from ...quant import QuantSpec, rtn_quantize
+
+    bits = 8 if mode == "int8" else 4
+    spec = QuantSpec(bits, LM_HEAD_BLOCK, True)
+    blocks = lossless_int8_blocks(weight, LM_HEAD_BLOCK) if bits == 8 else None
+    if blocks is not None:
+        codes, scales = blocks
+        return (QuantizedWeight(torch.from_numpy(codes.astype(np.int32)), torch.from_numpy(scales),
+                                torch.zeros(scales.shape, dtype=torch.int32), spec), "its own int8 blocks (exact)")
+    return rtn_quantize(weight, spec), f"round-to-nearest {bits}-bit blocks of {LM_HEAD_BLOCK} (approximate)"
 
 
 @lru_cache(maxsize=None)
@@ -95,6 +113,9 @@ class LinearWriter:
     accuracy_level: int = 0      # MatMulNBits: 0 computes in fp32 from the exact weights; 4 quantizes A to int8
     fp16_gemm: bool = False      # float form: fp16 weights and GEMMs (the GPU target), fp32 everywhere else
     dims: Dims | None = None   # the written graph's dimensions, set by build_onnx
+    graph: str | None = None   # the decoder written (fused or plain), set by build_onnx
+    graph_fallback: str | None = None   # why a fused graph was asked for and the plain one written
+    lm_head: str = "float"     # --lm-head: float, or int8/int4 MatMulNBits for a head that was never quantized
     int8_plan: dict[str, dict] | None = None   # float form: int8 Q/DQ GEMMs: {"amax": per-channel input max, "alpha"}
 
     def __call__(self, x: str, module_name: str, module: torch.nn.Linear, keep_fp32: bool = False) -> str:

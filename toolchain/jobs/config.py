@@ -319,6 +319,11 @@ def _onnx(cfg) -> bool:
     return "onnx" in cfg.targets()
 
 
+ONNX_GRAPHS = ("fused", "plain")
+LM_HEADS = ("float", "int8", "int4")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
 @dataclass
 class ExportConfig:
     target: str = option("all", "--target", "onnx, blob, compressed-tensors, or all; comma list allowed; fpga or "
@@ -326,6 +331,21 @@ class ExportConfig:
     onnx_weights: str | None = option(None, "--onnx-weights", "float, qdq, matmulnbits; comma list allowed (default: "
                                       "matmulnbits when the model is quantized, else float)",
                                       applies=_onnx, applies_to="to --target onnx (or all) only")
+    onnx_graph: str = option("fused", "--onnx-graph", "fused: onnxruntime's contrib ops (GroupQueryAttention with "
+                             "rotary inside and a KV cache it can fill in place, SkipSimplifiedLayerNormalization, "
+                             "one weight for q/k/v and one for gate/up where the codes allow), the graph "
+                             "onnxruntime-genai runs fastest; plain: op by op, for runtimes without contrib ops "
+                             "(TensorRT). A family with no fused form (OPT) is written plain",
+                             choices=ONNX_GRAPHS, applies=_onnx, applies_to="to --target onnx (or all) only")
+    accuracy_level: int = option(0, "--accuracy-level", "MatMulNBits compute: 0 exact (fp32 activations; matches "
+                                 "PyTorch), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (faster on CPU, no longer "
+                                 "exact: onnx-check measures by how much)", type=int, choices=ACCURACY_LEVELS,
+                                 applies=_onnx, applies_to="to --target onnx (or all) only")
+    lm_head: str = option("float", "--lm-head", "the LM head's weight when it was not quantized: float, or "
+                          "MatMulNBits int8 / int4 in symmetric blocks of 32. int8 keeps a table that is exactly "
+                          "int8 blocks (a GGUF Q8_0 embedding, tied) exact; otherwise the head is rounded to the "
+                          "nearest code and the logits change (onnx-check measures by how much)", choices=LM_HEADS,
+                          applies=_onnx, applies_to="to --target onnx (or all) only")
     accel_config: str | None = option(None, "--config", "fpga: accelerator config (keys of accel.json: n, m, "
                                       "groups_per_beat, pes, weight_bits, act_bits, group_size, k_max, scale_bits, "
                                       "out_bits, clock_mhz, mem_gbps); default: a design that runs every layer of "

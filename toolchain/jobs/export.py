@@ -3,7 +3,8 @@
     --target onnx|blob|compressed-tensors|all    one directory of artifacts with a manifest:
       manifest.json              every artifact: path, bytes, sha256; what each target wrote
       model.tcblob               packed N:M low-bit blob (docs/blob-format.md)
-      onnx/model.<form>.onnx     decoder with KV cache, one file per weight form
+      onnx/model.<form>.onnx     decoder with KV cache, one file per weight form (--onnx-graph fused|plain)
+      onnx/genai_config.json     onnxruntime-genai's config for the first form, and the tokenizer beside it
       compressed-tensors/        pack-quantized checkpoint (vLLM's format)
     --target fpga                an accelerator bundle (toolchain.fpga.bundle, docs/fpga.md)
     --target gpu                 a 2:4 TensorRT-ready bundle (toolchain.gpu.bundle, docs/gpu.md)
@@ -43,7 +44,8 @@ def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Export
         from ..gpu.bundle import write_gpu_bundle
 
         return write_gpu_bundle(model_dir, out, cfg.precision, cfg.max_batch, cfg.max_seq)
-    return write_artifacts(model_dir, out, targets, cfg.onnx_weights)
+    return write_artifacts(model_dir, out, targets, cfg.onnx_weights, cfg.onnx_graph, cfg.accuracy_level,
+                           cfg.lm_head)
 
 
 def parse_forms(text: str | None, quantized: bool) -> list[str]:
@@ -59,8 +61,11 @@ def parse_forms(text: str | None, quantized: bool) -> list[str]:
 
 
 def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, targets: list[str],
-                    onnx_weights: str | None = None) -> dict:
-    """Write the blob / ONNX / compressed-tensors artifacts of `model_dir` into `out`; returns the manifest."""
+                    onnx_weights: str | None = None, onnx_graph: str = "fused", accuracy_level: int = 0,
+                    lm_head: str = "float") -> dict:
+    """Write the blob / ONNX / compressed-tensors artifacts of `model_dir` into `out`; returns the manifest.
+    The ONNX directory also holds genai_config.json (naming the first weight form) and the tokenizer, so
+    onnxruntime-genai runs it as it is."""
     source = read_compressed(model_dir)
     check_out_dir(model_dir, out)
     forms = parse_forms(onnx_weights, bool(source.quant)) if "onnx" in targets else []
@@ -80,11 +85,14 @@ def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, target
 
             (tmp / "onnx").mkdir()
             results["onnx"] = {}
-            for form in forms:
+            for i, form in enumerate(forms):
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")   # the per-layer fallbacks are recorded in the result
-                    info = onnx.export_onnx(model_dir, tmp / "onnx" / f"model.{form}.onnx", form)
+                    info = onnx.export_onnx(model_dir, tmp / "onnx" / f"model.{form}.onnx", form, accuracy_level,
+                                            graph=onnx_graph, genai=i == 0, lm_head=lm_head)
+                if info["genai"] is None:
+                    info.pop("genai")
                 info.pop("layers")
                 results["onnx"][form] = {**info, "seconds": round(time.perf_counter() - t0, 3)}
         if "compressed-tensors" in targets:
