@@ -62,15 +62,36 @@ def test_smaller_model_loads_with_equal_logits_and_meets_budget(tmp_path, family
         assert entry["channels"]["kept"] * 8 == (layer.mlp.down_proj if family == "llama" else layer.fc2).in_features
 
 
-def test_gqa_ratio_stays_legal():
-    loaded, report = _prune("llama", sparsity="0.4")
+def _gqa_llama(heads: int = 8, kv: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from toolchain.models.loading import LoadedModel
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=VOCAB)).eval()
+    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source={})
+
+
+@pytest.mark.parametrize("dense,sparsity,kv_heads,heads", [((8, 2), "0.3", 2, 4), ((4, 2), "0.5", 1, 2)])
+def test_gqa_ratio_stays_legal(tmp_path, dense, sparsity, kv_heads, heads):
+    """Query heads go in equal numbers from every KV group (8 on 2 -> 4 on 2), or whole groups go (4 on 2 -> 2 on
+    1); the reloaded model computes what the pipeline's did."""
+    loaded = _gqa_llama(*dense)
+    report = prune_loaded(loaded, random_ids(8, 32), PruneConfig(structured=True, sparsity=sparsity, **CALIB),
+                          device="cpu", progress=False)
     config = loaded.model.config
-    assert report["layers"][0]["kv_group"]["kept"] == 1          # a KV group went (2 -> 1)
-    assert config.num_key_value_heads == 1 and config.num_attention_heads == 2   # 4:2 -> 2:1, ratio 2 kept
+    assert (config.num_key_value_heads, config.num_attention_heads) == (kv_heads, heads)
+    assert report["widths"]["attention_heads"] == heads
     for layer in loaded.model.model.layers:
         attn = layer.self_attn
-        assert attn.q_proj.out_features == 2 * config.head_dim and attn.k_proj.out_features == config.head_dim
-        assert attn.o_proj.in_features == attn.q_proj.out_features
+        assert attn.q_proj.out_features == heads * 16 and attn.k_proj.out_features == kv_heads * 16
+        assert attn.num_key_value_groups == heads // kv_heads
+    ids = random_ids(2, 16, seed=3)
+    save_model(loaded, tmp_path / "out")
+    with torch.no_grad():
+        ours = loaded.model(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()(ids).logits
+    assert _rel_diff(theirs, ours) <= 1e-5
 
 
 def _down_proj_inputs(loaded, ids):
@@ -86,7 +107,7 @@ def _down_proj_inputs(loaded, ids):
 
 def test_obs_saliency_is_the_refit_error_and_refit_lowers_layer_error():
     loaded = tiny_loaded("llama")
-    kind = adapter_for(loaded.model).structured_units(loaded.model.model.layers[0], loaded.model.config, 8)[1]
+    kind = adapter_for(loaded.model).structured_units(loaded.model.model.layers[0], loaded.model.config, 8)[-1]
     x = _down_proj_inputs(loaded, random_ids(8, 32))
     stats = InputStats(x.shape[1], hessian=True)
     stats.add_batch(x.float())
@@ -120,7 +141,7 @@ def test_global_allocation_records_ranking_and_meets_budget():
         warnings.simplefilter("always")
         loaded, report = _prune("llama", method="flap", allocation="global", layers=3)
     ranked = report["allocation_info"]["global_ranking"]
-    assert len(ranked) == 3 and all(set(r) == {"kv_group", "channels"} for r in ranked)
+    assert len(ranked) == 3 and all(set(r) == {"kv_group", "channels"} for r in ranked)   # query heads: not ranked
     if any(r != ranked[0] for r in ranked):     # different per-layer widths: collapsed, with a warning
         assert report["allocation_info"]["native_per_layer_widths"] is False
         assert any("per_layer_config" in str(w.message) for w in caught)
@@ -181,7 +202,7 @@ def test_gptq_on_a_structured_model(tmp_path, tiny_llama_dir):
     report = run_quantize(str(pruned), quant, QuantConfig(method="gptq", bits=4, group_size=16, **CALIB),
                           progress=False)
     model = AutoModelForCausalLM.from_pretrained(quant, dtype=torch.float32).eval()
-    assert model.config.intermediate_size == json.loads((pruned / "compression.json").read_text())["widths"]["channels"]
+    assert model.config.intermediate_size == json.loads((pruned / "compression.json").read_text())["widths"]["mlp_channels"]
     state = read_quant_state(quant / "quant_state.safetensors")
     for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"):
         linear = model.get_submodule(name)

@@ -25,7 +25,7 @@ def _budget(loaded: LoadedModel, cfg: PruneConfig, method) -> Budget:
                           "structured pruning needs layers of one shape")
     layer = layers[0]
     kinds = adapter.structured_units(layer, model.config, cfg.channel_multiple)
-    extra = {}
+    blocks = set()
     if method.compensates_bias:
         for kind in kinds:
             if layer.get_submodule(kind.consumer).bias is None:
@@ -33,8 +33,32 @@ def _budget(loaded: LoadedModel, cfg: PruneConfig, method) -> Budget:
                     raise ConfigError(f"{method.name} writes its bias compensation into {kind.consumer}'s bias, "
                                       f"which transformers' {model.config.model_type} has no config switch for; "
                                       f"choose another --method")
-                extra[kind.name] = lambda kept, kind=kind: bias_params(layer, kind, kept)
-    return Budget(len(layers), layer_params(layer), kinds, {k.name: unit_params(layer, k) for k in kinds}, extra)
+                blocks.add(kind.block)
+    extra = (lambda removal: bias_params(layer, kinds, removal, blocks)) if blocks else None
+    budget = Budget(len(layers), layer_params(layer), kinds, {k.name: unit_params(layer, k) for k in kinds}, extra,
+                    frozenset(blocks))
+    checked: dict[tuple, bool] = {}
+
+    def legal(removal: dict[str, int]) -> bool:
+        key = tuple(sorted(removal.items()))
+        if key not in checked:
+            checked[key] = _loadable(loaded, budget, removal)
+        return checked[key]
+
+    budget.legal = legal
+    return budget
+
+
+def _loadable(loaded: LoadedModel, budget: Budget, removal: dict[str, int]) -> bool:
+    """Whether the family's config class accepts the attention widths `removal` leaves (its own validation)."""
+    kept = {k.name: budget.limit(k) - removal.get(k.name, 0) for k in budget.kinds[:-1]}
+    config = loaded.model.config
+    values = loaded.adapter.structured_config(config, kept, set())
+    try:
+        type(config).from_dict({**config.to_dict(), **values})
+    except Exception:   # transformers' strict validators raise several types
+        return False
+    return True
 
 
 def _consumer_stats(engine, layer, hidden, kind, method):
@@ -43,18 +67,19 @@ def _consumer_stats(engine, layer, hidden, kind, method):
     return engine.collect_stats(layer, hidden, method.needs_hessian, only=(kind.consumer,))[kind.consumer]
 
 
-def _global_counts(engine, budget, method, sparsity, progress) -> tuple[dict[str, int], list[dict[str, int]], list]:
+def _global_counts(engine, budget, method, sparsity, progress) -> tuple[dict[str, int], list[dict[str, int]]]:
     """One pass over the dense model for every unit's score, the global ranking, and the widths every layer
-    gets when the installed transformers cannot give each layer its own."""
+    gets when the installed transformers cannot give each layer its own: the ranking's mean attention share."""
+    ranked = [k for k in budget.kinds if k.groups == 1]
+
     def score(i, layer, hidden):
         return {"scores": {k.name: method.importance(k, layer, _consumer_stats(engine, layer, hidden, k, method))
-                           .cpu() for k in budget.kinds}}
+                           .cpu() for k in ranked}}
 
     scored = engine.walk(score, needs_inputs=method.needs_stats, desc=f"score {method.name}", progress=progress)
     per_layer = global_removal(budget, [e["scores"] for e in scored], sparsity)
-    coarse = budget.kinds[0] if len(budget.kinds) > 1 else None
-    prefer = round(sum(r[coarse.name] for r in per_layer) / len(per_layer)) if coarse else None
-    return uniform_removal(budget, sparsity, prefer), per_layer, scored
+    attention = sum(budget.attention_fraction(r) for r in per_layer) / len(per_layer)
+    return uniform_removal(budget, sparsity, attention), per_layer
 
 
 def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: PruneConfig, device,
@@ -70,10 +95,10 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
     engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
     allocation_info = {}
     if cfg.allocation == "global":
-        removal, ranked, _ = _global_counts(engine, budget, method, target.sparsity, progress)
+        removal, ranked = _global_counts(engine, budget, method, target.sparsity, progress)
         allocation_info["global_ranking"] = ranked
         if any(r != ranked[0] for r in ranked):
-            probe = adapter.structured_config(model.config, {k.name: k.count - 1 for k in budget.kinds}, set())
+            probe = adapter.structured_config(model.config, {"channels": budget.kinds[-1].count - 1}, set())
             native = native_per_layer_widths(model, probe)
             # Supported or not, the written model has one width per kind: no family we prune builds per-layer
             # widths from per_layer_config in transformers 5.x (the probe says so when that changes).
@@ -88,27 +113,32 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
 
     def prune_layer(i, layer, hidden):
         entry = {"params_before": layer_params(layer)}
-        for kind in budget.kinds:
-            n = removal[kind.name]
+        for name in [k.name for k in budget.kinds]:
+            # the kinds as the layer is now: removing KV groups leaves fewer query heads to choose from
+            kind = {k.name: k for k in adapter.structured_units(layer, model.config, cfg.channel_multiple)}[name]
+            n = removal[name] * kind.groups
             info = {"units": kind.count, "kept": kind.count - n}
             if n:
                 stats = _consumer_stats(engine, layer, hidden, kind, method)
                 cut = method.remove(kind, layer, stats, n)
                 shrink(layer, kind, cut.keep, cut.consumer_weight, cut.consumer_bias)
+                adapter.sync_structure(layer)
                 info.update(kept_units=cut.keep.tolist(), removed_units=cut.removed.tolist(),
                             saliency=[round(float(s), 6) for s in cut.saliency])
-            if n and kind.name in budget.bias_params:
+            entry[name] = info
+        for kind in budget.kinds:
+            if kind.block in biased:
                 add_zero_biases(layer, kind)
-            entry[kind.name] = info
         entry["params_after"] = layer_params(layer)
         return entry
 
+    biased = {k.block for k in budget.kinds if k.block in budget.bias_blocks and removal[k.name]}
     per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats, progress=progress,
                             desc=f"prune --structured {method.name} {target.sparsity:g}")
-    kept = {k.name: k.count - removal[k.name] for k in budget.kinds}
-    widths = {k.name: kept[k.name] * (k.consumer_cols if k.name == "channels" else 1) for k in budget.kinds}
-    biases = {k.bias_flag for k in budget.kinds if removal[k.name] and k.name in budget.bias_params}
-    for key, value in adapter.structured_config(model.config, widths, biases).items():
+    kept = {k.name: budget.limit(k) - removal[k.name] for k in budget.kinds}
+    kept["channels"] *= budget.kinds[-1].consumer_cols
+    biases = {k.bias_flag for k in budget.kinds if k.block in biased}
+    for key, value in adapter.structured_config(model.config, kept, biases).items():
         setattr(model.config, key, value)
     after = sum(e["params_after"] for e in per_layer)
     return {
@@ -118,9 +148,11 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
         "decoder_params": {"before": budget.total, "after": after, "removed_fraction": 1 - after / budget.total,
                            "target_fraction": target.sparsity,
                            "unit_params": budget.unit_params},
+        "removal_per_layer": removal,
         "global_sparsity": 1 - after / budget.total,
-        "widths": {**widths, **({"attention_heads": int(model.config.num_attention_heads)}
-                                if "kv_group" in widths else {})},
+        "widths": {"mlp_channels": kept["channels"],
+                   **({"kv_heads": kept["kv_group"], "attention_heads": int(model.config.num_attention_heads)}
+                      if "kv_group" in kept else {})},
         "seconds": {"allocation": round(t_alloc, 3), "total": round(time.perf_counter() - t0, 3)},
         "layers": per_layer,
     }

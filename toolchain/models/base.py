@@ -85,8 +85,16 @@ class UnitKind:
     producers: tuple[tuple[str, int], ...]     # (linear, its output rows per unit)
     consumer: str                              # the linear whose input columns the units are
     consumer_cols: int                         # the consumer's input columns per unit
-    count: int                                 # units in the dense layer
+    count: int                                 # units in the layer
     bias_flag: str | None = None               # config switch that gives the block's linears biases, if any
+    #: the units split into this many equal consecutive groups (query heads by KV group), and every group must
+    #: lose the same number of them; `parent` is the kind whose units the groups are
+    groups: int = 1
+    parent: str | None = None
+
+    @property
+    def per_group(self) -> int:
+        return self.count // self.groups
 
     def rows(self, name: str, units: "torch.Tensor") -> torch.Tensor:
         """Row indices of producer `name` (or columns of the consumer) that `units` own, in unit order."""
@@ -154,9 +162,12 @@ class ArchAdapter(ABC):
         raise NotImplementedError(f"structured pruning is not implemented for the {self.family} family")
 
     def structured_config(self, config, kept: dict[str, int], biases: set[str]) -> dict:
-        """Config values for a model whose every layer keeps `kept[kind]` units of each kind, with the bias
-        switches in `biases` turned on."""
+        """Config values for a model whose every layer keeps `kept[kind]` units of each kind (per group for a
+        grouped kind; MLP widths in channels), with the bias switches in `biases` turned on."""
         raise NotImplementedError(f"structured pruning is not implemented for the {self.family} family")
+
+    def sync_structure(self, layer: nn.Module) -> None:
+        """Update the attributes a family's modules derive from their widths after units were removed."""
 
     def linear_names(self) -> list[str]:
         return [name for group in self.input_groups() for name in group]

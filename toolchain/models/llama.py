@@ -46,8 +46,9 @@ class LlamaAdapter(ArchAdapter):
         )
 
     def structured_units(self, layer, config, channel_multiple):
-        # A KV group is one key/value head and the query heads that read it; removing whole groups keeps the
-        # query/KV ratio (transformers' num_key_value_groups) the same in every layer.
+        # A KV group is one key/value head and the query heads that read it; removing whole groups, or the same
+        # number of query heads from every group, keeps the query/KV ratio (transformers' num_key_value_groups)
+        # an integer and the same for every group.
         attn, mlp = layer.self_attn, layer.mlp
         head_dim = self.head_dim(config)
         kv = attn.k_proj.out_features // head_dim
@@ -58,21 +59,27 @@ class LlamaAdapter(ArchAdapter):
                               f"choose a divisor of it")
         # Only Llama's config can switch on the o_proj / down_proj biases (FLAP's bias compensation needs them).
         llama = config.model_type == "llama"
-        return (
-            UnitKind("kv_group", "attn", (("self_attn.q_proj", ratio * head_dim), ("self_attn.k_proj", head_dim),
-                                          ("self_attn.v_proj", head_dim)),
-                     "self_attn.o_proj", ratio * head_dim, kv, "attention_bias" if llama else None),
-            UnitKind("channels", "mlp", (("mlp.gate_proj", channel_multiple), ("mlp.up_proj", channel_multiple)),
-                     "mlp.down_proj", channel_multiple, channels // channel_multiple, "mlp_bias" if llama else None),
-        )
+        kinds = [UnitKind("kv_group", "attn", (("self_attn.q_proj", ratio * head_dim), ("self_attn.k_proj", head_dim),
+                                                ("self_attn.v_proj", head_dim)),
+                          "self_attn.o_proj", ratio * head_dim, kv, "attention_bias" if llama else None)]
+        if ratio > 1:
+            kinds.append(UnitKind("q_head", "attn", (("self_attn.q_proj", head_dim),), "self_attn.o_proj", head_dim,
+                                  kv * ratio, "attention_bias" if llama else None, groups=kv, parent="kv_group"))
+        kinds.append(UnitKind("channels", "mlp", (("mlp.gate_proj", channel_multiple), ("mlp.up_proj", channel_multiple)),
+                              "mlp.down_proj", channel_multiple, channels // channel_multiple,
+                              "mlp_bias" if llama else None))
+        return tuple(kinds)
 
     def structured_config(self, config, kept, biases):
         head_dim = self.head_dim(config)
-        ratio = config.num_attention_heads // self.kv_heads(config)
-        values = {"head_dim": head_dim}   # explicit: hidden_size / heads no longer gives it
-        if "kv_group" in kept:
-            values.update(num_key_value_heads=kept["kv_group"], num_attention_heads=kept["kv_group"] * ratio)
+        ratio = kept.get("q_head", config.num_attention_heads // self.kv_heads(config))
+        kv = kept.get("kv_group", self.kv_heads(config))
+        values = {"head_dim": head_dim, "num_key_value_heads": kv, "num_attention_heads": kv * ratio}
         if "channels" in kept:
             values["intermediate_size"] = kept["channels"]
         values.update({flag: True for flag in biases})
-        return values
+        return values   # head_dim is explicit: hidden_size / heads no longer gives it
+
+    def sync_structure(self, layer):
+        attn = layer.self_attn
+        attn.num_key_value_groups = attn.q_proj.out_features // attn.k_proj.out_features

@@ -32,6 +32,15 @@ def unit_sum(per_column: torch.Tensor, kind: UnitKind) -> torch.Tensor:
     return per_column.reshape(kind.count, kind.consumer_cols).sum(dim=1)
 
 
+def lowest_per_group(scores: torch.Tensor, kind: UnitKind, n: int) -> torch.Tensor:
+    """The `n` lowest-scoring units; for a grouped kind the n / groups lowest of every group."""
+    if kind.groups == 1:
+        return torch.argsort(scores, stable=True)[:n]
+    per_group = torch.argsort(scores.reshape(kind.groups, kind.per_group), dim=1, stable=True)[:, :n // kind.groups]
+    offsets = torch.arange(kind.groups, device=scores.device)[:, None] * kind.per_group
+    return (per_group + offsets).reshape(-1)
+
+
 class StructuredMethod(ABC):
     """One method = one small class: `importance` ranks the units; `remove` takes the n least important."""
 
@@ -46,9 +55,11 @@ class StructuredMethod(ABC):
 
     @torch.no_grad()
     def remove(self, kind: UnitKind, layer: nn.Module, stats: InputStats | None, n: int) -> Removal:
-        """Remove the `n` least important units at once; the consumer's kept columns are left as they were."""
+        """Remove the `n` least important units at once (n / groups from each group of a grouped kind); the
+        consumer's kept columns are left as they were."""
         scores = self.importance(kind, layer, stats)
-        order = torch.argsort(scores, stable=True)
-        removed, keep = order[:n], order[n:].sort().values
+        removed = lowest_per_group(scores, kind, n)
+        keep = torch.tensor(sorted(set(range(kind.count)) - set(removed.tolist())), dtype=torch.long,
+                            device=scores.device)
         weight = layer.get_submodule(kind.consumer).weight.detach()
         return Removal(keep, removed, weight[:, kind.rows(kind.consumer, keep)].clone(), None, scores)

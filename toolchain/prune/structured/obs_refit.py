@@ -68,12 +68,16 @@ class ObsRefit(StructuredMethod):
         alive = torch.arange(kind.count, device=weight.device)
         saliency = torch.zeros(kind.count, dtype=torch.float64, device=weight.device)
         removed: list[torch.Tensor] = []
-        per_round = max(1, math.ceil(n / self.rounds))
+        # a grouped kind (query heads) loses one unit from every group per round, so the groups stay equal
+        per_round = kind.groups if kind.groups > 1 else max(1, math.ceil(n / self.rounds))
         while sum(len(r) for r in removed) < n:
             scores = obs_saliency(weight, h_inv, _unit_cols(kind, alive))
             saliency[alive] = scores
-            take = min(per_round, n - sum(len(r) for r in removed))
-            pick = torch.topk(scores, take, largest=False).indices
+            if kind.groups > 1:
+                group = alive // kind.per_group
+                pick = torch.stack([torch.where(group == g, scores, torch.inf).argmin() for g in range(kind.groups)])
+            else:
+                pick = torch.topk(scores, min(per_round, n - sum(len(r) for r in removed)), largest=False).indices
             units = alive[pick]
             cols = kind.rows(kind.consumer, units)
             inv_block = torch.linalg.inv(h_inv[cols][:, cols])

@@ -2,6 +2,8 @@
 and count what that leaves."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from torch import nn
 
@@ -58,14 +60,26 @@ def unit_params(layer: nn.Module, kind: UnitKind) -> int:
     return total + kind.consumer_cols * layer.get_submodule(kind.consumer).out_features
 
 
-def bias_params(layer: nn.Module, kind: UnitKind, kept_units: int) -> int:
-    """Parameters that switching the sub-block's biases on adds to a layer keeping `kept_units` units."""
+def bias_params(layer: nn.Module, kinds: tuple[UnitKind, ...], removal: dict[str, int], blocks: set[str]) -> int:
+    """Parameters that switching on the biases of the sub-blocks `blocks` adds to `layer` (dense shapes) after
+    `removal` (units per kind, per group for a grouped kind); a sub-block that loses nothing keeps its biases off."""
     total = 0
-    for name, rows in kind.producers:
-        if layer.get_submodule(name).bias is None:
-            total += rows * kept_units
-    consumer = layer.get_submodule(kind.consumer)
-    return total + (consumer.out_features if consumer.bias is None else 0)
+    for block in blocks:
+        own = [k for k in kinds if k.block == block]
+        if not any(removal.get(k.name, 0) for k in own):
+            continue
+        names = dict.fromkeys([n for k in own for n, _ in k.producers] + [k.consumer for k in own])
+        for name in names:
+            linear = layer.get_submodule(name)
+            if linear.bias is not None:
+                continue
+            rows = Fraction(linear.out_features)
+            for kind in own:
+                if name in dict(kind.producers):
+                    units = kind.per_group if kind.groups > 1 else kind.count
+                    rows *= Fraction(units - removal.get(kind.name, 0), units)
+            total += int(rows)
+    return total
 
 
 def layer_params(layer: nn.Module) -> int:
