@@ -213,3 +213,22 @@ def test_gptq_on_a_structured_model(tmp_path, tiny_llama_dir):
     assert report["quantization"]["avg_bits"] == pytest.approx(4.0)
     with torch.no_grad():
         assert torch.isfinite(model(random_ids(1, 16)).logits).all()
+
+
+def test_onnx_of_a_structured_model_matches_pytorch(tmp_path, tokenizer):
+    """The exporter reads the smaller widths (4 query heads on 2 KV heads, FLAP's biases) from the config."""
+    from toolchain.jobs.config import ExportConfig
+    from toolchain.jobs.export import run_export
+    from toolchain.jobs.inspect import run_onnx_check
+
+    src = tmp_path / "src"
+    _gqa_llama().model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    run_prune(str(src), tmp_path / "s", PruneConfig(method="flap", structured=True, sparsity="0.3", **CALIB),
+              progress=False)
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["attention_bias"]) == (4, 2, True)
+    run_export(str(tmp_path / "s"), tmp_path / "x", ExportConfig(target="onnx"))
+    result = run_onnx_check(str(tmp_path / "s"), str(next((tmp_path / "x" / "onnx").glob("*.onnx"))), tokens=16,
+                            new_tokens=4)
+    assert result["ok"] and result["relative_diff"] < 1e-5

@@ -98,7 +98,8 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
         removal, ranked = _global_counts(engine, budget, method, target.sparsity, progress)
         allocation_info["global_ranking"] = ranked
         if any(r != ranked[0] for r in ranked):
-            probe = adapter.structured_config(model.config, {"channels": budget.kinds[-1].count - 1}, set())
+            mlp = budget.kinds[-1]
+            probe = adapter.structured_config(model.config, {"channels": (mlp.count - 1) * mlp.consumer_cols}, set())
             native = native_per_layer_widths(model, probe)
             # Supported or not, the written model has one width per kind: no family we prune builds per-layer
             # widths from per_layer_config in transformers 5.x (the probe says so when that changes).
