@@ -17,8 +17,12 @@ PRUNE_EXAMPLES = """examples:
   toolchain prune --model smollm2 --method barber --init sparsegpt --sparsity 2:4 --out out/barber24
   toolchain prune --model ./my-llama --method sparsegpt --sparsity 0.6 --allocation owl --out out/sgpt60
   toolchain prune --model smollm2 --method sparsegpt --sparsity 2:4 --resolve lstsq --out out/sgpt24-ls
+  toolchain prune --model smollm2 --structured --sparsity 0.2 --out out/struct20        # ours (obs-refit)
+  toolchain prune --model smollm2 --structured --method flap --sparsity 0.2 --allocation global --out out/flap20
 
 N:M means N kept of every M consecutive input weights (2:4 = 50%, along the reduction dimension).
+--structured removes whole KV groups and MLP channel blocks: --sparsity is the fraction of decoder-layer
+parameters removed, and the output is a smaller dense model with a plain config.
 The output directory is a Hugging Face model (AutoModelForCausalLM.from_pretrained loads it) plus
 compression.json, which records what was done per layer."""
 
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_job(sub, "quantize", "quantize a (dense or pruned) model's decoder weights", QUANT_EXAMPLES,
                    (QuantConfig, None, ()))
     _add_model_job(sub, "compress", "prune, then quantize, in one run with one calibration set",
-                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method",)), (QuantConfig, None, ("method", *CALIB_FIELDS)),
+                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple")), (QuantConfig, None, ("method", *CALIB_FIELDS)),
                    methods=[("--prune", "prune_method", METHODS, "pruning method"),
                             ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 

@@ -143,11 +143,15 @@ class LayerEngine:
 
     # ---------------------------------------------------------------- statistics
     @torch.no_grad()
-    def collect_stats(self, layer: nn.Module, hidden: torch.Tensor, hessian: bool) -> dict[str, InputStats]:
-        """Input statistics for every linear of `layer`; linears that read the same tensor share one object."""
+    def collect_stats(self, layer: nn.Module, hidden: torch.Tensor, hessian: bool,
+                      only: tuple[str, ...] | None = None) -> dict[str, InputStats]:
+        """Input statistics for every linear of `layer` (or only the input groups holding a linear named in
+        `only`); linears that read the same tensor share one object."""
         stats: dict[str, InputStats] = {}
         handles = []
         for group in self.adapter.input_groups():
+            if only is not None and not set(group) & set(only):
+                continue
             module = layer.get_submodule(group[0])
             shared = InputStats(module.in_features, hessian=hessian, device=self.device)
             for name in group:

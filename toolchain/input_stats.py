@@ -7,6 +7,7 @@ import torch
 class InputStats:
     """Running sums over calibration tokens x (rows of the layer input):
 
+    sum[j]    = sum_t x_tj     (the mean input, for FLAP's fluctuation and bias compensation)
     sq_sum[j] = sum_t x_tj^2   (Wanda's ||X_j||^2)
     xtx       = sum_t x_t x_t^T (the layer Hessian up to scale; only when `hessian=True`)
     """
@@ -14,12 +15,14 @@ class InputStats:
     def __init__(self, cols: int, hessian: bool, device: torch.device | str = "cpu"):
         self.cols = cols
         self.tokens = 0
+        self.sum = torch.zeros(cols, dtype=torch.float32, device=device)
         self.sq_sum = torch.zeros(cols, dtype=torch.float32, device=device)
         self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device) if hessian else None
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.cols).float()
         self.tokens += x.shape[0]
+        self.sum += x.sum(dim=0)
         self.sq_sum += x.square().sum(dim=0)
         if self.xtx is not None:
             self.xtx.addmm_(x.T, x)
@@ -28,6 +31,16 @@ class InputStats:
     def col_norms(self) -> torch.Tensor:
         """||X_j||_2 over all calibration tokens."""
         return self.sq_sum.sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean of each input over the calibration tokens."""
+        return self.sum / max(self.tokens, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Variance of each input over the calibration tokens (FLAP's fluctuation)."""
+        return (self.sq_sum / max(self.tokens, 1) - self.mean.square()).clamp_min(0)
 
     @property
     def hessian_mean_diagonal(self) -> float:

@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..gpu.bundle import PRECISIONS as GPU_PRECISIONS, check_bundle_options
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
+from ..prune.structured import DEFAULT_STRUCTURED, STRUCTURED_ALLOCATIONS, STRUCTURED_METHODS
 from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
 from ..numerics.widths import SUPPORTED_BITS
 from ..quant import QuantSpec
@@ -36,6 +37,10 @@ def _barber_on_sparsegpt(cfg) -> bool:
 
 def _block_reconstruction(cfg) -> bool:
     return cfg.reconstruct == "block"
+
+
+def _structured(cfg) -> bool:
+    return cfg.structured
 
 
 def _calibrates(cfg) -> bool:
@@ -80,14 +85,26 @@ class CalibConfig:
 
 @dataclass
 class PruneConfig(CalibConfig):
-    method: str = option("wanda", "--method", "pruning method", choices=METHODS, required=True)
+    method: str | None = option(
+        None, "--method", f"pruning method; with --structured one of {', '.join(STRUCTURED_METHODS)} (default "
+        f"{DEFAULT_STRUCTURED}, ours: OBS saliency with an exact least-squares refit), otherwise required",
+        choices=tuple(dict.fromkeys((*METHODS, *STRUCTURED_METHODS))))
+    structured: bool = option(
+        False, "--structured", "remove whole KV groups (a key/value head and the query heads reading it) and blocks "
+        "of MLP channels instead of single weights: the output is a smaller dense model with a plain config; "
+        "--sparsity is then the fraction of decoder-layer parameters removed")
+    channel_multiple: int = option(8, "--channel-multiple", "structured: MLP channels per unit, so every kept "
+                                   "width is a multiple of it (64 or 128 for GPU-friendly widths)", type=int,
+                                   applies=_structured, applies_to="with --structured only")
     init: str | None = option(None, "--init", "Barber's initial pruner (default wanda)",
                               choices=tuple(INIT_METHODS), applies=_barber, applies_to="to --method barber only")
     sparsity: str = option("0.5", "--sparsity", "fraction in (0,1) such as 0.5, or N:M such as 2:4 / 4:8 "
                            "(N kept of every M along the reduction dimension)", required=True)
     allocation: str = option("uniform", "--allocation", "per-layer sparsity: uniform, OWL outlier-weighted, or "
-                             "Hessian-trace sensitivity (unstructured only; the global ratio is kept)",
-                             choices=ALLOCATIONS)
+                             "Hessian-trace sensitivity (unstructured only; the global ratio is kept); with "
+                             "--structured uniform or global (units ranked across the decoder by standardised "
+                             "score, FLAP-style; sets the attention/MLP split)",
+                             choices=(*ALLOCATIONS, *(a for a in STRUCTURED_ALLOCATIONS if a not in ALLOCATIONS)))
     rebuild_ratio: float = option(0.01, "--rebuild-ratio", "Barber's alpha: the fraction of each row's beneficial "
                                   "pruned<->kept swaps that are made", type=float,
                                   applies=_barber, applies_to="to --method barber only")
@@ -138,12 +155,23 @@ class PruneConfig(CalibConfig):
 
     def calibrates(self) -> bool:
         """Magnitude pruning with nothing else asked needs no calibration text."""
+        if self.structured:
+            return self.structured_method() != "magnitude"
         return (self.method != "magnitude" or self.allocation != "uniform" or self.resolve_mode != "none"
                 or self.reconstruct != "none")
 
     def validate(self, given: set[str] | None = None) -> tuple[SparsityTarget, str]:
         """Check every setting; return the sparsity target and the method that makes the first mask.
         `given`: fields set on the command line, each refused where it would have no effect."""
+        if self.structured:
+            return self._validate_structured(given)
+        if self.method is None:
+            raise ConfigError(f"--method is required: choose one of {', '.join(METHODS)} (or --structured)")
+        if self.method in STRUCTURED_METHODS and self.method not in METHODS:
+            raise ConfigError(f"--method {self.method} removes whole structures: add --structured")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"--allocation {self.allocation} is for --structured; unstructured pruning takes "
+                              f"{', '.join(ALLOCATIONS)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method != "barber" and self.init is not None:
@@ -169,6 +197,32 @@ class PruneConfig(CalibConfig):
             raise ConfigError(f"--rebuild-solver {self.rebuild_solver!r}: choose one of {', '.join(REBUILD_SOLVERS)}")
         refuse_inapplicable(self, given, {"method": "--method"})
         return target, init
+
+    def structured_method(self) -> str:
+        return self.method or DEFAULT_STRUCTURED
+
+    def _validate_structured(self, given: set[str] | None) -> tuple[SparsityTarget, str]:
+        method = self.structured_method()
+        if method not in STRUCTURED_METHODS:
+            raise ConfigError(f"--method {method} prunes single weights; with --structured choose one of "
+                              f"{', '.join(STRUCTURED_METHODS)}")
+        target = SparsityTarget.parse(self.sparsity)
+        if target.is_nm:
+            raise ConfigError(f"--structured removes whole units; --sparsity {self.sparsity} must be the fraction "
+                              f"of decoder parameters to remove, in (0, 1)")
+        if self.allocation not in STRUCTURED_ALLOCATIONS:
+            raise ConfigError(f"--allocation {self.allocation} is for unstructured pruning; with --structured "
+                              f"choose {' or '.join(STRUCTURED_ALLOCATIONS)}")
+        if self.channel_multiple < 1:
+            raise ConfigError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
+        for name, value, default in (("--init", self.init, None), ("--resolve", self.resolve_mode, "none"),
+                                     ("--reconstruct", self.reconstruct, "none")):
+            if value != default:
+                raise ConfigError(f"{name} applies to unstructured pruning only; --structured refits the "
+                                  f"consumer linears itself")
+        self.check_calibration()
+        refuse_inapplicable(self, given, {"method": "--method"})
+        return target, method
 
 
 @dataclass
@@ -290,6 +344,9 @@ def compress_validate(prune: PruneConfig, quant: QuantConfig, given: set[str] | 
     """compress: one calibration set serves both steps; a calibration flag applies if either step calibrates."""
     if any(getattr(prune, f) != getattr(quant, f) for f in CALIB_FIELDS[:-1]):
         raise ConfigError("compress uses one calibration set: prune and quantize settings must match")
+    if prune.structured:
+        raise ConfigError("compress does not take --structured yet: run `toolchain prune --structured`, then "
+                          "`toolchain quantize` on its output")
     calibrates = prune.calibrates() or quant.calibrates()
     rest = set(given or ()) - (set(CALIB_FIELDS) if calibrates else set())
     if given is not None and not calibrates and set(given) & set(CALIB_FIELDS):

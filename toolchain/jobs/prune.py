@@ -18,6 +18,7 @@ from ..prune.reconstruct import reconstruct_layer
 from ..sensitivity import layer_hessian_traces
 from .common import run_job
 from .config import PruneConfig
+from .structured import prune_structured_loaded
 
 
 def layer_sparsities(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, target: SparsityTarget,
@@ -38,6 +39,8 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     """Prune `loaded.model` in place, layer by layer. Returns the per-layer report."""
     target, init = cfg.validate()
     device = torch.device(device) if device is not None else default_device()
+    if cfg.structured:
+        return prune_structured_loaded(loaded, calib, cfg, device, progress)
     adapter, model = loaded.adapter, loaded.model
     layers = adapter.decoder_layers(model)
     for i, layer in enumerate(layers):  # fail before any work if a shape does not fit the target

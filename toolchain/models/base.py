@@ -70,6 +70,38 @@ class DecoderLayout:
         return len(self.mlp) == 3
 
 
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of removable structure of a decoder layer, and everything that depends on it.
+
+    Unit u owns rows [u * rows, (u + 1) * rows) of every producer (the linears that write the unit's
+    activations: q/k/v for a KV group, gate/up or fc1 for MLP channels) and the same block of `consumer_cols`
+    input columns of the consumer (o_proj, down_proj, fc2), which reads those activations. Removing a unit
+    removes exactly those columns from the consumer's input, so the branch output changes only through them.
+    """
+
+    name: str                                  # "kv_group" or "channels"
+    block: str                                 # the sub-block: "attn" or "mlp"
+    producers: tuple[tuple[str, int], ...]     # (linear, its output rows per unit)
+    consumer: str                              # the linear whose input columns the units are
+    consumer_cols: int                         # the consumer's input columns per unit
+    count: int                                 # units in the layer
+    bias_flag: str | None = None               # config switch that gives the block's linears biases, if any
+    #: the units split into this many equal consecutive groups (query heads by KV group), and every group must
+    #: lose the same number of them; `parent` is the kind whose units the groups are
+    groups: int = 1
+    parent: str | None = None
+
+    @property
+    def per_group(self) -> int:
+        return self.count // self.groups
+
+    def rows(self, name: str, units: "torch.Tensor") -> torch.Tensor:
+        """Row indices of producer `name` (or columns of the consumer) that `units` own, in unit order."""
+        size = self.consumer_cols if name == self.consumer else dict(self.producers)[name]
+        return (units[:, None] * size + torch.arange(size, device=units.device)[None, :]).reshape(-1)
+
+
 class ArchAdapter(ABC):
     """Base class for one model family."""
 
@@ -124,6 +156,18 @@ class ArchAdapter(ABC):
         pre-norm decoder), so a change of the last block shifts the output by exactly the change of its exit
         output. Families where a norm follows the residual add say False (the default)."""
         return False
+
+    def structured_units(self, layer: nn.Module, config, channel_multiple: int) -> tuple[UnitKind, ...]:
+        """The removable structures of `layer`, attention first; `channel_multiple` MLP channels form one unit."""
+        raise NotImplementedError(f"structured pruning is not implemented for the {self.family} family")
+
+    def structured_config(self, config, kept: dict[str, int], biases: set[str]) -> dict:
+        """Config values for a model whose every layer keeps `kept[kind]` units of each kind (per group for a
+        grouped kind; MLP widths in channels), with the bias switches in `biases` turned on."""
+        raise NotImplementedError(f"structured pruning is not implemented for the {self.family} family")
+
+    def sync_structure(self, layer: nn.Module) -> None:
+        """Update the attributes a family's modules derive from their widths after units were removed."""
 
     def linear_names(self) -> list[str]:
         return [name for group in self.input_groups() for name in group]

@@ -1,7 +1,8 @@
 """LLaMA-style decoders: Llama, Mistral, Qwen2, SmolLM (q/k/v/o attention with GQA, SwiGLU MLP)."""
 from __future__ import annotations
 
-from .base import ArchAdapter, DecoderLayout, SubBlock, first_tensor
+from ..errors import ConfigError
+from .base import ArchAdapter, DecoderLayout, SubBlock, UnitKind, first_tensor
 
 
 def _run_attention(layer, args, kwargs):
@@ -43,3 +44,42 @@ class LlamaAdapter(ArchAdapter):
             ("mlp.gate_proj", "mlp.up_proj"),
             ("mlp.down_proj",),
         )
+
+    def structured_units(self, layer, config, channel_multiple):
+        # A KV group is one key/value head and the query heads that read it; removing whole groups, or the same
+        # number of query heads from every group, keeps the query/KV ratio (transformers' num_key_value_groups)
+        # an integer and the same for every group.
+        attn, mlp = layer.self_attn, layer.mlp
+        head_dim = self.head_dim(config)
+        kv = attn.k_proj.out_features // head_dim
+        ratio = attn.q_proj.out_features // (head_dim * kv)
+        channels = mlp.gate_proj.out_features
+        if channels % channel_multiple:
+            raise ConfigError(f"--channel-multiple {channel_multiple} does not divide the MLP width {channels}; "
+                              f"choose a divisor of it")
+        # Only Llama's config can switch on the o_proj / down_proj biases (FLAP's bias compensation needs them).
+        llama = config.model_type == "llama"
+        kinds = [UnitKind("kv_group", "attn", (("self_attn.q_proj", ratio * head_dim), ("self_attn.k_proj", head_dim),
+                                                ("self_attn.v_proj", head_dim)),
+                          "self_attn.o_proj", ratio * head_dim, kv, "attention_bias" if llama else None)]
+        if ratio > 1:
+            kinds.append(UnitKind("q_head", "attn", (("self_attn.q_proj", head_dim),), "self_attn.o_proj", head_dim,
+                                  kv * ratio, "attention_bias" if llama else None, groups=kv, parent="kv_group"))
+        kinds.append(UnitKind("channels", "mlp", (("mlp.gate_proj", channel_multiple), ("mlp.up_proj", channel_multiple)),
+                              "mlp.down_proj", channel_multiple, channels // channel_multiple,
+                              "mlp_bias" if llama else None))
+        return tuple(kinds)
+
+    def structured_config(self, config, kept, biases):
+        head_dim = self.head_dim(config)
+        ratio = kept.get("q_head", config.num_attention_heads // self.kv_heads(config))
+        kv = kept.get("kv_group", self.kv_heads(config))
+        values = {"head_dim": head_dim, "num_key_value_heads": kv, "num_attention_heads": kv * ratio}
+        if "channels" in kept:
+            values["intermediate_size"] = kept["channels"]
+        values.update({flag: True for flag in biases})
+        return values   # head_dim is explicit: hidden_size / heads no longer gives it
+
+    def sync_structure(self, layer):
+        attn = layer.self_attn
+        attn.num_key_value_groups = attn.q_proj.out_features // attn.k_proj.out_features

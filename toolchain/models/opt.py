@@ -1,7 +1,8 @@
 """OPT decoders (q/k/v/out_proj attention, fc1/fc2 MLP with ReLU)."""
 from __future__ import annotations
 
-from .base import ArchAdapter, DecoderLayout, SubBlock, first_tensor
+from ..errors import ConfigError
+from .base import ArchAdapter, DecoderLayout, SubBlock, UnitKind, first_tensor
 
 
 def _run_attention(layer, args, kwargs):
@@ -54,3 +55,16 @@ class OPTAdapter(ArchAdapter):
             ("fc1",),
             ("fc2",),
         )
+
+    def structured_units(self, layer, config, channel_multiple):
+        # MLP channels only: transformers' OPTAttention builds q/k/v/out_proj as hidden x hidden and derives
+        # head_dim from hidden_size / heads, so a model with fewer heads cannot be expressed in its config.
+        channels = layer.fc1.out_features
+        if channels % channel_multiple:
+            raise ConfigError(f"--channel-multiple {channel_multiple} does not divide the MLP width {channels}; "
+                              f"choose a divisor of it")
+        return (UnitKind("channels", "mlp", (("fc1", channel_multiple),), "fc2", channel_multiple,
+                         channels // channel_multiple, None),)
+
+    def structured_config(self, config, kept, biases):
+        return {"ffn_dim": kept["channels"]} if "channels" in kept else {}

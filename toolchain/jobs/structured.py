@@ -1,0 +1,159 @@
+"""`toolchain prune --structured`: remove whole KV groups and MLP channel blocks layer by layer, so the written
+model is a smaller dense model that stock transformers loads."""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from ..engine import LayerEngine
+from ..errors import ConfigError
+from ..models import LoadedModel
+from ..prune.structured import Budget, global_removal, make_structured, uniform_removal
+from ..prune.structured.surgery import add_zero_biases, bias_params, layer_params, shrink, unit_params
+from ..prune.structured.widths import native_per_layer_widths
+from .config import PruneConfig
+
+
+def _budget(loaded: LoadedModel, cfg: PruneConfig, method) -> Budget:
+    adapter, model = loaded.adapter, loaded.model
+    layers = adapter.decoder_layers(model)
+    shapes = {tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()) for layer in layers}
+    if len(shapes) > 1:
+        raise ConfigError("the decoder layers differ in shape (an already structurally pruned model?); "
+                          "structured pruning needs layers of one shape")
+    layer = layers[0]
+    kinds = adapter.structured_units(layer, model.config, cfg.channel_multiple)
+    blocks = set()
+    if method.compensates_bias:
+        for kind in kinds:
+            if layer.get_submodule(kind.consumer).bias is None:
+                if kind.bias_flag is None:
+                    raise ConfigError(f"{method.name} writes its bias compensation into {kind.consumer}'s bias, "
+                                      f"which transformers' {model.config.model_type} has no config switch for; "
+                                      f"choose another --method")
+                blocks.add(kind.block)
+    extra = (lambda removal: bias_params(layer, kinds, removal, blocks)) if blocks else None
+    budget = Budget(len(layers), layer_params(layer), kinds, {k.name: unit_params(layer, k) for k in kinds}, extra,
+                    frozenset(blocks))
+    checked: dict[tuple, bool] = {}
+
+    def legal(removal: dict[str, int]) -> bool:
+        key = tuple(sorted(removal.items()))
+        if key not in checked:
+            checked[key] = _loadable(loaded, budget, removal)
+        return checked[key]
+
+    budget.legal = legal
+    return budget
+
+
+def _loadable(loaded: LoadedModel, budget: Budget, removal: dict[str, int]) -> bool:
+    """Whether the family's config class accepts the attention widths `removal` leaves (its own validation)."""
+    kept = {k.name: budget.limit(k) - removal.get(k.name, 0) for k in budget.kinds[:-1]}
+    config = loaded.model.config
+    values = loaded.adapter.structured_config(config, kept, set())
+    try:
+        type(config).from_dict({**config.to_dict(), **values})
+    except Exception:   # transformers' strict validators raise several types
+        return False
+    return True
+
+
+def _consumer_stats(engine, layer, hidden, kind, method):
+    if not method.needs_stats:
+        return None
+    return engine.collect_stats(layer, hidden, method.needs_hessian, only=(kind.consumer,))[kind.consumer]
+
+
+def _global_counts(engine, budget, method, sparsity, progress) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """One pass over the dense model for every unit's score, the global ranking, and the widths every layer
+    gets when the installed transformers cannot give each layer its own: the ranking's mean attention share."""
+    ranked = [k for k in budget.kinds if k.groups == 1]
+
+    def score(i, layer, hidden):
+        return {"scores": {k.name: method.importance(k, layer, _consumer_stats(engine, layer, hidden, k, method))
+                           .cpu() for k in ranked}}
+
+    scored = engine.walk(score, needs_inputs=method.needs_stats, desc=f"score {method.name}", progress=progress)
+    per_layer = global_removal(budget, [e["scores"] for e in scored], sparsity)
+    attention = sum(budget.attention_fraction(r) for r in per_layer) / len(per_layer)
+    return uniform_removal(budget, sparsity, attention), per_layer
+
+
+def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: PruneConfig, device,
+                            progress: bool = True) -> dict:
+    """Prune `loaded.model` in place into a narrower model (its config updated to match). Returns the report."""
+    target = cfg.validate()[0]
+    method = make_structured(cfg.structured_method())
+    adapter, model = loaded.adapter, loaded.model
+    budget = _budget(loaded, cfg, method)
+    t0 = time.perf_counter()
+    if calib is None:   # magnitude reads no activations
+        calib = torch.zeros(1, 2, dtype=torch.long)
+    engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
+    allocation_info = {}
+    if cfg.allocation == "global":
+        removal, ranked = _global_counts(engine, budget, method, target.sparsity, progress)
+        allocation_info["global_ranking"] = ranked
+        if any(r != ranked[0] for r in ranked):
+            mlp = budget.kinds[-1]
+            probe = adapter.structured_config(model.config, {"channels": (mlp.count - 1) * mlp.consumer_cols}, set())
+            native = native_per_layer_widths(model, probe)
+            # Supported or not, the written model has one width per kind: no family we prune builds per-layer
+            # widths from per_layer_config in transformers 5.x (the probe says so when that changes).
+            warnings.warn(f"the global ranking gives the layers different widths, which transformers "
+                          f"{'could' if native else 'cannot'} load for {model.config.model_type} through its "
+                          f"per_layer_config{' but this writer does not use yet' if native else ''}; every layer "
+                          f"gets the same widths with the ranking's attention/MLP split ({removal})")
+            allocation_info["native_per_layer_widths"] = native
+    else:
+        removal = uniform_removal(budget, target.sparsity)
+    t_alloc = time.perf_counter() - t0
+
+    def prune_layer(i, layer, hidden):
+        entry = {"params_before": layer_params(layer)}
+        for name in [k.name for k in budget.kinds]:
+            # the kinds as the layer is now: removing KV groups leaves fewer query heads to choose from
+            kind = {k.name: k for k in adapter.structured_units(layer, model.config, cfg.channel_multiple)}[name]
+            n = removal[name] * kind.groups
+            info = {"units": kind.count, "kept": kind.count - n}
+            if n:
+                stats = _consumer_stats(engine, layer, hidden, kind, method)
+                cut = method.remove(kind, layer, stats, n)
+                shrink(layer, kind, cut.keep, cut.consumer_weight, cut.consumer_bias)
+                adapter.sync_structure(layer)
+                info.update(kept_units=cut.keep.tolist(), removed_units=cut.removed.tolist(),
+                            saliency=[round(float(s), 6) for s in cut.saliency])
+            entry[name] = info
+        for kind in budget.kinds:
+            if kind.block in biased:
+                add_zero_biases(layer, kind)
+        entry["params_after"] = layer_params(layer)
+        return entry
+
+    biased = {k.block for k in budget.kinds if k.block in budget.bias_blocks and removal[k.name]}
+    per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats, progress=progress,
+                            desc=f"prune --structured {method.name} {target.sparsity:g}")
+    kept = {k.name: budget.limit(k) - removal[k.name] for k in budget.kinds}
+    kept["channels"] *= budget.kinds[-1].consumer_cols
+    biases = {k.bias_flag for k in budget.kinds if k.block in biased}
+    for key, value in adapter.structured_config(model.config, kept, biases).items():
+        setattr(model.config, key, value)
+    after = sum(e["params_after"] for e in per_layer)
+    return {
+        "method": method.name, "init": None, "structured": True, "sparsity": f"{target.sparsity:g}",
+        "nm": None, "allocation": cfg.allocation, "allocation_info": allocation_info,
+        "channel_multiple": cfg.channel_multiple,
+        "decoder_params": {"before": budget.total, "after": after, "removed_fraction": 1 - after / budget.total,
+                           "target_fraction": target.sparsity,
+                           "unit_params": budget.unit_params},
+        "removal_per_layer": removal,
+        "global_sparsity": 1 - after / budget.total,
+        "widths": {"mlp_channels": kept["channels"],
+                   **({"kv_heads": kept["kv_group"], "attention_heads": int(model.config.num_attention_heads)}
+                      if "kv_group" in kept else {})},
+        "seconds": {"allocation": round(t_alloc, 3), "total": round(time.perf_counter() - t0, 3)},
+        "layers": per_layer,
+    }

@@ -1,0 +1,31 @@
+"""Structured pruning: remove whole KV groups and MLP channel blocks, so the model becomes a smaller dense one.
+
+One module per method over the layer engine (the pipeline in `toolchain.jobs.structured` owns the walk):
+`magnitude.py`, `wanda_sp.py`, `flap.py`, and ours, `obs_refit.py` (OBS saliency, exact least-squares refit).
+`budget.py` turns the parameter budget into per-layer unit counts; `surgery.py` rebuilds the narrower linears.
+"""
+from __future__ import annotations
+
+from ...errors import ConfigError
+from .base import Removal, StructuredMethod
+from .budget import Budget, global_removal, uniform_removal
+from .flap import Flap
+from .magnitude import MagnitudeSP
+from .obs_refit import ObsRefit
+from .wanda_sp import WandaSP
+
+#: ours first: the default of `toolchain prune --structured`
+STRUCTURED_METHODS: dict[str, type[StructuredMethod]] = {"obs-refit": ObsRefit, "flap": Flap, "wanda-sp": WandaSP,
+                                                         "magnitude": MagnitudeSP}
+DEFAULT_STRUCTURED = "obs-refit"
+STRUCTURED_ALLOCATIONS = ("uniform", "global")
+
+
+def make_structured(name: str) -> StructuredMethod:
+    if name not in STRUCTURED_METHODS:
+        raise ConfigError(f"unknown structured method {name!r}; choose one of {', '.join(STRUCTURED_METHODS)}")
+    return STRUCTURED_METHODS[name]()
+
+
+__all__ = ["Budget", "Removal", "StructuredMethod", "STRUCTURED_METHODS", "STRUCTURED_ALLOCATIONS",
+           "DEFAULT_STRUCTURED", "global_removal", "make_structured", "uniform_removal"]
