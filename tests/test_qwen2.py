@@ -148,3 +148,25 @@ def test_gpu_bundle_matches_transformers(compressed, tmp_path):
     ref_tokens, ref_logits = torch_greedy(loaded.model, ids, 6)
     assert np.corrcoef(ort_logits.reshape(-1), ref_logits.numpy().reshape(-1))[0, 1] >= 0.999
     assert ort_tokens == ref_tokens
+
+
+def test_perplexity_bounds_the_logits_of_a_large_vocabulary(monkeypatch):
+    """Qwen's 152K-token head makes [batch, T, vocab] logits large: the evaluation batches by logits too, and the
+    perplexity does not depend on the batch."""
+    from conftest import random_ids, tiny_loaded
+
+    from toolchain import evaluate
+
+    model = tiny_loaded("qwen2").model
+    windows = random_ids(6, 32)
+    batches = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"].shape[0]
+                                                                                if "input_ids" in kwargs
+                                                                                else args[0].shape[0]),
+                                    with_kwargs=True)
+    whole = evaluate.perplexity(model, windows, progress=False)
+    assert batches == [6]
+    monkeypatch.setattr(evaluate, "LOGITS_PER_BATCH", 2 * 32 * 320)      # two windows' logits of the tiny vocabulary
+    batches.clear()
+    assert evaluate.perplexity(model, windows, progress=False) == pytest.approx(whole, rel=1e-6)
+    assert batches == [2, 2, 2]
