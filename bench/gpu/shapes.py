@@ -67,9 +67,9 @@ def shapes_for(model: str, source=None) -> list[dict]:
     if source is not None:
         return linear_shapes(source)
     from toolchain.models import adapter_for, load_model
-    from toolchain.models.loading import smollm2_path
+    from toolchain.models.loading import is_named_model, named_model_path
 
-    path = smollm2_path() if str(model) == "smollm2" else Path(str(model))
+    path = named_model_path(model) if is_named_model(model) else Path(str(model))
     config = None
     try:
         from transformers import AutoConfig

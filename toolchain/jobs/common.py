@@ -8,7 +8,7 @@ from pathlib import Path
 from ..data import calibration_data
 from ..machine import AnonPeak, library_versions, machine_description, peak_rss_mib
 from ..models import load_model
-from ..models.loading import check_out_dir
+from ..models.loading import check_out_dir, is_named_model
 from .config import CalibConfig
 
 COMPRESSION_FORMAT = "toolchain.compression/1"
@@ -23,7 +23,7 @@ def run_job(model_spec: str, out: str | Path, cfg: CalibConfig, work, calibrate:
     """Refuse an --out that would overwrite the input (before any work), load the model, make the calibration
     windows, and run `work(loaded, calib)` while sampling memory. Returns (loaded, work's result, facts for
     compression.json)."""
-    if str(model_spec) != "smollm2":
+    if not is_named_model(model_spec):
         check_out_dir(model_spec, out)
     with AnonPeak() as anon:
         t0 = time.perf_counter()

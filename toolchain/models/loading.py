@@ -1,4 +1,4 @@
-"""Load a model from a Hugging Face directory, a GGUF file, or the bundled `smollm2` demo model.
+"""Load a model from a Hugging Face directory, a GGUF file, or a named bundled model (`smollm2`, `qwen05`).
 
 Everything comes back as a plain float transformers model (GGUF weights are dequantized and the model is
 rebuilt without `quantization_config`, so it can be saved and reloaded like any other checkpoint).
@@ -18,6 +18,7 @@ from ..atomic import atomic_dir
 from ..errors import ModelLoadError
 from . import adapter_for
 from .base import ArchAdapter
+from .bundled import BUNDLED, bundled_path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -42,6 +43,20 @@ def smollm2_path() -> Path:
     return path
 
 
+def named_models() -> list[str]:
+    """The names `--model` accepts besides paths."""
+    return ["smollm2", *BUNDLED]
+
+
+def is_named_model(spec) -> bool:
+    return str(spec) in named_models()
+
+
+def named_model_path(spec) -> Path:
+    """The GGUF behind a named model (for a bundled one, its verified copy in the cache)."""
+    return smollm2_path() if str(spec) == "smollm2" else bundled_path(str(spec))
+
+
 def _check_safetensors(directory: Path) -> None:
     """Open every safetensors header first, so a corrupt file is named instead of failing deep inside."""
     from safetensors import safe_open
@@ -64,30 +79,46 @@ def _check_safetensors(directory: Path) -> None:
 
 
 def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """Rebuild a GGUF-loaded model as an ordinary float model without `quantization_config`."""
+    """Rebuild a GGUF-loaded model as an ordinary float model without `quantization_config`.
+
+    The new model is built on the meta device and takes the loaded tensors themselves (no copy), so a GGUF
+    costs its float weights once in memory, not twice."""
     from transformers import AutoModelForCausalLM
 
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     config = type(model.config).from_dict(cfg)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = model.state_dict()
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
     if missing or unexpected:
         raise ModelLoadError(f"GGUF rebuild mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # buffers outside the state dict (RoPE's inverse frequencies) come from the loaded model as they are
+    for name, buffer in model.named_buffers():
+        if name not in state:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[leaf] = buffer
     if config.tie_word_embeddings:
         plain.tie_weights()
+    left = [n for n, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelLoadError(f"GGUF rebuild left tensors without data: {left[:5]}")
     return plain.eval()
 
 
 def load_model(spec: str | os.PathLike, *, with_tokenizer: bool = True) -> LoadedModel:
-    """`spec` is `smollm2`, a `.gguf` file, or a Hugging Face model directory."""
+    """`spec` is a named model (`named_models()`), a `.gguf` file, or a Hugging Face model directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     if str(spec) == "smollm2":
         path, source = smollm2_path(), {"kind": "smollm2", "path": str(smollm2_path())}
+    elif str(spec) in BUNDLED:
+        path = bundled_path(str(spec))
+        source = {"kind": "bundled", "name": str(spec), "path": str(path), "sha256": BUNDLED[str(spec)].sha256}
     else:
         path = Path(spec)
         source = {"kind": "gguf" if path.suffix == ".gguf" else "hf", "path": str(path.resolve())}
