@@ -219,3 +219,16 @@ def test_eval_tasks_cli_matches_lm_eval_hf_backend(tiny_llama_dir, tmp_path, cap
             assert [i["prediction_norm"] for i in items] == [i["prediction_norm"] for i in theirs]
             for a, b in zip(items, theirs):
                 assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-3)
+
+
+def test_task_yamls_for_the_lm_eval_cli_equal_the_in_process_definitions(tmp_path):
+    """`lm_eval --include_path DIR` reads the same task definitions `toolchain eval --tasks` builds."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from toolchain.tasks import TASKS
+    from toolchain.tasks.definitions import task_config, write_task_yamls
+
+    for path in write_task_yamls(tmp_path, TASKS):
+        from_yaml, in_process = load_yaml(path, resolve_func=True), task_config(path.stem)
+        keys = (set(from_yaml) | set(in_process)) - {"tag", "metadata"}
+        assert {k for k in keys if repr(from_yaml.get(k)) != repr(in_process.get(k))} == set(), path.stem
+        assert in_process["dataset_kwargs"]["data_files"]

@@ -199,12 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
-    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga"])
+    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "eval"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
                    help="comma list of configurations to run, in that order, as NAME or NAME@SPARSITY (e.g. wanda@2:4); "
-                        "for export, ONNX forms (float, qdq, matmulnbits, matmulnbits acc4); not for fpga. "
+                        "for export, ONNX forms (float, qdq, matmulnbits, matmulnbits acc4); for eval, zero-shot "
+                        "tasks (arc_easy, hellaswag, ...); not for fpga. "
                         "Their rows replace the same rows of an existing result file")
     return parser
 

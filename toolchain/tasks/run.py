@@ -46,11 +46,12 @@ def _offline() -> None:
 
 def evaluate_tasks(loaded=None, names: tuple[str, ...] = (), limit: int | None = None, seed: int = 0,
                    backend: str = "toolchain", hf_model_dir: str | None = None, batch_size: int = 1,
-                   max_gen_toks: int | None = None, progress: bool = True) -> dict:
+                   max_gen_toks: int | None = None, progress: bool = True, lm=None) -> dict:
     """Metrics and per-item outputs of `names` on a model.
 
     backend `toolchain`: our batched backend around `loaded`. backend `hf`: lm-eval's HFLM reading the
     Hugging Face directory `hf_model_dir` itself (float32, CPU, `batch_size`), as `lm_eval --model hf` does.
+    `lm`: an lm-eval model already built (either kind), reused across calls.
     """
     _offline()
     try:
@@ -62,7 +63,9 @@ def evaluate_tasks(loaded=None, names: tuple[str, ...] = (), limit: int | None =
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     items = select_items(names, limit, seed)
     tasks = build_tasks(names)
-    if backend == "toolchain":
+    if lm is not None:
+        model, model_args = lm, None
+    elif backend == "toolchain":
         from .backend import ToolchainLM
 
         model, model_args = ToolchainLM(loaded=loaded), None
