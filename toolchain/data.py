@@ -105,6 +105,11 @@ def text_file_corpus(path: str | Path) -> Corpus:
 
 def hub_corpus(name: str) -> Corpus:
     """wikitext2 / c4 / ptb through `datasets`, from the user's local cache (nothing is downloaded here)."""
+    import os
+
+    # `datasets` reads these when imported; without them it would reach for the hub instead of the cache.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import datasets
     except ImportError:

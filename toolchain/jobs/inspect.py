@@ -5,12 +5,31 @@ import os
 
 
 def run_eval(model: str, seqlen: int = 2048, datasets: tuple[str, ...] = ("pydoc",), device: str | None = None,
-             progress: bool = True) -> dict:
-    """Perplexity of `model` on each named evaluation split (unavailable ones reported, not failed)."""
+             progress: bool = True, tasks: str | None = None, limit: int | None = None, seed: int = 0,
+             max_gen_toks: int | None = None, out: str | os.PathLike | None = None) -> dict:
+    """Perplexity of `model` on each named evaluation split (unavailable ones reported, not failed), and with
+    `tasks` the lm-eval task metrics (written with every item's output to `out` when given)."""
     from ..evaluate import evaluate
     from ..models import load_model
 
-    return evaluate(load_model(model), seqlen, tuple(datasets), device=device or "cpu", progress=progress)
+    task_names = ()
+    if tasks:
+        from ..tasks import parse_tasks
+
+        task_names = parse_tasks(tasks)  # refuse a bad name before the model loads
+    loaded = load_model(model)
+    result = evaluate(loaded, seqlen, tuple(datasets), device=device or "cpu", progress=progress)
+    if task_names:
+        from ..tasks.run import evaluate_tasks, write_task_results
+
+        result["tasks"] = evaluate_tasks(loaded, task_names, limit=limit, seed=seed, max_gen_toks=max_gen_toks,
+                                         progress=progress)
+        if out is not None:
+            write_task_results(result["tasks"], out, extra={"model": loaded.source,
+                                                            "perplexity": result["perplexity"]})
+        result["tasks"] = {**result["tasks"], "tasks": {n: {k: v for k, v in t.items() if k != "samples"}
+                                                        for n, t in result["tasks"]["tasks"].items()}}
+    return result
 
 
 def run_sim(bundle: str | os.PathLike, layers: list[str] | None = None, rows: int | None = None,

@@ -1,0 +1,163 @@
+"""The two batched kernels of the evaluation backend, plain torch over a causal LM.
+
+- `score_continuations`: the log-likelihood of each continuation given its context. A multiple-choice item
+  asks for one context with several continuations; the context is run once (its key/value cache kept) and all
+  its continuations are scored together on top of that cache. Several items share one forward pass: their
+  contexts are right-padded into one batch, and the continuations mask the padding out of the cache.
+- `greedy_generate`: greedy decoding of a batch of prompts with a KV cache; a row leaves the batch when it
+  emits an end token or its stop check fires, so finished rows cost nothing.
+
+Both take token ids and give token ids or numbers; tokenization, truncation and stop strings are the caller's.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Bounds one forward pass: (rows x columns attended) for the continuations, and rows x length for the contexts.
+BATCH_TOKENS = 8192
+
+
+def _forward_kwargs(model) -> dict:
+    """Ask for the last position's logits only where the model supports it (a context pass needs none)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache`; use the name this version's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def _pad(rows: Sequence[Sequence[int]], width: int, value: int = 0) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return out
+
+
+def _select_rows(cache, index: torch.Tensor) -> None:
+    """Keep (or repeat) the cache's batch rows `index`, in place."""
+    cache.reorder_cache(index)
+
+
+def _group_batches(groups: list[tuple[tuple[int, ...], list[int]]], cont_len: list[int],
+                   budget: int) -> list[list[int]]:
+    """Consecutive groups (sorted longest context first) whose passes fit the token budget."""
+    batches, current, rows, width_ctx, width_cont = [], [], 0, 0, 0
+    for g, (ctx, members) in enumerate(groups):
+        longest = max(cont_len[i] for i in members)
+        w_ctx, w_cont, n = max(width_ctx, len(ctx)), max(width_cont, longest), rows + len(members)
+        if current and (n * (w_ctx + w_cont) > budget or (len(current) + 1) * w_ctx > budget):
+            batches.append(current)
+            current, w_ctx, w_cont, n = [], len(ctx), longest, len(members)
+        current.append(g)
+        rows, width_ctx, width_cont = n, w_ctx, w_cont
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.inference_mode()
+def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                        batch_tokens: int = BATCH_TOKENS,
+                        progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), whether every continuation token is the argmax) per request.
+
+    Each request is (context ids, continuation ids), both non-empty. The model sees context + continuation[:-1]
+    and is scored on the continuation, as lm-eval's `hf` backend does; requests with the same context share
+    one context pass.
+    """
+    device = next(model.parameters()).device
+    groups_by_ctx: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx or not cont:
+            raise ValueError(f"request {i}: context and continuation must be non-empty")
+        groups_by_ctx.setdefault(tuple(ctx), []).append(i)
+    # The prefix is the context minus its last token; that token opens every continuation row.
+    groups = sorted(((ctx[:-1], members) for ctx, members in groups_by_ctx.items()), key=lambda g: -len(g[0]))
+    last_token = {i: requests[i][0][-1] for members in groups_by_ctx.values() for i in members}
+    rows_in = {i: (last_token[i], *requests[i][1][:-1]) for i in last_token}
+    targets = {i: tuple(requests[i][1]) for i in last_token}
+    extra = _forward_kwargs(model)
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+
+    for batch in _group_batches(groups, [len(cont) for _, cont in requests], batch_tokens):
+        prefixes = [groups[g][0] for g in batch]
+        members = [(slot, i) for slot, g in enumerate(batch) for i in groups[g][1]]
+        width_ctx = max(len(p) for p in prefixes)
+        cont_ids = _pad([rows_in[i] for _, i in members], max(len(rows_in[i]) for _, i in members)).to(device)
+        lengths = torch.tensor([len(prefixes[slot]) for slot, _ in members], device=device)
+        positions = lengths[:, None] + torch.arange(cont_ids.shape[1], device=device)[None, :]
+        kwargs: dict = {"position_ids": positions}
+        if width_ctx > 0:
+            # Right padding keeps every real context position exact under the causal mask; the padded cache
+            # slots are masked out of the continuation pass below.
+            ctx_out = model(_pad(prefixes, width_ctx).to(device), use_cache=True, **extra)
+            cache = _cache_of(ctx_out)
+            _select_rows(cache, torch.tensor([slot for slot, _ in members], device=device))
+            ctx_mask = torch.arange(width_ctx, device=device)[None, :] < lengths[:, None]
+            kwargs[_cache_kwarg(model)] = cache
+            kwargs["attention_mask"] = torch.cat([ctx_mask.long(), torch.ones_like(cont_ids)], dim=1)
+        logits = model(cont_ids, use_cache=width_ctx > 0, **kwargs).logits
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        for row, (_, i) in enumerate(members):
+            target = torch.tensor(targets[i], device=device)
+            lp = logprobs[row, :len(target)]
+            out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        if progress is not None:
+            progress(len(members))
+    return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    stop: Callable[[list[int]], bool] | None = None,
+                    eos_ids: Sequence[int] = ()) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (token ids), with a KV cache.
+
+    Prompts are left-padded; positions count real tokens only. A row is finished when it emits a token of
+    `eos_ids` (kept in its output), when `stop(generated ids)` is true, or after `max_new_tokens`; finished
+    rows are dropped from the cache.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **_forward_kwargs(model))
+    cache, next_pos = _cache_of(out), positions[:, -1] + 1
+    generated: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    eos = set(int(e) for e in eos_ids)
+    logits = out.logits[:, -1]
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(-1)
+        keep = []
+        for row, r in enumerate(active):
+            token = int(tokens[row])
+            generated[r].append(token)
+            if token not in eos and not (stop is not None and stop(generated[r])):
+                keep.append(row)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            _select_rows(cache, index)
+            mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+            active = [active[row] for row in keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True,
+                    **{_cache_kwarg(model): cache})
+        cache, next_pos, logits = _cache_of(out), next_pos + 1, out.logits[:, -1]
+    return generated
