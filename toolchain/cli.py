@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--check-images", action="store_true",
                     help="check every word of every layer's shipped images against model.tcblob, without "
                          "simulation; names the first differing layer, file and word")
+    sm.add_argument("--system", action="store_true",
+                    help="run the DRAM-fed system instead (dram/rtl/spmac_system): the layers (default: every linear "
+                         "of the first decoder layer) in one start of its sequencer, from the shipped DRAM image, "
+                         "with cocotbext-axi's AXI RAM as DRAM (random latency and stalls) and result back-pressure; "
+                         "prints cycles, bytes read and the bandwidth formula")
     sm.add_argument("--tokens", type=int, default=None, help="captured tokens to stream (default: all, 8)")
     sm.add_argument("--simulator", choices=["verilator", "icarus"], default="verilator")
     sm.add_argument("--seed", type=int, default=0, help="seed of the back-pressure pattern (default %(default)s)")
@@ -174,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
-    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga"])
+    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -319,6 +324,8 @@ def cmd_sim(args) -> int:
 
     if args.check_images:
         return cmd_check_images(args)
+    if args.system:
+        return cmd_sim_system(args)
     result = run_sim(args.bundle, args.layer, args.rows, args.simulator, args.seed, args.tokens)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -335,11 +342,31 @@ def cmd_sim(args) -> int:
     return 0 if result["bit_exact"] else 1
 
 
+def cmd_sim_system(args) -> int:
+    from .jobs.inspect import run_sim_system
+
+    if args.simulator != "verilator":
+        print("toolchain sim: error: --system runs on Verilator only", file=sys.stderr)
+        return 2
+    r = run_sim_system(args.bundle, args.layer, args.rows, args.seed, args.tokens)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        shapes = ", ".join(f"{x['name']} ({x['rows']} x {x['k']})" for x in r["layers"])
+        print(f"system: {len(r['layers'])} layers in one run: {shapes}; {r['tokens']} tokens")
+        print(f"  {'bit-exact' if r['bit_exact'] else 'MISMATCH'}: {r['mismatches']} of {r['expected_outputs']} "
+              f"outputs differ (per layer {r['mismatches_per_layer']}); err flags {r['err']:#06b}")
+        print(f"  cycles {r['cycles']} vs compute formula {r['ideal_cycles']}; {r['bytes_read']:,} bytes read, "
+              f"{r['most_bursts_in_flight']} bursts in flight at most (memory {r['memory']})")
+    return 0 if r["bit_exact"] else 1
+
+
 def cmd_check_images(args) -> int:
     from .jobs.inspect import run_check_images
 
     simulation_only = [flag for flag, given in (("--layer", args.layer), ("--rows", args.rows),
-                                                ("--tokens", args.tokens)) if given is not None]
+                                                ("--tokens", args.tokens), ("--system", args.system or None))
+                       if given is not None]
     if simulation_only:
         print(f"toolchain sim: error: --check-images checks every layer without simulation; "
               f"{', '.join(simulation_only)} would be ignored", file=sys.stderr)

@@ -28,9 +28,10 @@ from ..atomic import atomic_dir
 from ..errors import ConfigError
 from ..models.loading import check_out_dir
 from .config import AccelConfig, load_config
-from .generate import LayerShape, lint, render_hls, render_rtl
+from .dram import DramConfig, build_image, layer_region, layout_json
+from .generate import LayerShape, lint, lint_system, render_hls, render_rtl, render_system, system_parameters
 from .images import check_bundle_images
-from .layers import for_design, read_layer, write_images
+from .layers import for_design, memory_images, read_layer, write_images
 from .tools import testbench_source
 
 CONTRACT_FORMAT = "toolchain.fpga.contract/1"
@@ -128,11 +129,13 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
                          key=lambda e: _model_order(e["module"], order))
         cfg = load_config(config_path, **({} if config_path else default_config(entries, source.nm)))
         (tmp / "mem").mkdir()
-        layers, shapes = [], []
+        layers, shapes, dram_layers = [], [], []
         for e in entries:
             layer = for_design(read_layer(blob, e["name"]), cfg)
             stem = layer.name
             write_images(tmp / "mem", stem, cfg, layer)
+            region, geometry = layer_region(cfg, layer.k, layer.rows, layer.group_size, *memory_images(cfg, layer))
+            dram_layers.append({"name": layer.name, "shift": layer.shift, "region": region, "geometry": geometry})
             shape = LayerShape.of(cfg, layer.name, layer.k, layer.rows, layer.group_size, layer.shift, stem)
             shapes.append(shape)
             suffix = next((s for s in blocks if layer.name.endswith("." + s)), None)
@@ -147,6 +150,9 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
         render_hls(cfg, tmp / "hls", wdepth=max(sh.passes * sh.beats_per_row for sh in shapes),
                    sdepth=max(sh.passes * sh.beats_per_row // sh.beats_per_group for sh in shapes))
         lint_messages = lint(tmp / "rtl") if lint_rtl else None
+        dram = write_dram(tmp / "dram", cfg, dram_layers)
+        if lint_rtl:
+            lint_system(tmp / "rtl", tmp / "dram" / "rtl", system_parameters(cfg, dram))
         acts = capture_activations(model_dir, [layer["name"] for layer in layers])
         np.savez_compressed(tmp / "activations.npz", **acts)
         (tmp / "accel.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
@@ -163,6 +169,19 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
         (tmp / "README.md").write_text(bundle_readme(cfg, report))
         write_sim_dir(tmp / "sim")
     return report
+
+
+def write_dram(directory: Path, cfg: AccelConfig, dram_layers: list[dict], dram: DramConfig | None = None
+               ) -> DramConfig:
+    """dram/: the DRAM image of every layer (model.dram), its layout and descriptor table (layout.json), the
+    DRAM-fed system's RTL (rtl/) and its HLS C++ (hls/)."""
+    dram = dram or DramConfig()
+    image, table = build_image(dram_layers)
+    directory.mkdir()
+    (directory / "model.dram").write_bytes(image)
+    (directory / "layout.json").write_text(json.dumps(layout_json(cfg, dram, table, len(image)), indent=2) + "\n")
+    render_system(directory / "rtl", directory / "hls")
+    return dram
 
 
 def resources(rtl_dir: Path, cfg: AccelConfig, layers: list[dict]) -> dict:

@@ -21,6 +21,16 @@ def run_sim(bundle: str | os.PathLike, layers: list[str] | None = None, rows: in
     return simulate_bundle(bundle, layers, rows, simulator, seed, tokens)
 
 
+def run_sim_system(bundle: str | os.PathLike, layers: list[str] | None = None, rows: int | None = None,
+                   seed: int = 0, tokens: int | None = None) -> dict:
+    """Run layers of an FPGA bundle on its DRAM-fed system, from its DRAM image, bit-exactly against the golden
+    model (default: every linear of the first decoder layer)."""
+    from ..sim.dram_sim import first_block_layers, simulate_system
+
+    return simulate_system(bundle, layers or first_block_layers(bundle), rows=rows, tokens=tokens, seed=seed,
+                           gap=0.25, stall=0.25)
+
+
 def run_check_images(bundle: str | os.PathLike) -> dict:
     """Every word of every image an FPGA bundle ships against its blob, without simulation."""
     from ..sim.bundle_sim import check_images
