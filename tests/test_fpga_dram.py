@@ -76,16 +76,15 @@ def test_bundle_ships_a_dram_image_checked_against_the_blob(tiny_bundle, tmp_pat
 
 def test_system_runs_consecutive_layers_of_different_shapes_bit_exact_under_a_random_memory(tiny_bundle):
     """Seven consecutive layers (q, k, v, o, gate, up, down: four shapes) in one run of the sequencer, with random
-    read latency, AR and R stalls, activation gaps and result back-pressure, under two seeds."""
+    read latency, AR and R stalls, activation gaps and result back-pressure."""
     from toolchain.sim.dram_sim import simulate_system
 
-    for seed in (1, 2):
-        r = simulate_system(tiny_bundle, ATTN_MLP, tokens=3, seed=seed, gap=0.2, stall=0.3)
-        assert r["bit_exact"] and r["err"] == 0, r
-        assert r["outputs"] == r["expected_outputs"] == 3 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
-        assert r["most_bursts_in_flight"] > 1                       # reads overlap their latencies
-        assert r["bytes_read"] == r["weight_bytes"] + len(ATTN_MLP) * 64   # every region per token, each descriptor once
-        assert r["cycles"] > r["ideal_cycles"]
+    r = simulate_system(tiny_bundle, ATTN_MLP, tokens=3, seed=1, gap=0.2, stall=0.3)
+    assert r["bit_exact"] and r["err"] == 0, r
+    assert r["outputs"] == r["expected_outputs"] == 3 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    assert r["most_bursts_in_flight"] > 1                           # reads overlap their latencies
+    assert r["bytes_read"] == r["weight_bytes"] + len(ATTN_MLP) * 64   # every region per token, each descriptor once
+    assert r["cycles"] > r["ideal_cycles"]
 
 
 def test_corrupted_dram_word_is_caught_and_a_bad_descriptor_stops_the_run(tiny_bundle):
@@ -94,16 +93,16 @@ def test_corrupted_dram_word_is_caught_and_a_bad_descriptor_stops_the_run(tiny_b
     r = simulate_system(tiny_bundle, ATTN_MLP[:3], tokens=2, seed=3, corrupt=(1, 7))
     assert not r["bit_exact"] and r["timed_out"] is False and r["err"] == 0
     assert r["mismatches_per_layer"][0] == 0 and r["mismatches_per_layer"][1] > 0 and r["mismatches_per_layer"][2] == 0
-    refused = simulate_system(tiny_bundle, ATTN_MLP[:3], tokens=2, seed=3, corrupt_descriptor=1)
+    refused = simulate_system(tiny_bundle, ATTN_MLP[:3], tokens=1, seed=3, corrupt_descriptor=1)
     assert refused["err"] == 0b1000 and not refused["bit_exact"]      # err_desc; layer 0 still ran
-    assert refused["mismatches_per_layer"][0] == 0 and refused["frames"] == 2
+    assert refused["mismatches_per_layer"][0] == 0 and refused["frames"] == 1
 
 
 def test_slow_memory_makes_the_run_bandwidth_bound(tiny_bundle):
     """R data one cycle in four: the measured cycles follow bytes / (bus bytes x 1/4) within 5%."""
     from toolchain.sim.dram_sim import simulate_system
 
-    r = simulate_system(tiny_bundle, ATTN_MLP[4:7], tokens=4, memory={"latency": (2, 2), "r_duty": (1, 4)})
+    r = simulate_system(tiny_bundle, ATTN_MLP[4:7], tokens=2, memory={"latency": (2, 2), "r_duty": (1, 4)})
     assert r["bit_exact"], r
     assert r["memory_bound_cycles"] > 1.5 * r["ideal_cycles"]
     assert abs(r["cycles_over_memory_bound"] - 1) < 0.05, r
