@@ -64,6 +64,9 @@ def test_bundle_ships_a_dram_image_checked_against_the_blob(tiny_bundle, tmp_pat
     layout = json.loads((tiny_bundle / "dram" / "layout.json").read_text())
     assert [e["name"] for e in layout["layers"]][:7] == ATTN_MLP and len(layout["layers"]) == 14
     assert (tiny_bundle / "dram" / "rtl" / "spmac_system.sv").is_file()
+    report = json.loads((tiny_bundle / "report.json").read_text())["dram"]
+    assert report["bytes_per_token"] == sum(e["region_bytes"] + 64 for e in layout["layers"])
+    assert report["image_bytes"] == (tiny_bundle / "dram" / "model.dram").stat().st_size
     check_bundle_images(tiny_bundle)
     copy = shutil.copytree(tiny_bundle, tmp_path / "b", ignore=shutil.ignore_patterns("sim_build"))
     entry = layout["layers"][3]
