@@ -27,15 +27,12 @@ from .export import compressed_source
 LAYERS = tuple(f"model.layers.0.{s}" for s in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 ROWS = 128
-ADEQUATE = {"latency": (40, 40)}                     # 200 ns at 200 MHz, bursts pipelined
-SLOW = {"latency": (40, 40), "r_duty": (1, 4)}
-RANDOM = {"latency": (4, 80), "ar_stall": 0.2, "r_stall": 0.2}
 
 
 def run_fpga_dram_bench(model: str, out_dir: str | Path) -> dict:
     from toolchain.fpga.bundle import write_bundle
     from toolchain.fpga.config import load_config
-    from toolchain.sim.dram_sim import simulate_system, throughput_report
+    from toolchain.sim.dram_sim import MEMORIES, simulate_system, throughput_report
 
     work = work_dir(out_dir)
     src = compressed_source(model, work)
@@ -47,9 +44,9 @@ def run_fpga_dram_bench(model: str, out_dir: str | Path) -> dict:
     layout = json.loads((bundle / "dram" / "layout.json").read_text())
 
     runs = {}
-    for label, memory, backpressure, seed in (("random memory, back-pressure", RANDOM, 0.25, 1),
-                                              ("adequate bandwidth", ADEQUATE, 0.0, 0),
-                                              ("slow memory (R 1 cycle in 4)", SLOW, 0.0, 0)):
+    for label, memory, backpressure, seed in (("random memory, back-pressure", MEMORIES["random"], 0.25, 1),
+                                              ("adequate bandwidth", MEMORIES["adequate"], 0.0, 0),
+                                              ("slow memory (R 1 cycle in 4)", MEMORIES["slow"], 0.0, 0)):
         t0 = time.perf_counter()
         r = simulate_system(bundle, list(LAYERS), rows=ROWS, seed=seed, memory=memory, gap=backpressure,
                             stall=backpressure)

@@ -27,9 +27,15 @@ from .runner import _runner, expected_outputs
 
 TESTBENCH = "toolchain.sim.tb_spmac_system"
 
-# the memory the tests and the benchmark run against unless told otherwise: random latency per burst,
-# random AR acceptance and random R stalls
+# the memory the tests run against unless told otherwise: random latency per burst, random AR acceptance and
+# random R stalls
 RANDOM_MEMORY = {"latency": (4, 40), "ar_stall": 0.2, "r_stall": 0.1}
+# `toolchain sim --system --memory NAME` and the benchmark: a random memory with long latencies; adequate
+# bandwidth (the bus at full rate, 200 ns latency at 200 MHz, bursts pipelined); a slow memory (R data one
+# cycle in four)
+MEMORIES = {"random": {"latency": (4, 80), "ar_stall": 0.2, "r_stall": 0.2},
+            "adequate": {"latency": (40, 40)},
+            "slow": {"latency": (40, 40), "r_duty": (1, 4)}}
 
 
 def first_block_layers(bundle: str | Path) -> list[str]:

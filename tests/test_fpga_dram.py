@@ -116,7 +116,9 @@ def test_sim_system_command(tiny_bundle, capsys):
 
     assert main(["sim", str(tiny_bundle), "--system", "--rows", "16", "--tokens", "2", "--seed", "4"]) == 0
     out = capsys.readouterr().out
-    assert "system: 7 layers in one run" in out and "bit-exact: 0 of" in out
+    assert "system: 7 layers in one run" in out and "bit-exact: 0 of" in out and "tokens/s compute bound" in out
+    assert main(["sim", str(tiny_bundle), "--system", "--memory", "slow", "--layer", ATTN_MLP[0], "--tokens", "1"]) == 0
+    assert "'r_duty': (1, 4)" in capsys.readouterr().out
     assert main(["sim", str(tiny_bundle), "--system", "--layer", "nope"]) == 2
     assert "no layer nope" in capsys.readouterr().err
     assert main(["sim", str(tiny_bundle), "--check-images", "--system"]) == 2

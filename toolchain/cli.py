@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "of the first decoder layer) in one start of its sequencer, from the shipped DRAM image, "
                          "with cocotbext-axi's AXI RAM as DRAM (random latency and stalls) and result back-pressure; "
                          "prints cycles, bytes read and the bandwidth formula")
+    sm.add_argument("--memory", choices=["random", "adequate", "slow"], default="random",
+                    help="with --system: the DRAM's behaviour. random: latency 4-80 cycles per burst, AR and R "
+                         "stalls, with activation gaps and result back-pressure; adequate: the bus at full rate, "
+                         "40 cycles latency, no back-pressure (compute-bound cycles); slow: R data one cycle in "
+                         "four (bandwidth-bound cycles) (default %(default)s)")
     sm.add_argument("--tokens", type=int, default=None, help="captured tokens to stream (default: all, 8)")
     sm.add_argument("--simulator", choices=["verilator", "icarus"], default="verilator")
     sm.add_argument("--seed", type=int, default=0, help="seed of the back-pressure pattern (default %(default)s)")
@@ -348,7 +353,7 @@ def cmd_sim_system(args) -> int:
     if args.simulator != "verilator":
         print("toolchain sim: error: --system runs on Verilator only", file=sys.stderr)
         return 2
-    r = run_sim_system(args.bundle, args.layer, args.rows, args.seed, args.tokens)
+    r = run_sim_system(args.bundle, args.layer, args.rows, args.seed, args.tokens, args.memory)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -356,8 +361,15 @@ def cmd_sim_system(args) -> int:
         print(f"system: {len(r['layers'])} layers in one run: {shapes}; {r['tokens']} tokens")
         print(f"  {'bit-exact' if r['bit_exact'] else 'MISMATCH'}: {r['mismatches']} of {r['expected_outputs']} "
               f"outputs differ (per layer {r['mismatches_per_layer']}); err flags {r['err']:#06b}")
-        print(f"  cycles {r['cycles']} vs compute formula {r['ideal_cycles']}; {r['bytes_read']:,} bytes read, "
-              f"{r['most_bursts_in_flight']} bursts in flight at most (memory {r['memory']})")
+        print(f"  cycles {r['cycles']} vs compute formula {r['ideal_cycles']} (utilisation {r.get('utilisation')}); "
+              f"{r['bytes_read']:,} bytes read: bandwidth formula {r['memory_bound_cycles']:,.0f} cycles (measured / "
+              f"formula {r.get('cycles_over_memory_bound')}); {r['most_bursts_in_flight']} bursts in flight at most "
+              f"(memory {r['memory']})")
+        if "throughput" in r:
+            t = r["throughput"]
+            print(f"  per token: {t['bytes_per_token']:,.0f} bytes, {t['cycles_per_token']:,.0f} cycles: "
+                  f"{t['tokens_per_s_compute_bound']} tokens/s compute bound at {t['clock_mhz']} MHz, "
+                  f"{t['tokens_per_s_memory_bound']} memory bound at {t['mem_gbps']} GB/s ({t['bound_by']} bound)")
     return 0 if r["bit_exact"] else 1
 
 
@@ -365,7 +377,8 @@ def cmd_check_images(args) -> int:
     from .jobs.inspect import run_check_images
 
     simulation_only = [flag for flag, given in (("--layer", args.layer), ("--rows", args.rows),
-                                                ("--tokens", args.tokens), ("--system", args.system or None))
+                                                ("--tokens", args.tokens), ("--system", args.system or None),
+                                                ("--memory", None if args.memory == "random" else args.memory))
                        if given is not None]
     if simulation_only:
         print(f"toolchain sim: error: --check-images checks every layer without simulation; "
