@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(VENV)/bin/toolchain bench quant --model $(MODEL) --out $(BENCH_OUT)
 	$(VENV)/bin/toolchain bench export --model $(MODEL) --out $(BENCH_OUT)
 	$(VENV)/bin/toolchain bench fpga --model $(MODEL) --out $(BENCH_OUT)
+	$(VENV)/bin/toolchain bench fpga-dram --model $(MODEL) --out $(BENCH_OUT)
 
 # Dense fp16 vs 2:4 semi-structured linears: measured on a CUDA machine, else a labelled roofline estimate.
 bench-gpu: $(STAMP)

@@ -2,7 +2,7 @@
 
 - `registry`: `toolchain bench WHAT` by name (`run_benchmark`); `common`: what the benchmarks share (the work
   dir under --out, `--only` checks, result files).
-- `prune`, `quality`, `quant`, `export`, `fpga`: one benchmark each.
+- `prune`, `quality`, `quant`, `export`, `fpga`, `fpga_dram`: one benchmark each.
 - `gpu/`: `toolchain gpu-bench` (GPU spec tables, roofline estimate, CUDA measurement, report and plot).
 - `scripts/`: stand-alone measurements run by hand; `results/`: the result files (data, not code).
 

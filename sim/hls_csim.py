@@ -71,3 +71,50 @@ def csim_layer(cfg: AccelConfig, layer: LayerData, acts: np.ndarray, hls_dir: Pa
     compared, mismatches = int(found.group(1)), int(found.group(2))
     return {"layer": layer.name, "outputs": compared, "mismatches": mismatches, "bit_exact": mismatches == 0,
             "log": proc.stdout.strip().splitlines()[-6:]}
+
+
+def compile_system_csim(hls_dir: Path, system_dir: Path, work: Path) -> Path:
+    """g++ the DRAM-fed kernel and its testbench (the kernel includes the design's spmac.h and spmac.cpp)."""
+    if shutil.which("g++") is None:
+        raise SimulationError("g++ is not installed")
+    sources = [system_dir / "spmac_dram.cpp", system_dir / "tb_spmac_dram.cpp"]
+    missing = [str(p) for p in sources if not p.is_file()]
+    if missing:
+        raise SimulationError(f"HLS sources missing from the bundle: {', '.join(missing)}")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources, hls_dir / "spmac.h", hls_dir / "spmac.cpp"]))
+    exe = work / f"tb_spmac_dram-{digest.hexdigest()[:12]}"
+    if not exe.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = ["g++", "-std=c++17", "-O1", "-w", f"-I{hls_dir}", f"-I{ap_types_dir()}", *map(str, sources), "-o", str(exe)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise SimulationError(f"compiling the DRAM-fed HLS C-simulation failed:\n{proc.stderr[-3000:]}")
+    return exe
+
+
+def csim_system(bundle: str | Path, names: list[str], rows: int | None = None, tokens: int | None = None,
+                corrupt: tuple[int, int] | None = None, corrupt_descriptor: int | None = None) -> dict:
+    """The DRAM-fed HLS kernel (m_axi DRAM, axis activations and results) on the same cut of the shipped DRAM
+    image as `dram_sim.simulate_system`, compared with the golden model by its C++ testbench."""
+    from ..fpga.dram import ALIGN
+    from .dram_sim import prepare_run
+
+    run = prepare_run(bundle, names, rows, tokens, corrupt, corrupt_descriptor=corrupt_descriptor)
+    work = run.bundle / "hls_build"
+    exe = compile_system_csim(run.bundle / "hls", run.bundle / "dram" / "hls", work)
+    image_path, vectors = work / "system.dram", work / "system.hls.vectors.txt"
+    image_path.write_bytes(run.image)
+    lines = [f"{len(names)} {run.tokens} {ALIGN}"]
+    for i, entry in enumerate(run.table):
+        lines.append(f"{entry['passes']} {entry['beats_per_row']}")
+        acts, expected = run.arrays[f"acts_{i}"], run.arrays[f"expected_{i}"]
+        for t in range(run.tokens):
+            lines += [" ".join(map(str, acts[t].tolist())), " ".join(map(str, expected[t].tolist()))]
+    vectors.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([str(exe), str(image_path), str(vectors)], capture_output=True, text=True)
+    found = re.search(r"status (\d+), compared (\d+) outputs, (\d+) mismatches", proc.stdout)
+    if proc.returncode not in (0, 1) or found is None:
+        raise SimulationError(f"the DRAM-fed HLS C-simulation failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    status, compared, mismatches = (int(g) for g in found.groups())
+    return {"layers": names, "tokens": run.tokens, "outputs": compared, "mismatches": mismatches, "status": status,
+            "bit_exact": mismatches == 0 and status == 0, "log": proc.stdout.strip().splitlines()[-6:]}

@@ -185,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--check-images", action="store_true",
                     help="check every word of every layer's shipped images against model.tcblob, without "
                          "simulation; names the first differing layer, file and word")
+    sm.add_argument("--system", action="store_true",
+                    help="run the DRAM-fed system instead (dram/rtl/spmac_system): the layers (default: every linear "
+                         "of the first decoder layer) in one start of its sequencer, from the shipped DRAM image, "
+                         "with cocotbext-axi's AXI RAM as DRAM (random latency and stalls) and result back-pressure; "
+                         "prints cycles, bytes read and the bandwidth formula")
+    sm.add_argument("--memory", choices=["random", "adequate", "slow"], default="random",
+                    help="with --system: the DRAM's behaviour. random: latency 4-80 cycles per burst, AR and R "
+                         "stalls, with activation gaps and result back-pressure; adequate: the bus at full rate, "
+                         "40 cycles latency, no back-pressure (compute-bound cycles); slow: R data one cycle in "
+                         "four (bandwidth-bound cycles) (default %(default)s)")
     sm.add_argument("--tokens", type=int, default=None, help="captured tokens to stream (default: all, 8)")
     sm.add_argument("--simulator", choices=["verilator", "icarus"], default="verilator")
     sm.add_argument("--seed", type=int, default=0, help="seed of the back-pressure pattern (default %(default)s)")
@@ -211,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
-    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "eval"])
+    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "eval"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -372,6 +382,8 @@ def cmd_sim(args) -> int:
 
     if args.check_images:
         return cmd_check_images(args)
+    if args.system:
+        return cmd_sim_system(args)
     result = run_sim(args.bundle, args.layer, args.rows, args.simulator, args.seed, args.tokens)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -388,11 +400,39 @@ def cmd_sim(args) -> int:
     return 0 if result["bit_exact"] else 1
 
 
+def cmd_sim_system(args) -> int:
+    from .jobs.inspect import run_sim_system
+
+    if args.simulator != "verilator":
+        print("toolchain sim: error: --system runs on Verilator only", file=sys.stderr)
+        return 2
+    r = run_sim_system(args.bundle, args.layer, args.rows, args.seed, args.tokens, args.memory)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        shapes = ", ".join(f"{x['name']} ({x['rows']} x {x['k']})" for x in r["layers"])
+        print(f"system: {len(r['layers'])} layers in one run: {shapes}; {r['tokens']} tokens")
+        print(f"  {'bit-exact' if r['bit_exact'] else 'MISMATCH'}: {r['mismatches']} of {r['expected_outputs']} "
+              f"outputs differ (per layer {r['mismatches_per_layer']}); err flags {r['err']:#06b}")
+        print(f"  cycles {r['cycles']} vs compute formula {r['ideal_cycles']} (utilisation {r.get('utilisation')}); "
+              f"{r['bytes_read']:,} bytes read: bandwidth formula {r['memory_bound_cycles']:,.0f} cycles (measured / "
+              f"formula {r.get('cycles_over_memory_bound')}); {r['most_bursts_in_flight']} bursts in flight at most "
+              f"(memory {r['memory']})")
+        if "throughput" in r:
+            t = r["throughput"]
+            print(f"  per token: {t['bytes_per_token']:,.0f} bytes, {t['cycles_per_token']:,.0f} cycles: "
+                  f"{t['tokens_per_s_compute_bound']} tokens/s compute bound at {t['clock_mhz']} MHz, "
+                  f"{t['tokens_per_s_memory_bound']} memory bound at {t['mem_gbps']} GB/s ({t['bound_by']} bound)")
+    return 0 if r["bit_exact"] else 1
+
+
 def cmd_check_images(args) -> int:
     from .jobs.inspect import run_check_images
 
     simulation_only = [flag for flag, given in (("--layer", args.layer), ("--rows", args.rows),
-                                                ("--tokens", args.tokens)) if given is not None]
+                                                ("--tokens", args.tokens), ("--system", args.system or None),
+                                                ("--memory", None if args.memory == "random" else args.memory))
+                       if given is not None]
     if simulation_only:
         print(f"toolchain sim: error: --check-images checks every layer without simulation; "
               f"{', '.join(simulation_only)} would be ignored", file=sys.stderr)

@@ -10,6 +10,8 @@
       rtl/                 spmac_pkg.sv, spmac_pe.sv, axis_skid.sv, spmac_array.sv (lint-clean under verilator -Wall)
       hls/                 spmac.h, spmac.cpp (the same datapath in HLS C++), tb_spmac.cpp (C-simulation)
       mem/<layer>.weights.mem, mem/<layer>.scales.mem   $readmemh images, one pair per layer
+      dram/                model.dram (every layer's words and the descriptor table), layout.json, rtl/ (the
+                           DRAM-fed system spmac_system), hls/ (spmac_dram.cpp: the same interface in HLS C++)
       activations.npz      real inputs of every layer, captured on text from the held-out pydoc split
       report.json, report.md   cycles per layer, MACs/cycle, tokens/s at the configured clock and bandwidth
 """
@@ -28,9 +30,10 @@ from ..atomic import atomic_dir
 from ..errors import ConfigError
 from ..models.loading import check_out_dir
 from .config import AccelConfig, load_config
-from .generate import LayerShape, lint, render_hls, render_rtl
+from .dram import DramConfig, build_image, layer_region, layout_json
+from .generate import LayerShape, lint, lint_system, render_hls, render_rtl, render_system, system_parameters
 from .images import check_bundle_images
-from .layers import for_design, read_layer, write_images
+from .layers import for_design, memory_images, read_layer, write_images
 from .tools import testbench_source
 
 CONTRACT_FORMAT = "toolchain.fpga.contract/1"
@@ -128,11 +131,13 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
                          key=lambda e: _model_order(e["module"], order))
         cfg = load_config(config_path, **({} if config_path else default_config(entries, source.nm)))
         (tmp / "mem").mkdir()
-        layers, shapes = [], []
+        layers, shapes, dram_layers = [], [], []
         for e in entries:
             layer = for_design(read_layer(blob, e["name"]), cfg)
             stem = layer.name
             write_images(tmp / "mem", stem, cfg, layer)
+            region, geometry = layer_region(cfg, layer.k, layer.rows, layer.group_size, *memory_images(cfg, layer))
+            dram_layers.append({"name": layer.name, "shift": layer.shift, "region": region, "geometry": geometry})
             shape = LayerShape.of(cfg, layer.name, layer.k, layer.rows, layer.group_size, layer.shift, stem)
             shapes.append(shape)
             suffix = next((s for s in blocks if layer.name.endswith("." + s)), None)
@@ -147,6 +152,9 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
         render_hls(cfg, tmp / "hls", wdepth=max(sh.passes * sh.beats_per_row for sh in shapes),
                    sdepth=max(sh.passes * sh.beats_per_row // sh.beats_per_group for sh in shapes))
         lint_messages = lint(tmp / "rtl") if lint_rtl else None
+        dram = write_dram(tmp / "dram", cfg, dram_layers)
+        if lint_rtl:
+            lint_system(tmp / "rtl", tmp / "dram" / "rtl", system_parameters(cfg, dram))
         acts = capture_activations(model_dir, [layer["name"] for layer in layers])
         np.savez_compressed(tmp / "activations.npz", **acts)
         (tmp / "accel.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
@@ -156,6 +164,7 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
         report = performance_report(cfg, layers)
         report["resources"] = resources(tmp / "rtl", cfg, layers) if synth else {"skipped": "synthesis not asked for"}
         report["images"] = {"check": "every word of every image equals the blob's", **images}
+        report["dram"] = dram_report(cfg, dram, tmp / "dram")
         report.update({"lint": "verilator --lint-only -Wall: clean" if lint_messages is not None else "skipped",
                        "source": str(model_dir.resolve()), "seconds": round(time.perf_counter() - t0, 2)})
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -163,6 +172,32 @@ def write_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, config_pa
         (tmp / "README.md").write_text(bundle_readme(cfg, report))
         write_sim_dir(tmp / "sim")
     return report
+
+
+def write_dram(directory: Path, cfg: AccelConfig, dram_layers: list[dict], dram: DramConfig | None = None
+               ) -> DramConfig:
+    """dram/: the DRAM image of every layer (model.dram), its layout and descriptor table (layout.json), the
+    DRAM-fed system's RTL (rtl/) and its HLS C++ (hls/)."""
+    dram = dram or DramConfig()
+    image, table = build_image(dram_layers)
+    directory.mkdir()
+    (directory / "model.dram").write_bytes(image)
+    (directory / "layout.json").write_text(json.dumps(layout_json(cfg, dram, table, len(image)), indent=2) + "\n")
+    render_system(directory / "rtl", directory / "hls")
+    return dram
+
+
+def dram_report(cfg: AccelConfig, dram: DramConfig, directory: Path) -> dict:
+    """What the DRAM-fed system reads per token (every region once, every descriptor once, padding included)
+    and the memory-bound tokens/s at the configured bandwidth; measured cycles come from `toolchain sim
+    --system` and `toolchain bench fpga-dram`."""
+    layout = json.loads((directory / "layout.json").read_text())
+    per_token = sum(e["region_bytes"] for e in layout["layers"]) + layout["descriptor_bytes"] * len(layout["layers"])
+    padding = sum(e["passes"] * (e["scale_stride"] - e["scale_bytes"] + e["weight_stride"] - e["weight_bytes"])
+                  for e in layout["layers"])
+    return {"image_bytes": layout["image_bytes"], "bytes_per_token": per_token, "padding_bytes_per_token": padding,
+            "bus_bits": dram.data_bits, "bus_gbps_at_clock": round(dram.bus_bytes * cfg.clock_mhz * 1e6 / 1e9, 2),
+            "tokens_per_s_memory_bound": round(cfg.mem_gbps * 1e9 / per_token, 2)}
 
 
 def resources(rtl_dir: Path, cfg: AccelConfig, layers: list[dict]) -> dict:
@@ -240,6 +275,12 @@ def report_markdown(r: dict) -> str:
              f"| tokens/s, memory bound | {t['tokens_per_s_memory_bound']} |",
              f"| **tokens/s estimate** ({t['bound_by']}) | **{t['tokens_per_s_estimate']}** |", "",
              ]
+    if "dram" in r:
+        x = r["dram"]
+        lines += [f"DRAM-fed system (dram/): the image is {x['image_bytes']:,} bytes; a token reads "
+                  f"{x['bytes_per_token']:,} bytes ({x['padding_bytes_per_token']:,} of them 64-byte padding): "
+                  f"{x['tokens_per_s_memory_bound']} tokens/s memory bound at {d['mem_gbps']} GB/s. Its "
+                  f"{x['bus_bits']}-bit AXI bus carries {x['bus_gbps_at_clock']} GB/s at {d['clock_mhz']} MHz.", ""]
     res = r.get("resources", {})
     if "xcup" in res:
         lines += [f"Resources ({res['tool']}; {res['note']}):", "",
@@ -272,6 +313,9 @@ A {cfg.n}:{cfg.m} sparse multiply-accumulate array ({cfg.pes} PEs, {cfg.weight_b
 - `hls/`: the same datapath in HLS C++ (`ap_int`, AXI-Stream ports, AP_RND/AP_SAT output) and its
   C-simulation testbench; `toolchain sim` compiles it with g++ against hls4ml's ap_types headers.
 - `mem/`: `$readmemh` images of each layer's weight/index words and scale words.
+- `dram/`: `model.dram`, every layer's words in the DRAM layout with a descriptor table (layout in
+  `layout.json` and toolchain's docs/fpga.md); `rtl/spmac_system.sv` and its modules, which stream it over
+  AXI4 and run a sequence of layers without the host; `hls/spmac_dram.cpp`, the same interface in HLS C++.
 - `contract.json`: the integer arithmetic, exactly; `accel.json`: the config and its derived widths.
 - `report.md`: cycles and tokens/s from the throughput formula, and Yosys resource estimates.
 - `sim/`: the cocotb testbench and `run.py`, which runs it (same as `toolchain sim`).
@@ -282,4 +326,5 @@ Simulate real layers on the images in `mem/`, bit-exactly against the golden mod
     toolchain sim BUNDLE --layer {report['layers'][0]['name']} --rows 64
     toolchain sim BUNDLE          # the first attention and the first MLP projection, every row
     toolchain sim BUNDLE --check-images
+    toolchain sim BUNDLE --system --rows 64   # the DRAM-fed system: the first decoder layer's linears in one run
 """

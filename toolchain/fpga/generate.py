@@ -17,6 +17,11 @@ from .tools import RTL_SOURCES, simulator_env
 
 RTL_MODULES = ("axis_skid.sv", "spmac_pe.sv", "spmac_array.sv")   # their defaults come from spmac_pkg
 HLS_SOURCES = ("spmac.cpp", "tb_spmac.cpp")                       # their constants come from spmac.h
+# the DRAM-fed system (rtl_templates/dram/, shipped in BUNDLE/dram/rtl/); it reuses the array's package and PE
+SYSTEM_MODULES = ("axis_fifo.sv", "axi_read_master.sv", "axis_resize.sv", "spmac_fetch.sv", "spmac_wsplit.sv",
+                  "spmac_core.sv", "spmac_system.sv")
+SYSTEM_FROM_ARRAY = ("spmac_pkg.sv", "axis_skid.sv", "spmac_pe.sv")
+SYSTEM_HLS = ("spmac_dram.cpp", "tb_spmac_dram.cpp")   # hls/dram/: the same interface in HLS C++ (m_axi, axis)
 
 
 def template_dir(kind: str = "rtl") -> Path:
@@ -71,6 +76,46 @@ def render_hls(cfg: AccelConfig, out_dir: Path, wdepth: int, sdepth: int) -> lis
     `sdepth` scale words), the kernel spmac.cpp and the C-simulation testbench tb_spmac.cpp."""
     values = {"cfg": cfg, "w": cfg.widths, "wdepth": wdepth, "sdepth": sdepth}
     return _write("hls", out_dir, "spmac.h", HLS_SOURCES, values)
+
+
+def render_system(out_dir: Path, hls_dir: Path | None = None) -> list[Path]:
+    """Copy the DRAM-fed system's modules (plain parameterised SystemVerilog) into `out_dir`, and its HLS C++
+    kernel and C-simulation testbench (they include the design's spmac.h and spmac.cpp) into `hls_dir`."""
+    written = []
+    for kind, names, directory in (("rtl", SYSTEM_MODULES, out_dir), ("hls", SYSTEM_HLS, hls_dir)):
+        if directory is None:
+            continue
+        source = template_dir(kind) / "dram"
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copyfile(source / name, directory / name)
+            written.append(directory / name)
+    return written
+
+
+def system_sources(rtl_dir: Path, system_dir: Path) -> list[Path]:
+    """The system's sources in compile order: the array's package, skid buffer and PE, then its own modules."""
+    return [rtl_dir / name for name in SYSTEM_FROM_ARRAY] + [system_dir / name for name in SYSTEM_MODULES]
+
+
+def system_parameters(cfg: AccelConfig, dram) -> dict[str, int]:
+    """spmac_system's parameters for a design and its memory system (`fpga.dram.DramConfig`)."""
+    return {"BPR_MAX": cfg.k_max // cfg.beat_k, "DATA_W": dram.data_bits,
+            "ADDR_W": dram.addr_bits, "MAX_BURST": dram.max_burst, "MAX_OUTSTANDING": dram.outstanding,
+            "FIFO_DEPTH": dram.fifo_words}
+
+
+def lint_system(rtl_dir: Path, system_dir: Path, params: dict[str, int]) -> str:
+    """`verilator --lint-only -Wall` over the DRAM-fed system with its parameters; raises on any warning."""
+    simulator_env()
+    sources = [str(path.resolve()) for path in system_sources(rtl_dir, system_dir)]
+    cmd = ["verilator", "--lint-only", "-Wall", "--top-module", "spmac_system",
+           *(f"-G{key}={value}" for key, value in params.items()), *sources]
+    proc = subprocess.run(cmd, cwd=system_dir, capture_output=True, text=True)
+    messages = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0 or "%Warning" in messages or "%Error" in messages:
+        raise ToolchainError(f"verilator lint of {system_dir} failed:\n{messages}")
+    return messages
 
 
 def lint(rtl_dir: Path, top: str = "spmac_array") -> str:

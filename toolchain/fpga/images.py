@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import ToolchainError
 from ..numerics.geometry import row_passes
 from .config import AccelConfig, load_config
+from .dram import DESCRIPTOR_BYTES, layer_region, parse_descriptor, read_header, read_table
 from .layers import LayerData, for_design, memory_images, read_layer
 
 
@@ -47,12 +48,32 @@ def compare_image(path: Path, found: list[str], expected: list[str], layer: str)
         raise ImageMismatchError(f"{layer}: {path} has {len(found)} words; the blob gives {len(expected)}")
 
 
-def check_layer_images(cfg: AccelConfig, layer: LayerData, weight_path: Path, scale_path: Path) -> int:
-    """Every word of one layer's two shipped images against the words regenerated from the blob; the count."""
+def check_layer_images(cfg: AccelConfig, layer: LayerData, weight_path: Path, scale_path: Path,
+                       dram: tuple[Path, bytes, dict] | None = None) -> int:
+    """Every word of one layer's two shipped images against the words regenerated from the blob; the count.
+    `dram`: (path, image, table entry): the layer's region of the DRAM image is checked against them too."""
     weight_lines, scale_lines = memory_images(cfg, layer)
     compare_image(weight_path, read_image(weight_path), weight_lines, layer.name)
     compare_image(scale_path, read_image(scale_path), scale_lines, layer.name)
+    if dram is not None:
+        check_dram_region(cfg, layer, weight_lines, scale_lines, *dram)
     return len(weight_lines) + len(scale_lines)
+
+
+def check_dram_region(cfg: AccelConfig, layer: LayerData, weight_lines: list[str], scale_lines: list[str],
+                      path: Path, image: bytes, entry: dict) -> None:
+    """The layer's descriptor and region in the DRAM image against the region built from the blob's words."""
+    expected, geometry = layer_region(cfg, layer.k, layer.rows, layer.group_size, weight_lines, scale_lines)
+    found = parse_descriptor(image[entry["descriptor_offset"]:entry["descriptor_offset"] + 64])
+    for key, value in {**geometry, "shift": layer.shift, "base": entry["base"]}.items():
+        if found[key] != value:
+            raise ImageMismatchError(f"{layer.name}: {path} descriptor field {key} is {found[key]}; the blob gives "
+                                     f"{value}")
+    got = image[entry["base"]:entry["base"] + len(expected)]
+    if got != expected:
+        at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+        raise ImageMismatchError(f"{layer.name}: {path} byte {entry['base'] + at} (region byte {at}) is "
+                                 f"{got[at:at + 1].hex() or 'missing'}; the blob gives {expected[at:at + 1].hex()}")
 
 
 def check_bundle_images(bundle: str | Path) -> dict:
@@ -64,6 +85,16 @@ def check_bundle_images(bundle: str | Path) -> dict:
     cfg = load_config(bundle / "accel.json")
     table = json.loads((bundle / "layers.json").read_text())["layers"]
     words = 0
+    dram_path = bundle / "dram" / "model.dram"
+    image = dram_path.read_bytes() if dram_path.is_file() else None
+    dram_table = {}
+    if image is not None:
+        head = read_header(image)
+        names = [e["name"] for e in json.loads((bundle / "dram" / "layout.json").read_text())["layers"]]
+        if len(names) != head["layers"]:
+            raise ImageMismatchError(f"{dram_path} holds {head['layers']} descriptors; layout.json lists {len(names)}")
+        dram_table = {name: {"base": d["base"], "descriptor_offset": head["table_offset"] + i * DESCRIPTOR_BYTES}
+                      for i, (name, d) in enumerate(zip(names, read_table(image)))}
     with read_blob(bundle / "model.tcblob") as blob:
         quantized = {blob.entry(n)["module"] for n in blob.names() if blob.entry(n)["kind"] == "quant"}
         unlisted = sorted(quantized - {entry["name"] for entry in table})
@@ -73,7 +104,10 @@ def check_bundle_images(bundle: str | Path) -> dict:
         for entry in table:
             layer = for_design(read_layer(blob, entry["name"]), cfg)
             weight_path, scale_path = image_paths(bundle, entry)
-            words += check_layer_images(cfg, layer, weight_path, scale_path)
+            if image is not None and entry["name"] not in dram_table:
+                raise ImageMismatchError(f"{entry['name']}: no descriptor in {dram_path}")
+            dram = (dram_path, image, dram_table[entry["name"]]) if image is not None else None
+            words += check_layer_images(cfg, layer, weight_path, scale_path, dram)
     return {"layers": len(table), "words": words, "seconds": round(time.perf_counter() - t0, 2)}
 
 

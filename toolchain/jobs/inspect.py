@@ -40,6 +40,27 @@ def run_sim(bundle: str | os.PathLike, layers: list[str] | None = None, rows: in
     return simulate_bundle(bundle, layers, rows, simulator, seed, tokens)
 
 
+def run_sim_system(bundle: str | os.PathLike, layers: list[str] | None = None, rows: int | None = None,
+                   seed: int = 0, tokens: int | None = None, memory: str = "random") -> dict:
+    """Run layers of an FPGA bundle on its DRAM-fed system, from its DRAM image, bit-exactly against the golden
+    model (default: every linear of the first decoder layer). `memory`: a name of `sim.dram_sim.MEMORIES`; the
+    random memory runs with activation gaps and result back-pressure, the others at full rate (for cycles)."""
+    from ..sim.dram_sim import MEMORIES, first_block_layers, simulate_system, throughput_report
+
+    if memory not in MEMORIES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--memory {memory!r}: choose one of {', '.join(MEMORIES)}")
+    backpressure = 0.25 if memory == "random" else 0.0
+    result = simulate_system(bundle, layers or first_block_layers(bundle), rows=rows, tokens=tokens, seed=seed,
+                             memory=MEMORIES[memory], gap=backpressure, stall=backpressure)
+    if result["cycles"]:
+        from ..fpga.config import load_config
+
+        result["throughput"] = throughput_report(load_config(os.path.join(bundle, "accel.json")), result)
+    return result
+
+
 def run_check_images(bundle: str | os.PathLike) -> dict:
     """Every word of every image an FPGA bundle ships against its blob, without simulation."""
     from ..sim.bundle_sim import check_images
