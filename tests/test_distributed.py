@@ -71,6 +71,7 @@ def test_compress_sparsegpt_gptq_two_ranks_match_one_process(tiny_llama_dir, tmp
                      "--sparsity", "2:4", "--quant", "gptq", "--bits", "4", "--group-size", "32", "--calib-samples",
                      "5", "--seqlen", "32", "--out", str(tmp_path / "two"), "--quiet"], tmp_path)
     assert done.stderr.count("Writing model shards: 100%") == 1   # rank 0 alone writes
+    assert done.stdout.count("compressed ") == 1                    # and prints its summary
     compare(one, tmp_path / "two", quantized=True)
 
 
