@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("base", ["errors", "atomic", "machine", "numerics", "rtl_templates", "hls"]),
     ("models/data", ["models", "data"]),
-    ("engine", ["engine", "input_stats", "sensitivity", "evaluate", "tasks"]),
+    ("engine", ["engine", "distributed", "input_stats", "sensitivity", "evaluate", "tasks"]),
     ("methods", ["prune", "quant"]),
     ("export", ["export"]),
     ("targets", ["fpga", "gpu"]),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .errors import ToolchainError
 from .jobs.config import CALIB_FIELDS, QUANT_METHODS, ExportConfig, PruneConfig, QuantConfig
 from .jobs.options import add_options, config_from_args
@@ -485,7 +488,11 @@ def main(argv: list[str] | None = None) -> int:
                "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim,
                "gpu-run": cmd_gpu_run, "gpu-bench": cmd_gpu_bench}[args.command]
     try:
-        return handler(args)
+        # Under torchrun every rank runs the command; rank 0 alone prints its summary (errors: every rank).
+        silent = distributed.env_world_size() > 1 and os.environ.get("RANK", "0") != "0"
+        with open(os.devnull, "w") if silent else contextlib.nullcontext() as devnull:
+            with contextlib.redirect_stdout(devnull) if silent else contextlib.nullcontext():
+                return handler(args)
     except ToolchainError as exc:
         print(f"toolchain {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_status

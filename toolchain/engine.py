@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .models.base import ArchAdapter, SubBlock, first_tensor
 from .input_stats import InputStats
 
@@ -123,7 +124,8 @@ class LayerEngine:
         hidden = self.capture_inputs() if needs_inputs else None
         spare = None  # a second activation buffer, made on first use (Barber hands over its own outputs)
         entries = []
-        bar = tqdm(list(enumerate(self.layers)), desc=desc, disable=not progress, unit="layer")
+        bar = tqdm(list(enumerate(self.layers)), desc=desc, disable=not progress or not distributed.world().is_writer,
+                   unit="layer")
         for i, layer in bar:
             start = time.perf_counter()
             layer.to(self.device)
@@ -163,6 +165,10 @@ class LayerEngine:
         finally:
             for h in handles:
                 h.remove()
+        # Under torch.distributed each rank saw its own windows: sum the parts so every rank holds the
+        # statistics of all windows (one process: nothing happens).
+        for shared in {id(st): st for st in stats.values()}.values():
+            (shared.tokens,) = distributed.all_reduce_sums([shared.sq_sum, shared.xtx], [shared.tokens])
         return stats
 
     def capture_block(self, layer: nn.Module, hidden: torch.Tensor, block: SubBlock):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..engine import LayerEngine, default_device, set_weight
 from ..models import LoadedModel, save_model
 from ..prune import Barber, SparsityTarget, check_nm, make_method
@@ -16,7 +17,7 @@ from ..prune.allocation import owl_from_outlier_ratios, owl_outlier_ratios, rank
 from ..prune.lstsq import lstsq_rows, resolve_layer
 from ..prune.reconstruct import reconstruct_layer
 from ..sensitivity import layer_hessian_traces
-from .common import run_job
+from .common import check_distributed, run_job
 from .config import PruneConfig
 from .structured import prune_structured_loaded
 
@@ -72,13 +73,19 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
             # recorded with the graph, so Barber's pass does not run the dense attention again.
             with barber.record_first_block(engine, dense_layer) if barber else contextlib.nullcontext() as recorded:
                 stats = engine.collect_stats(dense_layer if barber else layer, hidden, method.needs_hessian or lstsq)
-        masks, targets, dense_w = {}, {}, {}
-        for name, lin in adapter.linears(layer).items():
-            if lstsq:
-                dense_w[name] = lin.weight.detach().float().clone()
-            weight, mask = method.prune(lin.weight, stats.get(name), layer_target)
-            set_weight(lin, weight)
-            masks[name], targets[name] = mask, layer_target
+        masks, targets = {}, {}
+        linears = adapter.linears(layer)
+        names = list(linears)
+        dense_w = {n: lin.weight.detach().float().clone() for n, lin in linears.items()} if lstsq else {}
+
+        def apply(j, result):
+            weight, mask = result
+            set_weight(linears[names[j]], weight)
+            masks[names[j]], targets[names[j]] = mask, layer_target
+
+        # One solve per linear; under torch.distributed they are shared out across the ranks and broadcast.
+        distributed.share([lambda n=n: method.prune(linears[n].weight, stats.get(n), layer_target) for n in names],
+                          apply)
         entry = {"target": layer_target.label}
         outputs = None
         if barber:
@@ -119,10 +126,11 @@ def run_prune(model_spec: str, out: str | Path, cfg: PruneConfig, device=None, p
     """Load, calibrate, prune, and write an HF directory plus compression.json (atomically). `given`: the
     options set on the command line (refused where they would have no effect)."""
     cfg.validate(given)
+    check_distributed(prune=cfg)
     loaded, report, facts = run_job(model_spec, out, cfg, lambda lm, calib: prune_loaded(
         lm, calib, cfg, device=device, progress=progress), calibrate=cfg.calibrates())
     report["seconds"]["load"] = facts.pop("load_seconds")
     report.update({**facts, "config": asdict(cfg)})
-    path = save_model(loaded, out, extra_json={"compression.json": report})
+    path = distributed.write_once(lambda: save_model(loaded, out, extra_json={"compression.json": report}))
     report["out"] = str(path)
     return report

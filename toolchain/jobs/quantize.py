@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..engine import LayerEngine, default_device, set_weight
 from ..errors import ConfigError
 from ..models import LoadedModel, save_model
@@ -21,7 +22,7 @@ from ..quant.aptq import collect_aptq_stats
 from ..quant.gptq import gptq_quantize_many
 from ..quant.mixed_precision import choose_widths, local_sensitivity, model_sensitivity
 from ..quant.quantizer import pruned_positions
-from .common import run_job
+from .common import check_distributed, run_job
 from .config import PruneConfig, QuantConfig, compress_validate
 from .prune import prune_loaded
 
@@ -106,11 +107,14 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
                     hessians[n] = shared.setdefault(id(stats[n]), stats[n].hessian)
                     key = id(stats[n])
                 jobs.setdefault((key, specs[n].bits), []).append(n)
-            for names in jobs.values():
-                qws = gptq_quantize_many([weights[n] for n in names], [hessians[n] for n in names], specs[names[0]],
-                                         [masks[n] for n in names], percdamp=cfg.percdamp, act_order=cfg.act_order,
-                                         name=f"layer {i} {'+'.join(names)}")
-                results.update(zip(names, qws))
+            groups = list(jobs.values())
+            # One GPTQ sweep per group; under torch.distributed they are shared out across ranks and broadcast.
+            distributed.share(
+                [lambda names=names: gptq_quantize_many(
+                    [weights[n] for n in names], [hessians[n] for n in names], specs[names[0]],
+                    [masks[n] for n in names], percdamp=cfg.percdamp, act_order=cfg.act_order,
+                    name=f"layer {i} {'+'.join(names)}") for names in groups],
+                lambda j, qws: results.update(zip(groups[j], qws)))
         else:
             results = {n: rtn_quantize(weights[n], specs[n], masks[n]) for n in linears}
         entry = {"linears": {}}
@@ -150,8 +154,9 @@ def _input_prune_record(model_spec: str, loaded: LoadedModel) -> dict | None:
 
 
 def _write(loaded: LoadedModel, out, compression: dict, state: dict[str, QuantizedWeight]) -> dict:
-    path = save_model(loaded, out, extra_json={"compression.json": compression},
-                      extra_files={"quant_state.safetensors": lambda p: write_quant_state(p, state)})
+    path = distributed.write_once(lambda: save_model(
+        loaded, out, extra_json={"compression.json": compression},
+        extra_files={"quant_state.safetensors": lambda p: write_quant_state(p, state)}))
     compression["out"] = str(path)
     return compression
 
@@ -162,6 +167,7 @@ def run_quantize(model_spec: str, out: str | Path, cfg: QuantConfig, device=None
     compression.json, atomically. `given`: the options set on the command line (refused where they would
     have no effect)."""
     cfg.validate(given)
+    check_distributed(quant=cfg)
     loaded, (report, state), facts = run_job(
         model_spec, out, cfg, lambda lm, calib: quantize_loaded(lm, calib, cfg, device=device, progress=progress),
         calibrate=cfg.calibrates())
@@ -176,6 +182,7 @@ def run_compress(model_spec: str, out: str | Path, prune_cfg: PruneConfig, quant
     """Prune, then quantize the pruned model, in one process: one model load, one tokenization and one set of
     calibration windows serve both (the quantization pass sees the pruned model's own activations)."""
     compress_validate(prune_cfg, quant_cfg, given)
+    check_distributed(prune=prune_cfg, quant=quant_cfg)
 
     def work(lm, calib):
         pruned = prune_loaded(lm, calib, prune_cfg, device=device, progress=progress)

@@ -57,7 +57,7 @@ def named_model_path(spec) -> Path:
     return smollm2_path() if str(spec) == "smollm2" else bundled_path(str(spec))
 
 
-def _check_safetensors(directory: Path) -> None:
+def check_safetensors(directory: Path) -> None:
     """Open every safetensors header first, so a corrupt file is named instead of failing deep inside."""
     from safetensors import safe_open
 
@@ -148,7 +148,7 @@ def load_model(spec: str | os.PathLike, *, with_tokenizer: bool = True) -> Loade
         except Exception as exc:
             raise ModelLoadError(f"could not read {path / 'config.json'}: {exc}") from None
         adapter_for(config)
-        _check_safetensors(path)
+        check_safetensors(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         except Exception as exc:

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from .. import distributed
+
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
     """Softmax probabilities [B, Hq, T, S] in float32, as eager attention computes them (GQA: KV heads are
@@ -176,4 +178,7 @@ def collect_aptq_stats(engine, layer: torch.nn.Module, hidden: torch.Tensor, tra
         hook.remove()
     if "hessians" not in found:
         raise RuntimeError("APTQ: the attention of this layer was never called through the attention interface")
-    return stats, found["hessians"]
+    attention = found["hessians"]
+    (attention.tokens,) = distributed.all_reduce_sums(
+        [attention.sum_q, attention.sum_k, attention.sum_v, *attention.trace_sum.values()], [attention.tokens])
+    return stats, attention
