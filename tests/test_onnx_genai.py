@@ -204,7 +204,11 @@ def test_lm_head_int8_keeps_a_q8_0_table_exact_and_int4_is_matmulnbits(compresse
     table = tensors[name].reshape(tensors[name].shape[0], -1, 32)
     scales = (table.abs().amax(-1, keepdim=True) / 127).half().float()
     tensors[name] = (scales * torch.round(table / scales).clamp(-127, 127)).reshape(tensors[name].shape).contiguous()
+    # the tiny Qwen2 has its own head; a GGUF's tied Q8_0 table is what this form is for
+    tensors.pop("lm_head.weight", None)
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     sizes = {}
     for head in ("int8", "int4"):
         path = tmp_path / head / "model.onnx"
