@@ -181,3 +181,29 @@ def test_one_gptq_sweep_for_linears_sharing_a_hessian_equals_one_call_each():
 def test_hessian_mean_diagonal_is_the_trace_per_column():
     _, _, stats = _layer()
     assert stats.hessian_mean_diagonal == pytest.approx(float(torch.trace(stats.hessian)) / stats.cols, rel=1e-5)
+
+
+def test_damp_reaches_gptq_is_recorded_and_is_refused_for_rtn(tiny_llama_dir, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from toolchain.cli import main
+
+    common = ["--bits", "3", "--group-size", "32", "--calib-samples", "4", "--seqlen", "32", "--quiet"]
+    codes = {}
+    for damp in ("0.01", "0.5"):
+        out = tmp_path / f"damp{damp}"
+        assert main(["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--damp", damp,
+                     *common, "--out", str(out)]) == 0
+        assert json.loads((out / "compression.json").read_text())["quantization"]["damp"] == float(damp)
+        codes[damp] = load_file(str(out / "quant_state.safetensors"))
+    changed = [k for k in codes["0.01"] if k.endswith("codes") and not torch.equal(codes["0.01"][k], codes["0.5"][k])]
+    assert changed   # the damping is what the sweep used
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--damp", "0.1", "--bits", "3",
+                 "--out", str(tmp_path / "rtn"), "--quiet"]) == 2
+    assert "--damp has no effect here" in capsys.readouterr().err and not (tmp_path / "rtn").exists()
+    assert main(["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--damp", "1.5", *common,
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--damp must be in (0, 1), got 1.5" in capsys.readouterr().err

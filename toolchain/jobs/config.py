@@ -271,7 +271,11 @@ class QuantConfig(CalibConfig):
                              "scale on the updated weights when the sweep reaches it", negatable=True,
                              applies=_calibrated_quant, applies_to="to --method gptq or aptq only (RTN has no column "
                              "order)")
-    percdamp: float = 0.01
+    percdamp: float = option(0.01, "--damp", "GPTQ/APTQ damping: this fraction of the mean Hessian diagonal is added "
+                             "to the diagonal before the inverse (llm-compressor's and the reference's 0.01 by "
+                             "default). Larger values trust the calibration Hessian less: see docs/quantization.md "
+                             "for what it does out of the calibration domain", type=float, metavar="FRACTION",
+                             applies=_calibrated_quant, applies_to="to --method gptq or aptq only")
     sensitivity: str = option("model", "--sensitivity", "aptq mixed precision: per-linear Hessian trace of the "
                               "full-model loss (Hutchinson, HAWQ-style; sees how an error grows through later "
                               "layers), or of each linear's local objective (APTQ's attention-aware Hessian for "
@@ -311,7 +315,7 @@ class QuantConfig(CalibConfig):
         if self.hutchinson_samples < 1:
             raise ConfigError(f"--hutchinson-samples must be >= 1, got {self.hutchinson_samples}")
         if not 0 < self.percdamp < 1:
-            raise ConfigError(f"damping must be in (0, 1), got {self.percdamp}")
+            raise ConfigError(f"--damp must be in (0, 1), got {self.percdamp}")
         refuse_inapplicable(self, given, {"method": "--method"})
         if not mixed:
             return QuantPlan(QuantSpec(int(bits), self.group_size, not self.asym))

@@ -139,6 +139,7 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
                             desc=f"quantize {cfg.method} {label} g{plan.spec.group_size}", progress=progress)
     report = {"method": cfg.method, "bits": plan.budget if plan.budget is not None else plan.spec.bits,
               "group_size": plan.spec.group_size, "symmetric": plan.spec.symmetric, "act_order": cfg.act_order,
+              "damp": cfg.percdamp if cfg.calibrates() else None,
               **average_bits(state), "allocation": allocation,
               "seconds": {"total": round(time.perf_counter() - t0, 3)}, "layers": per_layer}
     return report, state
