@@ -21,10 +21,12 @@ QUANT_CONFIGS = [
     ("rtn 4-bit", "dense", "rtn", "4", []),
     ("gptq 4-bit", "dense", "gptq", "4", []),
     ("gptq 4-bit natural order", "dense", "gptq", "4", ["--no-act-order"]),
+    ("gptq 4-bit damp 0.1", "dense", "gptq", "4", ["--damp", "0.1"]),
     ("aptq 4-bit", "dense", "aptq", "4", []),
     ("rtn 3-bit", "dense", "rtn", "3", []),
     ("gptq 3-bit", "dense", "gptq", "3", []),
     ("gptq 3-bit natural order", "dense", "gptq", "3", ["--no-act-order"]),
+    ("gptq 3-bit damp 0.1", "dense", "gptq", "3", ["--damp", "0.1"]),
     ("aptq 3-bit", "dense", "aptq", "3", []),
     ("aptq 3.5 avg (2/4)", "dense", "aptq", "3.5", []),
     ("aptq 3.0 avg (2/4)", "dense", "aptq", "3.0", []),
@@ -57,11 +59,26 @@ def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = No
     work = work_dir(out_dir)
     src = dense_hf_dir(model, work)
     rows = []
+    dense_rows = [c[0] for c in QUANT_CONFIGS if c[1] == "dense"]
+    order = ["dense (fp32)", *dense_rows, "barber 2:4 (unquantized)", *(c[0] for c in QUANT_CONFIGS if c[1] != "dense")]
+
+    def write(partial: bool) -> dict:
+        result = {"benchmark": "quant", "model": str(model), "group_size": GROUP_SIZE,
+                  "calibration": f"pydoc {CALIB_SAMPLES}x{SEQLEN}, seed {SEED}",
+                  "eval": f"held-out splits {', '.join(EVAL_DATASETS)}, seqlen {SEQLEN}",
+                  "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": list(rows),
+                  "partial": partial}
+        write_result(result_stem(out_dir, "quant", model), result, order, lambda r: r["name"], quant_table)
+        return result
+
     if not only or "dense" in only:
         rows.append({"name": "dense (fp32)", "ppl": heldout_perplexities(src)})
-    for name, source, method, bits, extra in runs:
+    # The peers first, then ours; the file is rewritten after every row, so a stopped run keeps what it measured
+    # (and, rerun, reuses the models it had finished: quantize_in_subprocess(reuse=True)).
+    for name, source, method, bits, extra in sorted(runs, key=lambda c: not c[2].startswith(PEER_PREFIX)):
         if method.startswith(PEER_PREFIX):
             rows.append(peer_row(name, src, work, method[len(PEER_PREFIX):], int(bits)))
+            write(partial=True)
             continue
         model_dir = src
         if source != "dense":
@@ -71,18 +88,12 @@ def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = No
             if not any(r["name"] == "barber 2:4 (unquantized)" for r in rows):
                 rows.append({"name": "barber 2:4 (unquantized)", "ppl": heldout_perplexities(model_dir)})
         target = work / "quant" / slug(name)
-        row = {"name": name, **quantize_in_subprocess(model_dir, target, method, bits, extra)}
+        row = {"name": name, **quantize_in_subprocess(model_dir, target, method, bits, extra, reuse=True)}
         row["ppl"] = heldout_perplexities(target)
         rows.append(row)
+        write(partial=True)
         print(f"{name}: ppl {_ppl_text(row)}, {row['quant_seconds']:.1f} s, {row['avg_bits']} bits", flush=True)
-    result = {"benchmark": "quant", "model": str(model), "group_size": GROUP_SIZE,
-              "calibration": f"pydoc {CALIB_SAMPLES}x{SEQLEN}, seed {SEED}",
-              "eval": f"held-out splits {', '.join(EVAL_DATASETS)}, seqlen {SEQLEN}",
-              "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows, "partial": bool(only)}
-    dense_rows = [c[0] for c in QUANT_CONFIGS if c[1] == "dense"]
-    order = ["dense (fp32)", *dense_rows, "barber 2:4 (unquantized)", *(c[0] for c in QUANT_CONFIGS if c[1] != "dense")]
-    write_result(result_stem(out_dir, "quant", model), result, order, lambda r: r["name"], quant_table)
-    return result
+    return write(partial=bool(only))
 
 
 def peer_row(name: str, src: Path, work: Path, method: str, bits: int) -> dict:

@@ -109,10 +109,19 @@ def prune_in_subprocess(model_dir: Path, out: Path, method: str, init: str | Non
 
 
 def quantize_in_subprocess(model_dir: Path, out: Path, method: str, bits: str, extra: list[str],
-                           quiet: bool = True) -> dict:
-    """`toolchain quantize` (symmetric, GROUP_SIZE groups) in its own process; its time, bits and memory."""
+                           quiet: bool = True, reuse: bool = False) -> dict:
+    """`toolchain quantize` (symmetric, GROUP_SIZE groups) in its own process; its time, bits and memory.
+
+    reuse: an `out` that this very command wrote before (its `bench_command.json` holds the command) is taken as
+    it is, so a benchmark that was stopped resumes without quantizing again."""
     cmd = quantize_command(model_dir, out, method, bits, extra, quiet)
-    subprocess.run(cmd, check=True)
+    marker = out / "bench_command.json"
+    if not (reuse and marker.is_file() and json.loads(marker.read_text()) == _as_typed(cmd)
+            and (out / "compression.json").is_file()):
+        subprocess.run(cmd, check=True)
+        marker.write_text(json.dumps(_as_typed(cmd)) + "\n")
+    else:
+        print(f"reusing {out} (made by the same command)", flush=True)
     report = json.loads((out / "compression.json").read_text())
     q = report["quantization"]
     return {"quant_seconds": q["seconds"]["total"], "avg_bits": round(q["avg_bits"], 4),
