@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..data import calibration_data
 from ..errors import ConfigError, ModelLoadError
 from ..machine import library_versions, machine_description, peak_rss_mib
@@ -89,6 +90,8 @@ def run_recover(model_dir: str, out: str | Path, cfg: RecoverConfig, device=None
                 given: set[str] | None = None) -> dict:
     """Load a quantized model, tune its scales, norms and biases, and write the recovered directory atomically."""
     cfg.validate(given)
+    if distributed.env_world_size() > 1:
+        raise ConfigError("recover runs in one process: its Adam steps are not averaged across torchrun ranks")
     check_out_dir(model_dir, out)
     state, previous = read_quantized(model_dir)
     t0 = time.perf_counter()
