@@ -274,3 +274,17 @@ def test_gsm8k_examples_come_from_the_training_half_only(tokenizer):
     # Only the answer is scored: the first scored token follows the prompt's tokens.
     first = int(examples.targets[0].nonzero()[0])
     assert first == len(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+def test_recover_cli_writes_and_reports(compressed_dir, tmp_path, capsys):
+    from toolchain.cli import main
+
+    src = compressed_dir("llama", "2:4", "4", 32)
+    out = tmp_path / "cli"
+    assert main(["recover", "--model", str(src), "--data", "pydoc", "--examples", "4", "--max-tokens", "32",
+                 "--steps", "2", "--batch-size", "2", "--lr", "0.01", "--seed", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "next-token loss" in text and "codes and masks unchanged" in text and str(out) in text
+    rec = json.loads((out / "compression.json").read_text())["recovery"]
+    assert rec["config"]["seed"] == 1 and rec["data"]["name"] == "pydoc" and rec["data"]["examples"] == 4
