@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import distributed
 from .errors import ToolchainError
-from .jobs.config import CALIB_FIELDS, QUANT_METHODS, ExportConfig, PruneConfig, QuantConfig
+from .jobs.config import CALIB_FIELDS, QUANT_METHODS, ExportConfig, PruneConfig, QuantConfig, RecoverConfig
 from .jobs.options import add_options, config_from_args
 from .prune import METHODS
 
@@ -46,6 +46,20 @@ COMPRESS_EXAMPLES = """examples:
 
 One model load and one set of calibration windows serve both steps; quantization keeps the pruned
 weights exactly zero (N:M stays valid). compression.json holds both records."""
+
+
+RECOVER_EXAMPLES = """examples:
+  toolchain quantize --model smollm2 --method gptq --bits 3 --group-size 64 --out out/gptq3
+  toolchain recover --model out/gptq3 --out out/gptq3-rec                        # GSM8K training half
+  toolchain recover --model out/gptq3 --teacher smollm2 --out out/gptq3-kd       # KL to the dense model
+  toolchain recover --model out/gptq3 --data wiki --examples 256 --max-tokens 256 --out out/gptq3-wiki
+  toolchain eval --model out/gptq3-rec --datasets none --tasks gsm8k --limit 100   # held-out items only
+
+Trains only what the deployment format carries: the per-group scales of every quantized linear (as fp16,
+as quant_state.safetensors stores them), the norm weights and biases, and the linears' biases. The integer
+codes, zeros and prune masks stay bit-identical, so every exporter takes the output as it took the input.
+GSM8K training uses a fixed half of its test set; compression.json records it under `recovery`, and
+`toolchain eval --tasks gsm8k` skips those items on the recovered model (docs/recovery.md)."""
 
 
 EXPORT_EXAMPLES = """examples:
@@ -119,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    methods=[("--prune", "prune_method", METHODS, "pruning method"),
                             ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 
+    _add_model_job(sub, "recover", "tune a quantized model's scales, norms and biases on a few hundred examples "
+                   "(codes and masks fixed)", RECOVER_EXAMPLES, (RecoverConfig, None, ()))
+
     e = sub.add_parser("eval", help="perplexity, and with --tasks zero-shot and reasoning accuracy (lm-eval)",
                        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--model", required=True, help=MODEL_HELP)
@@ -137,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="the subset's seed (default %(default)s)")
     e.add_argument("--max-gen-toks", type=int, default=None,
                    help="cap on generated tokens per item for gsm8k/math500 (default: lm-eval's, 256)")
+    e.add_argument("--heldout", action="store_true",
+                   help="score gsm8k only on its held-out half, the items `toolchain recover` never trains on (a "
+                        "recovered model always skips its training items; this makes any other model comparable)")
     e.add_argument("--out", default=None,
                    help="with --tasks: write results.json, results.md and samples_<task>.jsonl (every item's "
                         "output) here")
@@ -277,13 +297,26 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from .jobs.recover import run_recover
+
+    cfg, given = config_from_args(RecoverConfig, args)
+    report = run_recover(args.model, args.out, cfg, device=args.device, progress=not args.quiet, given=given)
+    r = report["recovery"]
+    print(f"recovered {args.model}: {r['objective']} loss {r['loss']['before']:.4f} -> {r['loss']['after']:.4f} on "
+          f"{r['data']['examples']} {r['data']['name']} examples, {r['steps']} steps, {r['seconds']:.1f} s; "
+          f"{r['trained']['scales']:,} scales and {r['trained']['norm_and_bias']:,} norm/bias values tuned, codes "
+          f"and masks unchanged -> {report['out']}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .jobs.inspect import run_eval
 
     names = tuple(n.strip() for n in args.datasets.split(",") if n.strip() and n.strip() != "none")
     result = run_eval(args.model, args.seqlen, names, device=args.device, progress=not args.quiet,
                       tasks=args.tasks, limit=args.limit, seed=args.seed, max_gen_toks=args.max_gen_toks,
-                      out=args.out)
+                      out=args.out, heldout=args.heldout)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -294,6 +327,8 @@ def cmd_eval(args) -> int:
     if "tasks" in result:
         from .tasks.run import markdown_table
 
+        for task, count in result["tasks"].get("excluded", {}).items():
+            print(f"{task}: {count} recovery-training items skipped; scored on the held-out items only")
         print(markdown_table(result["tasks"]), end="")
         if args.out:
             print(f"per-item outputs and results.json -> {args.out}")
@@ -484,7 +519,7 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
+    handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "recover": cmd_recover, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
                "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim,
                "gpu-run": cmd_gpu_run, "gpu-bench": cmd_gpu_bench}[args.command]
     try:

@@ -6,9 +6,12 @@ import os
 
 def run_eval(model: str, seqlen: int = 2048, datasets: tuple[str, ...] = ("pydoc",), device: str | None = None,
              progress: bool = True, tasks: str | None = None, limit: int | None = None, seed: int = 0,
-             max_gen_toks: int | None = None, out: str | os.PathLike | None = None) -> dict:
+             max_gen_toks: int | None = None, out: str | os.PathLike | None = None, heldout: bool = False) -> dict:
     """Perplexity of `model` on each named evaluation split (unavailable ones reported, not failed), and with
-    `tasks` the lm-eval task metrics (written with every item's output to `out` when given)."""
+    `tasks` the lm-eval task metrics (written with every item's output to `out` when given).
+
+    Items a recovered model was trained on (its compression.json's `recovery` record) are never scored; with
+    `heldout`, any model is scored on GSM8K's held-out half only, the same pool as a recovered model."""
     from ..evaluate import evaluate
     from ..models import load_model
 
@@ -22,14 +25,37 @@ def run_eval(model: str, seqlen: int = 2048, datasets: tuple[str, ...] = ("pydoc
     if task_names:
         from ..tasks.run import evaluate_tasks, write_task_results
 
+        exclude = _trained_items(model, heldout)
         result["tasks"] = evaluate_tasks(loaded, task_names, limit=limit, seed=seed, max_gen_toks=max_gen_toks,
-                                         progress=progress)
+                                         progress=progress, exclude=exclude)
         if out is not None:
             write_task_results(result["tasks"], out, extra={"model": loaded.source,
                                                             "perplexity": result["perplexity"]})
         result["tasks"] = {**result["tasks"], "tasks": {n: {k: v for k, v in t.items() if k != "samples"}
                                                         for n, t in result["tasks"]["tasks"].items()}}
     return result
+
+
+def _trained_items(model: str, heldout: bool) -> dict[str, list[int]]:
+    """Per task, the items not to score: those the model's recoveries trained on, and with `heldout` the whole
+    GSM8K training half."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ModelLoadError
+    from ..tasks.splits import SPLIT_TASK, excluded_items, gsm8k_split
+
+    record = Path(str(model)) / "compression.json"
+    compression = {}
+    if record.is_file():
+        try:
+            compression = json.loads(record.read_text())
+        except ValueError as exc:
+            raise ModelLoadError(f"{record} is not valid JSON: {exc}") from None
+    exclude = excluded_items(compression)
+    if heldout:
+        exclude[SPLIT_TASK] = sorted(set(exclude.get(SPLIT_TASK, ())) | set(gsm8k_split()[0]))
+    return exclude
 
 
 def run_sim(bundle: str | os.PathLike, layers: list[str] | None = None, rows: int | None = None,

@@ -25,16 +25,20 @@ METRICS = ("acc,none", "acc_norm,none", "exact_match,strict-match", "exact_match
            "exact_match,none", "math_verify,none")
 
 
-def select_items(names: tuple[str, ...], limit: int | None, seed: int) -> dict[str, list[int]] | None:
-    """The item indices each task is scored on: a seeded random subset of `limit`, sorted, or None for all."""
-    if limit is None:
+def select_items(names: tuple[str, ...], limit: int | None, seed: int,
+                 exclude: dict[str, list[int]] | None = None) -> dict[str, list[int]] | None:
+    """The item indices each task is scored on: a seeded random subset of `limit`, sorted, or None for all.
+    `exclude`: per task, items never scored (a recovered model's training items); the subset is drawn from the
+    rest, so two models with the same exclusion, limit and seed are scored on the same items."""
+    exclude = {name: set(items) for name, items in (exclude or {}).items() if name in names}
+    if limit is None and not exclude:
         return None
-    if limit <= 0:
+    if limit is not None and limit <= 0:
         raise DataError(f"--limit must be positive, got {limit}")
     picks = {}
     for name in names:
-        total = task_file(name).items
-        picks[name] = sorted(random.Random(seed).sample(range(total), min(limit, total)))
+        pool = [i for i in range(task_file(name).items) if i not in exclude.get(name, ())]
+        picks[name] = pool if limit is None else sorted(random.Random(seed).sample(pool, min(limit, len(pool))))
     return picks
 
 
@@ -46,12 +50,14 @@ def _offline() -> None:
 
 def evaluate_tasks(loaded=None, names: tuple[str, ...] = (), limit: int | None = None, seed: int = 0,
                    backend: str = "toolchain", hf_model_dir: str | None = None, batch_size: int = 1,
-                   max_gen_toks: int | None = None, progress: bool = True, lm=None) -> dict:
+                   max_gen_toks: int | None = None, progress: bool = True, lm=None,
+                   exclude: dict[str, list[int]] | None = None) -> dict:
     """Metrics and per-item outputs of `names` on a model.
 
     backend `toolchain`: our batched backend around `loaded`. backend `hf`: lm-eval's HFLM reading the
     Hugging Face directory `hf_model_dir` itself (float32, CPU, `batch_size`), as `lm_eval --model hf` does.
-    `lm`: an lm-eval model already built (either kind), reused across calls.
+    `lm`: an lm-eval model already built (either kind), reused across calls. `exclude`: per task, items left
+    out (see `select_items`).
     """
     _offline()
     try:
@@ -61,7 +67,7 @@ def evaluate_tasks(loaded=None, names: tuple[str, ...] = (), limit: int | None =
         raise DataError("task evaluation runs on lm-evaluation-harness: pip install 'toolchain[eval]'") from None
     if not progress:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    items = select_items(names, limit, seed)
+    items = select_items(names, limit, seed, exclude)
     tasks = build_tasks(names)
     if lm is not None:
         model, model_args = lm, None
@@ -86,6 +92,7 @@ def evaluate_tasks(loaded=None, names: tuple[str, ...] = (), limit: int | None =
         "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version("lm_eval"),
         "limit": limit,
         "seed": seed,
+        "excluded": {name: len(set(ids)) for name, ids in (exclude or {}).items() if name in names},
         "seconds": seconds,
         "tasks": {name: _task_summary(name, raw["results"][name], raw["samples"][name], by_name[name])
                   for name in names},
