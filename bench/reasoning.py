@@ -342,7 +342,7 @@ def reasoning_table(result: dict) -> str:
     if rho:
         lines += ["", "Spearman rank correlation across the compressed rows between the relative perplexity "
                   "increase and the accuracy change (strongly negative: perplexity predicted the loss):", ""]
-        lines += [f"- {k}: {_rho_text(v['rho'])} ({v['rows']} rows)" for k, v in rho.items()]
+        lines += [f"- {k}: {_rho_text(v['rho'])} (over {v['rows']} compressed rows)" for k, v in rho.items()]
     if result.get("plot"):
         lines += ["", f"Failure classes per row: {result['plot']}"]
     return "\n".join(lines) + "\n"

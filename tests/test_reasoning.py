@@ -3,6 +3,7 @@ Spearman's rank correlation, and the whole bench on a tiny model with a tiny lim
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -116,8 +117,15 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
     """Dense, RTN 4-bit and Wanda 2:4 on 3 GSM8K items and 2 items per zero-shot task. A run stopped by a
     failing compression keeps the rows it finished; a later run adds its rows; every row is measured, every
     wrong answer classified, and the flips agree with the per-item scores."""
+    from toolchain import reference_runs
     from toolchain.bench import reasoning
+    from toolchain.cli import main
 
+    def in_process(cmd, check):
+        # `python -m toolchain.cli ARGS` without a new interpreter: the same command, a fast test
+        assert cmd[1:3] == ["-m", "toolchain.cli"] and main(cmd[3:]) == 0
+
+    monkeypatch.setattr(reference_runs, "subprocess", SimpleNamespace(run=in_process))
     out = tmp_path / "bench"
     options = dict(limit=3, zero_shot_limit=2, max_gen_toks=6, tasks="gsm8k,zero-shot", ppl_windows=2,
                    calib_samples=4, seqlen=64)
