@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default=None,
                    help="comma list of configurations to run, in that order, as NAME or NAME@SPARSITY (e.g. wanda@2:4); "
                         "for export, ONNX forms (float, qdq, matmulnbits, matmulnbits acc4); for eval, zero-shot "
-                        "tasks (arc_easy, hellaswag, ...); not for fpga. "
+                        "tasks (arc_easy, hellaswag, ...); for reasoning, rows (dense, gptq 4-bit, wanda 2:4, ...); not for fpga. "
                         "Their rows replace the same rows of an existing result file")
     b.add_argument("--tasks", default=None, help="reasoning only: comma list of gsm8k, math500, zero-shot "
                    "(default all three)")
