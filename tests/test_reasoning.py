@@ -168,3 +168,13 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
     table = stem.with_suffix(".md").read_text()
     assert "| wanda 2:4 |" in table and "Spearman" in table
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_answer_found_is_the_strict_extraction():
+    from toolchain.bench.reasoning import answer_found
+
+    assert answer_found("gsm8k", "3 + 4 = 7. The answer is 7.")
+    assert not answer_found("gsm8k", "3 + 4 = 7, so Tom has 7 apples.")
+    assert not answer_found("gsm8k", "The answer is $7.")   # strict: no dollar sign before the number
+    assert answer_found("math500", "So x = 5.\nFinal Answer: The final answer is $5$. I hope it is correct.")
+    assert not answer_found("math500", "So the answer is $\\boxed{5}$.")
