@@ -85,8 +85,14 @@ def run_reasoning_bench(model: str, out_dir: str | Path, only: list[str] | None 
     perplexity windows); smaller than the reference budget only for tests on tiny models."""
     from toolchain.machine import library_versions
 
+    from toolchain.errors import ConfigError
+
     runs = reasoning_runs(only)
     task_names = parse_reasoning_tasks(tasks)
+    for flag, value in (("--limit", limit), ("--zero-shot-limit", zero_shot_limit), ("--max-gen-toks", max_gen_toks),
+                        ("--ppl-windows", ppl_windows)):
+        if value <= 0:
+            raise ConfigError(f"bench reasoning {flag} must be positive, got {value}")
     out_dir = Path(out_dir)
     work = work_dir(out_dir)
     src = dense_hf_dir(model, work)

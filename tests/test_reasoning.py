@@ -108,6 +108,8 @@ def test_reasoning_only_and_options_are_checked(tmp_path):
         reasoning_runs(["gptq 5-bit"])
     with pytest.raises(ConfigError, match="'mmlu'"):
         parse_reasoning_tasks("gsm8k,mmlu")
+    with pytest.raises(ConfigError, match="--max-gen-toks must be positive"):
+        run_benchmark("reasoning", str(tmp_path / "no-model"), tmp_path / "out", max_gen_toks=0)
     with pytest.raises(ConfigError, match="bench quant takes no --limit"):
         run_benchmark("quant", str(tmp_path / "no-model"), tmp_path / "out", limit=3)
     assert not (tmp_path / "out").exists()
