@@ -244,14 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
-    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "eval"])
+    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "eval",
+                                     "reasoning"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
                    help="comma list of configurations to run, in that order, as NAME or NAME@SPARSITY (e.g. wanda@2:4); "
                         "for export, ONNX forms (float, qdq, matmulnbits, matmulnbits acc4); for eval, zero-shot "
-                        "tasks (arc_easy, hellaswag, ...); not for fpga. "
+                        "tasks (arc_easy, hellaswag, ...); for reasoning, rows (dense, gptq 4-bit, wanda 2:4, ...); not for fpga. "
                         "Their rows replace the same rows of an existing result file")
+    b.add_argument("--tasks", default=None, help="reasoning only: comma list of gsm8k, math500, zero-shot "
+                   "(default all three)")
+    b.add_argument("--limit", type=int, default=None, help="reasoning only: items per generative task, a seeded "
+                   "subset, the same for every row (default 50)")
+    b.add_argument("--zero-shot-limit", type=int, default=None, help="reasoning only: items per zero-shot task "
+                   "(default 50)")
+    b.add_argument("--max-gen-toks", type=int, default=None, help="reasoning only: cap on a generated chain of "
+                   "thought, tokens (default 256, lm-eval's)")
+    b.add_argument("--ppl-windows", type=int, default=None, help="reasoning only: 512-token windows of each "
+                   "perplexity text (default 16)")
     return parser
 
 
@@ -513,7 +524,9 @@ def cmd_bench(args) -> int:
     from .bench.registry import run_benchmark
 
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    run_benchmark(args.what, args.model, args.out, only=only)
+    options = {k: getattr(args, k) for k in ("tasks", "limit", "zero_shot_limit", "max_gen_toks", "ppl_windows")
+               if getattr(args, k) is not None}
+    run_benchmark(args.what, args.model, args.out, only=only, **options)
     return 0
 
 

@@ -1,0 +1,358 @@
+"""`toolchain bench reasoning`: does a compressed model still reason?
+
+Rows: the dense model; RTN, GPTQ and APTQ at 4 and 3 bits and APTQ at an average of 3.5; Wanda, SparseGPT and
+Barber (on SparseGPT) at 2:4. Each compression runs in its own process (`toolchain quantize` / `toolchain
+prune`, the quant and prune benchmarks' budget: 32 x 512 pydoc calibration windows, group size 64). Every row
+is then measured on the same items:
+- GSM8K (8-shot chain of thought) and MATH-500 (4-shot) accuracy on a seeded subset of `limit` items, with the
+  standard error, through `toolchain eval --tasks` (lm-eval on the local task files, docs/evaluation.md);
+- the zero-shot suite on a seeded subset of `zero_shot_limit` items per task;
+- perplexity on pydoc (the calibration domain) and the out-of-domain wiki and science texts, PPL_WINDOWS
+  windows of 512 tokens each.
+For each generative task, every item a row gets wrong is classified (toolchain/tasks/failures.py: truncation
+or loop, format, arithmetic slip, wrong reasoning path) and compared with the dense model's answer (flips
+right->wrong and wrong->right). Across the compressed rows, Spearman's rank correlation between the perplexity
+increase and the accuracy loss says whether perplexity predicted the damage.
+
+Results: <out>/reasoning_<model>.{json,md,png} (the plot: wrong answers per class and row), written after every
+row, and every item's generation under <out>/reasoning_<model>/<row>/samples_<task>.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from toolchain.reference_runs import (CALIB_SAMPLES, EVAL_DATASETS, GROUP_SIZE, SEED, SEQLEN, dense_hf_dir,
+                                      prune_in_subprocess, quantize_in_subprocess)
+
+from .common import check_only, merge_rows, result_stem, slug, work_dir, write_result
+
+# name, command ("quantize" or "prune"), method, bits or sparsity, init (prune), extra flags
+REASONING_CONFIGS = [
+    ("rtn 4-bit", "quantize", "rtn", "4", None, []),
+    ("gptq 4-bit", "quantize", "gptq", "4", None, []),
+    ("aptq 4-bit", "quantize", "aptq", "4", None, []),
+    ("rtn 3-bit", "quantize", "rtn", "3", None, []),
+    ("gptq 3-bit", "quantize", "gptq", "3", None, []),
+    ("aptq 3-bit", "quantize", "aptq", "3", None, []),
+    ("aptq 3.5 avg", "quantize", "aptq", "3.5", None, []),
+    ("wanda 2:4", "prune", "wanda", "2:4", None, []),
+    ("sparsegpt 2:4", "prune", "sparsegpt", "2:4", None, []),
+    ("barber 2:4", "prune", "barber", "2:4", "sparsegpt", []),
+]
+ROW_ORDER = ["dense", *(c[0] for c in REASONING_CONFIGS)]
+
+GENERATIVE = ("gsm8k", "math500")
+# The per-item score each generative task is judged by: GSM8K's strict match asks for "The answer is N."
+# (the flexible match is reported beside it); MATH's Minerva exact match after normalisation.
+PRIMARY = {"gsm8k": "exact_match,strict-match", "math500": "exact_match,none"}
+ITEM_KEY = {"gsm8k": "exact_match,strict-match", "math500": "exact_match"}
+LIMIT = 50            # items per generative task
+ZERO_SHOT_LIMIT = 50  # items per zero-shot task
+MAX_GEN_TOKS = 256    # lm-eval's default cap on a chain of thought
+PPL_WINDOWS = 16      # 512-token windows of each perplexity text (8K tokens)
+TASK_SEED = 0
+
+
+def reasoning_runs(only: list[str] | None = None) -> list[tuple]:
+    """The compressions `--only` selects (all without it). With `--only` they run in the order asked for, so
+    the rows that matter most are on disk first if a long run is stopped."""
+    check_only("reasoning", only, ROW_ORDER)
+    if not only:
+        return list(REASONING_CONFIGS)
+    return sorted((c for c in REASONING_CONFIGS if c[0] in only), key=lambda c: only.index(c[0]))
+
+
+def parse_reasoning_tasks(text: str | None) -> tuple[str, ...]:
+    """`--tasks` of the bench: a comma list of gsm8k, math500 and zero-shot (default all three)."""
+    from toolchain.errors import ConfigError
+
+    names = tuple(t.strip() for t in (text or "gsm8k,math500,zero-shot").split(",") if t.strip())
+    unknown = [n for n in names if n not in (*GENERATIVE, "zero-shot")]
+    if unknown or not names:
+        raise ConfigError(f"bench reasoning --tasks: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                          "choose from gsm8k, math500, zero-shot")
+    return names
+
+
+def run_reasoning_bench(model: str, out_dir: str | Path, only: list[str] | None = None, limit: int = LIMIT,
+                        zero_shot_limit: int = ZERO_SHOT_LIMIT, max_gen_toks: int = MAX_GEN_TOKS,
+                        tasks: str | None = None, ppl_windows: int = PPL_WINDOWS, calib_samples: int = CALIB_SAMPLES,
+                        seqlen: int = SEQLEN) -> dict:
+    """The reasoning table on `model`. `calib_samples` x `seqlen`: the pruning calibration (and `seqlen` the
+    perplexity windows); smaller than the reference budget only for tests on tiny models."""
+    from toolchain.machine import library_versions
+
+    from toolchain.errors import ConfigError
+
+    runs = reasoning_runs(only)
+    task_names = parse_reasoning_tasks(tasks)
+    for flag, value in (("--limit", limit), ("--zero-shot-limit", zero_shot_limit), ("--max-gen-toks", max_gen_toks),
+                        ("--ppl-windows", ppl_windows)):
+        if value <= 0:
+            raise ConfigError(f"bench reasoning {flag} must be positive, got {value}")
+    out_dir = Path(out_dir)
+    work = work_dir(out_dir)
+    src = dense_hf_dir(model, work)
+    stem = result_stem(out_dir, "reasoning", model)
+    samples_dir = Path(f"{stem}")
+    settings = {"tasks": list(task_names), "limit": limit, "zero_shot_limit": zero_shot_limit, "seed": TASK_SEED,
+                "max_gen_toks": max_gen_toks, "ppl_windows": ppl_windows, "seqlen": seqlen}
+    command = _command(model, only, settings)
+    rows: list[dict] = []
+
+    def save() -> dict:
+        result = {"benchmark": "reasoning", "model": str(model), "command": command, "settings": settings,
+                  "calibration": f"pydoc {calib_samples}x{seqlen}, seed {SEED}; group size {GROUP_SIZE}",
+                  "cpu_threads": os.cpu_count(), "versions": library_versions(),
+                  "rows": _merged(stem, rows, settings)}
+        result["analysis"] = analyse(result["rows"], task_names)
+        result["plot"] = plot_taxonomy(result, Path(f"{stem}.png"))
+        write_result(stem, result, ROW_ORDER, lambda r: r["name"], reasoning_table)
+        return result
+
+    result = None
+    if not only or "dense" in only:
+        rows.append({"name": "dense", **measure(src, task_names, settings, samples_dir / "dense")})
+        result = save()
+    for name, command_name, method, level, init, extra in runs:
+        target = work / "reasoning" / slug(name)
+        if command_name == "quantize":
+            facts = quantize_in_subprocess(src, target, method, level, extra)
+        else:
+            facts = prune_in_subprocess(src, target, method, init, level, extra, calib_samples, seqlen)
+        # The command as a user types it: the model by name, an output of their choice.
+        facts["command"] = (facts["command"].replace(f"--model {src}", f"--model {model}")
+                            .replace(f"--out {target}", "--out OUT").replace(" --quiet", ""))
+        rows.append({"name": name, **facts, **measure(target, task_names, settings, samples_dir / slug(name))})
+        result = save()   # every finished row is on disk, so a stopped run keeps it
+    return result if result is not None else save()
+
+
+def _command(model: str, only: list[str] | None, settings: dict) -> str:
+    parts = [f"toolchain bench reasoning --model {model}"]
+    if only:
+        parts.append(f"--only '{','.join(only)}'")
+    defaults = {"tasks": ["gsm8k", "math500", "zero-shot"], "limit": LIMIT, "zero_shot_limit": ZERO_SHOT_LIMIT,
+                "max_gen_toks": MAX_GEN_TOKS, "ppl_windows": PPL_WINDOWS}
+    for key, default in defaults.items():
+        if settings[key] != default:
+            value = ",".join(settings[key]) if isinstance(settings[key], list) else settings[key]
+            parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def _merged(stem: Path, rows: list[dict], settings: dict) -> list[dict]:
+    """This run's rows over an earlier result's rows measured with the same settings (other rows are dropped:
+    flips and correlations need the same items, caps and texts)."""
+    path = Path(f"{stem}.json")
+    earlier = []
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            earlier = saved.get("rows", [])
+        else:
+            print(f"{path}: earlier rows were measured with other settings; they are replaced", flush=True)
+    return merge_rows(earlier, rows, ROW_ORDER, lambda r: r["name"])
+
+
+# --- measuring one model ----------------------------------------------------------------------------------
+
+
+def perplexities(loaded, windows: int = PPL_WINDOWS, seqlen: int = SEQLEN) -> dict[str, float]:
+    """Perplexity on the first `windows` windows of each evaluation text (pydoc, then out of domain)."""
+    from toolchain.data import eval_windows, get_corpus, tokenize
+    from toolchain.evaluate import perplexity
+
+    return {name: perplexity(loaded.model, eval_windows(tokenize(loaded.tokenizer, get_corpus(name).eval_text),
+                                                        seqlen, windows), progress=False)
+            for name in EVAL_DATASETS}
+
+
+def measure(model_dir: Path, task_names: tuple[str, ...], settings: dict, samples_dir: Path) -> dict:
+    """Perplexities, generative-task accuracy with every wrong item classified, and the zero-shot suite."""
+    from toolchain.models import load_model
+    from toolchain.tasks import ZERO_SHOT
+    from toolchain.tasks.backend import ToolchainLM
+    from toolchain.tasks.run import evaluate_tasks, write_task_results
+
+    start = time.perf_counter()
+    loaded = load_model(model_dir)
+    row: dict = {"ppl": perplexities(loaded, settings["ppl_windows"], settings["seqlen"])}
+    lm = ToolchainLM(loaded=loaded)
+    row["tasks"] = {}
+    for name in (n for n in task_names if n in GENERATIVE):
+        t0 = time.perf_counter()
+        result = evaluate_tasks(names=(name,), limit=settings["limit"], seed=settings["seed"], lm=lm,
+                                max_gen_toks=settings["max_gen_toks"], progress=False)
+        write_task_results(result, samples_dir)
+        task = result["tasks"][name]
+        row["tasks"][name] = {**generative_summary(name, task, loaded.tokenizer, settings["max_gen_toks"]),
+                              "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"  {name}: {row['tasks'][name]['accuracy']:.3f} ± {row['tasks'][name]['stderr']:.3f} "
+              f"({row['tasks'][name]['seconds']:.0f} s)", flush=True)
+    if "zero-shot" in task_names:
+        t0 = time.perf_counter()
+        result = evaluate_tasks(names=ZERO_SHOT, limit=settings["zero_shot_limit"], seed=settings["seed"], lm=lm,
+                                progress=False)
+        write_task_results(result, samples_dir / "zero-shot")
+        accs = {n: {"acc": t["metrics"]["acc,none"], "stderr": t["stderr"].get("acc,none"), "items": t["items"]}
+                for n, t in result["tasks"].items()}
+        row["zero_shot"] = {"tasks": accs, "average": sum(a["acc"] for a in accs.values()) / len(accs),
+                            "seconds": round(time.perf_counter() - t0, 1)}
+    row["eval_seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def answer_found(name: str, generation: str) -> bool:
+    """Whether the task's strict extraction reads an answer from the generation."""
+    if name == "gsm8k":
+        from toolchain.tasks.answers import INVALID, gsm8k_extract
+
+        return gsm8k_extract(generation, strict=True) != INVALID
+    from lm_eval.tasks.minerva_math.utils import get_unnormalized_answer
+
+    return get_unnormalized_answer(generation) != "[invalidanswer]"
+
+
+def generative_summary(name: str, task: dict, tokenizer, max_gen_toks: int) -> dict:
+    """Accuracy ± standard error, and every item's correctness and (when wrong) failure class."""
+    from toolchain.tasks.failures import CLASSES, classify_failure
+
+    metrics = {k: v for k, v in task["metrics"].items()}
+    correct, failures = {}, {}
+    for item in task["samples"]:
+        ok = bool(item[ITEM_KEY[name]])
+        correct[item["doc_id"]] = ok
+        if not ok:
+            text = item["generation"]
+            # The stop string is cut from the text; a generation that stopped on it is shorter than the cap.
+            # Re-encoding may merge a token or two, hence the slack.
+            truncated = len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_gen_toks - 2
+            failures[item["doc_id"]] = classify_failure(text, answer_found(name, text), truncated)
+    return {"metric": PRIMARY[name], "accuracy": metrics[PRIMARY[name]], "stderr": task["stderr"][PRIMARY[name]],
+            "metrics": metrics, "items": len(correct),
+            "correct": {str(k): v for k, v in correct.items()},
+            "failures": {str(k): v for k, v in failures.items()},
+            "taxonomy": {c: sum(v == c for v in failures.values()) for c in CLASSES}}
+
+
+# --- across rows ------------------------------------------------------------------------------------------
+
+
+def analyse(rows: list[dict], task_names: tuple[str, ...]) -> dict:
+    """Flips of every row against dense, and per generative task and perplexity text the Spearman
+    correlation between the relative perplexity increase and the accuracy change across the compressed rows."""
+    from toolchain.tasks.failures import flips, spearman
+
+    dense = next((r for r in rows if r["name"] == "dense"), None)
+    if dense is None:
+        return {"note": "no dense row: no flips or correlations"}
+    out: dict = {"flips": {}, "spearman": {}}
+    others = [r for r in rows if r["name"] != "dense"]
+    measures = [n for n in task_names if n in GENERATIVE] + (["zero-shot"] if "zero-shot" in task_names else [])
+    for r in others:
+        out["flips"][r["name"]] = {}
+        for name in (n for n in task_names if n in GENERATIVE):
+            f = flips({int(k): v for k, v in dense["tasks"][name]["correct"].items()},
+                      {int(k): v for k, v in r["tasks"][name]["correct"].items()})
+            out["flips"][r["name"]][name] = f
+    for measure_name in measures:
+        for text in dense["ppl"]:
+            ppl_change = [r["ppl"][text] / dense["ppl"][text] - 1 for r in others]
+            acc_change = [_accuracy(r, measure_name) - _accuracy(dense, measure_name) for r in others]
+            out["spearman"][f"{measure_name} vs ppl {text}"] = {"rho": spearman(ppl_change, acc_change),
+                                                                 "rows": len(others)}
+    return out
+
+
+def _accuracy(row: dict, measure_name: str) -> float:
+    return row["zero_shot"]["average"] if measure_name == "zero-shot" else row["tasks"][measure_name]["accuracy"]
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def plot_taxonomy(result: dict, path: Path) -> str | None:
+    """Stacked bars: the wrong answers of each row by failure class, one panel per generative task. Returns
+    the file name, or None when there is nothing to plot or no matplotlib."""
+    from toolchain.atomic import atomic_file
+    from toolchain.tasks.failures import CLASSES
+
+    names = [n for n in result["settings"]["tasks"] if n in GENERATIVE]
+    rows = result["rows"]
+    if not names or not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(max(6, 0.9 * len(rows)) * len(names), 4.5), squeeze=False)
+    colours = {"truncation": "#d62728", "format": "#ff7f0e", "arithmetic": "#1f77b4", "reasoning": "#7f7f7f"}
+    for ax, name in zip(axes[0], names):
+        bottom = [0] * len(rows)
+        for cls in CLASSES:
+            counts = [r["tasks"][name]["taxonomy"][cls] for r in rows]
+            ax.bar(range(len(rows)), counts, bottom=bottom, label=cls, color=colours[cls])
+            bottom = [b + c for b, c in zip(bottom, counts)]
+        ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=40, ha="right")
+        ax.set_ylabel(f"wrong answers (of {rows[0]['tasks'][name]['items']})")
+        ax.set_title(f"{result['model']}: {name} failures by class")
+        ax.legend()
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def reasoning_table(result: dict) -> str:
+    from toolchain.tasks.failures import CLASSES
+
+    s = result["settings"]
+    gen = [n for n in s["tasks"] if n in GENERATIVE]
+    texts = list(dict.fromkeys(k for r in result["rows"] for k in r["ppl"]))
+    flips = result["analysis"].get("flips", {})
+    lines = [f"`{result['command']}`", "",
+             f"Model: {result['model']}; calibration {result['calibration']}. Items: {s['limit']} per generative "
+             f"task, {s['zero_shot_limit']} per zero-shot task (seed {s['seed']}, the same items for every row); "
+             f"generation capped at {s['max_gen_toks']} tokens; perplexity on {s['ppl_windows']} windows of "
+             f"{s['seqlen']} tokens per text (wiki and science are out of the calibration domain). Accuracy ± "
+             "standard error; flips against dense: right->wrong / wrong->right; wrong answers by class: "
+             + ", ".join(CLASSES) + ".", ""]
+    head = ["configuration", *(f"ppl {t}" for t in texts)]
+    for n in gen:
+        head += [f"{n} ({result['rows'][0]['tasks'][n]['metric'].replace(',none', '')})" if result["rows"] else n,
+                 f"{n} flips", f"{n} failures T/F/A/R"]
+    if "zero-shot" in s["tasks"]:
+        head.append("zero-shot avg acc")
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in result["rows"]:
+        cells = [r["name"], *(f"{r['ppl'][t]:.2f}" if t in r["ppl"] else "-" for t in texts)]
+        for n in gen:
+            t = r["tasks"][n]
+            cells.append(f"{t['accuracy']:.3f} ± {t['stderr']:.3f}" if t["stderr"] is not None
+                         else f"{t['accuracy']:.3f}")
+            f = flips.get(r["name"], {}).get(n)
+            cells.append(f"{len(f['right_to_wrong'])} / {len(f['wrong_to_right'])}" if f else "-")
+            cells.append("/".join(str(t["taxonomy"][c]) for c in CLASSES))
+        if "zero-shot" in s["tasks"]:
+            cells.append(f"{r['zero_shot']['average']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    rho = result["analysis"].get("spearman", {})
+    if rho:
+        lines += ["", "Spearman rank correlation across the compressed rows between the relative perplexity "
+                  "increase and the accuracy change (strongly negative: perplexity predicted the loss):", ""]
+        lines += [f"- {k}: {_rho_text(v['rho'])} (over {v['rows']} compressed rows)" for k, v in rho.items()]
+    if result.get("plot"):
+        lines += ["", f"Failure classes per row: {result['plot']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _rho_text(rho: float | None) -> str:
+    return "undefined" if rho is None else f"{rho:+.2f}"

@@ -1,0 +1,182 @@
+"""The reasoning benchmark: the failure taxonomy's rules on hand-written chains of thought, flips against dense,
+Spearman's rank correlation, and the whole bench on a tiny model with a tiny limit."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from toolchain.errors import ConfigError
+from toolchain.tasks.failures import (CLASSES, arithmetic_slips, classify_failure, flips, ranks, repetition_loop,
+                                      spearman)
+
+# --- arithmetic slips ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "She has 3 + 4 = 7 apples.",
+    "He pays 1,200 * 2 = $2,400 in total.",
+    "In total, 3 + 4 = 7",                      # the clause comma is not part of the expression
+    "Each gets 10 / 3 = 3.33 pies.",            # rounding to the stated decimals
+    "(5 + 3) * 2 = 16",
+    "5 x 4 = 20 and 6 × 2 = 12 and 8 ÷ 2 = 4",
+    "-3 + 5 = 2",
+    "3 + 4 = 7 + 1 = 8",                        # a chain: both links hold
+    "It costs $5 per day, so 5 * 7 = 35.",
+    "1, 2, 3 + 4 = 7",                          # a list before the sum
+])
+def test_correct_arithmetic_is_no_slip(text):
+    assert arithmetic_slips(text) == []
+
+
+@pytest.mark.parametrize("text, expression, stated, actual", [
+    ("3 + 4 = 8", "3 + 4", "8", 7.0),
+    ("He has 12 * 3 = 34 marbles.", "12 * 3", "34", 36.0),
+    ("She buys 1,500 - 250 = 1,350 tickets.", "1500 - 250", "1,350", 1250.0),
+    ("So (5 + 3) * 2 = 15.", "(5 + 3) * 2", "15", 16.0),
+    ("5 × 4 = 21", "5 * 4", "21", 20.0),
+    ("10 / 3 = 3", "10 / 3", "3", 10 / 3),       # an integer for a fraction is a slip, not rounding
+    ("3 + 4 = 7 + 1 = 9", "7 + 1", "9", 8.0),    # the second link of a chain
+    ("box 3 + 4 = 9 ok", "3 + 4", "9", 7.0),     # the 'x' of a word is not a multiplication
+])
+def test_wrong_arithmetic_is_found(text, expression, stated, actual):
+    assert arithmetic_slips(text) == [(expression, stated, pytest.approx(actual))]
+
+
+@pytest.mark.parametrize("text", ["2x + 3 = 7", "50 * 20% = 10", "2 hours * 3 = 6", "12 / 0 = 5", "7 = 7",
+                                  "x = 5"])
+def test_equations_that_are_not_plain_arithmetic_are_skipped(text):
+    assert arithmetic_slips(text) == []
+
+
+# --- loops and the classes ----------------------------------------------------------------------------------
+
+
+def test_repetition_loops():
+    assert repetition_loop("She has 5 apples. " * 4)
+    assert repetition_loop("Step: add the eggs\nStep: add the eggs\nthen\nStep: add the eggs\n")
+    assert not repetition_loop("1 + 1 = 2. So 2 + 2 = 4. The answer is 4.")
+    assert not repetition_loop("1, 1, 1, 1, 1")   # short repeats are text, not a loop
+
+
+CHAIN_OK = "Tom has 3 + 4 = 7 apples. He eats 2, so 7 - 2 = 5. The answer is 5."
+
+
+@pytest.mark.parametrize("generation, found, truncated, expected", [
+    (CHAIN_OK, True, True, "truncation"),                                   # the cap comes first
+    ("Tom has 3 apples and 4 more. " * 5, False, False, "truncation"),      # a loop without the cap
+    ("Tom has 3 + 4 = 7 apples. So he has 7", False, False, "format"),    # no "The answer is"
+    ("Tom has 3 + 4 = 8 apples. The answer is 8.", False, False, "format"),  # unreadable beats arithmetic
+    ("Tom has 3 + 4 = 8 apples. The answer is 8.", True, False, "arithmetic"),
+    (CHAIN_OK, True, False, "reasoning"),                                   # right sums, wrong path
+])
+def test_classification_order(generation, found, truncated, expected):
+    assert classify_failure(generation, found, truncated) == expected
+    assert expected in CLASSES
+
+
+# --- flips and correlation ----------------------------------------------------------------------------------
+
+
+def test_flips_against_dense():
+    dense = {0: True, 1: True, 2: False, 3: False, 4: True}
+    other = {0: True, 1: False, 2: True, 3: False, 4: False}
+    assert flips(dense, other) == {"right_to_wrong": [1, 4], "wrong_to_right": [2], "both_right": 1,
+                                   "both_wrong": 1}
+    with pytest.raises(ValueError, match="same items"):
+        flips(dense, {0: True})
+
+
+def test_spearman():
+    assert ranks([10.0, 30.0, 20.0, 20.0]) == [1.0, 4.0, 2.5, 2.5]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)   # scipy.stats.spearmanr
+    assert spearman([1, 2], [2, 1]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+# --- the benchmark --------------------------------------------------------------------------------------------
+
+
+def test_reasoning_only_and_options_are_checked(tmp_path):
+    from toolchain.bench.reasoning import parse_reasoning_tasks, reasoning_runs
+    from toolchain.bench.registry import run_benchmark
+
+    assert [r[0] for r in reasoning_runs(["wanda 2:4", "dense", "gptq 3-bit"])] == ["wanda 2:4", "gptq 3-bit"]
+    with pytest.raises(ConfigError, match="'gptq 5-bit'"):
+        reasoning_runs(["gptq 5-bit"])
+    with pytest.raises(ConfigError, match="'mmlu'"):
+        parse_reasoning_tasks("gsm8k,mmlu")
+    with pytest.raises(ConfigError, match="--max-gen-toks must be positive"):
+        run_benchmark("reasoning", str(tmp_path / "no-model"), tmp_path / "out", max_gen_toks=0)
+    with pytest.raises(ConfigError, match="bench quant takes no --limit"):
+        run_benchmark("quant", str(tmp_path / "no-model"), tmp_path / "out", limit=3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
+    """Dense, RTN 4-bit and Wanda 2:4 on 3 GSM8K items and 2 items per zero-shot task. A run stopped by a
+    failing compression keeps the rows it finished; a later run adds its rows; every row is measured, every
+    wrong answer classified, and the flips agree with the per-item scores."""
+    from toolchain import reference_runs
+    from toolchain.bench import reasoning
+    from toolchain.cli import main
+
+    def in_process(cmd, check):
+        # `python -m toolchain.cli ARGS` without a new interpreter: the same command, a fast test
+        assert cmd[1:3] == ["-m", "toolchain.cli"] and main(cmd[3:]) == 0
+
+    monkeypatch.setattr(reference_runs, "subprocess", SimpleNamespace(run=in_process))
+    out = tmp_path / "bench"
+    options = dict(limit=3, zero_shot_limit=2, max_gen_toks=6, tasks="gsm8k,zero-shot", ppl_windows=2,
+                   calib_samples=4, seqlen=64)
+    stem = out / f"reasoning_{tiny_llama_dir.name}"
+    real_prune = reasoning.prune_in_subprocess
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(reasoning, "prune_in_subprocess", broken)
+    with pytest.raises(RuntimeError, match="stopped"):
+        reasoning.run_reasoning_bench(str(tiny_llama_dir), out, only=["dense", "rtn 4-bit", "wanda 2:4"], **options)
+    assert [r["name"] for r in json.loads(stem.with_suffix(".json").read_text())["rows"]] == ["dense", "rtn 4-bit"]
+    monkeypatch.setattr(reasoning, "prune_in_subprocess", real_prune)
+    result = reasoning.run_reasoning_bench(str(tiny_llama_dir), out, only=["wanda 2:4"], **options)
+
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ["dense", "rtn 4-bit", "wanda 2:4"]
+    assert saved["rows"] == result["rows"]
+    for row in saved["rows"]:
+        task = row["tasks"]["gsm8k"]
+        assert task["items"] == 3 and set(row["ppl"]) == {"pydoc", "wiki", "science"}
+        wrong = [k for k, ok in task["correct"].items() if not ok]
+        assert sorted(task["failures"]) == sorted(wrong)
+        assert sum(task["taxonomy"].values()) == len(wrong)
+        # six tokens cannot hold a chain of thought: a wrong answer is cut off or unreadable
+        assert set(task["failures"].values()) <= {"truncation", "format"}
+        assert task["accuracy"] == pytest.approx(sum(task["correct"].values()) / 3)
+        assert len(row["zero_shot"]["tasks"]) == 8 and 0 <= row["zero_shot"]["average"] <= 1
+        samples = (stem / reasoning.slug(row["name"]) / "samples_gsm8k.jsonl").read_text().splitlines()
+        assert [json.loads(s)["doc_id"] for s in samples] == sorted(int(k) for k in task["correct"])
+    dense = saved["rows"][0]["tasks"]["gsm8k"]["correct"]
+    for row in saved["rows"][1:]:
+        f = saved["analysis"]["flips"][row["name"]]["gsm8k"]
+        mine = row["tasks"]["gsm8k"]["correct"]
+        assert f["right_to_wrong"] == sorted(int(k) for k in dense if dense[k] and not mine[k])
+        assert f["wrong_to_right"] == sorted(int(k) for k in dense if not dense[k] and mine[k])
+    assert set(saved["analysis"]["spearman"]) == {f"{m} vs ppl {t}" for m in ("gsm8k", "zero-shot")
+                                                  for t in ("pydoc", "wiki", "science")}
+    table = stem.with_suffix(".md").read_text()
+    assert "| wanda 2:4 |" in table and "Spearman" in table
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_answer_found_is_the_strict_extraction():
+    from toolchain.bench.reasoning import answer_found
+
+    assert answer_found("gsm8k", "3 + 4 = 7. The answer is 7.")
+    assert not answer_found("gsm8k", "3 + 4 = 7, so Tom has 7 apples.")
+    assert not answer_found("gsm8k", "The answer is $7.")   # strict: no dollar sign before the number
+    assert answer_found("math500", "So x = 5.\nFinal Answer: The final answer is $5$. I hope it is correct.")
+    assert not answer_found("math500", "So the answer is $\\boxed{5}$.")

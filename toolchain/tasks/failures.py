@@ -1,0 +1,164 @@
+"""Why a generated answer is wrong: a rule-based failure taxonomy, and per-item flips between two models.
+
+A wrong answer falls in the first class whose rule matches, in this order:
+- `truncation`: the generation ran into the token cap, or it is stuck in a repetition loop (the same chunk
+  of at least LOOP_MIN_CHARS characters three times in a row, or one line of at least LOOP_MIN_CHARS
+  characters LOOP_LINES times);
+- `format`: no answer in the form the task asks for ("The answer is N." for GSM8K, "Final Answer: The final
+  answer is ..." for MATH), so the strict extraction finds nothing;
+- `arithmetic`: an equation "a op b ... = c" in the chain of thought whose left side does not compute to c
+  (`arithmetic_slips`);
+- `reasoning`: the rest: a well-formed answer reached by correct arithmetic on a wrong path.
+
+Truncation comes first because a cut-off or looping generation has no answer for the same reason; format
+before arithmetic because an answer that cannot be read is wrong whatever its arithmetic.
+"""
+from __future__ import annotations
+
+import ast
+import operator
+import re
+
+CLASSES = ("truncation", "format", "arithmetic", "reasoning")
+
+LOOP_MIN_CHARS = 12   # a repeated chunk shorter than this is ordinary text ("1, 1, 1"), not a loop
+LOOP_MAX_CHARS = 200
+LOOP_LINES = 3
+
+# A number as chains of thought write it: optional $, thousands separators, decimals.
+_NUMBER = r"\$?\d[\d,]*(?:\.\d+)?"
+# An equation's right side, then (scanning backwards from its "=") the characters a left side may hold.
+_EQUATION = re.compile(r"=\s*(-?" + _NUMBER + r")")
+_LEFT_CHARS = set("0123456789.,+-*/×xX÷()$ ")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _number(text: str) -> float:
+    return float(_THOUSANDS.sub("", text.replace("$", "")))
+
+
+def _evaluate(node: ast.AST) -> float:
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_evaluate(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+    raise ValueError("not arithmetic")
+
+
+def _left_side(text: str, end: int) -> str | None:
+    """The arithmetic expression that ends at `end` (just before an "="), or None when there is none: at
+    least one operator between numbers, read back to the first character an expression cannot hold."""
+    start = end
+    while start > 0 and text[start - 1] in _LEFT_CHARS:
+        start -= 1
+    raw = _THOUSANDS.sub("", text[start:end])
+    # A comma that is not a thousands separator separates clauses: the expression is what follows it.
+    raw = raw.rsplit(",", 1)[-1].replace("$", "")
+    # The run may start inside a word ("box 3 + 4": "x 3 + 4"): the expression starts at its first number.
+    raw = re.sub(r"^[^\d(-]*", "", raw)
+    raw = raw.replace("×", "*").replace("÷", "/")
+    raw = re.sub(r"(?<=[\d)\s])[xX](?=[\s\d(])", "*", raw).strip()
+    # Opening parentheses of an enclosing clause, "(so 3 + 4 = 7", are not part of the expression.
+    while raw.count("(") > raw.count(")") and raw.startswith("("):
+        raw = raw[1:].strip()
+    if not re.match(r"^-?[\d(]", raw) or not re.search(r"[\d)]\s*[-+*/]\s*[\d(]", raw):
+        return None
+    return raw
+
+
+def _agrees(actual: float, stated_text: str) -> bool:
+    """The computed value equals the stated one, allowing the rounding the stated number's decimals imply."""
+    stated = _number(stated_text)
+    decimals = len(stated_text.split(".")[1]) if "." in stated_text else 0
+    tolerance = max(0.5 * 10 ** -decimals if decimals else 1e-9, 1e-9 * abs(actual))
+    # An integer stated for a non-integer result ("10 / 3 = 3") is a slip; 3.33 for 10/3 is rounding.
+    return abs(actual - stated) <= tolerance + 1e-12
+
+
+def arithmetic_slips(text: str) -> list[tuple[str, str, float]]:
+    """Every equation "expression = number" in `text` whose expression does not compute to the number:
+    (expression, stated number, computed value). Expressions are + - * / × ÷ x over numbers and parentheses;
+    an equation that is not plain arithmetic (a variable, a unit inside, a percent) is skipped."""
+    slips = []
+    for match in _EQUATION.finditer(text):
+        expression = _left_side(text, match.start())
+        if expression is None:
+            continue
+        try:
+            actual = _evaluate(ast.parse(expression, mode="eval"))
+        except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+            continue
+        stated = match.group(1).replace("$", "")
+        if not _agrees(actual, stated.rstrip(",")):
+            slips.append((expression, stated, actual))
+    return slips
+
+
+def repetition_loop(text: str) -> bool:
+    """True when the text is stuck: one chunk of LOOP_MIN_CHARS..LOOP_MAX_CHARS characters three times in a
+    row, or one line of at least LOOP_MIN_CHARS characters LOOP_LINES times."""
+    lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= LOOP_MIN_CHARS]
+    if any(lines.count(line) >= LOOP_LINES for line in set(lines)):
+        return True
+    pattern = r"(.{%d,%d}?)\1\1" % (LOOP_MIN_CHARS, LOOP_MAX_CHARS)
+    return re.search(pattern, text, re.S) is not None
+
+
+def classify_failure(generation: str, answer_found: bool, truncated: bool = False) -> str:
+    """The class of a wrong answer (one of CLASSES). `answer_found`: the task's strict extraction read an
+    answer; `truncated`: the generation used every token it was allowed."""
+    if truncated or repetition_loop(generation):
+        return "truncation"
+    if not answer_found:
+        return "format"
+    if arithmetic_slips(generation):
+        return "arithmetic"
+    return "reasoning"
+
+
+def flips(reference: dict[int, bool], other: dict[int, bool]) -> dict:
+    """Per-item changes from `reference` (dense) to `other`, both {item: correct}: the items that went from
+    right to wrong and from wrong to right, and how many stayed right or wrong. Both must score the same items."""
+    if set(reference) != set(other):
+        raise ValueError(f"flips need the same items: {len(set(reference) ^ set(other))} differ")
+    ids = sorted(reference)
+    return {"right_to_wrong": [i for i in ids if reference[i] and not other[i]],
+            "wrong_to_right": [i for i in ids if not reference[i] and other[i]],
+            "both_right": sum(reference[i] and other[i] for i in ids),
+            "both_wrong": sum(not reference[i] and not other[i] for i in ids)}
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return result
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on the tie-averaged ranks); None for fewer than three pairs or a
+    constant side, where it is undefined."""
+    if len(x) != len(y):
+        raise ValueError("spearman needs pairs")
+    if len(x) < 3:
+        return None
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / (sxx * syy) ** 0.5
