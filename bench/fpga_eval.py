@@ -42,6 +42,7 @@ def run_fpga_eval_bench(model: str, out_dir: str | Path) -> dict:
         write_bundle(src, bundle, synth=False)
     kw = dict(datasets=DATASETS, seqlen=SEQLEN, max_windows=MAX_WINDOWS)
     main = model_eval(bundle, **kw)
+    print(f"under the contract: {json.dumps(main['perplexity'])}", flush=True)
 
     cfg = load_config(bundle / "accel.json")
     what_if = []
@@ -52,6 +53,7 @@ def run_fpga_eval_bench(model: str, out_dir: str | Path) -> dict:
         run = measure(loaded, DATASETS, SEQLEN, MAX_WINDOWS, None, 0, progress=False)
         what_if.append({"label": label, "act_bits": overrides, "perplexity": run["perplexity"],
                         "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"what-if {label}: perplexity {run['perplexity']}", flush=True)
 
     wide_json = work / "accel-act16.json"
     wide_json.write_text(json.dumps({**asdict(cfg), "act_bits": 16, "gacc_bits": None, "total_bits": None}))
