@@ -6,7 +6,8 @@ wiki and science splits, and greedy generation, for the dense model, the float q
 under the contract, with the Verilator cross-check of two layers captured inside the run.
 
 Then where the loss comes from: the same contract with wider activations for some linears (the what-if
-`--act-bits`; everything else unchanged), and the design with 16-bit activations (accel.json act_bits 16,
+`--act-bits`; everything else unchanged). Where a split misses the target (within TARGET_PCT of the float
+quantized model), the mitigation is measured too: the design with 16-bit activations (accel.json act_bits 16,
 the same templates), evaluated with its own RTL cross-check.
 """
 from __future__ import annotations
@@ -19,13 +20,13 @@ from pathlib import Path
 from .common import save_result, work_dir
 from .export import compressed_source
 
-MAX_WINDOWS = 4                     # windows of SEQLEN tokens per split: 2K tokens each
+MAX_WINDOWS = 2                     # windows of SEQLEN tokens per split: 1K tokens each (a 2-core machine)
 SEQLEN = 512
 DATASETS = ("pydoc", "wiki", "science")
 # (label, act_bits overrides): which linears' int8 activation rounding costs the perplexity
 WHAT_IF = (("down_proj inputs 16-bit", {"down_proj": 16}),
-           ("o_proj inputs 16-bit", {"o_proj": 16}),
            ("every input 16-bit", {"all": 16}))
+TARGET_PCT = 3.0                    # the contract's perplexity within this of the float quantized model's
 
 
 def run_fpga_eval_bench(model: str, out_dir: str | Path) -> dict:
@@ -55,18 +56,21 @@ def run_fpga_eval_bench(model: str, out_dir: str | Path) -> dict:
                         "seconds": round(time.perf_counter() - t0, 1)})
         print(f"what-if {label}: perplexity {run['perplexity']}", flush=True)
 
-    wide_json = work / "accel-act16.json"
-    wide_json.write_text(json.dumps({**asdict(cfg), "act_bits": 16, "gacc_bits": None, "total_bits": None}))
-    wide = work / "fpga-eval-2of4-act16"
-    if not (wide / "report.json").is_file():
-        write_bundle(src, wide, str(wide_json), synth=False)
-    wide_eval = model_eval(wide, skip_dense=True, **kw)
+    wide_eval = None
+    if max(abs(row["contract_vs_float_pct"]) for row in main["perplexity"].values()) > TARGET_PCT:
+        wide_json = work / "accel-act16.json"
+        wide_json.write_text(json.dumps({**asdict(cfg), "act_bits": 16, "gacc_bits": None, "total_bits": None}))
+        wide = work / "fpga-eval-2of4-act16"
+        if not (wide / "report.json").is_file():
+            write_bundle(src, wide, str(wide_json), synth=False)
+        wide_eval = model_eval(wide, skip_dense=True, new_tokens=0, **kw)
 
     result = {"model": model, "source": str(src), "bundle": str(bundle), "seqlen": SEQLEN, "max_windows": MAX_WINDOWS,
               "prompt": DEFAULT_PROMPT, "main": {k: v for k, v in main.items() if k != "runs"},
               "generation": {kind: r["generation"]["text"] for kind, r in main["runs"].items()},
               "tokens": main["runs"]["contract"]["tokens"], "seconds": {k: r["seconds"] for k, r in main["runs"].items()},
-              "what_if": what_if, "act16_design": {k: v for k, v in wide_eval.items() if k != "runs"}}
+              "what_if": what_if, "target_pct": TARGET_PCT,
+              "act16_design": None if wide_eval is None else {k: v for k, v in wide_eval.items() if k != "runs"}}
     return save_result(out_dir, "fpga_eval", model, result, fpga_eval_table)
 
 
@@ -94,6 +98,10 @@ def fpga_eval_table(r: dict) -> str:
         lines.append(f"| {w['label']} | " + " | ".join(
             f"{w['perplexity'][n]:.3f} ({100 * (w['perplexity'][n] / p[n]['float'] - 1):+.2f}%)" for n in p) + " |")
     a = r["act16_design"]
+    if a is None:
+        lines += ["", f"Every split is within {r['target_pct']}% of the float quantized model: no mitigation measured.",
+                  "", "Greedy generation:", ""]
+        return "\n".join(lines + [f"- {kind}: {json.dumps(text)}" for kind, text in r["generation"].items()]) + "\n"
     lines += ["", "The design with 16-bit activations (accel.json act_bits 16, same templates), under its contract:", "",
               "| split | float quantized | under the contract | contract vs float |", "|---|---|---|---|"]
     for name, row in a["perplexity"].items():
