@@ -74,9 +74,12 @@ def layer_outputs(codes: np.ndarray, scales_fixed: np.ndarray, shift: int, acts:
     gsum = wrap(group_sums(codes, acts, group_size), gacc_bits)
     scaled = gsum * scales_fixed.astype(np.int64)[None, :, :]
     total = wrap(scaled.sum(axis=-1), total_bits)
-    out = round_shift(total, shift, rounding)
-    lo, hi = -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1
-    return np.clip(out, lo, hi)
+    return saturate(round_shift(total, shift, rounding), out_bits)
+
+
+def saturate(out: np.ndarray, out_bits: int) -> np.ndarray:
+    """Clamp to the signed `out_bits` range, as the output stage does."""
+    return np.clip(out, -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1)
 
 
 def float_error(out: np.ndarray, act_scale: np.ndarray, reference: np.ndarray, out_bits: int) -> dict:

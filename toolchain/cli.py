@@ -223,6 +223,46 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="seed of the back-pressure pattern (default %(default)s)")
     sm.add_argument("--json", action="store_true", help="print JSON for machines")
 
+    fe = sub.add_parser("fpga-eval", help="the whole model under an FPGA bundle's integer arithmetic: held-out "
+                        "perplexity and greedy generation against the float quantized and the dense model",
+                        description="Runs the full decoder with every linear the bundle accelerates computed exactly "
+                        "as its contract.json says (per-token int8 activations, the blob's codes and fixed-point "
+                        "scales, integer sums, round half up, saturation), the rest (norms, softmax, RoPE, biases, "
+                        "LM head) in float as the host would. Reports perplexity on held-out splits and greedy "
+                        "generation for the dense, the float quantized and the contract model. Layers sampled "
+                        "inside the run go through the RTL in Verilator on their captured inputs and must equal "
+                        "the evaluator bit for bit (exit status 1 otherwise). Writes BUNDLE/model_eval.json and "
+                        "adds the figures to report.json and report.md.")
+    fe.add_argument("bundle", help="directory written by toolchain export --target fpga")
+    fe.add_argument("--model", default=None, help="the quantized model directory the bundle was exported from "
+                    "(default: the one its report.json names)")
+    fe.add_argument("--dense", default=None, help="the dense model to compare with (default: the source named in "
+                    "the quantized model's compression.json)")
+    fe.add_argument("--no-dense", action="store_true", help="skip the dense model")
+    fe.add_argument("--datasets", default="pydoc,wiki,science",
+                    help="comma list of evaluation splits (default %(default)s: held-out pydoc, and the out-of-"
+                         "domain Wikipedia and science passages)")
+    fe.add_argument("--seqlen", type=int, default=512, help="tokens per window (default %(default)s)")
+    fe.add_argument("--max-windows", type=int, default=16,
+                    help="at most this many windows per split, the first ones (default %(default)s; 0: all)")
+    fe.add_argument("--prompt", default=None, help="prompt of the greedy generation (default: a fixed sentence)")
+    fe.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (0: none) "
+                    "(default %(default)s)")
+    fe.add_argument("--rtl-layer", action="append", default=None,
+                    help="layer to cross-check in Verilator; repeatable (default: one attention and one MLP "
+                         "projection from decoder layers drawn with --seed)")
+    fe.add_argument("--rtl-tokens", type=int, default=4, help="captured tokens per cross-checked layer "
+                    "(default %(default)s)")
+    fe.add_argument("--rtl-rows", type=int, default=None, help="cross-check only the first N rows (default: all)")
+    fe.add_argument("--no-rtl", action="store_true", help="skip the Verilator cross-check")
+    fe.add_argument("--act-bits", default=None,
+                    help="what-if, not the contract: activation widths for some linears, e.g. down_proj=16 or "
+                         "all=16 (the RTL is generated for accel.json's act_bits)")
+    fe.add_argument("--seed", type=int, default=0, help="seed of the layer sample and back-pressure (default "
+                    "%(default)s)")
+    fe.add_argument("--json", action="store_true", help="print JSON for machines")
+    fe.add_argument("--quiet", action="store_true")
+
     gr = sub.add_parser("gpu-run", help="generate greedily through a GPU bundle's graph, with tokens/s")
     gr.add_argument("bundle", help="directory written by toolchain export --target gpu")
     gr.add_argument("--prompt", required=True)
@@ -244,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
-    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "eval",
-                                     "reasoning"])
+    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "fpga-eval",
+                                     "eval", "reasoning"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -475,6 +515,34 @@ def cmd_sim_system(args) -> int:
     return 0 if r["bit_exact"] else 1
 
 
+def cmd_fpga_eval(args) -> int:
+    from .jobs.inspect import run_fpga_eval
+
+    r = run_fpga_eval(args.bundle, model=args.model, dense=args.dense, no_dense=args.no_dense,
+                      datasets=args.datasets, seqlen=args.seqlen, max_windows=args.max_windows, prompt=args.prompt,
+                      new_tokens=args.new_tokens, rtl_layers=args.rtl_layer, rtl_tokens=args.rtl_tokens,
+                      rtl_rows=args.rtl_rows, rtl=not args.no_rtl, act_bits=args.act_bits, seed=args.seed,
+                      progress=not args.quiet)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0 if r["rtl_cross_check"]["bit_exact"] is not False else 1
+    for name, row in r["perplexity"].items():
+        dense = f"dense {row['dense']:.3f}, " if "dense" in row else ""
+        print(f"{name}: perplexity {dense}float quantized {row['float']:.3f}, under the contract "
+              f"{row['contract']:.3f} ({row['contract_vs_float_pct']:+.2f}% vs float)")
+    print(f"saturated outputs: {r['saturated_outputs']:,} of {r['contract_outputs']:,}")
+    for c in r["rtl_cross_check"]["layers"]:
+        print(f"RTL cross-check {c['layer']} ({c['tokens']} tokens x {c['rows']} rows): "
+              f"{'bit-exact' if c['bit_exact'] else 'MISMATCH'} (evaluator vs golden: "
+              f"{c['evaluator_vs_golden_mismatches']} differ; RTL vs golden: {c['rtl_vs_golden_mismatches']} of "
+              f"{c['rtl_outputs']} differ)")
+    for kind, run in r["runs"].items():
+        if "generation" in run:
+            print(f"{kind} generates: {run['generation']['text']!r}")
+    print(f"-> {os.path.join(r['bundle'], 'model_eval.json')} ({r['seconds']} s)")
+    return 0 if r["rtl_cross_check"]["bit_exact"] is not False else 1
+
+
 def cmd_check_images(args) -> int:
     from .jobs.inspect import run_check_images
 
@@ -534,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "recover": cmd_recover, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
                "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim,
+               "fpga-eval": cmd_fpga_eval,
                "gpu-run": cmd_gpu_run, "gpu-bench": cmd_gpu_bench}[args.command]
     try:
         # Under torchrun every rank runs the command; rank 0 alone prints its summary (errors: every rank).

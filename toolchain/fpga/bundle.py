@@ -281,6 +281,8 @@ def report_markdown(r: dict) -> str:
                   f"{x['bytes_per_token']:,} bytes ({x['padding_bytes_per_token']:,} of them 64-byte padding): "
                   f"{x['tokens_per_s_memory_bound']} tokens/s memory bound at {d['mem_gbps']} GB/s. Its "
                   f"{x['bus_bits']}-bit AXI bus carries {x['bus_gbps_at_clock']} GB/s at {d['clock_mhz']} MHz.", ""]
+    if "model_eval" in r:
+        lines += model_eval_markdown(r["model_eval"])
     res = r.get("resources", {})
     if "xcup" in res:
         lines += [f"Resources ({res['tool']}; {res['note']}):", "",
@@ -300,6 +302,46 @@ def report_markdown(r: dict) -> str:
         lines.append(f"| {layer['name']} | {layer['k']} | {layer['rows']} | {nm} | {layer['bits']} | "
                      f"{layer['cycles']:,} | {layer['microseconds']} |")
     return "\n".join(lines) + "\n"
+
+
+def model_eval_markdown(m: dict) -> list[str]:
+    """The report's section on the whole model under the contract (`toolchain fpga-eval`)."""
+    bits = m["act_bits"]
+    over = f", overridden: {bits['overrides']}" if bits.get("overrides") else ""
+    lines = ["## The whole model under the contract", "",
+             f"`toolchain fpga-eval`: every accelerated linear computed as contract.json says ({bits['design']}-bit "
+             f"activations per token{over}), the rest of the decoder in float. Windows of {m['seqlen']} tokens, at "
+             f"most {m['max_windows']} per split; {m['saturated_outputs']:,} of {m['contract_outputs']:,} outputs "
+             f"saturated.", "",
+             "| split | tokens | dense | float quantized | under the contract | contract vs float |",
+             "|---|---|---|---|---|---|"]
+    for name, row in m["perplexity"].items():
+        dense = f"{row['dense']:.3f}" if "dense" in row else "-"
+        lines.append(f"| {name} | {m['tokens'].get(name, 0):,} | {dense} | {row['float']:.3f} | {row['contract']:.3f} "
+                     f"| {row['contract_vs_float_pct']:+.2f}% |")
+    checks = m.get("rtl_cross_check") or []
+    if checks:
+        lines += ["", "RTL cross-check (Verilator, the shipped images, inputs captured in the contract run): " + "; ".join(
+            f"{c['layer']} ({c['tokens']} tokens x {c['rows']} rows): {'bit-exact' if c['bit_exact'] else 'MISMATCH'}"
+            for c in checks) + "."]
+    if m.get("generation"):
+        agree = m.get("generation_agreement", {})
+        lines += ["", f"Greedy generation from \"{m['prompt']}\" ({agree.get('new_tokens')} tokens; the contract agrees "
+                      f"with the float quantized model on the first {agree.get('contract_vs_float')}):", ""]
+        lines += [f"- {kind}: {json.dumps(text)}" for kind, text in m["generation"].items()]
+    return lines + [""]
+
+
+def add_to_report(bundle: Path, key: str, section: dict) -> None:
+    """Put `section` under `key` of the bundle's report.json and re-render report.md (both atomically)."""
+    from ..atomic import atomic_file
+
+    report = json.loads((Path(bundle) / "report.json").read_text())
+    report[key] = section
+    with atomic_file(Path(bundle) / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_file(Path(bundle) / "report.md") as tmp:
+        tmp.write_text(report_markdown(report))
 
 
 def bundle_readme(cfg: AccelConfig, report: dict) -> str:

@@ -87,6 +87,37 @@ def run_sim_system(bundle: str | os.PathLike, layers: list[str] | None = None, r
     return result
 
 
+def parse_act_bits(text: str | None) -> dict[str, int] | None:
+    """`down_proj=16,o_proj=12` -> {"down_proj": 16, "o_proj": 12}."""
+    from ..errors import ConfigError
+
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, _, bits = part.strip().partition("=")
+        if not key or not bits.isdigit() or not 2 <= int(bits) <= 16:
+            raise ConfigError(f"--act-bits {text!r}: expected NAME=BITS pairs with BITS in 2..16 (e.g. down_proj=16)")
+        out[key] = int(bits)
+    return out
+
+
+def run_fpga_eval(bundle: str | os.PathLike, model: str | None = None, dense: str | None = None,
+                  no_dense: bool = False, datasets: str = "pydoc,wiki,science", seqlen: int = 512,
+                  max_windows: int | None = 16, prompt: str | None = None, new_tokens: int = 32,
+                  rtl_layers: list[str] | None = None, rtl_tokens: int = 4, rtl_rows: int | None = None,
+                  rtl: bool = True, act_bits: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """The whole model under an FPGA bundle's contract: perplexity and generation against the float quantized and
+    dense models, and a Verilator cross-check of sampled layers (`sim.model_eval`)."""
+    from ..sim.model_eval import DEFAULT_PROMPT, model_eval
+
+    names = tuple(n.strip() for n in datasets.split(",") if n.strip())
+    return model_eval(bundle, model=model, dense=dense, datasets=names, seqlen=seqlen,
+                      max_windows=max_windows or None, prompt=prompt or DEFAULT_PROMPT, new_tokens=new_tokens,
+                      rtl_layers=rtl_layers, rtl_tokens=rtl_tokens, rtl_rows=rtl_rows, rtl=rtl, seed=seed,
+                      act_bits=parse_act_bits(act_bits), skip_dense=no_dense, progress=progress)
+
+
 def run_check_images(bundle: str | os.PathLike) -> dict:
     """Every word of every image an FPGA bundle ships against its blob, without simulation."""
     from ..sim.bundle_sim import check_images
