@@ -9,6 +9,7 @@ from .evaluation import run_eval_bench
 from .export import run_export_bench
 from .fpga import run_fpga_bench
 from .fpga_dram import run_fpga_dram_bench
+from .fpga_pnr import run_fpga_pnr_bench
 from .prune import run_prune_bench
 from .quality import run_quality_bench
 from .quant import run_quant_bench
@@ -16,7 +17,7 @@ from .quant import run_quant_bench
 # name -> the benchmark; each takes (model, out_dir) and, where it has configurations to pick, only=[...]
 BENCHMARKS = {"prune": run_prune_bench, "prune-quality": run_quality_bench, "quant": run_quant_bench,
               "export": run_export_bench, "fpga": run_fpga_bench, "fpga-dram": run_fpga_dram_bench,
-              "eval": run_eval_bench}
+              "fpga-pnr": run_fpga_pnr_bench, "eval": run_eval_bench}
 TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval")
 
 
