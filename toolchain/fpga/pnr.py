@@ -135,6 +135,9 @@ def synthesise(work: Path, yosys: str = "auto") -> dict:
     printed = _run([binary, "-q", "-l", log.name, "-p", script], work, work / "yosys.stdout", f"yosys ({binary})",
                    SYNTH_TIMEOUT_S)
     text = log.read_text() if log.is_file() else printed
+    # the full log runs to tens of MB (every pass, every memory word): keep its end, from the statistics on
+    start = text.rfind("Printing statistics")
+    log.write_text(text[text.rfind("\n", 0, start) + 1:] if start >= 0 else "\n".join(text.splitlines()[-2000:]))
     netlist = work / "netlist.json"
     if not netlist.is_file() or netlist.stat().st_size == 0:
         raise PlaceRouteError(f"yosys ({binary}) exited without writing the netlist:\n{_tail(text)}")
