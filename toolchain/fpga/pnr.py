@@ -333,8 +333,8 @@ def markdown(results: dict[str, dict]) -> list[str]:
     for part, r in results.items():
         d, t, res, cp = r["design"], r["throughput"], r["resources"], r["critical_path"]
         design = ("the bundle's design" if d["same_as_bundle"] else
-                  f"{d['pes']} PEs x {d['groups_per_beat']} groups per beat (the bundle's {d['bundle_pes']} x "
-                  f"{d['bundle_groups_per_beat']} is scaled down to fit; cycles per token are this design's)")
+                  f"{d['pes']} PEs x {d['groups_per_beat']} groups per beat (not the bundle's {d['bundle_pes']} x "
+                  f"{d['bundle_groups_per_beat']}: --pes/--groups-per-beat; cycles per token are this design's)")
         status = "met" if r["timing_met"] else f"NOT met: the design runs at {r['achieved_mhz']} MHz"
         lines += [f"**Placed and routed on {part} ({r['package']})**: {design}, {d['physical_multipliers']} multipliers, memories of {d['memories_of_layer']}, inside "
                   f"a pin harness. Synthesis: {r['synthesis']['version']} `synth_ecp5`; place and route: "
