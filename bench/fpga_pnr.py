@@ -17,7 +17,7 @@ from .export import compressed_source
 
 PART, PACKAGE = "LFE5U-85F", "CABGA381"
 # One PE of the bundle's eight: the WebAssembly Yosys and nextpnr take minutes per PE on a shared 2-core machine,
-# and the critical path lies inside a PE. The tokens/s are the placed design's (1 PE), not the bundle's.
+# and the critical paths found run from the memories through one PE. The tokens/s are the placed design's (1 PE).
 PES = 1
 
 
