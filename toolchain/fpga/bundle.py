@@ -271,10 +271,15 @@ def report_markdown(r: dict) -> str:
              f"| cycles (throughput formula: sum of ceil(rows/P) x K/(G*M)) | {t['cycles']:,} |",
              f"| utilisation of the dense-equivalent MACs | {t['utilisation']:.4f} |",
              f"| weight + index + scale bytes streamed | {t['weight_bytes_streamed']:,.0f} |",
-             f"| tokens/s, compute bound | {t['tokens_per_s_compute_bound']} |",
+             f"| tokens/s, compute bound at the configured {d['clock_mhz']} MHz | {t['tokens_per_s_compute_bound']} |",
              f"| tokens/s, memory bound | {t['tokens_per_s_memory_bound']} |",
-             f"| **tokens/s estimate** ({t['bound_by']}) | **{t['tokens_per_s_estimate']}** |", "",
+             f"| **tokens/s estimate** ({t['bound_by']}; the configured clock, not placed and routed) | "
+             f"**{t['tokens_per_s_estimate']}** |", "",
              ]
+    if r.get("place_and_route"):   # the clock a real part achieved
+        from .pnr import markdown
+
+        lines += markdown(r["place_and_route"])
     if "dram" in r:
         x = r["dram"]
         lines += [f"DRAM-fed system (dram/): the image is {x['image_bytes']:,} bytes; a token reads "
@@ -285,7 +290,7 @@ def report_markdown(r: dict) -> str:
         lines += model_eval_markdown(r["model_eval"])
     res = r.get("resources", {})
     if "xcup" in res:
-        lines += [f"Resources ({res['tool']}; {res['note']}):", "",
+        lines += [f"Resources, pre-route estimates ({res['tool']}; {res['note']}):", "",
                   "| target | unit | LUT | carry | FF | DSP |", "|---|---|---|---|---|---|"]
         for target, label in (("xcup", "UltraScale+"), ("ice40", "iCE40")):
             for unit in ("pe", "array"):

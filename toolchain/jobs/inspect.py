@@ -125,6 +125,13 @@ def run_check_images(bundle: str | os.PathLike) -> dict:
     return check_images(bundle)
 
 
+def run_pnr(bundle: str | os.PathLike, **options) -> dict:
+    """Place and route an FPGA bundle's array on a real ECP5 part (toolchain.fpga.pnr.place_and_route)."""
+    from ..fpga.pnr import place_and_route
+
+    return place_and_route(bundle, **options)
+
+
 def run_onnx_check(model_dir: str | os.PathLike, onnx_path: str | os.PathLike, tokens: int = 64,
                    new_tokens: int = 16, rtol: float | None = None) -> dict:
     """An exported graph in onnxruntime against the PyTorch model: prefill logits and greedy tokens."""
