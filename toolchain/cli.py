@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import distributed
 from .errors import ToolchainError
-from .jobs.config import CALIB_FIELDS, QUANT_METHODS, ExportConfig, PruneConfig, QuantConfig
+from .jobs.config import CALIB_FIELDS, OUTPUT_FIELDS, QUANT_METHODS, ExportConfig, PruneConfig, QuantConfig
 from .jobs.options import add_options, config_from_args
 from .prune import METHODS
 
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_job(sub, "quantize", "quantize a (dense or pruned) model's decoder weights", QUANT_EXAMPLES,
                    (QuantConfig, None, ()))
     _add_model_job(sub, "compress", "prune, then quantize, in one run with one calibration set",
-                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple")), (QuantConfig, None, ("method", *CALIB_FIELDS)),
+                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple")), (QuantConfig, None, ("method", *CALIB_FIELDS, *OUTPUT_FIELDS)),
                    methods=[("--prune", "prune_method", METHODS, "pruning method"),
                             ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 
