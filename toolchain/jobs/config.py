@@ -78,7 +78,7 @@ class CalibConfig:
     streaming: bool | None = option(
         None, "--streaming", "never hold the whole model: read each decoder layer from the checkpoint (a Hugging "
         "Face safetensors directory, sharded or not) when the walk reaches it and write it to the output's shards "
-        "as soon as it is final (docs/scale.md). Default: streaming when three float32 copies of the model would "
+        "as soon as it is final (docs/scale.md); default: streaming when three float32 copies of the model would "
         "not fit in the available RAM and the options allow it; --no-streaming loads the whole model",
         negatable=True)
     dtype: str = option("auto", "--dtype", "dtype of the output weights: auto keeps the input's (bf16 in, bf16 "
