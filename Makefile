@@ -7,7 +7,7 @@ MODEL  ?= smollm2
 # Benchmark results go here; the models the benchmarks make on the way go to $(BENCH_OUT)/work/.
 BENCH_OUT ?= bench/results
 
-.PHONY: demo test bench bench-gpu venv qwen15 fpga-tools clean
+.PHONY: demo test bench bench-gpu bench-scale venv qwen15 fpga-tools clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,10 @@ bench: $(STAMP)
 	$(VENV)/bin/toolchain bench fpga-dram --model $(MODEL) --out $(BENCH_OUT)
 
 # Dense fp16 vs 2:4 semi-structured linears: measured on a CUDA machine, else a labelled roofline estimate.
+# Streamed prune of a generated Llama-3-8B-shaped bf16 checkpoint (16 GB of disk while it runs; not in `bench`).
+bench-scale: $(STAMP)
+	$(VENV)/bin/toolchain bench scale --model $(MODEL) --out $(BENCH_OUT)
+
 bench-gpu: $(STAMP)
 	$(VENV)/bin/toolchain gpu-bench --model $(MODEL) --out $(BENCH_OUT)
 

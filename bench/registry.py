@@ -15,12 +15,14 @@ from .prune import run_prune_bench
 from .quality import run_quality_bench
 from .quant import run_quant_bench
 from .reasoning import run_reasoning_bench
+from .scale import run_scale_bench
 
 # name -> the benchmark; each takes (model, out_dir) and, where it has configurations to pick, only=[...]
 BENCHMARKS = {"prune": run_prune_bench, "prune-quality": run_quality_bench, "quant": run_quant_bench,
               "export": run_export_bench, "fpga": run_fpga_bench, "fpga-dram": run_fpga_dram_bench,
               "fpga-eval": run_fpga_eval_bench, "fpga-pnr": run_fpga_pnr_bench,
-              "eval": run_eval_bench, "reasoning": run_reasoning_bench}
+              "eval": run_eval_bench, "reasoning": run_reasoning_bench,
+              "scale": run_scale_bench}
 TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "reasoning")
 # the benchmarks that take task options (--tasks, --limit, --zero-shot-limit, --max-gen-toks, --ppl-windows)
 TAKES_TASK_OPTIONS = ("reasoning",)
@@ -39,6 +41,6 @@ def run_benchmark(what: str, model: str, out_dir: str | Path, only: list[str] | 
     if only is None:
         return BENCHMARKS[what](model, out_dir)
     if what not in TAKES_ONLY:
-        raise ConfigError(f"bench {what} takes no --only: it runs its designs and layers as one measurement "
+        raise ConfigError(f"bench {what} takes no --only: it runs as one measurement "
                           f"(--only applies to: {', '.join(TAKES_ONLY)})")
     return BENCHMARKS[what](model, out_dir, only=only)

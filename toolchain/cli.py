@@ -11,7 +11,8 @@ from pathlib import Path
 
 from . import distributed
 from .errors import ToolchainError
-from .jobs.config import CALIB_FIELDS, QUANT_METHODS, ExportConfig, PruneConfig, QuantConfig, RecoverConfig
+from .jobs.config import (CALIB_FIELDS, OUTPUT_FIELDS, QUANT_METHODS, ExportConfig, PruneConfig, QuantConfig,
+                           RecoverConfig)
 from .jobs.options import add_options, config_from_args
 from .prune import METHODS
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_job(sub, "quantize", "quantize a (dense or pruned) model's decoder weights", QUANT_EXAMPLES,
                    (QuantConfig, None, ()))
     _add_model_job(sub, "compress", "prune, then quantize, in one run with one calibration set",
-                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple")), (QuantConfig, None, ("method", *CALIB_FIELDS)),
+                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple")), (QuantConfig, None, ("method", *CALIB_FIELDS, *OUTPUT_FIELDS)),
                    methods=[("--prune", "prune_method", METHODS, "pruning method"),
                             ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 
@@ -315,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
     b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "fpga-eval",
-                                     "fpga-pnr", "eval", "reasoning"])
+                                     "fpga-pnr", "eval", "reasoning", "scale"],
+                   help="scale: a streamed Wanda 2:4 prune of a generated Llama-3-8B-shaped bf16 checkpoint (8 and 32 "
+                        "layers, --model's tokenizer; about 16 GB of disk under --out/work while it runs)")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,

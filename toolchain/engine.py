@@ -4,7 +4,9 @@ It embeds the calibration windows once, captures what the model passes to its fi
 (hidden states plus keyword arguments such as RoPE tables and masks), then walks the decoder layers one
 at a time: gather statistics with hooks, let a method rewrite the weights, and recompute the layer's
 outputs as the next layer's inputs. Memory: the model (on the CPU when a GPU is used), one layer on the
-device, and two [N, T, d] activation buffers.
+device, and two [N, T, d] activation buffers. With a `stream` (`models/streaming.py: StreamingCheckpoint`) the
+model is a meta-device skeleton: the walk loads each layer from the checkpoint when it reaches it, hands the
+processed layer to a `sink` (the output's shard writer) and returns it to `meta`, so only that layer is held.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .machine import memory_line
 from .models.base import ArchAdapter, SubBlock, first_tensor
 from .input_stats import InputStats
 
@@ -38,7 +41,7 @@ def default_device() -> torch.device:
 
 class LayerEngine:
     def __init__(self, model: nn.Module, adapter: ArchAdapter, calib_ids: torch.Tensor, batch_size: int = 8,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, stream=None):
         if calib_ids.dim() != 2:
             raise ValueError(f"calibration ids must be [samples, seqlen], got {tuple(calib_ids.shape)}")
         self.model = model
@@ -48,6 +51,7 @@ class LayerEngine:
         self.batch_size = max(1, int(batch_size))
         self.device = torch.device(device) if device is not None else default_device()
         self.layer_kwargs: dict = {}
+        self.stream = stream      # load_layer(i) / free_layer(i), or None when the whole model is in memory
 
     # ---------------------------------------------------------------- batching and layer calls
     def batches(self, n: int | None = None, size: int | None = None) -> Iterator[slice]:
@@ -72,10 +76,10 @@ class LayerEngine:
         inside = {id(t) for t in list(self.layers.parameters()) + list(self.layers.buffers())}
         for module in self.model.modules():
             for key, param in list(module._parameters.items()):
-                if param is not None and id(param) not in inside:
+                if param is not None and id(param) not in inside and not param.is_meta:
                     param.data = param.data.to(device)
             for key, buf in list(module._buffers.items()):
-                if buf is not None and id(buf) not in inside:
+                if buf is not None and id(buf) not in inside and not buf.is_meta:
                     module._buffers[key] = buf.to(device)
 
     @torch.no_grad()
@@ -116,18 +120,20 @@ class LayerEngine:
 
     # ---------------------------------------------------------------- the walk
     def walk(self, process: Callable[[int, nn.Module, torch.Tensor | None], dict | tuple[dict, torch.Tensor]],
-             needs_inputs: bool = True, desc: str = "", progress: bool = True) -> list[dict]:
+             needs_inputs: bool = True, desc: str = "", progress: bool = True,
+             sink: Callable[[int, nn.Module], None] | None = None) -> list[dict]:
         """Call `process(i, layer, hidden)` for every decoder layer in order, with the layer on the device and
         `hidden` its inputs from the already-processed layers; then run the processed layer to make the next
-        layer's inputs, unless `process` returned them already as `(entry, outputs)`. Returns the per-layer
-        entries (`process`'s dict plus index and seconds)."""
+        layer's inputs, unless `process` returned them already as `(entry, outputs)`, and hand the layer, now
+        final, to `sink(i, layer)`. Returns the per-layer entries (`process`'s dict plus index and seconds)."""
         hidden = self.capture_inputs() if needs_inputs else None
         spare = None  # a second activation buffer, made on first use (Barber hands over its own outputs)
         entries = []
-        bar = tqdm(list(enumerate(self.layers)), desc=desc, disable=not progress or not distributed.world().is_writer,
+        bar = tqdm(range(len(self.layers)), desc=desc, disable=not progress or not distributed.world().is_writer,
                    unit="layer")
-        for i, layer in bar:
+        for i in bar:
             start = time.perf_counter()
+            layer = self.stream.load_layer(i) if self.stream is not None else self.layers[i]
             layer.to(self.device)
             result = process(i, layer, hidden)
             outputs = None
@@ -138,9 +144,15 @@ class LayerEngine:
                 hidden = outputs
             elif hidden is not None and i + 1 < len(self.layers):
                 hidden, spare = self.forward_layer(layer, hidden, spare), hidden
-            layer.to("cpu")
+            if sink is not None:
+                sink(i, layer)
+            if self.stream is not None:
+                self.stream.free_layer(i)
+            else:
+                layer.to("cpu")
             entry["seconds"] = round(time.perf_counter() - start, 3)
             entries.append(entry)
+            bar.set_postfix_str(memory_line(), refresh=False)
         return entries
 
     # ---------------------------------------------------------------- statistics

@@ -82,3 +82,27 @@ def peak_rss_mib() -> float:
     child started by a big parent would report the parent's peak."""
     hwm = proc_status_mib("VmHWM")
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def available_ram_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo: what can be allocated without swapping (None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_cuda_mib() -> float | None:
+    """Peak CUDA memory allocated by this process's tensors, or None when CUDA was not used."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def memory_line() -> str:
+    """The progress line's memory facts: peak RSS and, on CUDA, peak device memory."""
+    cuda = peak_cuda_mib()
+    return f"peak RSS {peak_rss_mib():.0f} MiB" + (f", CUDA {cuda:.0f} MiB" if cuda is not None else "")

@@ -1,5 +1,6 @@
-"""What every model-writing job shares: refuse an output that would overwrite the input, load the model,
-make the calibration windows, measure memory, and record the facts compression.json carries."""
+"""What every model-writing job shares: refuse an output that would overwrite the input, load the model (or open
+it for streaming), make the calibration windows, measure memory, record the facts compression.json carries, and
+write the output."""
 from __future__ import annotations
 
 import time
@@ -8,10 +9,11 @@ from pathlib import Path
 from .. import distributed
 from ..data import calibration_data
 from ..errors import ConfigError
-from ..machine import AnonPeak, library_versions, machine_description, peak_rss_mib
-from ..models import load_model
+from ..machine import AnonPeak, library_versions, machine_description, peak_cuda_mib, peak_rss_mib
+from ..models import load_model, save_model
 from ..models.loading import check_out_dir, is_named_model
-from .config import CalibConfig
+from .config import CalibConfig, output_dtype, resolve_streaming
+from .streamed import StreamedOutput, open_streamed
 
 COMPRESSION_FORMAT = "toolchain.compression/1"
 
@@ -42,23 +44,52 @@ def check_distributed(prune=None, quant=None) -> None:
                           f"Run it in one process (without torchrun)")
 
 
-def run_job(model_spec: str, out: str | Path, cfg: CalibConfig, work, calibrate: bool = True):
-    """Refuse an --out that would overwrite the input (before any work), load the model, make the calibration
-    windows, and run `work(loaded, calib)` while sampling memory. Returns (loaded, work's result, facts for
-    compression.json)."""
+def run_job(model_spec: str, out: str | Path, cfg: CalibConfig, work, calibrate: bool = True,
+            configs: tuple[CalibConfig, ...] = ()):
+    """Refuse an --out that would overwrite the input (before any work), load the model (or, streaming, open
+    it and start the output), make the calibration windows, and run `work(loaded, calib)` while sampling memory.
+    Returns (loaded, work's result, facts for compression.json); `write_output` then writes the output.
+    `configs`: all the job's configs when there are several (compress), for the streaming decision."""
     if not is_named_model(model_spec):
         check_out_dir(model_spec, out)
-    with AnonPeak() as anon:
-        t0 = time.perf_counter()
-        loaded = load_model(model_spec)
-        t_load = time.perf_counter() - t0
-        calib, calib_info = calibration_for(loaded, cfg) if calibrate else (None, None)
-        world = distributed.setup()
-        calib, windows_per_rank = distributed.shard_windows(calib, world)
-        result = work(loaded, calib)
+    streaming = resolve_streaming(model_spec, *(configs or (cfg,)))
+    dtype = output_dtype(model_spec, cfg.dtype)
+    loaded = None
+    try:
+        with AnonPeak() as anon:
+            t0 = time.perf_counter()
+            loaded = open_streamed(model_spec) if streaming else load_model(model_spec)
+            loaded.save_dtype = dtype
+            t_load = time.perf_counter() - t0
+            calib, calib_info = calibration_for(loaded, cfg) if calibrate else (None, None)
+            world = distributed.setup()
+            calib, windows_per_rank = distributed.shard_windows(calib, world)
+            if streaming:
+                loaded.output = StreamedOutput(loaded.stream, out, dtype, writer=world.is_writer)
+            result = work(loaded, calib)
+    except BaseException as exc:
+        if loaded is not None and loaded.output is not None:
+            loaded.output.abort(exc)
+        raise
     facts = {"format": COMPRESSION_FORMAT, "source": loaded.source, "calibration": calib_info,
              "versions": library_versions(), "machine": machine_description(), "load_seconds": round(t_load, 3),
+             "streaming": streaming, "dtype": str(dtype).removeprefix("torch."),
              "peak_rss_mib": round(peak_rss_mib(), 1), "peak_anon_mib": round(anon.peak_mib, 1)}
+    cuda = peak_cuda_mib()
+    if cuda is not None:
+        facts["peak_cuda_mib"] = round(cuda, 1)
     if world.is_distributed:   # one process writes no entry, so its compression.json is unchanged
         facts["distributed"] = distributed.record(world, windows_per_rank)
     return loaded, result, facts
+
+
+def write_output(loaded, out: str | Path, extra_json: dict[str, dict], extra_files: dict | None = None) -> Path:
+    """Write the job's output directory, atomically, on the writing rank: the whole model (in memory), or what a
+    streamed run has not written yet (config, tokenizer, these files) before its directory is renamed."""
+    if loaded.output is None:
+        return distributed.write_once(lambda: save_model(loaded, out, extra_json=extra_json, extra_files=extra_files,
+                                                         dtype=loaded.save_dtype))
+    try:
+        return distributed.write_once(lambda: loaded.output.commit(loaded, extra_json, extra_files))
+    finally:
+        loaded.output.discard_scratch()

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import torch
+
 from ..data import DATASETS
 from ..errors import ConfigError
+from ..machine import available_ram_bytes
 from ..gpu.bundle import PRECISIONS as GPU_PRECISIONS, check_bundle_options
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
@@ -48,6 +51,10 @@ def _calibrates(cfg) -> bool:
 
 
 CALIBRATING = "to a job that calibrates (not magnitude pruning with uniform allocation, nor RTN)"
+OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# An in-memory run peaks at two to three times the float32 model (load, the solvers' copies, the save), so the
+# default streams once three float32 models no longer fit in the available RAM.
+STREAMING_HEADROOM = 3
 
 
 @dataclass
@@ -68,6 +75,19 @@ class CalibConfig:
                                    "out; default: none)", metavar="PATH", applies=_calibrates, applies_to=CALIBRATING)
     batch_size: int = option(8, "--batch-size", "windows per forward pass", type=int,
                              applies=_calibrates, applies_to=CALIBRATING)
+    streaming: bool | None = option(
+        None, "--streaming", "never hold the whole model: read each decoder layer from the checkpoint (a Hugging "
+        "Face safetensors directory, sharded or not) when the walk reaches it and write it to the output's shards "
+        "as soon as it is final (docs/scale.md); default: streaming when three float32 copies of the model would "
+        "not fit in the available RAM and the options allow it; --no-streaming loads the whole model",
+        negatable=True)
+    dtype: str = option("auto", "--dtype", "dtype of the output weights: auto keeps the input's (bf16 in, bf16 "
+                        "out; float32 from a GGUF), or float32, bfloat16, float16; the computing is float32 either "
+                        "way", choices=OUTPUT_DTYPES)
+
+    def streaming_refusals(self) -> list[str]:
+        """The options set that need the whole model in memory, each with why."""
+        return []
 
     def calibrates(self) -> bool:
         return True
@@ -152,6 +172,14 @@ class PruneConfig(CalibConfig):
                                    applies=_block_reconstruction, applies_to="with --reconstruct block only")
     reconstruct_batch: int = option(4, "--reconstruct-batch", "windows per Adam step", type=int,
                                     applies=_block_reconstruction, applies_to="with --reconstruct block only")
+
+    def streaming_refusals(self) -> list[str]:
+        refused = []
+        if self.structured:
+            refused.append("--structured (it rewrites the widths in the config)")
+        if self.allocation == "hessian":
+            refused.append("--allocation hessian (its Hutchinson traces back-propagate through the whole model)")
+        return refused
 
     def calibrates(self) -> bool:
         """Magnitude pruning with nothing else asked needs no calibration text."""
@@ -288,6 +316,12 @@ class QuantConfig(CalibConfig):
     def calibrates(self) -> bool:
         return _calibrated_quant(self)
 
+    def streaming_refusals(self) -> list[str]:
+        if _hutchinson(self):
+            return ["--sensitivity model (its Hutchinson traces back-propagate through the whole model; "
+                    "--sensitivity local streams)"]
+        return []
+
     def _bits(self) -> float:
         try:
             return float(self.bits)
@@ -342,6 +376,39 @@ class QuantConfig(CalibConfig):
 
 
 CALIB_FIELDS = ("calib_samples", "seqlen", "seed", "dataset", "text_file", "batch_size")
+OUTPUT_FIELDS = ("streaming", "dtype")
+
+
+def resolve_streaming(model_spec, *configs: CalibConfig) -> bool:
+    """Whether a job streams: the one place that decides. `configs`: the job's configs (compress: prune's, then
+    quantize's); the first one's --streaming / --no-streaming is the request (None: decide here)."""
+    from ..models.loading import float32_bytes
+
+    asked = configs[0].streaming
+    if asked is False:
+        return False
+    size = float32_bytes(model_spec)
+    refused = [r for cfg in configs for r in cfg.streaming_refusals()]
+    if asked:
+        if size is None:
+            raise ConfigError(f"--streaming reads a Hugging Face directory of safetensors weights, and {model_spec} "
+                              f"is not one (a GGUF or a named model is loaded whole): drop --streaming")
+        if refused:
+            raise ConfigError(f"--streaming cannot run {'; '.join(refused)}: use --no-streaming")
+        return True
+    if size is None or refused:
+        return False
+    available = available_ram_bytes()
+    return available is not None and STREAMING_HEADROOM * size > available
+
+
+def output_dtype(model_spec, name: str) -> torch.dtype:
+    """The output weights' dtype: --dtype, or for auto the input's stored dtype."""
+    from ..models.loading import stored_dtype
+
+    if name not in OUTPUT_DTYPES:
+        raise ConfigError(f"--dtype {name!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    return stored_dtype(model_spec) if name == "auto" else getattr(torch, name)
 
 
 def compress_validate(prune: PruneConfig, quant: QuantConfig, given: set[str] | None = None):

@@ -61,7 +61,7 @@ def add_options(parser: argparse.ArgumentParser, cls, flags: dict[str, str] | No
         if default is not MISSING and not opt.required and "default" not in text:
             text += f" (default {'on' if default is True else 'off' if default is False else default})"
         kw: dict[str, Any] = dict(dest=f.name, help=text.replace("%", "%%"), default=argparse.SUPPRESS)
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):   # None: decided later (e.g. --streaming's default)
             kw["action"] = argparse.BooleanOptionalAction if opt.negatable else "store_true"
         else:
             kw.update(type=opt.type or str, choices=opt.choices, required=opt.required, metavar=opt.metavar)

@@ -11,13 +11,13 @@ import torch
 
 from .. import distributed
 from ..engine import LayerEngine, default_device, set_weight
-from ..models import LoadedModel, save_model
+from ..models import LoadedModel
 from ..prune import Barber, SparsityTarget, check_nm, make_method
 from ..prune.allocation import owl_from_outlier_ratios, owl_outlier_ratios, rank_linear
 from ..prune.lstsq import lstsq_rows, resolve_layer
 from ..prune.reconstruct import reconstruct_layer
 from ..sensitivity import layer_hessian_traces
-from .common import check_distributed, run_job
+from .common import check_distributed, run_job, write_output
 from .config import PruneConfig
 from .structured import prune_structured_loaded
 
@@ -28,7 +28,7 @@ def layer_sparsities(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig,
     if cfg.allocation == "uniform":
         return [target.sparsity] * n_layers, {}
     if cfg.allocation == "owl":
-        engine = LayerEngine(loaded.model, loaded.adapter, calib, cfg.batch_size, device)
+        engine = LayerEngine(loaded.model, loaded.adapter, calib, cfg.batch_size, device, stream=loaded.stream)
         ratios = owl_outlier_ratios(engine, progress=progress)
         return owl_from_outlier_ratios(ratios, target.sparsity), {"outlier_ratio": ratios}
     traces = layer_hessian_traces(loaded.model, loaded.adapter, calib, cfg.hessian_samples, cfg.seed, device, progress)
@@ -57,7 +57,7 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
                     score=cfg.rebuild_score) if cfg.method == "barber" else None
     if calib is None:   # magnitude pruning with uniform sparsity reads no activations
         calib = torch.zeros(1, 2, dtype=torch.long)
-    engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
+    engine = LayerEngine(model, adapter, calib, cfg.batch_size, device, stream=loaded.stream)
     # Only an init that updates weights (SparseGPT) has rows to re-solve; it also brings the Hessians.
     rebuild_solver = None if not method.needs_hessian else (
         lstsq_rows if cfg.rebuild_solver == "lstsq" else method.solve_with_mask)
@@ -110,7 +110,7 @@ def prune_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, dev
     desc = f"prune {cfg.method}{'/' + init if barber else ''} {target.label}"
     per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats or barber is not None
                             or cfg.reconstruct == "block" or cfg.resolve_mode == "lstsq", desc=desc,
-                            progress=progress)
+                            progress=progress, sink=loaded.output.sink if loaded.output is not None else None)
     return {
         "method": cfg.method, "init": init if barber else None, "sparsity": target.label,
         "nm": [target.n, target.m] if target.is_nm else None,
@@ -131,6 +131,6 @@ def run_prune(model_spec: str, out: str | Path, cfg: PruneConfig, device=None, p
         lm, calib, cfg, device=device, progress=progress), calibrate=cfg.calibrates())
     report["seconds"]["load"] = facts.pop("load_seconds")
     report.update({**facts, "config": asdict(cfg)})
-    path = distributed.write_once(lambda: save_model(loaded, out, extra_json={"compression.json": report}))
+    path = write_output(loaded, out, {"compression.json": report})
     report["out"] = str(path)
     return report

@@ -6,6 +6,7 @@ in a first pass over the unquantized model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -16,13 +17,13 @@ import torch
 from .. import distributed
 from ..engine import LayerEngine, default_device, set_weight
 from ..errors import ConfigError
-from ..models import LoadedModel, save_model
+from ..models import LoadedModel
 from ..quant import QuantizedWeight, rtn_quantize, write_quant_state
 from ..quant.aptq import collect_aptq_stats
 from ..quant.gptq import gptq_quantize_many
 from ..quant.mixed_precision import choose_widths, local_sensitivity, model_sensitivity
 from ..quant.quantizer import pruned_positions
-from .common import check_distributed, run_job
+from .common import check_distributed, run_job, write_output
 from .config import PruneConfig, QuantConfig, compress_validate
 from .prune import prune_loaded
 
@@ -57,16 +58,25 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
     device = torch.device(device) if device is not None else default_device()
     adapter, model = loaded.adapter, loaded.model
     layers = adapter.decoder_layers(model)
-    for i, layer in enumerate(layers):
+    streamed = loaded.stream is not None
+
+    def check_layer(i, layer):
         for name, lin in adapter.linears(layer).items():
             for b in plan.candidates or (plan.spec.bits,):
                 plan.spec_for(b).check_weight(f"layer {i} {name}", lin.weight)
+
+    for i, layer in enumerate(layers):   # streamed: the shapes now, the values as each layer is loaded
+        if not streamed:
+            check_layer(i, layer)
+        else:
+            for name, lin in adapter.linears(layer).items():
+                plan.spec_for(plan.spec.bits).check_shape(f"layer {i} {name}", lin.weight)
     full_names = {id(module): name for name, module in model.named_modules()}
     needs_calibration = cfg.method in ("gptq", "aptq")
     if needs_calibration and calib is None:
         raise ConfigError(f"{cfg.method} needs calibration data")
     engine = LayerEngine(model, adapter, calib if calib is not None else torch.zeros(1, 2, dtype=torch.long),
-                         cfg.batch_size, device)
+                         cfg.batch_size, device, stream=loaded.stream)
     t0 = time.perf_counter()
 
     widths: dict[tuple[int, str], int] = {}
@@ -85,6 +95,8 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
     state: dict[str, QuantizedWeight] = {}
 
     def quantize_layer(i, layer, hidden):
+        if streamed:
+            check_layer(i, layer)
         if cfg.method == "aptq":
             stats, attention = collect_aptq_stats(engine, layer, hidden)
         else:
@@ -132,11 +144,16 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
             set_weight(lin, deq)
             state[full_names[id(lin)]] = qw
             entry["linears"][name] = info
+        if loaded.output is not None:   # streamed: this layer's codes go to disk now, their shapes stay
+            layer_state = {full_names[id(lin)]: state[full_names[id(lin)]] for lin in linears.values()}
+            loaded.output.spill_quant_state(i, layer_state)
+            state.update(layer_state)
         return entry
 
     label = f"{plan.budget} avg" if plan.budget is not None else f"{plan.spec.bits}-bit"
     per_layer = engine.walk(quantize_layer, needs_inputs=needs_calibration,
-                            desc=f"quantize {cfg.method} {label} g{plan.spec.group_size}", progress=progress)
+                            desc=f"quantize {cfg.method} {label} g{plan.spec.group_size}", progress=progress,
+                            sink=loaded.output.sink if loaded.output is not None else None)
     report = {"method": cfg.method, "bits": plan.budget if plan.budget is not None else plan.spec.bits,
               "group_size": plan.spec.group_size, "symmetric": plan.spec.symmetric, "act_order": cfg.act_order,
               "damp": cfg.percdamp if cfg.calibrates() else None,
@@ -155,9 +172,10 @@ def _input_prune_record(model_spec: str, loaded: LoadedModel) -> dict | None:
 
 
 def _write(loaded: LoadedModel, out, compression: dict, state: dict[str, QuantizedWeight]) -> dict:
-    path = distributed.write_once(lambda: save_model(
-        loaded, out, extra_json={"compression.json": compression},
-        extra_files={"quant_state.safetensors": lambda p: write_quant_state(p, state)}))
+    # streamed: the state was written layer by layer and is merged here
+    quant_state = (loaded.output.write_quant_state if loaded.output is not None
+                   else lambda p: write_quant_state(p, state))
+    path = write_output(loaded, out, {"compression.json": compression}, {"quant_state.safetensors": quant_state})
     compression["out"] = str(path)
     return compression
 
@@ -186,11 +204,14 @@ def run_compress(model_spec: str, out: str | Path, prune_cfg: PruneConfig, quant
     check_distributed(prune=prune_cfg, quant=quant_cfg)
 
     def work(lm, calib):
-        pruned = prune_loaded(lm, calib, prune_cfg, device=device, progress=progress)
+        # streamed: the pruned layers are kept as float32 shards for the quantization walk to read back
+        with lm.output.first_pass() if lm.output is not None else contextlib.nullcontext():
+            pruned = prune_loaded(lm, calib, prune_cfg, device=device, progress=progress)
         return pruned, *quantize_loaded(lm, calib, quant_cfg, device=device, progress=progress)
 
     loaded, (prune_report, quant_report, state), facts = run_job(
-        model_spec, out, prune_cfg, work, calibrate=prune_cfg.calibrates() or quant_cfg.calibrates())
+        model_spec, out, prune_cfg, work, calibrate=prune_cfg.calibrates() or quant_cfg.calibrates(),
+        configs=(prune_cfg, quant_cfg))
     quant_report["seconds"]["load"] = facts.pop("load_seconds")
     compression = {**facts, "prune": prune_report, "quantization": quant_report,
                    "config": {"prune": asdict(prune_cfg), "quantize": asdict(quant_cfg)}}

@@ -29,6 +29,11 @@ class LoadedModel:
     tokenizer: object | None
     adapter: ArchAdapter
     source: dict = field(default_factory=dict)  # what was loaded, for compression.json
+    # A streamed job's model is a meta-device skeleton: `stream` loads its decoder layers one at a time
+    # (`streaming.py: StreamingCheckpoint`) and `output` writes them (`jobs/streamed.py: StreamedOutput`).
+    stream: object | None = None
+    output: object | None = None
+    save_dtype: torch.dtype | None = None       # the output weights' dtype (None: as held)
 
 
 def smollm2_path() -> Path:
@@ -162,6 +167,56 @@ def load_model(spec: str | os.PathLike, *, with_tokenizer: bool = True) -> Loade
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)
 
 
+def _headers(directory: Path):
+    """The safetensors headers of a directory's weight files; an unreadable one is skipped here (the load
+    names it, see `check_safetensors`). The quantization state is not a weight file."""
+    for f in sorted(directory.glob("*.safetensors")):
+        if f.name == "quant_state.safetensors":
+            continue
+        try:
+            with open(f, "rb") as raw:
+                yield json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
+        except (OSError, ValueError, MemoryError):
+            continue
+
+
+def stored_dtype(spec) -> torch.dtype:
+    """The dtype a model's weights are stored in: a Hugging Face directory's (its first decoder-layer tensor,
+    else its first floating tensor), float32 for a GGUF (dequantized) or a named model."""
+    path = Path(str(spec))
+    if is_named_model(spec) or not path.is_dir():
+        return torch.float32
+    from .shards import DTYPES_BY_CODE
+
+    found = None
+    for header in _headers(path):
+        for name, info in header.items():
+            dtype = DTYPES_BY_CODE.get(info["dtype"]) if name != "__metadata__" else None
+            if dtype is None or not dtype.is_floating_point:
+                continue
+            if ".layers." in name:
+                return dtype
+            found = found or dtype
+    return found or torch.float32
+
+
+def float32_bytes(spec) -> int | None:
+    """What a Hugging Face safetensors checkpoint takes in float32 (every tensor's elements x 4), read from the
+    headers; None for anything else."""
+    path = Path(str(spec))
+    if is_named_model(spec) or not path.is_dir():
+        return None
+    total = 0
+    for header in _headers(path):
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for s in info["shape"]:
+                    n *= int(s)
+                total += 4 * n
+    return total or None
+
+
 def check_out_dir(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Refuse an output directory that is, contains, or holds the input model: it is never modified."""
     src, out = Path(model_path).resolve(), Path(out_dir).resolve()
@@ -173,11 +228,11 @@ def check_out_dir(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
 
 
 def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, dict] | None = None,
-               extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+               extra_files: dict[str, Callable[[Path], None]] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the model (+ tokenizer + extra files) to a temporary directory beside `out_dir`, then rename.
 
     `extra_json` maps file names to JSON payloads; `extra_files` maps file names to writers called with the
-    file's temporary path.
+    file's temporary path. `dtype`: the weights' dtype on disk (the model is converted in place; None: as held).
 
     A half-written output never exists under `out_dir`; an existing `out_dir` is replaced only once the new
     one is complete. Refuses to write over the model that was loaded.
@@ -186,6 +241,8 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
     if loaded.source.get("path"):
         check_out_dir(loaded.source["path"], out)
     with atomic_dir(out) as tmp:
+        if dtype is not None:
+            loaded.model.to(dtype)
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)

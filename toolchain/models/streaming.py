@@ -16,9 +16,7 @@ from torch import nn
 from ..errors import ModelLoadError
 from . import adapter_for
 from .loading import check_safetensors
-
-INDEX = "model.safetensors.index.json"
-STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+from .shards import DTYPES_BY_CODE as STORED_DTYPES, INDEX
 
 
 class CheckpointIndex:
@@ -56,6 +54,11 @@ class CheckpointIndex:
             self._handles[shard] = safe_open(str(shard), framework="pt")
         return self._handles[shard]
 
+    def release(self) -> None:
+        """Close every memory map: the pages read so far leave this process's resident set (they stay in the
+        page cache), so peak RSS does not grow with the number of layers streamed."""
+        self._handles = {}
+
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
@@ -72,7 +75,9 @@ class CheckpointIndex:
 class StreamingCheckpoint:
     """A float32 model whose decoder layers stay on `meta` until loaded one at a time."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, with_head: bool = True):
+        """`with_head=False` leaves an untied LM head on `meta`: the layer-by-layer jobs never run it (the
+        writer copies it from the checkpoint), and in float32 it is as large as the embeddings."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         directory = Path(directory)
@@ -87,7 +92,11 @@ class StreamingCheckpoint:
         self.adapter = adapter_for(model)
         self.layers = self.adapter.decoder_layers(model)
         self.layers_path = next(name for name, m in model.named_modules() if m is self.layers)
+        head = model.get_output_embeddings()
+        self._skip = set() if with_head or head is None or model.config.tie_word_embeddings else {
+            f"{name}.{p}" for name, m in model.named_modules() if m is head for p, _ in head.named_parameters()}
         self._load_outside_layers()
+        self.index.release()
 
     def _inside(self) -> set[int]:
         return {id(t) for t in list(self.layers.parameters()) + list(self.layers.buffers())}
@@ -106,7 +115,7 @@ class StreamingCheckpoint:
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
         tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if id(tensor) in inside or tensor.device.type != "meta":
+            if id(tensor) in inside or tensor.device.type != "meta" or name in self._skip:
                 continue
             if name not in self.index:
                 if name in tied:
@@ -132,11 +141,34 @@ class StreamingCheckpoint:
         prefix = f"{self.layers_path}.{i}."
         for name, _ in list(layer.named_parameters()) + list(layer.named_buffers()):
             self._assign(layer, name, self.index.tensor(prefix + name))
+        self.index.release()   # the stored copy's pages leave the resident set now that the layer is float32
         return layer
 
     def free_layer(self, i: int) -> None:
-        """Return decoder layer `i` to `meta`, releasing its memory."""
+        """Return decoder layer `i` to `meta`, releasing its memory (and the checkpoint's memory maps)."""
         self.layers[i].to("meta")
+        self.index.release()
+
+    def layer_state(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Decoder layer `i`'s tensors under their checkpoint names, as `save_pretrained` would write them."""
+        return {f"{self.layers_path}.{i}.{name}": t for name, t in layer.state_dict().items()}
+
+    def outside_names(self) -> list[str]:
+        """The checkpoint names outside the decoder layers that `save_pretrained` writes (a tied head is not
+        written: it is the embedding table)."""
+        model = self.model
+        tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
+        return [n for n in model.state_dict() if not n.startswith(self.layers_path + ".") and n not in tied]
+
+    def outside_tensor(self, name: str) -> torch.Tensor:
+        """A tensor outside the decoder layers as a loaded model holds it (float32), read from the checkpoint."""
+        return self.index.tensor(name).to(torch.float32)
+
+    def switch_to(self, directory: str | Path) -> None:
+        """Read the decoder layers from now on from `directory` (the float32 shards a first pass wrote); what
+        lies outside the layers stays as loaded."""
+        self.index.release()
+        self.index = CheckpointIndex(directory)
 
     def stored_dtype(self) -> torch.dtype:
         """The checkpoint's dtype for the decoder weights (what a streamed output keeps by default)."""

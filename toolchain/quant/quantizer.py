@@ -46,13 +46,16 @@ class QuantSpec:
         return [(start, min(start + size, cols)) for start in range(0, cols, size)]
 
     def check_weight(self, name: str, weight: torch.Tensor) -> None:
+        self.check_shape(name, weight)
+        if not torch.isfinite(weight).all():
+            raise ConfigError(f"{name}: weight has non-finite values (NaN or inf); cannot quantize it")
+
+    def check_shape(self, name: str, weight: torch.Tensor) -> None:
         if weight.dim() != 2:
             raise ConfigError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
         if self.group_size > weight.shape[1]:
             raise ConfigError(f"{name}: group size {self.group_size} exceeds the input dimension {weight.shape[1]}; "
                               f"use -1 for one scale per output row")
-        if not torch.isfinite(weight).all():
-            raise ConfigError(f"{name}: weight has non-finite values (NaN or inf); cannot quantize it")
 
 
 def pruned_positions(w: torch.Tensor) -> torch.Tensor | None:

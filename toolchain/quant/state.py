@@ -65,3 +65,21 @@ def read_quant_state(path: str | os.PathLike) -> dict[str, QuantizedWeight]:
         raise
     except Exception as exc:
         raise ToolchainError(f"cannot read quant state {path}: {exc}") from None
+
+
+def merge_quant_state(parts: list[Path], path: str | os.PathLike) -> None:
+    """Write one quant_state.safetensors from per-layer parts (each written by `write_quant_state`), reading
+    one tensor at a time: a streamed run never holds the whole model's codes."""
+    from safetensors import safe_open
+
+    from ..models.shards import DTYPES_BY_CODE, write_safetensors
+
+    handles = [safe_open(str(p), framework="pt") for p in parts]
+    entries, layers = [], {}
+    for handle in handles:
+        layers.update(json.loads(handle.metadata()["toolchain"])["layers"])
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            entries.append((name, DTYPES_BY_CODE[piece.get_dtype()], tuple(piece.get_shape()),
+                            lambda h=handle, n=name: h.get_tensor(n)))
+    write_safetensors(path, entries, {"toolchain": json.dumps({"format": FORMAT, "layers": layers})})

@@ -1,0 +1,132 @@
+"""`toolchain bench scale` (`make bench-scale`): peak memory and wall time of a streamed prune on a model that does
+not fit in this machine's RAM as float32.
+
+The model is made here, tensor by tensor, and never shipped: a Llama-3-8B-shaped checkpoint (hidden 4096, 32
+layers, 32/8 heads, MLP 14336, untied embeddings) with random bf16 weights N(0, 0.02), norms 1, and the
+tokenizer and vocabulary (49,152) of `--model` (SmolLM2's by default), so calibration text tokenizes: 7.9B
+parameters, 15.8 GB in bf16, 31.6 GB in float32. It goes to <out>/work/scale-<layers>l as HF shards and is deleted
+after the runs, and so is each run's output. The same shape with 8 layers shows how peak memory grows with depth.
+
+Each run is `toolchain prune --method wanda --sparsity 2:4 --calib-samples 4 --seqlen 128 --streaming` in a
+subprocess; its peak RSS (VmHWM) and anonymous peak come from its compression.json, its wall time from here. The
+output is checked: bf16, and every decoder linear valid 2:4.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .common import save_result, work_dir
+
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+             max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+DEPTHS = (8, 32)
+RUN = ["prune", "--method", "wanda", "--sparsity", "2:4", "--calib-samples", "4", "--seqlen", "128", "--streaming"]
+
+
+def write_llama3_shaped(directory: Path, layers: int, tokenizer, seed: int = 0) -> Path:
+    """A Llama-3-8B-shaped bf16 checkpoint with `layers` decoder layers, written one tensor at a time."""
+    from transformers import LlamaConfig
+
+    from toolchain.models.shards import ShardWriter
+
+    config = LlamaConfig(num_hidden_layers=layers, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **SHAPE)
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = torch.bfloat16
+    d, f, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], len(tokenizer)
+    kv = d // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(*shape):
+        return torch.empty(shape).normal_(0.0, 0.02, generator=gen).to(torch.bfloat16)
+
+    if directory.exists():
+        shutil.rmtree(directory)
+    shards = ShardWriter(directory, torch.bfloat16, max_shard_bytes=4 << 30)
+    shards.add({"model.embed_tokens.weight": normal(v, d)})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (kv, d)), ("self_attn.v_proj", (kv, d)),
+                            ("self_attn.o_proj", (d, d)), ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
+                            ("mlp.down_proj", (d, f))):
+            shards.add({f"{p}{name}.weight": normal(*shape)})
+        shards.add({f"{p}input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+                    f"{p}post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16)})
+    shards.add({"model.norm.weight": torch.ones(d, dtype=torch.bfloat16), "lm_head.weight": normal(v, d)})
+    shards.close()
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def check_output(out: Path) -> dict:
+    """Every decoder linear of the output is bf16 and valid 2:4 (read one tensor at a time)."""
+    from safetensors import safe_open
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    dtypes, checked, invalid = set(), 0, 0
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(out / shard), framework="pt") as h:
+            for name in h.keys():
+                t = h.get_tensor(name)
+                dtypes.add(str(t.dtype).removeprefix("torch."))
+                if ".layers." in name and t.dim() == 2:
+                    checked += 1
+                    invalid += int(((t.reshape(-1, 4) == 0).sum(dim=1) < 2).any())
+    return {"dtypes": sorted(dtypes), "linears_checked": checked, "linears_not_2of4": invalid}
+
+
+def tokenizer_of(model: str):
+    """The tokenizer of a named model (from its GGUF, without dequantizing the weights) or a directory."""
+    from transformers import AutoTokenizer
+
+    from toolchain.models.loading import is_named_model, named_model_path
+
+    if is_named_model(model):
+        path = named_model_path(model)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(model)
+
+
+def run_scale_bench(model: str, out_dir: str | Path) -> dict:
+    work = work_dir(out_dir)
+    tokenizer = tokenizer_of(model)
+    rows = []
+    for layers in DEPTHS:
+        ckpt = work / f"scale-{layers}l"
+        t0 = time.perf_counter()
+        write_llama3_shaped(ckpt, layers, tokenizer)
+        made = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        out = work / f"scale-{layers}l-wanda"
+        cmd = [sys.executable, "-m", "toolchain.cli", *RUN, "--model", str(ckpt), "--out", str(out), "--quiet"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        wall = time.perf_counter() - t0
+        report = json.loads((out / "compression.json").read_text())
+        rows.append({"layers": layers, "checkpoint_gb": round(size / 1e9, 2), "write_seconds": round(made, 1),
+                     "command": "toolchain " + " ".join(RUN), "wall_seconds": round(wall, 1),
+                     "peak_rss_mib": report["peak_rss_mib"], "peak_anon_mib": report["peak_anon_mib"],
+                     "threads": report["machine"]["threads"], **check_output(out)})
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    result = {"model": "Llama-3-8B shape, random bf16 N(0, 0.02), tokenizer of " + str(model), "rows": rows}
+    return save_result(out_dir, "scale", "llama3-8b-shape", result, table)
+
+
+def table(result: dict) -> str:
+    lines = [f"# Streamed prune on a {result['model']}", "",
+             "| layers | checkpoint GB | wall s | peak RSS MiB | peak anon MiB | output | not 2:4 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['layers']} | {r['checkpoint_gb']} | {r['wall_seconds']} | {r['peak_rss_mib']} | "
+                     f"{r['peak_anon_mib']} | {','.join(r['dtypes'])} | {r['linears_not_2of4']}/{r['linears_checked']} |")
+    return "\n".join(lines) + "\n"

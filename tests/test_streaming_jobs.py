@@ -1,0 +1,203 @@
+"""Streamed prune, quantize and compress: each decoder layer is read from the checkpoint when the walk reaches it
+and written to the output's shards when it is final. The output equals the in-memory run's bit for bit, loads
+with transformers, keeps the input's dtype, and an interrupted run leaves no output directory."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from toolchain.errors import ConfigError
+from toolchain.jobs import streamed
+from toolchain.jobs.config import PruneConfig, QuantConfig, resolve_streaming
+from toolchain.jobs.prune import run_prune
+from toolchain.jobs.quantize import run_compress, run_quantize
+from toolchain.models.streaming import StreamingCheckpoint
+from toolchain.quant import read_quant_state
+
+from conftest import random_ids
+
+CALIB = dict(calib_samples=4, seqlen=32, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def small_shards(monkeypatch):
+    """Shards of 40 kB, so the tiny models' outputs are written as several shards."""
+    monkeypatch.setattr(streamed, "SHARD_BYTES", 40_000)
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        if f.name != "quant_state.safetensors":
+            out.update(load_file(f))
+    return out
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert wa[name].dtype == wb[name].dtype, name
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def assert_same_quant_state(a, b):
+    qa, qb = read_quant_state(a / "quant_state.safetensors"), read_quant_state(b / "quant_state.safetensors")
+    assert qa.keys() == qb.keys() and qa
+    for name in qa:
+        assert qa[name].spec == qb[name].spec
+        for field in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(qa[name], field), getattr(qb[name], field)), (name, field)
+        assert (qa[name].prune_mask is None) == (qb[name].prune_mask is None)
+        if qa[name].prune_mask is not None:
+            assert torch.equal(qa[name].prune_mask, qb[name].prune_mask)
+
+
+def assert_sharded(directory):
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert set(index["weight_map"]) == set(weights(directory))
+    report = json.loads((directory / "compression.json").read_text())
+    assert report["streaming"] is True and report["peak_rss_mib"] > 0
+    assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")], "temporary directories left"
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "barber"])
+def test_streamed_prune_equals_in_memory(tmp_path, tiny_llama_dir, tiny_opt_dir, family, method):
+    src = str(tiny_llama_dir if family == "llama" else tiny_opt_dir)
+    for streaming in (False, True):
+        run_prune(src, tmp_path / str(streaming) / "out",
+                  PruneConfig(method=method, sparsity="2:4", streaming=streaming, **CALIB), progress=False)
+    assert_same_weights(tmp_path / "False" / "out", tmp_path / "True" / "out")
+    assert_sharded(tmp_path / "True" / "out")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("method,bits", [("rtn", "4"), ("gptq", "4"), ("aptq", "3.0")])
+def test_streamed_quantize_equals_in_memory(tmp_path, tiny_llama_dir, tiny_opt_dir, family, method, bits):
+    src = str(tiny_llama_dir if family == "llama" else tiny_opt_dir)
+    extra = dict(sensitivity="local", candidates="2,4") if bits == "3.0" else {}
+    reports = {}
+    for streaming in (False, True):
+        reports[streaming] = run_quantize(src, tmp_path / str(streaming) / "out", QuantConfig(
+            method=method, bits=bits, group_size=32, streaming=streaming, **extra, **CALIB), progress=False)
+    mem, streamed_out = tmp_path / "False" / "out", tmp_path / "True" / "out"
+    assert_same_weights(mem, streamed_out)
+    assert_same_quant_state(mem, streamed_out)
+    assert_sharded(streamed_out)
+    for key in ("avg_bits", "avg_bits_with_params", "weights"):
+        assert reports[True]["quantization"][key] == reports[False]["quantization"][key]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_streamed_compress_equals_in_memory(tmp_path, tiny_llama_dir, tiny_opt_dir, family):
+    src = str(tiny_llama_dir if family == "llama" else tiny_opt_dir)
+    for streaming in (False, True):
+        run_compress(src, tmp_path / str(streaming) / "out",
+                     PruneConfig(method="sparsegpt", sparsity="2:4", streaming=streaming, **CALIB),
+                     QuantConfig(method="gptq", bits="4", group_size=32, streaming=streaming, **CALIB),
+                     progress=False)
+    mem, streamed_out = tmp_path / "False" / "out", tmp_path / "True" / "out"
+    assert_same_weights(mem, streamed_out)
+    assert_same_quant_state(mem, streamed_out)
+    assert_sharded(streamed_out)
+
+
+def test_the_sharded_output_loads_with_transformers(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    for streaming in (False, True):
+        run_prune(str(tiny_llama_dir), tmp_path / str(streaming),
+                  PruneConfig(method="wanda", sparsity="2:4", streaming=streaming, **CALIB), progress=False)
+    ids = random_ids(2, 16)
+    logits = {}
+    for streaming in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / str(streaming), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[streaming] = model(ids).logits
+    assert torch.equal(logits[True], logits[False])
+    assert (tmp_path / "True" / "tokenizer.json").is_file()
+
+
+def test_an_interrupted_streamed_run_leaves_no_output(tmp_path, tiny_llama_dir, monkeypatch):
+    load_layer = StreamingCheckpoint.load_layer
+
+    def interrupted(self, i):
+        if i == 1:
+            raise KeyboardInterrupt
+        return load_layer(self, i)
+
+    monkeypatch.setattr(StreamingCheckpoint, "load_layer", interrupted)
+    parent = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        run_compress(str(tiny_llama_dir), parent / "out",
+                     PruneConfig(method="wanda", sparsity="2:4", streaming=True, **CALIB),
+                     QuantConfig(method="gptq", bits="4", group_size=32, streaming=True, **CALIB), progress=False)
+    assert list(parent.iterdir()) == []
+
+
+@pytest.fixture()
+def bf16_dir(tmp_path, tiny_llama_dir):
+    """The tiny Llama stored in bf16, sharded, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(
+        out, max_shard_size="40KB")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+def test_bf16_in_gives_bf16_out_and_dtype_overrides(tmp_path, bf16_dir):
+    for streaming in (False, True):
+        run_prune(str(bf16_dir), tmp_path / str(streaming),
+                  PruneConfig(method="sparsegpt", sparsity="2:4", streaming=streaming, **CALIB), progress=False)
+    out = weights(tmp_path / "True")
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "True" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_same_weights(tmp_path / "False", tmp_path / "True")
+    # the decoder weights are pruned 2:4 in bf16 too
+    q = out["model.layers.0.self_attn.q_proj.weight"]
+    assert ((q.reshape(-1, 4) == 0).sum(dim=1) >= 2).all()
+
+    run_prune(str(bf16_dir), tmp_path / "f32",
+              PruneConfig(method="sparsegpt", sparsity="2:4", streaming=True, dtype="float32", **CALIB), progress=False)
+    f32 = weights(tmp_path / "f32")
+    assert {t.dtype for t in f32.values()} == {torch.float32}
+    # float32 output keeps what bf16 rounds away: same values after rounding
+    assert all(torch.equal(f32[n].to(torch.bfloat16), out[n]) for n in out)
+
+
+def test_the_streaming_decision(tmp_path, tiny_llama_dir, monkeypatch):
+    from toolchain.jobs import config
+
+    src = str(tiny_llama_dir)
+    assert resolve_streaming(src, PruneConfig(method="wanda")) is False          # fits easily: in memory
+    monkeypatch.setattr(config, "available_ram_bytes", lambda: 1000)
+    assert resolve_streaming(src, PruneConfig(method="wanda")) is True           # would not fit: streams
+    assert resolve_streaming(src, PruneConfig(method="wanda", streaming=False)) is False
+    # an option that needs the whole model keeps the default in memory, and refuses an explicit --streaming
+    assert resolve_streaming(src, PruneConfig(method="wanda", allocation="hessian")) is False
+    with pytest.raises(ConfigError, match="--streaming cannot run --structured"):
+        resolve_streaming(src, PruneConfig(method="flap", structured=True, streaming=True))
+    with pytest.raises(ConfigError, match="--sensitivity model"):
+        resolve_streaming(src, PruneConfig(method="wanda", streaming=True), QuantConfig(method="aptq", bits="3.0"))
+    with pytest.raises(ConfigError, match="Hugging Face directory of safetensors"):
+        resolve_streaming("smollm2", PruneConfig(method="wanda", streaming=True))
+
+
+def test_the_cli_takes_streaming_and_dtype(tmp_path, tiny_llama_dir):
+    from toolchain.cli import main
+
+    out = tmp_path / "c"
+    assert main(["compress", "--model", str(tiny_llama_dir), "--prune", "magnitude", "--sparsity", "2:4",
+                 "--quant", "rtn", "--bits", "4", "--group-size", "32", "--streaming", "--dtype", "float16",
+                 "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "compression.json").read_text())
+    assert report["streaming"] is True and report["dtype"] == "float16"
+    assert {t.dtype for t in weights(out).values()} == {torch.float16}
