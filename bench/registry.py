@@ -12,12 +12,13 @@ from .fpga_dram import run_fpga_dram_bench
 from .prune import run_prune_bench
 from .quality import run_quality_bench
 from .quant import run_quant_bench
+from .structured import run_structured_bench
 
 # name -> the benchmark; each takes (model, out_dir) and, where it has configurations to pick, only=[...]
 BENCHMARKS = {"prune": run_prune_bench, "prune-quality": run_quality_bench, "quant": run_quant_bench,
               "export": run_export_bench, "fpga": run_fpga_bench, "fpga-dram": run_fpga_dram_bench,
-              "eval": run_eval_bench}
-TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval")
+              "eval": run_eval_bench, "structured": run_structured_bench}
+TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "structured")
 
 
 def run_benchmark(what: str, model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
-    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "eval"])
+    b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "eval",
+                                    "structured"])
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
