@@ -16,14 +16,15 @@ from .quality import run_quality_bench
 from .quant import run_quant_bench
 from .reasoning import run_reasoning_bench
 from .scale import run_scale_bench
+from .structured import run_structured_bench
 
 # name -> the benchmark; each takes (model, out_dir) and, where it has configurations to pick, only=[...]
 BENCHMARKS = {"prune": run_prune_bench, "prune-quality": run_quality_bench, "quant": run_quant_bench,
               "export": run_export_bench, "fpga": run_fpga_bench, "fpga-dram": run_fpga_dram_bench,
               "fpga-eval": run_fpga_eval_bench, "fpga-pnr": run_fpga_pnr_bench,
               "eval": run_eval_bench, "reasoning": run_reasoning_bench,
-              "scale": run_scale_bench}
-TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "reasoning")
+              "scale": run_scale_bench, "structured": run_structured_bench}
+TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "reasoning", "structured")
 # the benchmarks that take task options (--tasks, --limit, --zero-shot-limit, --max-gen-toks, --ppl-windows)
 TAKES_TASK_OPTIONS = ("reasoning",)
 

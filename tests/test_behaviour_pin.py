@@ -177,7 +177,7 @@ PINS = {
         "onnx.matmulnbits": "d1401972e79f6400",
         "compressed_tensors": "daa92919f51078f2",
         "fpga.mem": "e208dd4dfce097a5",
-        "fpga.rtl": "ae6965deaecaca5e",
+        "fpga.rtl": "6259e5c56e7678b4",
         "fpga.hls": "2ba4277bd48d1282",
         "fpga.json": "f0594d948de8537c",
         "fpga.golden": "e878aac477cc14c8",

@@ -15,6 +15,8 @@ from toolchain.bench.prune import PRUNE_CONFIGS, SPARSITIES, prune_runs
 from toolchain.bench.quality import quality_configs, quality_runs
 from toolchain.bench.quant import PEER_PREFIX, QUANT_CONFIGS, quant_runs, quant_table
 from toolchain.bench.registry import BENCHMARKS, TAKES_ONLY, run_benchmark
+from toolchain.bench.structured import CONFIGS as STRUCTURED_CONFIGS, SPARSITIES as STRUCTURED_SPARSITIES, \
+    decoder_cycles, decoder_params, structured_runs, structured_table
 from toolchain.cli import main
 from toolchain.errors import ConfigError
 
@@ -42,7 +44,45 @@ def test_export_only_selects_onnx_forms():
     assert export_forms(["matmulnbits acc4", "qdq"]) == ["qdq", "matmulnbits acc4"]
 
 
-@pytest.mark.parametrize("select", [prune_runs, quant_runs, quality_runs, export_forms])
+def test_structured_only_selects_by_name_or_name_at_sparsity():
+    assert len(structured_runs(None)) == len(STRUCTURED_CONFIGS) * len(STRUCTURED_SPARSITIES)
+    assert [(r[0], r[3]) for r in structured_runs(["taylor@0.3", "flap@0.2"])] == [("taylor", "0.3"), ("flap", "0.2")]
+    assert structured_runs(["dense"]) == []
+
+
+def test_structured_bench_counts_cycles_and_parameters_of_the_smaller_model(tmp_path, tiny_llama_dir):
+    from toolchain.fpga.config import AccelConfig
+    from toolchain.jobs.config import PruneConfig
+    from toolchain.jobs.prune import run_prune
+
+    out = tmp_path / "s"
+    run_prune(str(tiny_llama_dir), out, PruneConfig(structured=True, sparsity="0.3", calib_samples=4, seqlen=16),
+              progress=False)
+    design = AccelConfig().dense_twin()
+    for path in (tiny_llama_dir, out):
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path)
+        linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        assert decoder_cycles(path) == sum(design.layer_cycles(m.in_features, m.out_features) for m in linears)
+        assert decoder_params(path) == sum(p.numel() for p in model.model.layers.parameters())
+    assert decoder_cycles(out) < decoder_cycles(tiny_llama_dir)
+    report = json.loads((out / "compression.json").read_text())
+    assert decoder_params(out) == report["decoder_params"]["after"]
+
+
+def test_structured_table_bolds_the_best_of_each_sparsity():
+    row = {"sparsity": "0.2", "removed_fraction": 0.2, "decoder_params": 8e7, "ppl_pydoc": 20.0, "ppl_wiki": 30.0,
+           "ppl_science": 40.0, "prune_seconds": 10, "peak_rss_mib": 900, "prefill_x_dense": 0.8,
+           "decode_x_dense": 0.9, "decode_ms_per_token": 5.0, "cycles_x_dense": 0.8, "command": "toolchain prune x"}
+    result = {"model": "m", "calibration": "c", "eval": "e", "threads": 2, "rows": [
+        {**row, "name": "obs-refit", "ppl_pydoc": 18.0}, {**row, "name": "flap", "prune_seconds": 5}],
+        "dense": {"decoder_params": 1e8, "ppl_pydoc": 10.0, "ppl_wiki": 20.0, "ppl_science": 30.0, "cycles": 1000}}
+    table = structured_table(result)
+    assert "| obs-refit | 80.00 | **18.00** |" in table and "| flap | 80.00 | 20.00 |" in table
+    assert "| **5** |" in table and "toolchain prune x" in table
+
+
+@pytest.mark.parametrize("select", [prune_runs, quant_runs, quality_runs, export_forms, structured_runs])
 def test_unknown_only_names_are_refused_by_name(select):
     with pytest.raises(ConfigError, match="'wanda@3:4'"):
         select(["wanda@3:4"])

@@ -35,7 +35,8 @@ def _rel_diff(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("family,method", [("llama", "obs-refit"), ("llama", "flap"), ("opt", "obs-refit")])
+@pytest.mark.parametrize("family,method", [("llama", "obs-refit"), ("llama", "flap"), ("opt", "obs-refit"),
+                                           ("llama", "taylor"), ("opt", "taylor")])
 def test_smaller_model_loads_with_equal_logits_and_meets_budget(tmp_path, family, method):
     dense = tiny_loaded(family)
     before = sum(p.numel() for p in adapter_for(dense.model).decoder_layers(dense.model).parameters())
@@ -134,6 +135,45 @@ def test_obs_saliency_is_the_refit_error_and_refit_lowers_layer_error():
     err_refit = (x[:, kept_cols] @ removal.consumer_weight.double().T - target).square().sum()
     err_plain = (x[:, kept_cols] @ weight[:, kept_cols].T - target).square().sum()
     assert err_refit < 0.7 * err_plain
+
+
+def test_taylor_importance_is_the_first_order_loss_change_of_each_dependency_group():
+    """A KV group's score is sum |w * dL/dw| over its key/value rows, the rows of every query head reading it and
+    those heads' o_proj columns (GQA: 8 query heads on 2 KV heads, 4 per group), with dL/dw the gradient of the
+    mean next-token loss over the windows; the scores follow the layer as it shrinks."""
+    from toolchain.prune.structured.taylor import TaylorSP
+
+    loaded = _gqa_llama()
+    model, ids = loaded.model, random_ids(6, 16)
+    layer = model.model.layers[1]
+    attn = layer.self_attn
+    model.zero_grad()
+    with torch.enable_grad():
+        model(ids, labels=ids).loss.backward()
+    expected = []
+    for g in range(2):
+        q_rows = slice(g * 4 * 16, (g + 1) * 4 * 16)
+        kv_rows = slice(g * 16, (g + 1) * 16)
+        total = sum(float((lin.weight.detach() * lin.weight.grad).abs()[rows].sum())
+                    for lin, rows in ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)))
+        expected.append(total + float((attn.o_proj.weight.detach() * attn.o_proj.weight.grad).abs()[:, q_rows].sum()))
+    model.zero_grad(set_to_none=True)
+
+    method = TaylorSP()
+    method.prepare(model, loaded.adapter.decoder_layers(model), ids, batch_size=4)   # two batches: mean of both
+    assert all(p.grad is None for p in model.parameters())
+    kinds = {k.name: k for k in loaded.adapter.structured_units(layer, model.config, 8)}
+    scores = method.importance(kinds["kv_group"], layer, None)
+    assert scores.tolist() == pytest.approx(expected, rel=1e-4)
+    channels = method.importance(kinds["channels"], layer, None)
+    mlp = {name: s for name, s in method._salience[id(layer)].items() if name.startswith("mlp.")}
+    assert sorted(mlp) == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
+    assert float(channels.sum()) == pytest.approx(sum(float(s.sum()) for s in mlp.values()), rel=1e-5)
+
+    removal = method.remove(kinds["kv_group"], layer, None, 1)
+    assert removal.removed.tolist() == [int(torch.tensor(expected).argmin())]
+    salience = method._salience[id(layer)]
+    assert salience["self_attn.q_proj"].shape == (4 * 16, 64) and salience["self_attn.o_proj"].shape == (64, 4 * 16)
 
 
 def test_global_allocation_records_ranking_and_meets_budget():

@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
     b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "fpga-eval",
-                                     "fpga-pnr", "eval", "reasoning", "scale"],
+                                     "fpga-pnr", "eval", "reasoning", "scale", "structured"],
                    help="scale: a streamed Wanda 2:4 prune of a generated Llama-3-8B-shaped bf16 checkpoint (8 and 32 "
                         "layers, --model's tokenizer; about 16 GB of disk under --out/work while it runs)")
     b.add_argument("--model", default="smollm2")

@@ -34,17 +34,18 @@ def heldout_perplexity(model_dir: str | Path, seqlen: int = SEQLEN) -> float:
 
 
 def heldout_perplexities(model_dir: str | Path, datasets: tuple[str, ...] = EVAL_DATASETS,
-                         seqlen: int = SEQLEN) -> dict[str, float]:
+                         seqlen: int = SEQLEN, max_windows: int = EVAL_MAX_WINDOWS) -> dict[str, float]:
     """Perplexity of the model directory on the evaluation split of each dataset, loading the model once."""
-    return loaded_perplexities(load_model(model_dir), datasets, seqlen)
+    return loaded_perplexities(load_model(model_dir), datasets, seqlen, max_windows)
 
 
-def loaded_perplexities(loaded, datasets: tuple[str, ...] = EVAL_DATASETS, seqlen: int = SEQLEN) -> dict[str, float]:
-    """Perplexity of a loaded model on the evaluation split of each dataset, in its first EVAL_MAX_WINDOWS
-    windows of `seqlen` tokens."""
+def loaded_perplexities(loaded, datasets: tuple[str, ...] = EVAL_DATASETS, seqlen: int = SEQLEN,
+                        max_windows: int = EVAL_MAX_WINDOWS) -> dict[str, float]:
+    """Perplexity of a loaded model on the evaluation split of each dataset, in its first `max_windows` windows
+    of `seqlen` tokens."""
     result = {}
     for name in datasets:
-        windows = eval_windows(tokenize(loaded.tokenizer, get_corpus(name).eval_text), seqlen, EVAL_MAX_WINDOWS)
+        windows = eval_windows(tokenize(loaded.tokenizer, get_corpus(name).eval_text), seqlen, max_windows)
         result[name] = perplexity(loaded.model, windows, progress=False)
     return result
 

@@ -19,8 +19,14 @@ COMPRESSION_FORMAT = "toolchain.compression/1"
 
 
 def calibration_for(loaded, cfg: CalibConfig):
-    """The calibration windows `cfg` asks for, and their record."""
-    return calibration_data(loaded, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.text_file)
+    """The calibration windows `cfg` asks for, and their record. Windows a job holds out (`heldout_windows`) are
+    drawn after the --calib-samples ones, so those are the same windows with or without them."""
+    extra = cfg.heldout_windows()
+    calib, info = calibration_data(loaded, cfg.calib_samples + extra, cfg.seqlen, cfg.seed, cfg.dataset,
+                                   cfg.text_file)
+    if extra:
+        info = {**info, "samples": cfg.calib_samples, "heldout_samples": extra}
+    return calib, info
 
 
 def check_distributed(prune=None, quant=None) -> None:
@@ -37,6 +43,8 @@ def check_distributed(prune=None, quant=None) -> None:
             refused.append("--reconstruct block (Adam steps on each rank's own windows)")
         if prune.allocation == "hessian":
             refused.append("--allocation hessian (Hutchinson traces over the whole model)")
+        if prune.structured and prune.allocation == "search":
+            refused.append("--allocation search (its held-out windows and candidate forward passes are not split)")
     if quant is not None and quant.method == "aptq" and quant.is_mixed() and quant.sensitivity == "model":
         refused.append("--sensitivity model (Hutchinson traces over the whole model; --sensitivity local works)")
     if refused:

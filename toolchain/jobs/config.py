@@ -16,7 +16,7 @@ from ..machine import available_ram_bytes
 from ..gpu.bundle import PRECISIONS as GPU_PRECISIONS, check_bundle_options
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
-from ..prune.structured import DEFAULT_STRUCTURED, STRUCTURED_ALLOCATIONS, STRUCTURED_METHODS
+from ..prune.structured import DEFAULT_STRUCTURED, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS, STRUCTURED_METHODS
 from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
 from ..numerics.widths import SUPPORTED_BITS
 from ..quant import QuantSpec
@@ -44,6 +44,10 @@ def _block_reconstruction(cfg) -> bool:
 
 def _structured(cfg) -> bool:
     return cfg.structured
+
+
+def _structured_search(cfg) -> bool:
+    return cfg.structured and cfg.allocation == "search"
 
 
 def _calibrates(cfg) -> bool:
@@ -92,6 +96,10 @@ class CalibConfig:
     def calibrates(self) -> bool:
         return True
 
+    def heldout_windows(self) -> int:
+        """Calibration windows drawn after the --calib-samples ones and kept out of the job's statistics."""
+        return 0
+
     def check_calibration(self) -> None:
         if self.calib_samples < 1:
             raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
@@ -122,9 +130,14 @@ class PruneConfig(CalibConfig):
                            "(N kept of every M along the reduction dimension)", required=True)
     allocation: str = option("uniform", "--allocation", "per-layer sparsity: uniform, OWL outlier-weighted, or "
                              "Hessian-trace sensitivity (unstructured only; the global ratio is kept); with "
-                             "--structured uniform or global (units ranked across the decoder by standardised "
-                             "score, FLAP-style; sets the attention/MLP split)",
+                             "--structured uniform, global (units ranked across the decoder by standardised "
+                             "score, FLAP-style; sets the attention/MLP split) or search (evolutionary search "
+                             "from the global ranking, fitness KL to the dense model on held-out calibration "
+                             "windows; see --search-budget)",
                              choices=(*ALLOCATIONS, *(a for a in STRUCTURED_ALLOCATIONS if a not in ALLOCATIONS)))
+    search_budget: int = option(32, "--search-budget", "--allocation search: candidates evaluated at most (the "
+                                "seed included; one forward pass on the held-out windows each)", type=int,
+                                applies=_structured_search, applies_to="with --structured --allocation search only")
     rebuild_ratio: float = option(0.01, "--rebuild-ratio", "Barber's alpha: the fraction of each row's beneficial "
                                   "pruned<->kept swaps that are made", type=float,
                                   applies=_barber, applies_to="to --method barber only")
@@ -184,7 +197,7 @@ class PruneConfig(CalibConfig):
     def calibrates(self) -> bool:
         """Magnitude pruning with nothing else asked needs no calibration text."""
         if self.structured:
-            return self.structured_method() != "magnitude"
+            return self.structured_method() != "magnitude" or self.allocation == "search"
         return (self.method != "magnitude" or self.allocation != "uniform" or self.resolve_mode != "none"
                 or self.reconstruct != "none")
 
@@ -226,6 +239,9 @@ class PruneConfig(CalibConfig):
         refuse_inapplicable(self, given, {"method": "--method"})
         return target, init
 
+    def heldout_windows(self) -> int:
+        return SEARCH_WINDOWS if self.structured and self.allocation == "search" else 0
+
     def structured_method(self) -> str:
         return self.method or DEFAULT_STRUCTURED
 
@@ -243,6 +259,9 @@ class PruneConfig(CalibConfig):
                               f"choose {' or '.join(STRUCTURED_ALLOCATIONS)}")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
+        if self.search_budget < 1:
+            raise ConfigError(f"--search-budget must be >= 1 (candidates evaluated, the seed included), got "
+                              f"{self.search_budget}")
         for name, value, default in (("--init", self.init, None), ("--resolve", self.resolve_mode, "none"),
                                      ("--reconstruct", self.reconstruct, "none")):
             if value != default:

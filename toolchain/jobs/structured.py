@@ -11,6 +11,7 @@ from ..engine import LayerEngine
 from ..errors import ConfigError
 from ..models import LoadedModel
 from ..prune.structured import Budget, global_removal, make_structured, uniform_removal
+from ..prune.structured.search import MaskedFitness, evolve
 from ..prune.structured.surgery import add_zero_biases, bias_params, layer_params, shrink, unit_params
 from ..prune.structured.widths import native_per_layer_widths
 from .config import PruneConfig
@@ -67,19 +68,41 @@ def _consumer_stats(engine, layer, hidden, kind, method):
     return engine.collect_stats(layer, hidden, method.needs_hessian, only=(kind.consumer,))[kind.consumer]
 
 
-def _global_counts(engine, budget, method, sparsity, progress) -> tuple[dict[str, int], list[dict[str, int]]]:
+def _global_counts(engine, budget, method, sparsity, progress, every_kind: bool = False):
     """One pass over the dense model for every unit's score, the global ranking, and the widths every layer
-    gets when the installed transformers cannot give each layer its own: the ranking's mean attention share."""
-    ranked = [k for k in budget.kinds if k.groups == 1]
+    gets when the installed transformers cannot give each layer its own: the ranking's mean attention share.
+    Returns (those widths, the ranking's per-layer removal, the per-layer scores of the ranked kinds, or of every
+    kind with `every_kind`)."""
+    scored_kinds = budget.kinds if every_kind else [k for k in budget.kinds if k.groups == 1]
 
     def score(i, layer, hidden):
         return {"scores": {k.name: method.importance(k, layer, _consumer_stats(engine, layer, hidden, k, method))
-                           .cpu() for k in ranked}}
+                           .cpu() for k in scored_kinds}}
 
     scored = engine.walk(score, needs_inputs=method.needs_stats, desc=f"score {method.name}", progress=progress)
-    per_layer = global_removal(budget, [e["scores"] for e in scored], sparsity)
+    scores = [e["scores"] for e in scored]
+    per_layer = global_removal(budget, scores, sparsity)
     attention = sum(budget.attention_fraction(r) for r in per_layer) / len(per_layer)
-    return uniform_removal(budget, sparsity, attention), per_layer
+    return uniform_removal(budget, sparsity, attention), per_layer, scores
+
+
+def _searched_counts(loaded, engine, budget, method, sparsity, heldout, cfg, progress):
+    """`--allocation search`: the global ranking's widths evolved by KL to the dense model on the held-out windows.
+    The layers are tied (one width per kind): no family we prune can be written with per-layer widths."""
+    seed, ranked, scores = _global_counts(engine, budget, method, sparsity, progress, every_kind=True)
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    # one window per forward pass: the dense log-probabilities are kept, the candidate's are vocabulary-wide
+    fitness = MaskedFitness(loaded.model, layers, budget.kinds, scores, heldout, 1)
+    try:
+        result = evolve(budget, [seed] * budget.n_layers, fitness, sparsity, cfg.search_budget, tied=True,
+                        rng_seed=cfg.seed)
+    finally:
+        fitness.close()
+    info = {"global_ranking": ranked, "search": {
+        "tied_layers": True, "heldout_windows": int(heldout.shape[0]), "candidates_evaluated": result.evaluated,
+        "budget": cfg.search_budget, "seed": seed, "seed_kl": result.seed_fitness, "best": result.best[0],
+        "best_kl": result.fitness, "kl_history": [round(f, 6) for f in result.history]}}
+    return result.best[0], info
 
 
 def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: PruneConfig, device,
@@ -90,12 +113,24 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
     adapter, model = loaded.adapter, loaded.model
     budget = _budget(loaded, cfg, method)
     t0 = time.perf_counter()
+    heldout = None
+    if cfg.heldout_windows():
+        if calib is None or calib.shape[0] <= cfg.heldout_windows():
+            raise ConfigError(f"--allocation search holds out the last {cfg.heldout_windows()} calibration windows "
+                              f"for its fitness and needs at least one more to prune with")
+        calib, heldout = calib[:-cfg.heldout_windows()], calib[-cfg.heldout_windows():]
     if calib is None:   # magnitude reads no activations
         calib = torch.zeros(1, 2, dtype=torch.long)
     engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
+    if method.needs_gradients:
+        # one window per backward pass: the vocabulary-wide logits and their gradient dominate the memory
+        method.prepare(model, adapter.decoder_layers(model), calib, 1)
     allocation_info = {}
-    if cfg.allocation == "global":
-        removal, ranked = _global_counts(engine, budget, method, target.sparsity, progress)
+    if cfg.allocation == "search":
+        removal, allocation_info = _searched_counts(loaded, engine, budget, method, target.sparsity, heldout, cfg,
+                                                    progress)
+    elif cfg.allocation == "global":
+        removal, ranked, _ = _global_counts(engine, budget, method, target.sparsity, progress)
         allocation_info["global_ranking"] = ranked
         if any(r != ranked[0] for r in ranked):
             mlp = budget.kinds[-1]

@@ -1,7 +1,7 @@
 """Structured pruning: remove whole KV groups and MLP channel blocks, so the model becomes a smaller dense one.
 
 One module per method over the layer engine (the pipeline in `toolchain.jobs.structured` owns the walk):
-`magnitude.py`, `wanda_sp.py`, `flap.py`, and ours, `obs_refit.py` (OBS saliency, exact least-squares refit).
+`magnitude.py`, `wanda_sp.py`, `flap.py`, `taylor.py` (LLM-Pruner's first-order Taylor), and ours, `obs_refit.py` (OBS saliency, exact least-squares refit).
 `budget.py` turns the parameter budget into per-layer unit counts; `surgery.py` rebuilds the narrower linears.
 """
 from __future__ import annotations
@@ -12,13 +12,16 @@ from .budget import Budget, global_removal, uniform_removal
 from .flap import Flap
 from .magnitude import MagnitudeSP
 from .obs_refit import ObsRefit
+from .taylor import TaylorSP
 from .wanda_sp import WandaSP
 
 #: ours first: the default of `toolchain prune --structured`
 STRUCTURED_METHODS: dict[str, type[StructuredMethod]] = {"obs-refit": ObsRefit, "flap": Flap, "wanda-sp": WandaSP,
-                                                         "magnitude": MagnitudeSP}
+                                                         "taylor": TaylorSP, "magnitude": MagnitudeSP}
 DEFAULT_STRUCTURED = "obs-refit"
-STRUCTURED_ALLOCATIONS = ("uniform", "global")
+STRUCTURED_ALLOCATIONS = ("uniform", "global", "search")
+#: calibration windows `--allocation search` draws beyond --calib-samples and holds out for its KL fitness
+SEARCH_WINDOWS = 4
 
 
 def make_structured(name: str) -> StructuredMethod:
@@ -28,4 +31,4 @@ def make_structured(name: str) -> StructuredMethod:
 
 
 __all__ = ["Budget", "Removal", "StructuredMethod", "STRUCTURED_METHODS", "STRUCTURED_ALLOCATIONS",
-           "DEFAULT_STRUCTURED", "global_removal", "make_structured", "uniform_removal"]
+           "DEFAULT_STRUCTURED", "SEARCH_WINDOWS", "global_removal", "make_structured", "uniform_removal"]

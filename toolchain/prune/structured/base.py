@@ -48,6 +48,10 @@ class StructuredMethod(ABC):
     needs_stats: bool = True        # reads the consumer's input statistics
     needs_hessian: bool = False     # ... including X^T X
     compensates_bias: bool = False  # writes the removed units' mean contribution into the consumer's bias
+    needs_gradients: bool = False   # reads the dense model's loss gradients (`prepare`, before any layer shrinks)
+
+    def prepare(self, model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, batch_size: int) -> None:
+        """Whole-model work before the layer walk (the Taylor baseline's backward pass); most methods need none."""
 
     @abstractmethod
     def importance(self, kind: UnitKind, layer: nn.Module, stats: InputStats | None) -> torch.Tensor:
