@@ -46,7 +46,10 @@ PEER_PREFIX = "llm-compressor "
 def quant_runs(only: list[str] | None = None) -> list[tuple[str, str, str, str, list[str]]]:
     """(name, input, method, bits, extra flags) of every configuration `--only` selects (all without it)."""
     check_only("quant", only, ["dense", *(c[0] for c in QUANT_CONFIGS)])
-    return [c for c in QUANT_CONFIGS if not only or c[0] in only]
+    if not only:
+        return list(QUANT_CONFIGS)
+    by_name = {c[0]: c for c in QUANT_CONFIGS}
+    return [by_name[name] for name in only if name in by_name]   # in the order asked for
 
 
 def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = None) -> dict:
