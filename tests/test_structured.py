@@ -272,3 +272,16 @@ def test_onnx_of_a_structured_model_matches_pytorch(tmp_path, tokenizer):
     result = run_onnx_check(str(tmp_path / "s"), str(next((tmp_path / "x" / "onnx").glob("*.onnx"))), tokens=16,
                             new_tokens=4)
     assert result["ok"] and result["relative_diff"] < 1e-5
+
+
+def test_a_family_without_structured_units_is_refused_with_a_clear_error():
+    from types import SimpleNamespace
+
+    from toolchain.errors import ConfigError
+    from toolchain.models.base import ArchAdapter
+
+    other = SimpleNamespace(family="gpt2")
+    with pytest.raises(ConfigError, match="supports the llama and opt families, not gpt2"):
+        ArchAdapter.structured_units(other, None, None, 8)
+    with pytest.raises(ConfigError, match="not gpt2"):
+        ArchAdapter.structured_config(other, None, {}, set())

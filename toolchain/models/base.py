@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SubBlock:
@@ -159,12 +161,12 @@ class ArchAdapter(ABC):
 
     def structured_units(self, layer: nn.Module, config, channel_multiple: int) -> tuple[UnitKind, ...]:
         """The removable structures of `layer`, attention first; `channel_multiple` MLP channels form one unit."""
-        raise NotImplementedError(f"structured pruning is not implemented for the {self.family} family")
+        raise ConfigError(f"structured pruning supports the llama and opt families, not {self.family}")
 
     def structured_config(self, config, kept: dict[str, int], biases: set[str]) -> dict:
         """Config values for a model whose every layer keeps `kept[kind]` units of each kind (per group for a
         grouped kind; MLP widths in channels), with the bias switches in `biases` turned on."""
-        raise NotImplementedError(f"structured pruning is not implemented for the {self.family} family")
+        raise ConfigError(f"structured pruning supports the llama and opt families, not {self.family}")
 
     def sync_structure(self, layer: nn.Module) -> None:
         """Update the attributes a family's modules derive from their widths after units were removed."""
