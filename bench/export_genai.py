@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPT, NEW_TOKENS, ROUNDS, THREADS, BLOCK = 128, 64, 5, 2, 64
+PROMPT, NEW_TOKENS, ROUNDS, THREADS, BLOCK = 128, 64, 31, 2, 64
 #: (accuracy level, LM head form) pairs, each timed for both graphs
 SETTINGS = ((0, "float"), (0, "int4"), (1, "float"), (1, "int4"))
 
@@ -116,30 +116,57 @@ def compare_setting(candidates: dict[str, dict], ids: np.ndarray, reference: lis
             prefill, decode, tokens[n] = timed_generation(models[n], ids)
             times[n].append((prefill, decode))
     rows = []
+    base = np.array(times[names[-1]])   # the builder's graph, the reference of the ratio
     for n in names:
         t = np.array(times[n])
+        # paired by round: each round times both graphs back to back, so a slow spell of the machine falls on
+        # both sides of the ratio; the median of the per-round ratios is the comparison
+        paired = np.median(t / base, axis=0)
         rows.append({"graph": n, "bytes": _dir_bytes(candidates[n]["dir"]),
                      "prefill_ms": round(float(np.median(t[:, 0])), 1),
                      "decode_ms_per_token": round(float(np.median(t[:, 1])), 2),
+                     # the spread of the rounds, so that a ratio near 1 can be read against the noise
+                     "decode_iqr_ms": round(float(np.subtract(*np.percentile(t[:, 1], [75, 25]))), 2),
+                     "paired_ratio_prefill": round(float(paired[0]), 3),
+                     "paired_ratio_decode": round(float(paired[1]), 3),
                      "tokens_agree": f"{leading_agreement(tokens[n], reference)}/{len(reference)}",
                      "command": candidates[n]["command"]})
     return rows
 
 
+def reference_tokens(model, ids, head: str) -> list[int]:
+    """PyTorch's greedy tokens with the LM head our export writes for `head`: the float head, or the
+    dequantized codes of `--lm-head int8|int4` (`lm_head_codes`) on an untied copy, so that agreement measures
+    the graph and not the head's own rounding."""
+    import copy
+
+    import torch
+
+    from toolchain.export.onnx.weights import lm_head_codes
+    from toolchain.export.onnx_check import torch_greedy
+
+    if head != "float":
+        model = copy.deepcopy(model)
+        out = model.get_output_embeddings()
+        codes, _ = lm_head_codes(out.weight.detach().float(), head)
+        out.weight = torch.nn.Parameter(codes.dequantize().to(out.weight.dtype), requires_grad=False)
+    tokens, _ = torch_greedy(model, ids, NEW_TOKENS)
+    return tokens
+
+
 def run_genai_comparison(src: Path, work: Path, rounds: int = ROUNDS) -> dict:
     """Every setting of SETTINGS: build both graphs, then time them in alternated rounds."""
     from toolchain.data import sample_tokens
-    from toolchain.export.onnx_check import torch_greedy
     from toolchain.models import load_model
 
     loaded = load_model(str(src))
     ids = sample_tokens(loaded, PROMPT)
-    reference, _ = torch_greedy(loaded.model, ids, NEW_TOKENS)
+    references = {head: reference_tokens(loaded.model, ids, head) for head in sorted({h for _, h in SETTINGS})}
     del loaded
     rows = []
     for level, head in SETTINGS:
         candidates = build_candidates(src, work / "genai", level, head)
-        for row in compare_setting(candidates, ids.numpy(), reference, rounds):
+        for row in compare_setting(candidates, ids.numpy(), references[head], rounds):
             rows.append({"accuracy_level": level, "lm_head": head, **row})
             print(json.dumps(rows[-1]), flush=True)
     import onnxruntime_genai as og
@@ -153,12 +180,16 @@ def genai_table(g: dict) -> str:
              f"onnxruntime-genai {g['onnxruntime_genai']}, CPU, {g['threads']} threads; {g['prompt_tokens']}-token "
              f"prompt, {g['new_tokens']} greedy tokens; medians of {g['rounds']} alternated rounds (one warm-up). "
              f"Builder: int4, block {g['block_size']}, from the same float checkpoint. Agreement: leading greedy "
-             "tokens equal to PyTorch's on the dequantized weights.", "",
-             "| accuracy level | lm_head | graph | MB | prefill ms | decode ms/token | greedy tokens = PyTorch |",
-             "|---|---|---|---|---|---|---|"]
+             "tokens equal to PyTorch's on the dequantized weights (with the same int4 LM head where the graph has one).", "",
+             "| accuracy level | lm_head | graph | MB | prefill ms | decode ms/token (IQR) | ours / builder, prefill "
+             "and decode (median of per-round ratios) | greedy tokens = PyTorch |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in g["rows"]:
+        ratio = (f"{r['paired_ratio_prefill']:.3f}, {r['paired_ratio_decode']:.3f}"
+                 if "paired_ratio_decode" in r and r["graph"] != "genai builder" else "")
+        iqr = f" ({r['decode_iqr_ms']})" if "decode_iqr_ms" in r else ""
         lines.append(f"| {r['accuracy_level']} | {r['lm_head']} | {r['graph']} | {r['bytes'] / 1e6:.1f} | "
-                     f"{r['prefill_ms']} | {r['decode_ms_per_token']} | {r['tokens_agree']} |")
+                     f"{r['prefill_ms']} | {r['decode_ms_per_token']}{iqr} | {ratio} | {r['tokens_agree']} |")
     lines += ["", "Commands (SRC: the benchmark's compressed model; WORK: its work directory):", ""]
     seen = set()
     for r in g["rows"]:
