@@ -211,3 +211,40 @@ def test_peer_weights_must_match_the_model(tiny_llama_dir):
         with_weights(loaded, {name: torch.zeros(3, 3)})
     with pytest.raises(ToolchainError, match="does not match"):
         with_weights(loaded, {"model.nothing.weight": torch.zeros(3)})
+
+
+def test_genai_reference_uses_the_exported_int4_head_and_leaves_the_model_alone():
+    from conftest import tiny_loaded
+
+    from toolchain.bench.export_genai import NEW_TOKENS, reference_tokens
+    from toolchain.export.onnx.weights import lm_head_codes
+    from toolchain.export.onnx_check import torch_greedy
+
+    model = tiny_loaded("llama").model.eval()
+    head = model.get_output_embeddings().weight.detach().clone()
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        float_tokens = reference_tokens(model, ids, "float")
+        int4_tokens = reference_tokens(model, ids, "int4")
+        assert torch.equal(model.get_output_embeddings().weight, head)   # a copy carries the int4 head
+        assert float_tokens == torch_greedy(model, ids, NEW_TOKENS)[0]
+        assert int4_tokens != float_tokens   # the tiny model is sensitive to the head's rounding
+        codes, _ = lm_head_codes(head.float(), "int4")
+        model.get_output_embeddings().weight = torch.nn.Parameter(codes.dequantize(), requires_grad=False)
+        assert int4_tokens == torch_greedy(model, ids, NEW_TOKENS)[0]
+
+
+def test_genai_table_gives_the_paired_ratio_on_our_row_only():
+    from toolchain.bench.export_genai import genai_table, leading_agreement
+
+    assert leading_agreement([1, 2, 3, 9], [1, 2, 3, 4]) == 3
+    row = dict(accuracy_level=0, lm_head="float", bytes=1e6, prefill_ms=10.0, decode_ms_per_token=1.0,
+               decode_iqr_ms=0.1, tokens_agree="4/4")
+    rows = [{**row, "graph": "toolchain fused", "paired_ratio_prefill": 0.95, "paired_ratio_decode": 1.02,
+             "command": "ours"},
+            {**row, "graph": "genai builder", "paired_ratio_prefill": 1.0, "paired_ratio_decode": 1.0,
+             "command": "theirs"}]
+    table = genai_table({"rows": rows, "onnxruntime_genai": "0", "threads": 2, "prompt_tokens": 128,
+                         "new_tokens": 64, "rounds": 3, "block_size": 64})
+    lines = [line for line in table.splitlines() if line.startswith("| 0 |")]
+    assert "0.950, 1.020" in lines[0] and "1.000" not in lines[1]
