@@ -40,8 +40,11 @@ class ContractLinear(torch.nn.Module):
                  act_bits: int | None = None, rounding: str = "half_up"):
         super().__init__()
         self.name, self.k, self.rows = layer.name, layer.k, layer.rows
-        self.shift, self.out_bits = layer.shift, cfg.out_bits
         self.act_bits = act_bits or cfg.act_bits
+        # each activation bit past the design's doubles the integer outputs (they count units of the token's
+        # activation scale), so a wider what-if widens the output by as many bits: it then measures the
+        # activations' rounding alone, not a saturation the design would never see
+        self.shift, self.out_bits = layer.shift, cfg.out_bits + max(0, self.act_bits - cfg.act_bits)
         self.rounding = rounding
         mantissas = np.repeat(layer.scales_fixed.astype(np.int64), layer.group_size, axis=1)
         folded = layer.dense_codes() * mantissas                                        # [rows, K] int64

@@ -149,3 +149,26 @@ def test_rtl_sample_and_act_bits_parsing(bundle):
     assert act_bits_for("model.layers.3.mlp.up_proj", {"down_proj": 16}) is None
     with pytest.raises(ConfigError, match="NAME=BITS"):
         parse_act_bits("down_proj")
+
+
+def test_a_wider_activation_what_if_widens_the_output_instead_of_saturating(bundle):
+    """With 16-bit activations the integer outputs are 2^8 times larger; the what-if widens the output with them,
+    so an input whose 16-bit outputs pass the design's out_bits still gives the float product."""
+    from toolchain.export.blob import read_blob
+    from toolchain.sim.contract_model import ContractLinear
+
+    from dataclasses import replace
+
+    cfg = replace(load_config(bundle / "accel.json"), out_bits=12)   # a narrow output the tiny weights can pass
+    with read_blob(bundle / "model.tcblob") as blob:
+        layer = for_design(read_layer(blob, SAME_SHAPE[0]), cfg)
+        weight = torch.from_numpy(blob.dequantized(SAME_SHAPE[0]).astype(np.float64))
+    wide = ContractLinear(layer, cfg, act_bits=16)
+    assert wide.out_bits == cfg.out_bits + 16 - cfg.act_bits
+    x = torch.sign(weight[0]).unsqueeze(0) * 4   # row 0's output as large as this input range makes it
+    reference = float(weight[0] @ x[0])
+    _, scale, out = wide.integer_outputs(x.numpy())
+    assert abs(out[0, 0]) > 2 ** (cfg.out_bits - 1)            # past the design's own output range
+    assert abs(out[0, 0] * scale[0] - reference) < 1e-3 * abs(reference)
+    _, _, narrow = ContractLinear(layer, cfg).integer_outputs(x.numpy())
+    assert abs(narrow[0, 0]) < 2 ** (cfg.out_bits - 1)          # the design's own 8-bit outputs fit
