@@ -44,7 +44,9 @@ def least_squares_refit(weight: torch.Tensor, hessian: torch.Tensor, keep_cols: 
 class ObsRefit(StructuredMethod):
     name = "obs-refit"
     needs_hessian = True
-    percdamp = 0.01
+    #: the refit is a least-squares fit to the calibration text's inputs; a tenth of the mean diagonal keeps it
+    #: from fitting that text's directions alone (chosen on out-of-domain perplexity, docs/results.md)
+    percdamp = 0.1
     #: removal rounds per sub-block at most; the saliencies are recomputed after each round
     rounds = 16
 
