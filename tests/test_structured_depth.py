@@ -262,3 +262,14 @@ def test_channels_can_be_removed_from_a_depth_pruned_model(tmp_path, depth_dir):
     assert model.config.intermediate_size == report["widths"]["mlp_channels"] < 128
     with torch.no_grad():
         assert torch.isfinite(model(random_ids(1, 16)).logits).all()
+
+
+def test_structured_bench_runs_and_measures_depth_rows(depth_dir):
+    from toolchain.bench.structured import decoder_cycles, decoder_params, structured_runs
+
+    assert [(r[1], r[2], r[3]) for r in structured_runs(["depth@0.2", "depth rescore@0.3"])] == \
+        [("depth", [], "0.2"), ("depth", ["--rescore"], "0.3")]
+    src = depth_dir.parent / "src"
+    report = json.loads((depth_dir / "compression.json").read_text())
+    assert decoder_params(depth_dir) == report["decoder_params"]["after"] == 3 * decoder_params(src) // 4
+    assert 4 * decoder_cycles(depth_dir) == 3 * decoder_cycles(src)   # one of four equal layers is gone
