@@ -164,17 +164,21 @@ def test_qwen2_sliding_window_layers_keep_their_type():
 
 @pytest.mark.parametrize("layers,sparsity,removed", [(5, "0.2", 1), (5, "0.45", 2), (5, "0.55", 3), (4, "0.3", 1),
                                                      (4, "0.4", 2), (2, "0.5", 1)])
-def test_budget_is_met_to_within_one_layer(layers, sparsity, removed):
+@pytest.mark.parametrize("rescore", [False, True])
+def test_budget_is_met_to_within_one_layer(layers, sparsity, removed, rescore):
     loaded = _loaded("llama", layers)
-    report = _depth(loaded, sparsity)
+    report = _depth(loaded, sparsity, rescore=rescore)
     params = report["decoder_params"]
     layer = params["layer_params"][0]
     assert len(report["depth"]["removed_layers"]) == removed
     assert abs(params["removed_fraction"] - float(sparsity)) * params["before"] <= layer / 2 + 1e-6
     assert params["before"] - params["after"] == removed * layer
-    scores = report["depth"]["block_influence"]
-    assert max(scores[i] for i in report["depth"]["removed_layers"]) <= \
-        min(scores[i] for i in report["depth"]["kept_layers"])
+    assert loaded.model.config.num_hidden_layers == layers - removed
+    assert len(report["depth"].get("rescored", [])) == (removed - 1 if rescore else 0)
+    if not rescore:   # one-shot: the lowest dense scores go
+        scores = report["depth"]["block_influence"]
+        assert max(scores[i] for i in report["depth"]["removed_layers"]) <= \
+            min(scores[i] for i in report["depth"]["kept_layers"])
 
 
 def test_layers_to_remove_takes_the_lowest_scores():

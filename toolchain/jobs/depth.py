@@ -21,31 +21,35 @@ def prune_depth_loaded(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfi
     adapter, model = loaded.adapter, loaded.model
     params = [layer_params(layer) for layer in adapter.decoder_layers(model)]
     n_layers = len(params)
-    # refuse a budget that removes no layer or every layer before any forward pass (layers of one size: the
+    # refuse a budget that removes no layer or every layer before any forward pass (for layers of one size the
     # count does not depend on the scores)
-    count = len(layers_to_remove([0.0] * n_layers, params, target.sparsity))
+    layers_to_remove([0.0] * n_layers, params, target.sparsity)
     t0 = time.perf_counter()
 
     def score(desc):
         return block_influence(LayerEngine(model, adapter, calib, cfg.batch_size, device), progress, desc)
 
     dense_scores = score("score block influence")
-    removed: list[int] = []
     rescored: list[dict[str, float]] = []
     if not cfg.rescore:
         removed = layers_to_remove(dense_scores, params, target.sparsity)
         drop_layers(model, adapter, removed)
     else:
         # ShortGPT scores once; re-scoring sees how the remaining layers act once a layer is gone (the layers
-        # after it read a different residual stream)
-        current, scores = list(range(n_layers)), dense_scores
-        for step in range(count):
+        # after it read a different residual stream). Same rule as layers_to_remove, one layer at a time.
+        removed, current, scores, gone = [], list(range(n_layers)), dense_scores, 0
+        budget = target.sparsity * sum(params)
+        while len(current) > 1:
             j = min(range(len(current)), key=lambda k: (scores[k], k))
+            if gone + params[current[j]] / 2 > budget:
+                break
+            gone += params[current[j]]
             removed.append(current.pop(j))
             drop_layers(model, adapter, [j])
-            if step + 1 < count:
-                scores = score(f"re-score block influence ({step + 1} removed)")
-                rescored.append({str(i): round(s, 6) for i, s in zip(current, scores)})
+            if len(current) == 1 or gone + min(params[i] for i in current) / 2 > budget:
+                break
+            scores = score(f"re-score block influence ({len(removed)} removed)")
+            rescored.append({str(i): round(s, 6) for i, s in zip(current, scores)})
     kept = [i for i in range(n_layers) if i not in removed]
     before, after = sum(params), sum(params[i] for i in kept)
     order = {layer: k for k, layer in enumerate(removed)}
