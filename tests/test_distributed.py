@@ -110,7 +110,8 @@ def test_wanda_aptq_and_depth_two_ranks_match_one_process(tiny_llama_dir, tmp_pa
     depth = [json.loads((run / "depth" / "compression.json").read_text())["depth"] for run in (one, two)]
     assert depth[0]["block_influence"] == pytest.approx(depth[1]["block_influence"], rel=1e-5)
     assert depth[0]["removed_layers"] == depth[1]["removed_layers"]
-    assert load_file(one / "depth" / "model.safetensors").keys() == load_file(two / "depth" / "model.safetensors").keys()
+    assert load_file(one / "depth" / "model.safetensors").keys() == \
+        load_file(two / "depth" / "model.safetensors").keys()
 
 
 def test_windows_are_split_in_contiguous_shards():

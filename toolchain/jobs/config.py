@@ -16,7 +16,8 @@ from ..machine import available_ram_bytes
 from ..gpu.bundle import PRECISIONS as GPU_PRECISIONS, check_bundle_options
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
-from ..prune.structured import DEFAULT_STRUCTURED, DEPTH_METHOD, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS, STRUCTURED_METHODS
+from ..prune.structured import (DEFAULT_STRUCTURED, DEPTH_METHOD, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS,
+                                STRUCTURED_METHODS)
 from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
 from ..numerics.widths import SUPPORTED_BITS
 from ..quant import QuantSpec

@@ -82,8 +82,8 @@ class LlamaAdapter(ArchAdapter):
 
     def depth_config(self, config, kept):
         values = super().depth_config(config, kept)
-        # Qwen2 (and Mistral's descendants) slide the attention window in the layers from max_window_layers on;
-        # the kept layers keep their order, so the threshold becomes the count of kept layers below it.
+        # Qwen2 slides the attention window in the layers from max_window_layers on; the kept layers keep their
+        # order, so the threshold becomes the count of kept layers below it.
         limit = getattr(config, "max_window_layers", None)
         if isinstance(limit, int):
             values["max_window_layers"] = sum(1 for i in kept if i < limit)
