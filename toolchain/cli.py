@@ -23,10 +23,13 @@ PRUNE_EXAMPLES = """examples:
   toolchain prune --model smollm2 --method sparsegpt --sparsity 2:4 --resolve lstsq --out out/sgpt24-ls
   toolchain prune --model smollm2 --structured --sparsity 0.2 --out out/struct20        # ours (obs-refit)
   toolchain prune --model smollm2 --structured --method flap --sparsity 0.2 --allocation global --out out/flap20
+  toolchain prune --model smollm2 --structured --method depth --sparsity 0.2 --out out/depth20   # whole layers
 
 N:M means N kept of every M consecutive input weights (2:4 = 50%, along the reduction dimension).
 --structured removes whole KV groups and MLP channel blocks: --sparsity is the fraction of decoder-layer
-parameters removed, and the output is a smaller dense model with a plain config.
+parameters removed, and the output is a smaller dense model with a plain config. --method depth removes
+whole decoder layers instead (lowest Block Influence first, met to within one layer); layers and channels
+compose as two runs (depth, then a width method on its output).
 The output directory is a Hugging Face model (AutoModelForCausalLM.from_pretrained loads it) plus
 compression.json, which records what was done per layer."""
 
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_job(sub, "quantize", "quantize a (dense or pruned) model's decoder weights", QUANT_EXAMPLES,
                    (QuantConfig, None, ()))
     _add_model_job(sub, "compress", "prune, then quantize, in one run with one calibration set",
-                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple")), (QuantConfig, None, ("method", *CALIB_FIELDS, *OUTPUT_FIELDS)),
+                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple", "rescore")), (QuantConfig, None, ("method", *CALIB_FIELDS, *OUTPUT_FIELDS)),
                    methods=[("--prune", "prune_method", METHODS, "pruning method"),
                             ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 

@@ -16,7 +16,8 @@ from ..machine import available_ram_bytes
 from ..gpu.bundle import PRECISIONS as GPU_PRECISIONS, check_bundle_options
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
-from ..prune.structured import DEFAULT_STRUCTURED, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS, STRUCTURED_METHODS
+from ..prune.structured import (DEFAULT_STRUCTURED, DEPTH_METHOD, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS,
+                                STRUCTURED_METHODS)
 from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
 from ..numerics.widths import SUPPORTED_BITS
 from ..quant import QuantSpec
@@ -48,6 +49,14 @@ def _structured(cfg) -> bool:
 
 def _structured_search(cfg) -> bool:
     return cfg.structured and cfg.allocation == "search"
+
+
+def _structured_width(cfg) -> bool:
+    return cfg.structured and cfg.structured_method() != DEPTH_METHOD
+
+
+def _depth(cfg) -> bool:
+    return cfg.structured and cfg.structured_method() == DEPTH_METHOD
 
 
 def _calibrates(cfg) -> bool:
@@ -115,15 +124,22 @@ class CalibConfig:
 class PruneConfig(CalibConfig):
     method: str | None = option(
         None, "--method", f"pruning method; with --structured one of {', '.join(STRUCTURED_METHODS)} (default "
-        f"{DEFAULT_STRUCTURED}, ours: OBS saliency with an exact least-squares refit), otherwise required",
-        choices=tuple(dict.fromkeys((*METHODS, *STRUCTURED_METHODS))))
+        f"{DEFAULT_STRUCTURED}, ours: OBS saliency with an exact least-squares refit), or {DEPTH_METHOD} (whole "
+        f"decoder layers, ranked by Block Influence), otherwise required",
+        choices=tuple(dict.fromkeys((*METHODS, *STRUCTURED_METHODS, DEPTH_METHOD))))
     structured: bool = option(
         False, "--structured", "remove whole KV groups (a key/value head and the query heads reading it) and blocks "
-        "of MLP channels instead of single weights: the output is a smaller dense model with a plain config; "
-        "--sparsity is then the fraction of decoder-layer parameters removed")
+        "of MLP channels (or, with --method depth, whole decoder layers) instead of single weights: the output is a "
+        "smaller dense model with a plain config; --sparsity is then the fraction of decoder-layer parameters "
+        "removed")
     channel_multiple: int = option(8, "--channel-multiple", "structured: MLP channels per unit, so every kept "
                                    "width is a multiple of it (64 or 128 for GPU-friendly widths)", type=int,
-                                   applies=_structured, applies_to="with --structured only")
+                                   applies=_structured_width, applies_to="with --structured and a method that "
+                                   "removes channels (not --method depth) only")
+    rescore: bool = option(False, "--rescore", "--method depth: re-score the remaining layers' Block Influence on "
+                           "the model as it is after each removal, one walk per removed layer (default: one-shot, "
+                           "every layer scored once on the dense model, as ShortGPT does)",
+                           applies=_depth, applies_to="with --structured --method depth only")
     init: str | None = option(None, "--init", "Barber's initial pruner (default wanda)",
                               choices=tuple(INIT_METHODS), applies=_barber, applies_to="to --method barber only")
     sparsity: str = option("0.5", "--sparsity", "fraction in (0,1) such as 0.5, or N:M such as 2:4 / 4:8 "
@@ -133,7 +149,7 @@ class PruneConfig(CalibConfig):
                              "--structured uniform, global (units ranked across the decoder by standardised "
                              "score, FLAP-style; sets the attention/MLP split) or search (evolutionary search "
                              "from the global ranking, fitness KL to the dense model on held-out calibration "
-                             "windows; see --search-budget)",
+                             "windows; see --search-budget); --method depth ranks layers itself and takes none",
                              choices=(*ALLOCATIONS, *(a for a in STRUCTURED_ALLOCATIONS if a not in ALLOCATIONS)))
     search_budget: int = option(32, "--search-budget", "--allocation search: candidates evaluated at most (the "
                                 "seed included; one forward pass on the held-out windows each)", type=int,
@@ -208,7 +224,7 @@ class PruneConfig(CalibConfig):
             return self._validate_structured(given)
         if self.method is None:
             raise ConfigError(f"--method is required: choose one of {', '.join(METHODS)} (or --structured)")
-        if self.method in STRUCTURED_METHODS and self.method not in METHODS:
+        if self.method in (*STRUCTURED_METHODS, DEPTH_METHOD) and self.method not in METHODS:
             raise ConfigError(f"--method {self.method} removes whole structures: add --structured")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation {self.allocation} is for --structured; unstructured pruning takes "
@@ -247,9 +263,9 @@ class PruneConfig(CalibConfig):
 
     def _validate_structured(self, given: set[str] | None) -> tuple[SparsityTarget, str]:
         method = self.structured_method()
-        if method not in STRUCTURED_METHODS:
+        if method not in STRUCTURED_METHODS and method != DEPTH_METHOD:
             raise ConfigError(f"--method {method} prunes single weights; with --structured choose one of "
-                              f"{', '.join(STRUCTURED_METHODS)}")
+                              f"{', '.join((*STRUCTURED_METHODS, DEPTH_METHOD))}")
         target = SparsityTarget.parse(self.sparsity)
         if target.is_nm:
             raise ConfigError(f"--structured removes whole units; --sparsity {self.sparsity} must be the fraction "
@@ -257,6 +273,11 @@ class PruneConfig(CalibConfig):
         if self.allocation not in STRUCTURED_ALLOCATIONS:
             raise ConfigError(f"--allocation {self.allocation} is for unstructured pruning; with --structured "
                               f"choose {' or '.join(STRUCTURED_ALLOCATIONS)}")
+        if method == DEPTH_METHOD and self.allocation != "uniform":
+            raise ConfigError(f"--allocation {self.allocation} sets the widths of the units inside every layer; "
+                              f"--method depth removes whole layers, ranked by their Block Influence, and takes no "
+                              f"--allocation. To remove layers and channels, run --method depth, then another "
+                              f"--structured method on its output")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
         if self.search_budget < 1:
