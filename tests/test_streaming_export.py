@@ -189,6 +189,7 @@ def test_export_streaming_option(compressed_dir, tmp_path, monkeypatch, capsys):
                  "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["streaming"] is True and manifest["results"]["onnx"]["matmulnbits"]["streaming"] is True
+    assert manifest["peak_rss_mib"] >= manifest["peak_anon_mib"] > 0
     assert {"onnx/model.matmulnbits.onnx", "onnx/model.matmulnbits.onnx.data", "model.tcblob"} <= \
         {a["path"] for a in manifest["artifacts"]}
     onnx.checker.check_model(str(out / "onnx/model.matmulnbits.onnx"))
@@ -209,3 +210,22 @@ def test_export_streaming_option(compressed_dir, tmp_path, monkeypatch, capsys):
 def test_streamed_export_refuses_a_gguf(tmp_path):
     with pytest.raises(ConfigError, match="--streaming reads a Hugging Face directory"):
         run_export("smollm2", tmp_path / "x", ExportConfig(target="onnx", streaming=True))
+
+
+def test_scale_bench_chain_on_a_small_shape(tiny_llama_dir, tmp_path, monkeypatch):
+    """`toolchain bench scale`'s chain (prune, quantize, blob and ONNX exports, each streamed in a subprocess)
+    on the same code path with a small shape: every row has its peak memory and its artifact checked."""
+    from toolchain.bench import scale
+
+    monkeypatch.setattr(scale, "SHAPE", dict(scale.SHAPE, hidden_size=128, intermediate_size=256,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256))
+    monkeypatch.setattr(scale, "DEPTHS", (2,))
+    result = scale.run_scale_bench(str(tiny_llama_dir), tmp_path)
+    rows = {r["step"]: r for r in result["rows"]}
+    assert list(rows) == list(scale.STEPS)
+    assert all(r["peak_rss_mib"] >= r["peak_anon_mib"] > 0 for r in rows.values())
+    assert rows["wanda"]["dtypes"] == ["bfloat16"] and rows["wanda"]["linears_not_2of4"] == 0
+    assert rows["rtn"]["quant_state"] and rows["onnx"]["onnx_checker"] == "ok" and rows["blob"]["blob_tensors"] > 0
+    assert "| 2 | onnx |" in (tmp_path / "scale_llama3-8b-shape.md").read_text()
+    assert not list((tmp_path / "work").iterdir())   # checkpoint and outputs removed

@@ -3,13 +3,18 @@
     --target onnx|blob|compressed-tensors|all    one directory of artifacts with a manifest:
       manifest.json              every artifact: path, bytes, sha256; what each target wrote
       model.tcblob               packed N:M low-bit blob (docs/blob-format.md)
-      onnx/model.<form>.onnx     decoder with KV cache, one file per weight form (--onnx-graph fused|plain)
+      onnx/model.<form>.onnx     decoder with KV cache, one file per weight form (--onnx-graph fused|plain);
+                                 its weights in model.<form>.onnx.data when streamed or over 2 GiB
       onnx/genai_config.json     onnxruntime-genai's config for the first form, and the tokenizer beside it
       compressed-tensors/        pack-quantized checkpoint (vLLM's format)
     --target fpga                an accelerator bundle (toolchain.fpga.bundle, docs/fpga.md)
     --target gpu                 a 2:4 TensorRT-ready bundle (toolchain.gpu.bundle, docs/gpu.md)
 
 Every directory is written to a temporary path and renamed, so a failed export leaves nothing half-written.
+`--streaming` (by default when the model would not fit in memory; `config.py: resolve_streaming`): the ONNX
+graph is built one decoder layer at a time from the checkpoint, its weights written to the data file as they
+are made, and the blob and ONNX read the codes one linear at a time (docs/scale.md). The manifest records
+`streaming` and the peak memory.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from ..atomic import atomic_dir
 from ..errors import ConfigError
 from ..export.manifest import list_artifacts
 from ..export.source import read_compressed
+from ..machine import AnonPeak, peak_rss_mib
 from ..models.loading import check_out_dir
 from .config import BUNDLE_TARGETS, ExportConfig, resolve_streaming
 
@@ -82,7 +88,7 @@ def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, target
         raise ConfigError(f"--target compressed-tensors needs a quantized model ({model_dir} has no "
                           f"quant_state.safetensors); run toolchain quantize or compress first")
     results: dict[str, dict] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, AnonPeak() as anon:
         if "blob" in targets:
             from ..export.blob import write_blob
 
@@ -115,7 +121,8 @@ def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, target
                 **_summary(export_compressed_tensors(model_dir, tmp / "compressed-tensors")),
                 "seconds": round(time.perf_counter() - t0, 3)}
         manifest = {"format": MANIFEST_FORMAT, "source": str(Path(model_dir).resolve()),
-                    "targets": targets, "streaming": streaming, "artifacts": list_artifacts(tmp), "results": _relative(results, tmp)}
+                    "targets": targets, "streaming": streaming, "peak_rss_mib": round(peak_rss_mib(), 1),
+                    "peak_anon_mib": round(max(anon.peak_mib, AnonPeak.read_mib()), 1), "artifacts": list_artifacts(tmp), "results": _relative(results, tmp)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["out"] = str(Path(out).resolve())
     return manifest
