@@ -73,11 +73,15 @@ class FusedDecoderGraph(DecoderGraph):
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else torch.zeros(w) for b, w in zip(biases, widths)])
-        stacked = SimpleNamespace(weight=torch.cat([m.weight for m in modules]), bias=bias)
-        if parts[0][1] is not None:
-            qws = [qw for _, qw in parts]
+        qws = [qw for _, qw in parts]
+        del parts   # the parts' codes leave memory once stacked (a streamed export holds as little as it can)
+        if qws[0] is None:
+            stacked = SimpleNamespace(weight=torch.cat([m.weight for m in modules]), bias=bias)
+        else:   # the writer reads the stacked codes; the float weight is never needed
+            stacked = SimpleNamespace(weight=None, bias=bias)
             lin.quant[merged] = QuantizedWeight(torch.cat([q.codes for q in qws]), torch.cat([q.scales for q in qws]),
                                                 torch.cat([q.zeros for q in qws]), qws[0].spec)
+        del qws
         try:
             y = lin(x, merged, stacked)
         finally:
