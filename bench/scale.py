@@ -158,10 +158,13 @@ def run_scale_bench(model: str, out_dir: str | Path) -> dict:
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         outputs = {None: ckpt}
         try:
-            for step, (reads, _) in STEPS.items():
+            for n, (step, (reads, _)) in enumerate(STEPS.items()):
                 outputs[step] = work / f"scale-{layers}l-{step}"
                 rows.append({"layers": layers, "checkpoint_gb": round(size / 1e9, 2), "write_seconds": round(made, 1),
                              **run_step(step, outputs[reads], outputs[step])})
+                later = {r for r, _ in list(STEPS.values())[n + 1:]}
+                for done in [k for k in outputs if k not in later]:   # no later step reads it: free the disk
+                    shutil.rmtree(outputs.pop(done), ignore_errors=True)
         finally:
             for path in outputs.values():
                 shutil.rmtree(path, ignore_errors=True)

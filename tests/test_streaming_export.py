@@ -229,3 +229,30 @@ def test_scale_bench_chain_on_a_small_shape(tiny_llama_dir, tmp_path, monkeypatc
     assert rows["rtn"]["quant_state"] and rows["onnx"]["onnx_checker"] == "ok" and rows["blob"]["blob_tensors"] > 0
     assert "| 2 | onnx |" in (tmp_path / "scale_llama3-8b-shape.md").read_text()
     assert not list((tmp_path / "work").iterdir())   # checkpoint and outputs removed
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_streamed_perplexity_equals_in_memory(tiny_llama_dir, tiny_opt_dir, monkeypatch, family):
+    """`toolchain eval --streaming`: every window through one decoder layer at a time, then the final norm and
+    the head, in the in-memory forward's batches: the same perplexity, bit for bit, on the tiny models."""
+    from toolchain.jobs.inspect import run_eval
+
+    model = str(tiny_llama_dir if family == "llama" else tiny_opt_dir)
+    memory = run_eval(model, 32, ("pydoc",), progress=False, streaming=False)
+    watch = LayerWatch(monkeypatch)
+    streamed_result = run_eval(model, 32, ("pydoc",), progress=False, streaming=True)
+    assert watch.order == [0, 1] and watch.most == 1 and not watch.loaded
+    assert streamed_result["streaming"] is True and memory["streaming"] is False
+    assert streamed_result["perplexity"] == memory["perplexity"] and streamed_result["tokens"] == memory["tokens"]
+
+
+def test_streamed_eval_refusals(tiny_llama_dir, capsys):
+    from toolchain.jobs.inspect import run_eval
+
+    with pytest.raises(ConfigError, match="--streaming cannot run --tasks"):
+        run_eval(str(tiny_llama_dir), 32, ("pydoc",), tasks="arc_easy", streaming=True)
+    with pytest.raises(ConfigError, match="--streaming reads a Hugging Face directory"):
+        run_eval("smollm2", 32, ("pydoc",), streaming=True)
+    assert main(["eval", "--model", str(tiny_llama_dir), "--seqlen", "32", "--datasets", "pydoc", "--streaming",
+                 "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["streaming"] is True

@@ -421,6 +421,17 @@ def resolve_streaming(model_spec, *configs: CalibConfig) -> bool:
     return available is not None and STREAMING_HEADROOM * size > available
 
 
+@dataclass
+class EvalStreaming:
+    """`toolchain eval`'s --streaming request, as `resolve_streaming` reads a job's config."""
+
+    streaming: bool | None = None
+    tasks: bool = False
+
+    def streaming_refusals(self) -> list[str]:
+        return ["--tasks (lm-evaluation-harness runs the whole model)"] if self.tasks else []
+
+
 def output_dtype(model_spec, name: str) -> torch.dtype:
     """The output weights' dtype: --dtype, or for auto the input's stored dtype."""
     from ..models.loading import stored_dtype

@@ -29,13 +29,14 @@ from ..quant.state import merge_quant_state
 SHARD_BYTES = DEFAULT_SHARD_BYTES    # the output's shard size (the tests make it small to get many shards)
 
 
-def open_streamed(model_dir: str | Path) -> LoadedModel:
-    """The model as a skeleton whose decoder layers stay on `meta`, with its tokenizer."""
+def open_streamed(model_dir: str | Path, with_head: bool = False) -> LoadedModel:
+    """The model as a skeleton whose decoder layers stay on `meta`, with its tokenizer (`with_head`: an untied LM
+    head is loaded too, for a job that runs it)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    stream = StreamingCheckpoint(model_dir, with_head=False)
+    stream = StreamingCheckpoint(model_dir, with_head=with_head)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception:
