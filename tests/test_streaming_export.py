@@ -207,9 +207,14 @@ def test_export_streaming_option(compressed_dir, tmp_path, monkeypatch, capsys):
         run_export(model_dir, tmp_path / "g", ExportConfig(target="gpu", streaming=True))
 
 
-def test_streamed_export_refuses_a_gguf(tmp_path):
-    with pytest.raises(ConfigError, match="--streaming reads a Hugging Face directory"):
+def test_streamed_export_refuses_what_is_not_a_compressed_directory(tmp_path):
+    from toolchain.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="is not a directory; export reads a model directory"):
         run_export("smollm2", tmp_path / "x", ExportConfig(target="onnx", streaming=True))
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(ConfigError, match="--streaming reads a Hugging Face directory of safetensors weights or a GGUF"):
+        run_export(tmp_path / "weights.bin", tmp_path / "y", ExportConfig(target="onnx", streaming=True))
 
 
 def test_scale_bench_chain_on_a_small_shape(tiny_llama_dir, tmp_path, monkeypatch):
@@ -246,13 +251,14 @@ def test_streamed_perplexity_equals_in_memory(tiny_llama_dir, tiny_opt_dir, monk
     assert streamed_result["perplexity"] == memory["perplexity"] and streamed_result["tokens"] == memory["tokens"]
 
 
-def test_streamed_eval_refusals(tiny_llama_dir, capsys):
+def test_streamed_eval_refusals(tiny_llama_dir, tmp_path, capsys):
     from toolchain.jobs.inspect import run_eval
 
     with pytest.raises(ConfigError, match="--streaming cannot run --tasks"):
         run_eval(str(tiny_llama_dir), 32, ("pydoc",), tasks="arc_easy", streaming=True)
-    with pytest.raises(ConfigError, match="--streaming reads a Hugging Face directory"):
-        run_eval("smollm2", 32, ("pydoc",), streaming=True)
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(ConfigError, match="--streaming reads a Hugging Face directory of safetensors weights or a GGUF"):
+        run_eval(str(tmp_path / "weights.bin"), 32, ("pydoc",), streaming=True)
     assert main(["eval", "--model", str(tiny_llama_dir), "--seqlen", "32", "--datasets", "pydoc", "--streaming",
                  "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["streaming"] is True

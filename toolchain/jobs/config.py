@@ -410,8 +410,8 @@ def resolve_streaming(model_spec, *configs: CalibConfig) -> bool:
     refused = [r for cfg in configs for r in cfg.streaming_refusals()]
     if asked:
         if size is None:
-            raise ConfigError(f"--streaming reads a Hugging Face directory of safetensors weights, and {model_spec} "
-                              f"is not one (a GGUF or a named model is loaded whole): drop --streaming")
+            raise ConfigError(f"--streaming reads a Hugging Face directory of safetensors weights or a GGUF, and "
+                              f"{model_spec} is neither: drop --streaming")
         if refused:
             raise ConfigError(f"--streaming cannot run {'; '.join(refused)}: use --no-streaming")
         return True
