@@ -51,7 +51,11 @@ class Graph:
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        external = self.data.array(name, array) if self.data is not None and array.dtype.kind in "fiub" else None
+        if external is not None:   # streamed: the bytes went to the data file, block by block
+            self.initializers.append(external)
+        else:
+            self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def init_raw(self, name: str, data_type: int, dims: list[int], raw: bytes) -> str:
