@@ -237,7 +237,7 @@ class LinearWriter:
         k_blocks = -(-in_f // block)
         offset = (1 << (container - 1)) if spec.symmetric else 0   # the kernel's default zero point is 2^(b-1)
         codes = np.empty((out_f, k_blocks * block), dtype=np.int32)
-        codes[:, :in_f] = qw.codes.numpy() + offset
+        np.add(qw.codes.numpy(), offset, out=codes[:, :in_f])   # in place: no third copy of a large layer's codes
         # padded columns hold the zero point, so they dequantize to exactly 0 whatever A holds there
         codes[:, in_f:] = offset if spec.symmetric else np.repeat(qw.zeros[:, -1:].numpy(), k_blocks * block - in_f, 1)
         packed = pack_codes(codes, container, signed=False).reshape(out_f, k_blocks, block * container // 8)
