@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None,
                    help="with --tasks: write results.json, results.md and samples_<task>.jsonl (every item's "
                         "output) here")
+    e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="perplexity layer by layer: every window through each decoder layer, read from the "
+                        "checkpoint (a Hugging Face safetensors directory, sharded or not) when reached and freed "
+                        "after, so the whole model is never held (docs/scale.md); default: streaming when three "
+                        "float32 copies of the model would not fit in the available RAM and no --tasks are given "
+                        "(lm-eval needs the whole model); --no-streaming loads the whole model")
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print JSON for machines")
     e.add_argument("--quiet", action="store_true")
@@ -321,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "fpga-eval",
                                      "fpga-pnr", "eval", "reasoning", "scale", "structured"],
                    help="scale: a streamed Wanda 2:4 prune of a generated Llama-3-8B-shaped bf16 checkpoint (8 and 32 "
-                        "layers, --model's tokenizer; about 16 GB of disk under --out/work while it runs)")
+                        "layers, --model's tokenizer), a streamed RTN 4-bit quantization of it and the streamed blob "
+                        "and ONNX exports of that, peak memory of each; about 40 GB of disk under --out/work while "
+                        "it runs")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -403,7 +411,7 @@ def cmd_eval(args) -> int:
     names = tuple(n.strip() for n in args.datasets.split(",") if n.strip() and n.strip() != "none")
     result = run_eval(args.model, args.seqlen, names, device=args.device, progress=not args.quiet,
                       tasks=args.tasks, limit=args.limit, seed=args.seed, max_gen_toks=args.max_gen_toks,
-                      out=args.out, heldout=args.heldout)
+                      out=args.out, heldout=args.heldout, streaming=args.streaming)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

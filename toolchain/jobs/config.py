@@ -431,8 +431,8 @@ def resolve_streaming(model_spec, *configs: CalibConfig) -> bool:
     refused = [r for cfg in configs for r in cfg.streaming_refusals()]
     if asked:
         if size is None:
-            raise ConfigError(f"--streaming reads a Hugging Face directory of safetensors weights, and {model_spec} "
-                              f"is not one (a GGUF or a named model is loaded whole): drop --streaming")
+            raise ConfigError(f"--streaming reads a Hugging Face directory of safetensors weights or a GGUF, and "
+                              f"{model_spec} is neither: drop --streaming")
         if refused:
             raise ConfigError(f"--streaming cannot run {'; '.join(refused)}: use --no-streaming")
         return True
@@ -440,6 +440,17 @@ def resolve_streaming(model_spec, *configs: CalibConfig) -> bool:
         return False
     available = available_ram_bytes()
     return available is not None and STREAMING_HEADROOM * size > available
+
+
+@dataclass
+class EvalStreaming:
+    """`toolchain eval`'s --streaming request, as `resolve_streaming` reads a job's config."""
+
+    streaming: bool | None = None
+    tasks: bool = False
+
+    def streaming_refusals(self) -> list[str]:
+        return ["--tasks (lm-evaluation-harness runs the whole model)"] if self.tasks else []
 
 
 def output_dtype(model_spec, name: str) -> torch.dtype:
@@ -487,6 +498,10 @@ def _onnx(cfg) -> bool:
     return "onnx" in cfg.targets()
 
 
+def _streams(cfg) -> bool:
+    return "onnx" in cfg.targets() or "blob" in cfg.targets()
+
+
 ONNX_GRAPHS = ("fused", "plain")
 LM_HEADS = ("float", "int8", "int4")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -514,6 +529,13 @@ class ExportConfig:
                           "int8 blocks (a GGUF Q8_0 embedding, tied) exact; otherwise the head is rounded to the "
                           "nearest code and the logits change (onnx-check measures by how much)", choices=LM_HEADS,
                           applies=_onnx, applies_to="to --target onnx (or all) only")
+    streaming: bool | None = option(
+        None, "--streaming", "never hold the whole model: ONNX reads each decoder layer from the checkpoint (a "
+        "Hugging Face safetensors directory, sharded or not) when the graph builder reaches it and writes every "
+        "weight straight to model.<form>.onnx.data as it is made; the blob reads the codes one linear at a time "
+        "(docs/scale.md). Same graph and bytes as in memory. Default: streaming when three float32 copies of the "
+        "model would not fit in the available RAM; --no-streaming loads the whole model. compressed-tensors is "
+        "not streamed yet", negatable=True, applies=_streams, applies_to="to --target onnx, blob (or all) only")
     accel_config: str | None = option(None, "--config", "fpga: accelerator config (keys of accel.json: n, m, "
                                       "groups_per_beat, pes, weight_bits, act_bits, group_size, k_max, scale_bits, "
                                       "out_bits, clock_mhz, mem_gbps); default: a design that runs every layer of "
@@ -529,6 +551,10 @@ class ExportConfig:
                             applies=_gpu, applies_to="to --target gpu only")
     max_seq: int = option(2048, "--max-seq", "gpu: the engine profile's longest context, capped at the model's",
                           type=int, applies=_gpu, applies_to="to --target gpu only")
+
+    def streaming_refusals(self) -> list[str]:
+        """Nothing an export target asks for needs the whole model (see `_streams` for the targets that stream)."""
+        return []
 
     def targets(self) -> list[str]:
         names = [t.strip() for t in self.target.split(",") if t.strip()]
