@@ -1,5 +1,5 @@
-"""`toolchain bench scale` (`make bench-scale`): peak memory and wall time of a streamed prune on a model that does
-not fit in this machine's RAM as float32.
+"""`toolchain bench scale` (`make bench-scale`): peak memory and wall time of the streamed jobs and exporters on a
+model that does not fit in this machine's RAM as float32.
 
 The model is made here, tensor by tensor, and never shipped: a Llama-3-8B-shaped checkpoint (hidden 4096, 32
 layers, 32/8 heads, MLP 14336, untied embeddings) with random bf16 weights N(0, 0.02), norms 1, and the
@@ -7,9 +7,15 @@ tokenizer and vocabulary (49,152) of `--model` (SmolLM2's by default), so calibr
 parameters, 15.8 GB in bf16, 31.6 GB in float32. It goes to <out>/work/scale-<layers>l as HF shards and is deleted
 after the runs, and so is each run's output. The same shape with 8 layers shows how peak memory grows with depth.
 
-Each run is `toolchain prune --method wanda --sparsity 2:4 --calib-samples 4 --seqlen 128 --streaming` in a
-subprocess; its peak RSS (VmHWM) and anonymous peak come from its compression.json, its wall time from here. The
-output is checked: bf16, and every decoder linear valid 2:4.
+Per depth, one chain of subprocesses, each streamed (`STEPS`):
+  wanda   `prune --method wanda --sparsity 2:4 --calib-samples 4 --seqlen 128` of the checkpoint; its output is
+          checked: bf16, every decoder linear valid 2:4;
+  rtn     `quantize --method rtn --bits 4 --group-size 128` of the pruned output (the exporters' input: codes in
+          quant_state.safetensors); checked: the quantization state is there;
+  blob    `export --target blob` of the quantized model; checked: the blob reads back (header, manifest, CRCs);
+  onnx    `export --target onnx` (MatMulNBits, fused graph) of it; checked: `onnx.checker` by path.
+Peak RSS (VmHWM) and the anonymous peak come from each run's compression.json or export manifest, wall time from
+here.
 """
 from __future__ import annotations
 
@@ -28,7 +34,14 @@ from .common import save_result, work_dir
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
              max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
 DEPTHS = (8, 32)
-RUN = ["prune", "--method", "wanda", "--sparsity", "2:4", "--calib-samples", "4", "--seqlen", "128", "--streaming"]
+#: step -> (the step whose output it reads, or None for the checkpoint; its command)
+STEPS = {
+    "wanda": (None, ["prune", "--method", "wanda", "--sparsity", "2:4", "--calib-samples", "4", "--seqlen", "128",
+                     "--streaming"]),
+    "rtn": ("wanda", ["quantize", "--method", "rtn", "--bits", "4", "--group-size", "128", "--streaming"]),
+    "blob": ("rtn", ["export", "--target", "blob", "--streaming"]),
+    "onnx": ("rtn", ["export", "--target", "onnx", "--streaming"]),
+}
 
 
 def write_llama3_shaped(directory: Path, layers: int, tokenizer, seed: int = 0) -> Path:
@@ -96,6 +109,43 @@ def tokenizer_of(model: str):
     return AutoTokenizer.from_pretrained(model)
 
 
+def check_export(out: Path, step: str) -> dict:
+    """The exported artifact read back by its consumer: the blob's reader validates header, manifest and every
+    section's CRC;
+    the ONNX graph passes `onnx.checker` by path (its weights in the external-data file)."""
+    if step == "blob":
+        from toolchain.export.blob import read_blob
+
+        blob = read_blob(out / "model.tcblob", verify=True)
+        return {"blob_tensors": len(blob.names()), "artifact_gb": round((out / "model.tcblob").stat().st_size / 1e9, 2)}
+    import onnx
+
+    graph = next((out / "onnx").glob("model.*.onnx"))
+    onnx.checker.check_model(str(graph))
+    size = sum(f.stat().st_size for f in (out / "onnx").glob("model.*.onnx*"))
+    return {"onnx_checker": "ok", "artifact_gb": round(size / 1e9, 2)}
+
+
+def run_step(step: str, src: Path, out: Path) -> dict:
+    """Run one step in a subprocess; its peak memory from what it wrote, its wall time from here."""
+    cmd = [sys.executable, "-m", "toolchain.cli", *STEPS[step][1], "--model", str(src), "--out", str(out), "--quiet"]
+    if step in ("blob", "onnx"):
+        cmd.remove("--quiet")   # export prints its artifacts and has no --quiet
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    report = json.loads((out / ("manifest.json" if step in ("blob", "onnx") else "compression.json")).read_text())
+    row = {"step": step, "command": "toolchain " + " ".join(STEPS[step][1]), "wall_seconds": round(wall, 1),
+           "peak_rss_mib": report["peak_rss_mib"], "peak_anon_mib": report["peak_anon_mib"]}
+    if step == "wanda":
+        row.update(threads=report["machine"]["threads"], **check_output(out))
+    elif step == "rtn":
+        row["quant_state"] = (out / "quant_state.safetensors").is_file()
+    else:
+        row.update(check_export(out, step))
+    return row
+
+
 def run_scale_bench(model: str, out_dir: str | Path) -> dict:
     work = work_dir(out_dir)
     tokenizer = tokenizer_of(model)
@@ -106,27 +156,36 @@ def run_scale_bench(model: str, out_dir: str | Path) -> dict:
         write_llama3_shaped(ckpt, layers, tokenizer)
         made = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-        out = work / f"scale-{layers}l-wanda"
-        cmd = [sys.executable, "-m", "toolchain.cli", *RUN, "--model", str(ckpt), "--out", str(out), "--quiet"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        wall = time.perf_counter() - t0
-        report = json.loads((out / "compression.json").read_text())
-        rows.append({"layers": layers, "checkpoint_gb": round(size / 1e9, 2), "write_seconds": round(made, 1),
-                     "command": "toolchain " + " ".join(RUN), "wall_seconds": round(wall, 1),
-                     "peak_rss_mib": report["peak_rss_mib"], "peak_anon_mib": report["peak_anon_mib"],
-                     "threads": report["machine"]["threads"], **check_output(out)})
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(ckpt, ignore_errors=True)
+        outputs = {None: ckpt}
+        try:
+            for n, (step, (reads, _)) in enumerate(STEPS.items()):
+                outputs[step] = work / f"scale-{layers}l-{step}"
+                rows.append({"layers": layers, "checkpoint_gb": round(size / 1e9, 2), "write_seconds": round(made, 1),
+                             **run_step(step, outputs[reads], outputs[step])})
+                later = {r for r, _ in list(STEPS.values())[n + 1:]}
+                for done in [k for k in outputs if k not in later]:   # no later step reads it: free the disk
+                    shutil.rmtree(outputs.pop(done), ignore_errors=True)
+        finally:
+            for path in outputs.values():
+                shutil.rmtree(path, ignore_errors=True)
     result = {"model": "Llama-3-8B shape, random bf16 N(0, 0.02), tokenizer of " + str(model), "rows": rows}
     return save_result(out_dir, "scale", "llama3-8b-shape", result, table)
 
 
 def table(result: dict) -> str:
-    lines = [f"# Streamed prune on a {result['model']}", "",
-             "| layers | checkpoint GB | wall s | peak RSS MiB | peak anon MiB | output | not 2:4 |",
+    lines = [f"# Streamed jobs and exporters on a {result['model']}", "",
+             "| layers | step | checkpoint GB | wall s | peak RSS MiB | peak anon MiB | checked |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['layers']} | {r['checkpoint_gb']} | {r['wall_seconds']} | {r['peak_rss_mib']} | "
-                     f"{r['peak_anon_mib']} | {','.join(r['dtypes'])} | {r['linears_not_2of4']}/{r['linears_checked']} |")
+        step = r.get("step", "wanda")   # rows written before the exporters were measured are the prune's
+        if step == "wanda":
+            checked = f"{','.join(r['dtypes'])}, not 2:4 {r['linears_not_2of4']}/{r['linears_checked']}"
+        elif step == "rtn":
+            checked = "quant_state.safetensors" if r["quant_state"] else "no quant state"
+        elif step == "blob":
+            checked = f"blob reads back, {r['blob_tensors']} tensors, {r['artifact_gb']} GB"
+        else:
+            checked = f"onnx.checker {r['onnx_checker']}, {r['artifact_gb']} GB"
+        lines.append(f"| {r['layers']} | {step} | {r['checkpoint_gb']} | {r['wall_seconds']} | {r['peak_rss_mib']} | "
+                     f"{r['peak_anon_mib']} | {checked} |")
     return "\n".join(lines) + "\n"

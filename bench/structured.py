@@ -11,7 +11,9 @@ formula (`AccelConfig.layer_cycles`, every PE busy; not a simulation) on the den
 Allocation: FLAP runs its own global standardised ranking (`--allocation global`, which sets the attention/MLP
 split here: transformers cannot load per-layer widths for Llama), LLM-Pruner's Taylor baseline block-wise
 uniform as in its paper, Wanda-sp and magnitude uniform as in FLAP's comparison; ours (obs-refit) uniform, and
-with `--allocation search` (32 candidates) as a row of its own.
+with `--allocation search` (32 candidates) as a row of its own. Depth pruning (`--method depth`, whole decoder
+layers by Block Influence, ShortGPT's one-shot ranking, and re-scored after each removal with `--rescore`) runs
+at the same budgets: 20/30/40% of SmolLM2's 30 layers are 6, 9 and 12 layers.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ CONFIGS = (("obs-refit", "obs-refit", []),
            ("flap", "flap", ["--allocation", "global"]),
            ("taylor", "taylor", []),
            ("wanda-sp", "wanda-sp", []),
-           ("magnitude", "magnitude", []))
+           ("magnitude", "magnitude", []),
+           ("depth", "depth", []),
+           ("depth rescore", "depth", ["--rescore"]))
 OURS = "obs-refit"
 PREFILL, DECODE_STEPS, REPEATS = 128, 32, 5
 #: the first windows of each held-out split scored (16 x 512 = 8K tokens): a dozen models x three texts stay

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from ..quant import QuantizedWeight, read_quant_state
+from ..quant import QuantizedWeight, QuantStateFile, read_quant_state
 
 QUANT_STATE = "quant_state.safetensors"
 COMPRESSION = "compression.json"
@@ -25,7 +25,8 @@ COMPRESSION = "compression.json"
 class CompressedModel:
     path: Path
     config: dict                                   # config.json
-    quant: dict[str, QuantizedWeight]              # empty for a float (pruned-only or dense) model
+    quant: dict[str, QuantizedWeight]              # empty for a float (pruned-only or dense) model; read
+                                                   # lazily (a QuantStateFile) when opened with lazy=True
     compression: dict = field(default_factory=dict)
 
     @property
@@ -53,8 +54,10 @@ class CompressedModel:
         return out
 
 
-def read_compressed(model_dir: str | os.PathLike, require_quant: bool = False) -> CompressedModel:
-    """Read a compressed model directory; `require_quant` refuses one without `quant_state.safetensors`."""
+def read_compressed(model_dir: str | os.PathLike, require_quant: bool = False, lazy: bool = False) -> CompressedModel:
+    """Read a compressed model directory; `require_quant` refuses one without `quant_state.safetensors`.
+    `lazy`: the quantization state is read one linear at a time when asked for (`QuantStateFile`: the streamed
+    exporters), instead of all at once."""
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory; export reads a model directory written by "
@@ -67,7 +70,7 @@ def read_compressed(model_dir: str | os.PathLike, require_quant: bool = False) -
         raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
     state_path = path / QUANT_STATE
     if state_path.is_file():
-        quant = read_quant_state(state_path)
+        quant = QuantStateFile(state_path) if lazy else read_quant_state(state_path)
     elif require_quant:
         raise ModelLoadError(f"{path} has no {QUANT_STATE}: run `toolchain quantize` (or `compress`) first")
     else:

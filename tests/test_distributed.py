@@ -1,8 +1,8 @@
 """torch.distributed: two gloo ranks under torchrun give the one-process result up to summation order.
 
 Each torchrun start imports torch and transformers once per rank, so the methods are grouped into two
-launches: the CLI's compress (SparseGPT 2:4 then GPTQ 4-bit), and a script running Wanda prune and APTQ
-mixed-precision quantize in one process group.
+launches: the CLI's compress (SparseGPT 2:4 then GPTQ 4-bit), and a script running Wanda prune, APTQ
+mixed-precision quantize and depth pruning in one process group.
 """
 from __future__ import annotations
 
@@ -85,15 +85,18 @@ calib = dict(calib_samples=5, seqlen=32, seed=0)
 run_prune(src, out + "/wanda", PruneConfig(method="wanda", sparsity="2:4", **calib), progress=False)
 run_quantize(src, out + "/aptq", QuantConfig(method="aptq", bits="3.0", candidates="2,4", sensitivity="local",
                                              group_size=32, **calib), progress=False)
+run_prune(src, out + "/depth", PruneConfig(method="depth", structured=True, sparsity="0.5", **calib), progress=False)
 """
 
 
-def test_wanda_and_aptq_two_ranks_match_one_process(tiny_llama_dir, tmp_path):
+def test_wanda_aptq_and_depth_two_ranks_match_one_process(tiny_llama_dir, tmp_path):
     one = tmp_path / "one"
     run_prune(str(tiny_llama_dir), one / "wanda", PruneConfig(method="wanda", sparsity="2:4", **CALIB),
               progress=False)
     run_quantize(str(tiny_llama_dir), one / "aptq", QuantConfig(
         method="aptq", bits="3.0", candidates="2,4", sensitivity="local", group_size=32, **CALIB), progress=False)
+    run_prune(str(tiny_llama_dir), one / "depth", PruneConfig(method="depth", structured=True, sparsity="0.5",
+                                                              **CALIB), progress=False)
     two = tmp_path / "two"
     torchrun([sys.executable, "-c", RANK_SCRIPT, str(tiny_llama_dir), str(two)], tmp_path)
     compare(one / "wanda", two / "wanda", quantized=False)
@@ -103,6 +106,12 @@ def test_wanda_and_aptq_two_ranks_match_one_process(tiny_llama_dir, tmp_path):
               for e in json.loads((one / "aptq" / "compression.json").read_text())["quantization"]["layers"]]
     assert widths == [{n: v["bits"] for n, v in e["linears"].items()}
                       for e in json.loads((two / "aptq" / "compression.json").read_text())["quantization"]["layers"]]
+    # Block Influence sums its token sums and counts across ranks: the scores are the one process's
+    depth = [json.loads((run / "depth" / "compression.json").read_text())["depth"] for run in (one, two)]
+    assert depth[0]["block_influence"] == pytest.approx(depth[1]["block_influence"], rel=1e-5)
+    assert depth[0]["removed_layers"] == depth[1]["removed_layers"]
+    assert load_file(one / "depth" / "model.safetensors").keys() == \
+        load_file(two / "depth" / "model.safetensors").keys()
 
 
 def test_windows_are_split_in_contiguous_shards():

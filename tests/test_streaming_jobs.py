@@ -187,8 +187,11 @@ def test_the_streaming_decision(tmp_path, tiny_llama_dir, monkeypatch):
         resolve_streaming(src, PruneConfig(method="flap", structured=True, streaming=True))
     with pytest.raises(ConfigError, match="--sensitivity model"):
         resolve_streaming(src, PruneConfig(method="wanda", streaming=True), QuantConfig(method="aptq", bits="3.0"))
-    with pytest.raises(ConfigError, match="Hugging Face directory of safetensors"):
-        resolve_streaming("smollm2", PruneConfig(method="wanda", streaming=True))
+    # a GGUF (a named model too) streams, dequantized tensor by tensor; anything else is refused by name
+    assert resolve_streaming("smollm2", PruneConfig(method="wanda", streaming=True)) is True
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(ConfigError, match="Hugging Face directory of safetensors weights or a GGUF"):
+        resolve_streaming(str(tmp_path / "weights.bin"), PruneConfig(method="wanda", streaming=True))
 
 
 def test_the_cli_takes_streaming_and_dtype(tmp_path, tiny_llama_dir):

@@ -23,10 +23,13 @@ PRUNE_EXAMPLES = """examples:
   toolchain prune --model smollm2 --method sparsegpt --sparsity 2:4 --resolve lstsq --out out/sgpt24-ls
   toolchain prune --model smollm2 --structured --sparsity 0.2 --out out/struct20        # ours (obs-refit)
   toolchain prune --model smollm2 --structured --method flap --sparsity 0.2 --allocation global --out out/flap20
+  toolchain prune --model smollm2 --structured --method depth --sparsity 0.2 --out out/depth20   # whole layers
 
 N:M means N kept of every M consecutive input weights (2:4 = 50%, along the reduction dimension).
 --structured removes whole KV groups and MLP channel blocks: --sparsity is the fraction of decoder-layer
-parameters removed, and the output is a smaller dense model with a plain config.
+parameters removed, and the output is a smaller dense model with a plain config. --method depth removes
+whole decoder layers instead (lowest Block Influence first, met to within one layer); layers and channels
+compose as two runs (depth, then a width method on its output).
 The output directory is a Hugging Face model (AutoModelForCausalLM.from_pretrained loads it) plus
 compression.json, which records what was done per layer."""
 
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_job(sub, "quantize", "quantize a (dense or pruned) model's decoder weights", QUANT_EXAMPLES,
                    (QuantConfig, None, ()))
     _add_model_job(sub, "compress", "prune, then quantize, in one run with one calibration set",
-                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple")), (QuantConfig, None, ("method", *CALIB_FIELDS, *OUTPUT_FIELDS)),
+                   COMPRESS_EXAMPLES, (PruneConfig, None, ("method", "structured", "channel_multiple", "rescore")), (QuantConfig, None, ("method", *CALIB_FIELDS, *OUTPUT_FIELDS)),
                    methods=[("--prune", "prune_method", METHODS, "pruning method"),
                             ("--quant", "quant_method", QUANT_METHODS, "quantization method")])
 
@@ -161,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None,
                    help="with --tasks: write results.json, results.md and samples_<task>.jsonl (every item's "
                         "output) here")
+    e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="perplexity layer by layer: every window through each decoder layer, read from the "
+                        "checkpoint (a Hugging Face safetensors directory, sharded or not) when reached and freed "
+                        "after, so the whole model is never held (docs/scale.md); default: streaming when three "
+                        "float32 copies of the model would not fit in the available RAM and no --tasks are given "
+                        "(lm-eval needs the whole model); --no-streaming loads the whole model")
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print JSON for machines")
     e.add_argument("--quiet", action="store_true")
@@ -318,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "fpga-eval",
                                      "fpga-pnr", "eval", "reasoning", "scale", "structured"],
                    help="scale: a streamed Wanda 2:4 prune of a generated Llama-3-8B-shaped bf16 checkpoint (8 and 32 "
-                        "layers, --model's tokenizer; about 16 GB of disk under --out/work while it runs)")
+                        "layers, --model's tokenizer), a streamed RTN 4-bit quantization of it and the streamed blob "
+                        "and ONNX exports of that, peak memory of each; about 40 GB of disk under --out/work while "
+                        "it runs")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
@@ -400,7 +411,7 @@ def cmd_eval(args) -> int:
     names = tuple(n.strip() for n in args.datasets.split(",") if n.strip() and n.strip() != "none")
     result = run_eval(args.model, args.seqlen, names, device=args.device, progress=not args.quiet,
                       tasks=args.tasks, limit=args.limit, seed=args.seed, max_gen_toks=args.max_gen_toks,
-                      out=args.out, heldout=args.heldout)
+                      out=args.out, heldout=args.heldout, streaming=args.streaming)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

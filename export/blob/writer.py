@@ -251,15 +251,20 @@ def _manifest_bytes(meta: dict, entries: list[dict], body_len: int) -> tuple[byt
     raise BlobError("manifest layout did not converge")  # offsets only grow, so this is unreachable
 
 
-def write_blob(model_dir: str | os.PathLike, out_path: str | os.PathLike) -> dict:
+def write_blob(model_dir: str | os.PathLike, out_path: str | os.PathLike, streaming: bool = False) -> dict:
     """Write the blob of a compressed model directory to `out_path` (atomically); returns a summary:
-    file size, theoretical minimum size and their ratio, and per-tensor layout and sizes."""
+    file size, theoretical minimum size and their ratio, and per-tensor layout and sizes.
+
+    Tensors are encoded one at a time, in name order, each float tensor read from its shard when its turn
+    comes. `streaming`: the quantization state too is read one linear at a time (`QuantStateFile`) instead of
+    whole (read whole, its codes are int32 in memory, 4 bytes a weight: twice a bf16 checkpoint); the bytes
+    written are the same."""
     from safetensors import safe_open
 
     from ..source import read_compressed
 
     t0 = time.perf_counter()
-    model = read_compressed(model_dir)
+    model = read_compressed(model_dir, lazy=streaming)
     nm = model.nm
     if nm is not None:
         nm = check_pattern(*nm)

@@ -5,7 +5,9 @@
 - `decoder`: the plain decoder graph (op by op), one builder for every family, laid out by the family's adapter;
 - `fused`: the fused decoder graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, stacked projections);
 - `genai`: genai_config.json and the tokenizer beside a graph, for onnxruntime-genai;
-- `build`: `build_onnx` (a loaded model to a ModelProto), `save_onnx`, `export_onnx` (a model directory).
+- `external`: `ExternalData`, the weights file a streamed export writes initializer by initializer;
+- `build`: `build_onnx` (a loaded model to a ModelProto), `save_onnx`, `build_streamed` (a checkpoint to a graph
+  and its weights file, one decoder layer at a time), `export_onnx` (a model directory).
 """
 from .build import EXTERNAL_DATA_BYTES, GRAPHS, build_onnx, export_onnx, save_onnx
 from .decoder import DecoderGraph

@@ -34,10 +34,13 @@ def optional_module(model: torch.nn.Module, path: str | None) -> torch.nn.Module
 class DecoderGraph:
     """Writes embedding, positions, attention mask, the layers with their KV cache, final norm and LM head."""
 
-    def __init__(self, model: torch.nn.Module, adapter: ArchAdapter, linear: LinearWriter):
+    def __init__(self, model: torch.nn.Module, adapter: ArchAdapter, linear: LinearWriter, stream=None):
+        """`stream` (`models/streaming.py: StreamingCheckpoint`, whose model is `model`): the decoder layers
+        stay on `meta` and each is read when the builder reaches it and returned to `meta` once written."""
         if adapter.layout is None:
             raise ModelLoadError(f"ONNX export has no decoder layout for the {adapter.family!r} family")
         self.model, self.adapter, self.layout = model, adapter, adapter.layout
+        self.stream = stream
         self.linear, self.g = linear, linear.g
         c = model.config
         head_dim = adapter.head_dim(c)
@@ -47,6 +50,17 @@ class DecoderGraph:
                             for layer in model.get_submodule(self.layout.layers))
         self.dims = Dims(c.num_hidden_layers, c.num_attention_heads, adapter.kv_heads(c), head_dim,
                          c.hidden_size, c.vocab_size, layer_heads)
+
+    # -- the decoder layers, loaded one at a time when streamed
+    def layer_count(self) -> int:
+        return len(self.model.get_submodule(self.layout.layers))
+
+    def load_layer(self, i: int) -> torch.nn.Module:
+        return self.stream.load_layer(i) if self.stream is not None else self.model.get_submodule(self.layout.layers)[i]
+
+    def free_layer(self, i: int) -> None:
+        if self.stream is not None:
+            self.stream.free_layer(i)
 
     # -- model-wide pieces
     def shape_of(self, x: str, start: int, end: int) -> str:
@@ -257,8 +271,9 @@ class DecoderGraph:
         mask = self.attention_mask(input_ids, "attention_mask", self.adapter.attention_window(m.config))
         rotary = optional_module(m, lay.rotary)
         rope = self.rope_tables(position_ids, rotary) if rotary is not None else None
-        for i, layer in enumerate(m.get_submodule(lay.layers)):
-            x = self.decoder_layer(i, x, mask, rope, layer)
+        for i in range(self.layer_count()):
+            x = self.decoder_layer(i, x, mask, rope, self.load_layer(i))
+            self.free_layer(i)
         final_norm = optional_module(m, lay.final_norm)
         if final_norm is not None:
             x = self.norm(x, final_norm, lay.final_norm)

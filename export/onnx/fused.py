@@ -73,11 +73,15 @@ class FusedDecoderGraph(DecoderGraph):
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else torch.zeros(w) for b, w in zip(biases, widths)])
-        stacked = SimpleNamespace(weight=torch.cat([m.weight for m in modules]), bias=bias)
-        if parts[0][1] is not None:
-            qws = [qw for _, qw in parts]
+        qws = [qw for _, qw in parts]
+        del parts   # the parts' codes leave memory once stacked (a streamed export holds as little as it can)
+        if qws[0] is None:
+            stacked = SimpleNamespace(weight=torch.cat([m.weight for m in modules]), bias=bias)
+        else:   # the writer reads the stacked codes; the float weight is never needed
+            stacked = SimpleNamespace(weight=None, bias=bias)
             lin.quant[merged] = QuantizedWeight(torch.cat([q.codes for q in qws]), torch.cat([q.scales for q in qws]),
                                                 torch.cat([q.zeros for q in qws]), qws[0].spec)
+        del qws
         try:
             y = lin(x, merged, stacked)
         finally:
@@ -155,21 +159,23 @@ class FusedDecoderGraph(DecoderGraph):
         x = self.embed(input_ids, f"{lay.embed}.weight", m.get_submodule(lay.embed).weight)
         self.seqlens, self.total = self.sequence_lengths("attention_mask")
         self.cos, self.sin = self.rope_caches(optional_module(m, lay.rotary))
-        layers = list(m.get_submodule(lay.layers))
-        first = layers[0].get_submodule(lay.attn_norm)
-        h = self.norm(x, first, f"{lay.layers}.0.{lay.attn_norm}")
-        residual = x
+        residual, mlp = x, None
         final_norm = optional_module(m, lay.final_norm)
-        for i, layer in enumerate(layers):
-            prefix = f"{lay.layers}.{i}"
+        for i in range(self.layer_count()):
+            # layer i's input norm is fused with layer i - 1's MLP residual add: written once layer i is loaded
+            # (a streamed export holds one layer at a time)
+            layer, prefix = self.load_layer(i), f"{lay.layers}.{i}"
+            attn_norm = layer.get_submodule(lay.attn_norm)
+            if i == 0:
+                h = self.norm(x, attn_norm, f"{prefix}.{lay.attn_norm}")
+            else:
+                h, residual = self.skip_norm(mlp, residual, attn_norm, f"{prefix}.{lay.attn_norm}")
             attn = self.gqa(i, prefix, h, layer)
             h, residual = self.skip_norm(attn, residual, layer.get_submodule(lay.mlp_norm), f"{prefix}.{lay.mlp_norm}")
             mlp = self.gated_mlp(prefix, h, layer)
-            if i + 1 < len(layers):
-                h, residual = self.skip_norm(mlp, residual, layers[i + 1].get_submodule(lay.attn_norm),
-                                             f"{lay.layers}.{i + 1}.{lay.attn_norm}")
-            elif final_norm is not None:
-                h, _ = self.skip_norm(mlp, residual, final_norm, lay.final_norm)
-            else:
-                h = self.g.op("Add", [residual, mlp], hint=f"{prefix}/mlp_residual")
+            self.free_layer(i)
+        if final_norm is not None:
+            h, _ = self.skip_norm(mlp, residual, final_norm, lay.final_norm)
+        else:
+            h = self.g.op("Add", [residual, mlp], hint=f"{prefix}/mlp_residual")
         return self.lm_head(h)

@@ -25,10 +25,15 @@ class Dims:
 
 
 class Graph:
-    """Nodes, initializers and cached constants, with unique names."""
+    """Nodes, initializers and cached constants, with unique names. With `data` (an `external.ExternalData`)
+    each initializer's bytes go to the external-data file as it is made, and the graph keeps a reference."""
 
-    def __init__(self):
+    def __init__(self, data=None):
         self.nodes, self.initializers, self._consts, self._count = [], [], {}, 0
+        self.data = data
+
+    def _add(self, tensor) -> None:
+        self.initializers.append(self.data.take(tensor) if self.data is not None else tensor)
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -46,13 +51,17 @@ class Graph:
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        external = self.data.array(name, array) if self.data is not None and array.dtype.kind in "fiub" else None
+        if external is not None:   # streamed: the bytes went to the data file, block by block
+            self.initializers.append(external)
+        else:
+            self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def init_raw(self, name: str, data_type: int, dims: list[int], raw: bytes) -> str:
         from onnx import helper
 
-        self.initializers.append(helper.make_tensor(name, data_type, dims, raw, raw=True))
+        self._add(helper.make_tensor(name, data_type, dims, raw, raw=True))
         return name
 
     def const(self, values, dtype=np.int64) -> str:

@@ -45,14 +45,19 @@ def lossless_int8_blocks(weight: torch.Tensor, block: int = 32) -> tuple[np.ndar
     w = to_numpy(weight)
     if w.ndim != 2 or w.shape[1] % block:
         return None
-    b = w.reshape(w.shape[0], -1, block)
-    amax = np.abs(b).max(-1)
-    scales = (amax / 127).astype(np.float16).astype(np.float32)
-    scales = np.where(scales > 0, scales, np.float32(1.0))
-    codes = np.round(b / scales[..., None])
-    if np.abs(codes).max(initial=0) > 127 or not np.array_equal(scales[..., None] * codes.astype(np.float32), b):
-        return None
-    return codes.astype(np.int8).reshape(w.shape), scales
+    codes = np.empty(w.shape, np.int8)
+    scales = np.empty((w.shape[0], w.shape[1] // block), np.float32)
+    step = max(1, (1 << 22) // max(1, w.shape[1]))   # rows at a time: the temporaries stay small for any table
+    for r in range(0, w.shape[0], step):
+        b = w[r:r + step].reshape(-1, w.shape[1] // block, block)
+        s = (np.abs(b).max(-1) / 127).astype(np.float16).astype(np.float32)
+        s = np.where(s > 0, s, np.float32(1.0))
+        c = np.round(b / s[..., None])
+        if np.abs(c).max(initial=0) > 127 or not np.array_equal(s[..., None] * c.astype(np.float32), b):
+            return None
+        codes[r:r + step] = c.reshape(-1, w.shape[1])
+        scales[r:r + step] = s
+    return codes, scales
 
 
 def lm_head_codes(weight: torch.Tensor, mode: str) -> tuple[QuantizedWeight, str]:
@@ -232,7 +237,7 @@ class LinearWriter:
         k_blocks = -(-in_f // block)
         offset = (1 << (container - 1)) if spec.symmetric else 0   # the kernel's default zero point is 2^(b-1)
         codes = np.empty((out_f, k_blocks * block), dtype=np.int32)
-        codes[:, :in_f] = qw.codes.numpy() + offset
+        np.add(qw.codes.numpy(), offset, out=codes[:, :in_f])   # in place: no third copy of a large layer's codes
         # padded columns hold the zero point, so they dequantize to exactly 0 whatever A holds there
         codes[:, in_f:] = offset if spec.symmetric else np.repeat(qw.zeros[:, -1:].numpy(), k_blocks * block - in_f, 1)
         packed = pack_codes(codes, container, signed=False).reshape(out_f, k_blocks, block * container // 8)

@@ -16,7 +16,8 @@ from ..machine import available_ram_bytes
 from ..gpu.bundle import PRECISIONS as GPU_PRECISIONS, check_bundle_options
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
-from ..prune.structured import DEFAULT_STRUCTURED, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS, STRUCTURED_METHODS
+from ..prune.structured import (DEFAULT_STRUCTURED, DEPTH_METHOD, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS,
+                                STRUCTURED_METHODS)
 from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
 from ..numerics.widths import SUPPORTED_BITS
 from ..quant import QuantSpec
@@ -48,6 +49,14 @@ def _structured(cfg) -> bool:
 
 def _structured_search(cfg) -> bool:
     return cfg.structured and cfg.allocation == "search"
+
+
+def _structured_width(cfg) -> bool:
+    return cfg.structured and cfg.structured_method() != DEPTH_METHOD
+
+
+def _depth(cfg) -> bool:
+    return cfg.structured and cfg.structured_method() == DEPTH_METHOD
 
 
 def _calibrates(cfg) -> bool:
@@ -115,15 +124,22 @@ class CalibConfig:
 class PruneConfig(CalibConfig):
     method: str | None = option(
         None, "--method", f"pruning method; with --structured one of {', '.join(STRUCTURED_METHODS)} (default "
-        f"{DEFAULT_STRUCTURED}, ours: OBS saliency with an exact least-squares refit), otherwise required",
-        choices=tuple(dict.fromkeys((*METHODS, *STRUCTURED_METHODS))))
+        f"{DEFAULT_STRUCTURED}, ours: OBS saliency with an exact least-squares refit), or {DEPTH_METHOD} (whole "
+        f"decoder layers, ranked by Block Influence), otherwise required",
+        choices=tuple(dict.fromkeys((*METHODS, *STRUCTURED_METHODS, DEPTH_METHOD))))
     structured: bool = option(
         False, "--structured", "remove whole KV groups (a key/value head and the query heads reading it) and blocks "
-        "of MLP channels instead of single weights: the output is a smaller dense model with a plain config; "
-        "--sparsity is then the fraction of decoder-layer parameters removed")
+        "of MLP channels (or, with --method depth, whole decoder layers) instead of single weights: the output is a "
+        "smaller dense model with a plain config; --sparsity is then the fraction of decoder-layer parameters "
+        "removed")
     channel_multiple: int = option(8, "--channel-multiple", "structured: MLP channels per unit, so every kept "
                                    "width is a multiple of it (64 or 128 for GPU-friendly widths)", type=int,
-                                   applies=_structured, applies_to="with --structured only")
+                                   applies=_structured_width, applies_to="with --structured and a method that "
+                                   "removes channels (not --method depth) only")
+    rescore: bool = option(False, "--rescore", "--method depth: re-score the remaining layers' Block Influence on "
+                           "the model as it is after each removal, one walk per removed layer (default: one-shot, "
+                           "every layer scored once on the dense model, as ShortGPT does)",
+                           applies=_depth, applies_to="with --structured --method depth only")
     init: str | None = option(None, "--init", "Barber's initial pruner (default wanda)",
                               choices=tuple(INIT_METHODS), applies=_barber, applies_to="to --method barber only")
     sparsity: str = option("0.5", "--sparsity", "fraction in (0,1) such as 0.5, or N:M such as 2:4 / 4:8 "
@@ -133,7 +149,7 @@ class PruneConfig(CalibConfig):
                              "--structured uniform, global (units ranked across the decoder by standardised "
                              "score, FLAP-style; sets the attention/MLP split) or search (evolutionary search "
                              "from the global ranking, fitness KL to the dense model on held-out calibration "
-                             "windows; see --search-budget)",
+                             "windows; see --search-budget); --method depth ranks layers itself and takes none",
                              choices=(*ALLOCATIONS, *(a for a in STRUCTURED_ALLOCATIONS if a not in ALLOCATIONS)))
     search_budget: int = option(32, "--search-budget", "--allocation search: candidates evaluated at most (the "
                                 "seed included; one forward pass on the held-out windows each)", type=int,
@@ -208,7 +224,7 @@ class PruneConfig(CalibConfig):
             return self._validate_structured(given)
         if self.method is None:
             raise ConfigError(f"--method is required: choose one of {', '.join(METHODS)} (or --structured)")
-        if self.method in STRUCTURED_METHODS and self.method not in METHODS:
+        if self.method in (*STRUCTURED_METHODS, DEPTH_METHOD) and self.method not in METHODS:
             raise ConfigError(f"--method {self.method} removes whole structures: add --structured")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation {self.allocation} is for --structured; unstructured pruning takes "
@@ -247,9 +263,9 @@ class PruneConfig(CalibConfig):
 
     def _validate_structured(self, given: set[str] | None) -> tuple[SparsityTarget, str]:
         method = self.structured_method()
-        if method not in STRUCTURED_METHODS:
+        if method not in STRUCTURED_METHODS and method != DEPTH_METHOD:
             raise ConfigError(f"--method {method} prunes single weights; with --structured choose one of "
-                              f"{', '.join(STRUCTURED_METHODS)}")
+                              f"{', '.join((*STRUCTURED_METHODS, DEPTH_METHOD))}")
         target = SparsityTarget.parse(self.sparsity)
         if target.is_nm:
             raise ConfigError(f"--structured removes whole units; --sparsity {self.sparsity} must be the fraction "
@@ -257,6 +273,11 @@ class PruneConfig(CalibConfig):
         if self.allocation not in STRUCTURED_ALLOCATIONS:
             raise ConfigError(f"--allocation {self.allocation} is for unstructured pruning; with --structured "
                               f"choose {' or '.join(STRUCTURED_ALLOCATIONS)}")
+        if method == DEPTH_METHOD and self.allocation != "uniform":
+            raise ConfigError(f"--allocation {self.allocation} sets the widths of the units inside every layer; "
+                              f"--method depth removes whole layers, ranked by their Block Influence, and takes no "
+                              f"--allocation. To remove layers and channels, run --method depth, then another "
+                              f"--structured method on its output")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
         if self.search_budget < 1:
@@ -410,8 +431,8 @@ def resolve_streaming(model_spec, *configs: CalibConfig) -> bool:
     refused = [r for cfg in configs for r in cfg.streaming_refusals()]
     if asked:
         if size is None:
-            raise ConfigError(f"--streaming reads a Hugging Face directory of safetensors weights, and {model_spec} "
-                              f"is not one (a GGUF or a named model is loaded whole): drop --streaming")
+            raise ConfigError(f"--streaming reads a Hugging Face directory of safetensors weights or a GGUF, and "
+                              f"{model_spec} is neither: drop --streaming")
         if refused:
             raise ConfigError(f"--streaming cannot run {'; '.join(refused)}: use --no-streaming")
         return True
@@ -419,6 +440,17 @@ def resolve_streaming(model_spec, *configs: CalibConfig) -> bool:
         return False
     available = available_ram_bytes()
     return available is not None and STREAMING_HEADROOM * size > available
+
+
+@dataclass
+class EvalStreaming:
+    """`toolchain eval`'s --streaming request, as `resolve_streaming` reads a job's config."""
+
+    streaming: bool | None = None
+    tasks: bool = False
+
+    def streaming_refusals(self) -> list[str]:
+        return ["--tasks (lm-evaluation-harness runs the whole model)"] if self.tasks else []
 
 
 def output_dtype(model_spec, name: str) -> torch.dtype:
@@ -466,6 +498,10 @@ def _onnx(cfg) -> bool:
     return "onnx" in cfg.targets()
 
 
+def _streams(cfg) -> bool:
+    return "onnx" in cfg.targets() or "blob" in cfg.targets()
+
+
 ONNX_GRAPHS = ("fused", "plain")
 LM_HEADS = ("float", "int8", "int4")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -493,6 +529,13 @@ class ExportConfig:
                           "int8 blocks (a GGUF Q8_0 embedding, tied) exact; otherwise the head is rounded to the "
                           "nearest code and the logits change (onnx-check measures by how much)", choices=LM_HEADS,
                           applies=_onnx, applies_to="to --target onnx (or all) only")
+    streaming: bool | None = option(
+        None, "--streaming", "never hold the whole model: ONNX reads each decoder layer from the checkpoint (a "
+        "Hugging Face safetensors directory, sharded or not) when the graph builder reaches it and writes every "
+        "weight straight to model.<form>.onnx.data as it is made; the blob reads the codes one linear at a time "
+        "(docs/scale.md). Same graph and bytes as in memory. Default: streaming when three float32 copies of the "
+        "model would not fit in the available RAM; --no-streaming loads the whole model. compressed-tensors is "
+        "not streamed yet", negatable=True, applies=_streams, applies_to="to --target onnx, blob (or all) only")
     accel_config: str | None = option(None, "--config", "fpga: accelerator config (keys of accel.json: n, m, "
                                       "groups_per_beat, pes, weight_bits, act_bits, group_size, k_max, scale_bits, "
                                       "out_bits, clock_mhz, mem_gbps); default: a design that runs every layer of "
@@ -508,6 +551,10 @@ class ExportConfig:
                             applies=_gpu, applies_to="to --target gpu only")
     max_seq: int = option(2048, "--max-seq", "gpu: the engine profile's longest context, capped at the model's",
                           type=int, applies=_gpu, applies_to="to --target gpu only")
+
+    def streaming_refusals(self) -> list[str]:
+        """Nothing an export target asks for needs the whole model (see `_streams` for the targets that stream)."""
+        return []
 
     def targets(self) -> list[str]:
         names = [t.strip() for t in self.target.split(",") if t.strip()]

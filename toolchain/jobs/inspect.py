@@ -6,22 +6,36 @@ import os
 
 def run_eval(model: str, seqlen: int = 2048, datasets: tuple[str, ...] = ("pydoc",), device: str | None = None,
              progress: bool = True, tasks: str | None = None, limit: int | None = None, seed: int = 0,
-             max_gen_toks: int | None = None, out: str | os.PathLike | None = None, heldout: bool = False) -> dict:
+             max_gen_toks: int | None = None, out: str | os.PathLike | None = None, heldout: bool = False,
+             streaming: bool | None = None) -> dict:
     """Perplexity of `model` on each named evaluation split (unavailable ones reported, not failed), and with
     `tasks` the lm-eval task metrics (written with every item's output to `out` when given).
 
     Items a recovered model was trained on (its compression.json's `recovery` record) are never scored; with
-    `heldout`, any model is scored on GSM8K's held-out half only, the same pool as a recovered model."""
+    `heldout`, any model is scored on GSM8K's held-out half only, the same pool as a recovered model.
+
+    `streaming` (None: decided by `resolve_streaming`, as for the jobs): perplexity is measured layer by layer
+    from the checkpoint (`evaluate.perplexity_streamed`), never holding the whole model; lm-eval tasks need the
+    whole model, so with `tasks` the default stays in memory and an explicit `streaming` is refused."""
     from ..evaluate import evaluate
     from ..models import load_model
+    from .config import EvalStreaming, resolve_streaming
 
     task_names = ()
     if tasks:
         from ..tasks import parse_tasks
 
         task_names = parse_tasks(tasks)  # refuse a bad name before the model loads
-    loaded = load_model(model)
-    result = evaluate(loaded, seqlen, tuple(datasets), device=device or "cpu", progress=progress)
+    streamed = resolve_streaming(model, EvalStreaming(streaming, bool(task_names)))
+    if streamed:
+        from .streamed import open_streamed
+
+        loaded = open_streamed(model, with_head=True)
+    else:
+        loaded = load_model(model)
+    result = evaluate(loaded, seqlen, tuple(datasets), device=device or "cpu", progress=progress,
+                      stream=loaded.stream if streamed else None)
+    result["streaming"] = streamed
     if task_names:
         from ..tasks.run import evaluate_tasks, write_task_results
 

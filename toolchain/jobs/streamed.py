@@ -21,6 +21,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..models import LoadedModel
+from ..models.loading import model_source
 from ..models.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from ..models.streaming import StreamingCheckpoint
 from ..quant import QuantizedWeight, write_quant_state
@@ -29,18 +30,20 @@ from ..quant.state import merge_quant_state
 SHARD_BYTES = DEFAULT_SHARD_BYTES    # the output's shard size (the tests make it small to get many shards)
 
 
-def open_streamed(model_dir: str | Path) -> LoadedModel:
-    """The model as a skeleton whose decoder layers stay on `meta`, with its tokenizer."""
+def open_streamed(model_dir: str | Path, with_head: bool = False) -> LoadedModel:
+    """The model as a skeleton whose decoder layers stay on `meta`, with its tokenizer (`with_head`: an untied LM
+    head is loaded too, for a job that runs it)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    stream = StreamingCheckpoint(model_dir, with_head=False)
+    path, source = model_source(model_dir)
+    stream = StreamingCheckpoint(path, with_head=with_head)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.is_file()
+                     else AutoTokenizer.from_pretrained(path))
     except Exception:
         tokenizer = None
-    source = {"kind": "hf", "path": str(Path(model_dir).resolve())}
     return LoadedModel(model=stream.model, tokenizer=tokenizer, adapter=stream.adapter, source=source, stream=stream)
 
 

@@ -10,11 +10,12 @@ import torch
 from ..engine import LayerEngine
 from ..errors import ConfigError
 from ..models import LoadedModel
-from ..prune.structured import Budget, global_removal, make_structured, uniform_removal
+from ..prune.structured import DEPTH_METHOD, Budget, global_removal, make_structured, uniform_removal
 from ..prune.structured.search import MaskedFitness, evolve
 from ..prune.structured.surgery import add_zero_biases, bias_params, layer_params, shrink, unit_params
 from ..prune.structured.widths import native_per_layer_widths
 from .config import PruneConfig
+from .depth import prune_depth_loaded
 
 
 def _budget(loaded: LoadedModel, cfg: PruneConfig, method) -> Budget:
@@ -108,6 +109,8 @@ def _searched_counts(loaded, engine, budget, method, sparsity, heldout, cfg, pro
 def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: PruneConfig, device,
                             progress: bool = True) -> dict:
     """Prune `loaded.model` in place into a narrower model (its config updated to match). Returns the report."""
+    if cfg.structured_method() == DEPTH_METHOD:
+        return prune_depth_loaded(loaded, calib, cfg, device, progress)
     target = cfg.validate()[0]
     method = make_structured(cfg.structured_method())
     adapter, model = loaded.adapter, loaded.model

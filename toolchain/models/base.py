@@ -168,6 +168,17 @@ class ArchAdapter(ABC):
         grouped kind; MLP widths in channels), with the bias switches in `biases` turned on."""
         raise ConfigError(f"structured pruning supports the llama and opt families, not {self.family}")
 
+    def depth_config(self, config, kept: list[int]) -> dict:
+        """Config values for the model that keeps only decoder layers `kept` (original indices, ascending): the
+        layer count, and every per-layer list (a config attribute with one entry per layer, such as
+        `layer_types`) cut to the kept layers."""
+        n = config.num_hidden_layers
+        values = {"num_hidden_layers": len(kept)}
+        for key, value in config.to_dict().items():
+            if key != "num_hidden_layers" and isinstance(value, (list, tuple)) and len(value) == n and n > 1:
+                values[key] = type(value)(value[i] for i in kept)
+        return values
+
     def sync_structure(self, layer: nn.Module) -> None:
         """Update the attributes a family's modules derive from their widths after units were removed."""
 

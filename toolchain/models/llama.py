@@ -80,6 +80,15 @@ class LlamaAdapter(ArchAdapter):
         values.update({flag: True for flag in biases})
         return values   # head_dim is explicit: hidden_size / heads no longer gives it
 
+    def depth_config(self, config, kept):
+        values = super().depth_config(config, kept)
+        # Qwen2 slides the attention window in the layers from max_window_layers on; the kept layers keep their
+        # order, so the threshold becomes the count of kept layers below it.
+        limit = getattr(config, "max_window_layers", None)
+        if isinstance(limit, int):
+            values["max_window_layers"] = sum(1 for i in kept if i < limit)
+        return values
+
     def sync_structure(self, layer):
         attn = layer.self_attn
         attn.num_key_value_groups = attn.q_proj.out_features // attn.k_proj.out_features

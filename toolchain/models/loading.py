@@ -113,23 +113,35 @@ def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     return plain.eval()
 
 
+def model_source(spec: str | os.PathLike) -> tuple[Path, dict]:
+    """The file or directory behind `spec` (a named model, a `.gguf` file or a Hugging Face directory) and the
+    source record the jobs write."""
+    if str(spec) == "smollm2":
+        return smollm2_path(), {"kind": "smollm2", "path": str(smollm2_path())}
+    if str(spec) in BUNDLED:
+        path = bundled_path(str(spec))
+        return path, {"kind": "bundled", "name": str(spec), "path": str(path), "sha256": BUNDLED[str(spec)].sha256}
+    path = Path(spec)
+    if not path.exists():
+        raise ModelLoadError(f"model path does not exist: {path}")
+    return path, {"kind": "gguf" if path.suffix == ".gguf" else "hf", "path": str(path.resolve())}
+
+
+def gguf_file(spec) -> Path | None:
+    """The GGUF behind `spec` (a named model or a `.gguf` file), or None (a directory, or nothing there)."""
+    if is_named_model(spec):
+        return named_model_path(spec)
+    path = Path(str(spec))
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def load_model(spec: str | os.PathLike, *, with_tokenizer: bool = True) -> LoadedModel:
     """`spec` is a named model (`named_models()`), a `.gguf` file, or a Hugging Face model directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if str(spec) == "smollm2":
-        path, source = smollm2_path(), {"kind": "smollm2", "path": str(smollm2_path())}
-    elif str(spec) in BUNDLED:
-        path = bundled_path(str(spec))
-        source = {"kind": "bundled", "name": str(spec), "path": str(path), "sha256": BUNDLED[str(spec)].sha256}
-    else:
-        path = Path(spec)
-        source = {"kind": "gguf" if path.suffix == ".gguf" else "hf", "path": str(path.resolve())}
-        if not path.exists():
-            raise ModelLoadError(f"model path does not exist: {path}")
-
+    path, source = model_source(spec)
     tokenizer = None
     if path.is_file():
         if path.suffix != ".gguf":
@@ -201,10 +213,15 @@ def stored_dtype(spec) -> torch.dtype:
 
 
 def float32_bytes(spec) -> int | None:
-    """What a Hugging Face safetensors checkpoint takes in float32 (every tensor's elements x 4), read from the
-    headers; None for anything else."""
+    """What a Hugging Face safetensors checkpoint or a GGUF (a named model included) takes in float32 (every
+    tensor's elements x 4), read from the headers; None for anything else."""
+    gguf = gguf_file(spec)
+    if gguf is not None:
+        from .gguf_index import gguf_tensor_elements
+
+        return 4 * gguf_tensor_elements(gguf)
     path = Path(str(spec))
-    if is_named_model(spec) or not path.is_dir():
+    if not path.is_dir():
         return None
     total = 0
     for header in _headers(path):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from . import adapter_for
-from .loading import check_safetensors
+from .loading import check_safetensors, gguf_file
 from .shards import DTYPES_BY_CODE as STORED_DTYPES, INDEX
 
 
@@ -76,18 +76,35 @@ class StreamingCheckpoint:
     """A float32 model whose decoder layers stay on `meta` until loaded one at a time."""
 
     def __init__(self, directory: str | Path, with_head: bool = True):
-        """`with_head=False` leaves an untied LM head on `meta`: the layer-by-layer jobs never run it (the
-        writer copies it from the checkpoint), and in float32 it is as large as the embeddings."""
+        """`directory`: a Hugging Face safetensors directory, or a GGUF (a `.gguf` file or a named model), whose
+        tensors are then dequantized one at a time (`gguf_index.GGUFIndex`). `with_head=False` leaves an untied
+        LM head on `meta`: the layer-by-layer jobs never run it (the writer copies it from the checkpoint), and
+        in float32 it is as large as the embeddings."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise ModelLoadError(f"{directory} has no config.json; expected a Hugging Face model directory")
-        config = AutoConfig.from_pretrained(directory)
+        gguf = gguf_file(directory)
+        if gguf is not None:
+            try:
+                config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            except Exception as exc:
+                raise ModelLoadError(f"could not read GGUF {gguf}: {exc}") from None
+            fields = config.to_dict()
+            fields.pop("quantization_config", None)   # a plain float model, as loading.py's _plain_copy makes
+            config = type(config).from_dict(fields)
+        else:
+            directory = Path(directory)
+            if not (directory / "config.json").is_file():
+                raise ModelLoadError(f"{directory} has no config.json; expected a Hugging Face model directory")
+            config = AutoConfig.from_pretrained(directory)
         adapter_for(config)
-        self.index = CheckpointIndex(directory)
+        if gguf is None:
+            self.index = CheckpointIndex(directory)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if gguf is not None:
+            from .gguf_index import GGUFIndex
+
+            self.index = GGUFIndex(gguf, model)
         self.model = model.eval()
         self.adapter = adapter_for(model)
         self.layers = self.adapter.decoder_layers(model)

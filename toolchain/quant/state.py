@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import torch
@@ -39,32 +40,101 @@ def write_quant_state(path: str | os.PathLike, weights: dict[str, QuantizedWeigh
     save_file(tensors, str(path), metadata={"toolchain": json.dumps({"format": FORMAT, "layers": layers})})
 
 
+def _read_linear(handle, path: Path, name: str, info: dict, keys: set[str]) -> QuantizedWeight:
+    """One linear's QuantizedWeight from an open quant_state file."""
+    spec = QuantSpec(info["bits"], info["group_size"], info["symmetric"])
+    codes = handle.get_tensor(f"{name}.codes").to(torch.int32)
+    scales = handle.get_tensor(f"{name}.scales").float()
+    zeros = (handle.get_tensor(f"{name}.zeros").to(torch.int32) if not spec.symmetric
+             else torch.zeros_like(scales, dtype=torch.int32))
+    mask = handle.get_tensor(f"{name}.prune_mask").bool() if f"{name}.prune_mask" in keys else None
+    if list(codes.shape) != info["shape"]:
+        raise ToolchainError(f"{path}: {name}.codes has shape {list(codes.shape)}, metadata says {info['shape']}")
+    return QuantizedWeight(codes, scales, zeros, spec, mask)
+
+
+def _layers_of(handle, path: Path) -> dict:
+    meta = json.loads((handle.metadata() or {}).get("toolchain", "{}"))
+    if meta.get("format") != FORMAT:
+        raise ToolchainError(f"{path}: not a {FORMAT} file (format {meta.get('format')!r})")
+    return meta["layers"]
+
+
 def read_quant_state(path: str | os.PathLike) -> dict[str, QuantizedWeight]:
     from safetensors import safe_open
 
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("toolchain", "{}"))
-            if meta.get("format") != FORMAT:
-                raise ToolchainError(f"{path}: not a {FORMAT} file (format {meta.get('format')!r})")
-            out = {}
-            for name, info in meta["layers"].items():
-                spec = QuantSpec(info["bits"], info["group_size"], info["symmetric"])
-                codes = handle.get_tensor(f"{name}.codes").to(torch.int32)
-                scales = handle.get_tensor(f"{name}.scales").float()
-                zeros = (handle.get_tensor(f"{name}.zeros").to(torch.int32) if not spec.symmetric
-                         else torch.zeros_like(scales, dtype=torch.int32))
-                keys = set(handle.keys())
-                mask = handle.get_tensor(f"{name}.prune_mask").bool() if f"{name}.prune_mask" in keys else None
-                if list(codes.shape) != info["shape"]:
-                    raise ToolchainError(f"{path}: {name}.codes has shape {list(codes.shape)}, metadata says {info['shape']}")
-                out[name] = QuantizedWeight(codes, scales, zeros, spec, mask)
-            return out
+            keys = set(handle.keys())
+            return {name: _read_linear(handle, path, name, info, keys)
+                    for name, info in _layers_of(handle, path).items()}
     except ToolchainError:
         raise
     except Exception as exc:
         raise ToolchainError(f"cannot read quant state {path}: {exc}") from None
+
+
+class QuantStateFile(MutableMapping):
+    """quant_state.safetensors read one linear at a time, when asked for: the streamed exporters hold one
+    linear's codes (int32 in memory, four times their stored size) instead of the whole model's.
+
+    Reads are not cached (each `[name]` reads the file again, memory-mapped, and closes it), so the codes leave
+    memory with the caller's last reference. Entries set on it (an exporter's stacked q/k/v) live in an overlay
+    and never touch the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                self.keys_in_file = set(handle.keys())
+                self.layers = _layers_of(handle, self.path)
+        except ToolchainError:
+            raise
+        except Exception as exc:
+            raise ToolchainError(f"cannot read quant state {self.path}: {exc}") from None
+        self.added: dict[str, QuantizedWeight] = {}
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        from safetensors import safe_open
+
+        if name in self.added:
+            return self.added[name]
+        if name not in self.layers:
+            raise KeyError(name)
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                return _read_linear(handle, self.path, name, self.layers[name], self.keys_in_file)
+        except ToolchainError:
+            raise
+        except Exception as exc:
+            raise ToolchainError(f"cannot read {name} from quant state {self.path}: {exc}") from None
+
+    def __setitem__(self, name: str, value: QuantizedWeight) -> None:
+        self.added[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self.added:
+            raise KeyError(f"{name}: only entries added to a QuantStateFile can be removed (the file is read-only)")
+        del self.added[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self.added or name in self.layers
+
+    def __iter__(self):
+        yield from self.layers
+        yield from (n for n in self.added if n not in self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers) + sum(n not in self.layers for n in self.added)
+
+    def copy(self) -> "QuantStateFile":
+        """A view of the same file with its own overlay (as `dict.copy` gives the in-memory state)."""
+        other = object.__new__(QuantStateFile)
+        other.path, other.keys_in_file, other.layers, other.added = self.path, self.keys_in_file, self.layers, dict(self.added)
+        return other
 
 
 def merge_quant_state(parts: list[Path], path: str | os.PathLike) -> None:

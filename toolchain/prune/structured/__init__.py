@@ -3,6 +3,7 @@
 One module per method over the layer engine (the pipeline in `toolchain.jobs.structured` owns the walk):
 `magnitude.py`, `wanda_sp.py`, `flap.py`, `taylor.py` (LLM-Pruner's first-order Taylor), and ours, `obs_refit.py` (OBS saliency, exact least-squares refit).
 `budget.py` turns the parameter budget into per-layer unit counts; `surgery.py` rebuilds the narrower linears.
+Depth (`depth.py`, `--method depth`) removes whole decoder layers instead, ranked by Block Influence.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from .wanda_sp import WandaSP
 STRUCTURED_METHODS: dict[str, type[StructuredMethod]] = {"obs-refit": ObsRefit, "flap": Flap, "wanda-sp": WandaSP,
                                                          "taylor": TaylorSP, "magnitude": MagnitudeSP}
 DEFAULT_STRUCTURED = "obs-refit"
+#: removes whole decoder layers (prune/structured/depth.py) rather than units inside every layer
+DEPTH_METHOD = "depth"
 STRUCTURED_ALLOCATIONS = ("uniform", "global", "search")
 #: calibration windows `--allocation search` draws beyond --calib-samples and holds out for its KL fitness
 SEARCH_WINDOWS = 4
@@ -31,4 +34,4 @@ def make_structured(name: str) -> StructuredMethod:
 
 
 __all__ = ["Budget", "Removal", "StructuredMethod", "STRUCTURED_METHODS", "STRUCTURED_ALLOCATIONS",
-           "DEFAULT_STRUCTURED", "SEARCH_WINDOWS", "global_removal", "make_structured", "uniform_removal"]
+           "DEFAULT_STRUCTURED", "DEPTH_METHOD", "SEARCH_WINDOWS", "global_removal", "make_structured", "uniform_removal"]
