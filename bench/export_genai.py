@@ -26,6 +26,7 @@ import numpy as np
 PROMPT, NEW_TOKENS, ROUNDS, THREADS, BLOCK = 128, 64, 31, 2, 64
 #: (accuracy level, LM head form) pairs, each timed for both graphs
 SETTINGS = ((0, "float"), (0, "int4"), (1, "float"), (1, "int4"))
+BUILDER = "genai builder"
 
 
 def _dir_bytes(path: Path) -> int:
@@ -69,7 +70,7 @@ def build_candidates(src: Path, work: Path, level: int, head: str) -> dict[str, 
         _set_threads(d, THREADS)
     return {"toolchain fused": {"dir": ours, "command": f"toolchain export --model SRC --target onnx --onnx-graph "
                                                          f"fused --accuracy-level {level} --lm-head {head}"},
-            "genai builder": {"dir": theirs, "command": "python -m onnxruntime_genai.models.builder " +
+            BUILDER: {"dir": theirs, "command": "python -m onnxruntime_genai.models.builder " +
                               " ".join(cmd[3:]).replace(str(src), "SRC").replace(str(theirs.parent), "WORK")}}
 
 
@@ -92,18 +93,11 @@ def timed_generation(model, ids: np.ndarray) -> tuple[float, float, list[int]]:
     return 1000 * prefill, 1000 * float(np.median(steps)), tokens
 
 
-def leading_agreement(tokens: list[int], reference: list[int]) -> int:
-    n = 0
-    for a, b in zip(tokens, reference):
-        if a != b:
-            break
-        n += 1
-    return n
-
-
 def compare_setting(candidates: dict[str, dict], ids: np.ndarray, reference: list[int], rounds: int) -> list[dict]:
     """Alternated rounds of the setting's candidates (loaded once); one row per candidate."""
     import onnxruntime_genai as og
+
+    from toolchain.sim.model_eval import agreeing_prefix
 
     names = list(candidates)
     models = {n: og.Model(str(candidates[n]["dir"])) for n in names}
@@ -116,7 +110,7 @@ def compare_setting(candidates: dict[str, dict], ids: np.ndarray, reference: lis
             prefill, decode, tokens[n] = timed_generation(models[n], ids)
             times[n].append((prefill, decode))
     rows = []
-    base = np.array(times[names[-1]])   # the builder's graph, the reference of the ratio
+    base = np.array(times[BUILDER])   # the reference of the ratio
     for n in names:
         t = np.array(times[n])
         # paired by round: each round times both graphs back to back, so a slow spell of the machine falls on
@@ -129,7 +123,7 @@ def compare_setting(candidates: dict[str, dict], ids: np.ndarray, reference: lis
                      "decode_iqr_ms": round(float(np.subtract(*np.percentile(t[:, 1], [75, 25]))), 2),
                      "paired_ratio_prefill": round(float(paired[0]), 3),
                      "paired_ratio_decode": round(float(paired[1]), 3),
-                     "tokens_agree": f"{leading_agreement(tokens[n], reference)}/{len(reference)}",
+                     "tokens_agree": f"{agreeing_prefix(tokens[n], reference)}/{len(reference)}",
                      "command": candidates[n]["command"]})
     return rows
 
@@ -186,7 +180,7 @@ def genai_table(g: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in g["rows"]:
         ratio = (f"{r['paired_ratio_prefill']:.3f}, {r['paired_ratio_decode']:.3f}"
-                 if "paired_ratio_decode" in r and r["graph"] != "genai builder" else "")
+                 if "paired_ratio_decode" in r and r["graph"] != BUILDER else "")
         iqr = f" ({r['decode_iqr_ms']})" if "decode_iqr_ms" in r else ""
         lines.append(f"| {r['accuracy_level']} | {r['lm_head']} | {r['graph']} | {r['bytes'] / 1e6:.1f} | "
                      f"{r['prefill_ms']} | {r['decode_ms_per_token']}{iqr} | {ratio} | {r['tokens_agree']} |")

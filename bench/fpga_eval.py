@@ -6,9 +6,9 @@ wiki and science splits, and greedy generation, for the dense model, the float q
 under the contract, with the Verilator cross-check of two layers captured inside the run.
 
 Then where the loss comes from: the same contract with wider activations for some linears (the what-if
-`--act-bits`; everything else unchanged). Where a split misses the target (within TARGET_PCT of the float
-quantized model), the mitigation is measured too: the design with 16-bit activations (accel.json act_bits 16,
-the same templates), evaluated with its own RTL cross-check.
+`--act-bits`, whose output widens by as many bits). Where a split misses the target (within TARGET_PCT of the float
+quantized model), the mitigation is measured too: the design with 16-bit activations and an output 8 bits wider
+(accel.json act_bits 16, out_bits + 8, the same templates), evaluated with its own RTL cross-check.
 """
 from __future__ import annotations
 

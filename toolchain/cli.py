@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--no-rtl", action="store_true", help="skip the Verilator cross-check")
     fe.add_argument("--act-bits", default=None,
                     help="what-if, not the contract: activation widths for some linears, e.g. down_proj=16 or "
-                         "all=16 (the RTL is generated for accel.json's act_bits)")
+                         "all=16, each with an output as many bits wider (the RTL is generated for accel.json's act_bits)")
     fe.add_argument("--seed", type=int, default=0, help="seed of the layer sample and back-pressure (default "
                     "%(default)s)")
     fe.add_argument("--json", action="store_true", help="print JSON for machines")
