@@ -24,7 +24,7 @@ BENCHMARKS = {"prune": run_prune_bench, "prune-quality": run_quality_bench, "qua
               "fpga-eval": run_fpga_eval_bench, "fpga-pnr": run_fpga_pnr_bench,
               "eval": run_eval_bench, "reasoning": run_reasoning_bench,
               "scale": run_scale_bench, "structured": run_structured_bench}
-TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "reasoning", "structured")
+TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "reasoning", "scale", "structured")
 # the benchmarks that take task options (--tasks, --limit, --zero-shot-limit, --max-gen-toks, --ppl-windows)
 TAKES_TASK_OPTIONS = ("reasoning",)
 

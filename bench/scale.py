@@ -8,12 +8,20 @@ parameters, 15.8 GB in bf16, 31.6 GB in float32. It goes to <out>/work/scale-<la
 after the runs, and so is each run's output. The same shape with 8 layers shows how peak memory grows with depth.
 
 Per depth, one chain of subprocesses, each streamed (`STEPS`):
-  wanda   `prune --method wanda --sparsity 2:4 --calib-samples 4 --seqlen 128` of the checkpoint; its output is
-          checked: bf16, every decoder linear valid 2:4;
+  sparsegpt `prune --method sparsegpt --sparsity 2:4 --calib-samples 4 --seqlen 128` of the checkpoint; checked:
+          bf16, every decoder linear valid 2:4;
+  gptq    `quantize --method gptq --bits 4 --group-size 128 --calib-samples 4 --seqlen 128` of the checkpoint;
+          checked: the quantization state is there;
+  wanda   `prune --method wanda --sparsity 2:4 --calib-samples 4 --seqlen 128` of the checkpoint; checked as
+          sparsegpt's;
   rtn     `quantize --method rtn --bits 4 --group-size 128` of the pruned output (the exporters' input: codes in
           quant_state.safetensors); checked: the quantization state is there;
   blob    `export --target blob` of the quantized model; checked: the blob reads back (header, manifest, CRCs);
   onnx    `export --target onnx` (MatMulNBits, fused graph) of it; checked: `onnx.checker` by path.
+The steps that read the checkpoint run first and every output is deleted as soon as no later step reads it, so
+at most two model-sized folders are on disk at once. `--only` picks steps as STEP or STEP@LAYERS (sparsegpt@8,
+onnx@32); the steps they read from run too. Rows are written as each step finishes, so a long run that is
+stopped keeps what it measured.
 Peak RSS (VmHWM) and the anonymous peak come from each run's compression.json or export manifest, wall time from
 here.
 """
@@ -29,33 +37,54 @@ from pathlib import Path
 
 import torch
 
-from .common import save_result, work_dir
+from .common import check_only, result_stem, work_dir, write_result
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
              max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
 DEPTHS = (8, 32)
-#: step -> (the step whose output it reads, or None for the checkpoint; its command)
+CALIB = ["--calib-samples", "4", "--seqlen", "128"]
+#: step -> (the step whose output it reads, or None for the checkpoint; its command), in the order they run
 STEPS = {
-    "wanda": (None, ["prune", "--method", "wanda", "--sparsity", "2:4", "--calib-samples", "4", "--seqlen", "128",
-                     "--streaming"]),
+    "sparsegpt": (None, ["prune", "--method", "sparsegpt", "--sparsity", "2:4", *CALIB, "--streaming"]),
+    "gptq": (None, ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "128", *CALIB, "--streaming"]),
+    "wanda": (None, ["prune", "--method", "wanda", "--sparsity", "2:4", *CALIB, "--streaming"]),
     "rtn": ("wanda", ["quantize", "--method", "rtn", "--bits", "4", "--group-size", "128", "--streaming"]),
     "blob": ("rtn", ["export", "--target", "blob", "--streaming"]),
     "onnx": ("rtn", ["export", "--target", "onnx", "--streaming"]),
 }
+PRUNE_STEPS, QUANT_STEPS = ("sparsegpt", "wanda"), ("gptq", "rtn")
 
 
-def write_llama3_shaped(directory: Path, layers: int, tokenizer, seed: int = 0) -> Path:
-    """A Llama-3-8B-shaped bf16 checkpoint with `layers` decoder layers, written one tensor at a time."""
+def scale_plan(only: list[str] | None) -> dict[int, list[str]]:
+    """Depth -> the steps to run there, in `STEPS` order: those `--only` names (STEP or STEP@LAYERS) and the
+    steps they read from; every step at every depth without it."""
+    known = [*STEPS, *(f"{step}@{layers}" for layers in DEPTHS for step in STEPS)]
+    check_only("scale", only, known)
+    plan = {}
+    for layers in DEPTHS:
+        wanted = {step for step in STEPS if not only or step in only or f"{step}@{layers}" in only}
+        for step in list(wanted):
+            while STEPS[step][0] is not None:
+                step = STEPS[step][0]
+                wanted.add(step)
+        if wanted:
+            plan[layers] = [step for step in STEPS if step in wanted]
+    return plan
+
+
+def write_llama3_shaped(directory: Path, layers: int, tokenizer, seed: int = 0, shape: dict = SHAPE) -> Path:
+    """A Llama-3-8B-shaped bf16 checkpoint with `layers` decoder layers, written one tensor at a time (`shape`
+    replaces the 8B widths, for a test)."""
     from transformers import LlamaConfig
 
     from toolchain.models.shards import ShardWriter
 
     config = LlamaConfig(num_hidden_layers=layers, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **SHAPE)
+                         eos_token_id=tokenizer.eos_token_id, **shape)
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = torch.bfloat16
-    d, f, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], len(tokenizer)
-    kv = d // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
+    d, f, v = shape["hidden_size"], shape["intermediate_size"], len(tokenizer)
+    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
     gen = torch.Generator().manual_seed(seed)
 
     def normal(*shape):
@@ -137,39 +166,51 @@ def run_step(step: str, src: Path, out: Path) -> dict:
     report = json.loads((out / ("manifest.json" if step in ("blob", "onnx") else "compression.json")).read_text())
     row = {"step": step, "command": "toolchain " + " ".join(STEPS[step][1]), "wall_seconds": round(wall, 1),
            "peak_rss_mib": report["peak_rss_mib"], "peak_anon_mib": report["peak_anon_mib"]}
-    if step == "wanda":
+    if step in PRUNE_STEPS:
         row.update(threads=report["machine"]["threads"], **check_output(out))
-    elif step == "rtn":
+    elif step in QUANT_STEPS:
         row["quant_state"] = (out / "quant_state.safetensors").is_file()
     else:
         row.update(check_export(out, step))
     return row
 
 
-def run_scale_bench(model: str, out_dir: str | Path) -> dict:
+def run_scale_bench(model: str, out_dir: str | Path, only: list[str] | None = None, shape: dict = SHAPE) -> dict:
+    plan = scale_plan(only)
+    out_dir = Path(out_dir)
     work = work_dir(out_dir)
     tokenizer = tokenizer_of(model)
-    rows = []
-    for layers in DEPTHS:
+    stem = result_stem(out_dir, "scale", "llama3-8b-shape")
+    order = [f"{layers}@{step}" for layers in DEPTHS for step in STEPS]
+    rows: list[dict] = []
+
+    def save(partial: bool) -> dict:
+        result = {"model": "Llama-3-8B shape, random bf16 N(0, 0.02), tokenizer of " + str(model),
+                  "shape": {k: v for k, v in shape.items() if isinstance(v, int)}, "rows": list(rows),
+                  "partial": partial}
+        write_result(stem, result, order, lambda r: f"{r['layers']}@{r.get('step', 'wanda')}", table)
+        return result
+
+    for layers, steps in plan.items():
         ckpt = work / f"scale-{layers}l"
         t0 = time.perf_counter()
-        write_llama3_shaped(ckpt, layers, tokenizer)
+        write_llama3_shaped(ckpt, layers, tokenizer, shape=shape)
         made = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         outputs = {None: ckpt}
         try:
-            for n, (step, (reads, _)) in enumerate(STEPS.items()):
+            for n, step in enumerate(steps):
                 outputs[step] = work / f"scale-{layers}l-{step}"
                 rows.append({"layers": layers, "checkpoint_gb": round(size / 1e9, 2), "write_seconds": round(made, 1),
-                             **run_step(step, outputs[reads], outputs[step])})
-                later = {r for r, _ in list(STEPS.values())[n + 1:]}
+                             **run_step(step, outputs[STEPS[step][0]], outputs[step])})
+                save(partial=True)
+                later = {STEPS[s][0] for s in steps[n + 1:]}
                 for done in [k for k in outputs if k not in later]:   # no later step reads it: free the disk
                     shutil.rmtree(outputs.pop(done), ignore_errors=True)
         finally:
             for path in outputs.values():
                 shutil.rmtree(path, ignore_errors=True)
-    result = {"model": "Llama-3-8B shape, random bf16 N(0, 0.02), tokenizer of " + str(model), "rows": rows}
-    return save_result(out_dir, "scale", "llama3-8b-shape", result, table)
+    return save(partial=bool(only))
 
 
 def table(result: dict) -> str:
@@ -178,9 +219,9 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         step = r.get("step", "wanda")   # rows written before the exporters were measured are the prune's
-        if step == "wanda":
+        if step in PRUNE_STEPS:
             checked = f"{','.join(r['dtypes'])}, not 2:4 {r['linears_not_2of4']}/{r['linears_checked']}"
-        elif step == "rtn":
+        elif step in QUANT_STEPS:
             checked = "quant_state.safetensors" if r["quant_state"] else "no quant state"
         elif step == "blob":
             checked = f"blob reads back, {r['blob_tensors']} tensors, {r['artifact_gb']} GB"

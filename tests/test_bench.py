@@ -97,7 +97,7 @@ def test_unknown_only_is_refused_before_any_work(what, tmp_path):
 
 
 def test_fpga_takes_no_only(tmp_path, capsys):
-    assert set(BENCHMARKS) - set(TAKES_ONLY) == {"fpga", "fpga-dram", "fpga-eval", "fpga-pnr", "scale"}
+    assert set(BENCHMARKS) - set(TAKES_ONLY) == {"fpga", "fpga-dram", "fpga-eval", "fpga-pnr"}
     with pytest.raises(ConfigError, match="bench fpga takes no --only"):
         run_benchmark("fpga", str(tmp_path / "no-model"), tmp_path / "out", only=["q_proj"])
     assert main(["bench", "fpga", "--only", "q_proj", "--out", str(tmp_path / "out")]) == 2

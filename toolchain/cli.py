@@ -326,16 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "--out/work)")
     b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "fpga-eval",
                                      "fpga-pnr", "eval", "reasoning", "scale", "structured"],
-                   help="scale: a streamed Wanda 2:4 prune of a generated Llama-3-8B-shaped bf16 checkpoint (8 and 32 "
-                        "layers, --model's tokenizer), a streamed RTN 4-bit quantization of it and the streamed blob "
-                        "and ONNX exports of that, peak memory of each; about 40 GB of disk under --out/work while "
-                        "it runs")
+                   help="scale: streamed SparseGPT and Wanda 2:4 prunes and a GPTQ 4-bit quantization of a generated "
+                        "Llama-3-8B-shaped bf16 checkpoint (8 and 32 layers, --model's tokenizer), a streamed RTN "
+                        "4-bit quantization of the Wanda output and the streamed blob and ONNX exports of that, peak "
+                        "memory and wall time of each; about 40 GB of disk under --out/work while it runs")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
                    help="comma list of configurations to run, in that order, as NAME or NAME@SPARSITY (e.g. wanda@2:4); "
                         "for export, ONNX forms (float, qdq, matmulnbits, matmulnbits acc4); for eval, zero-shot "
-                        "tasks (arc_easy, hellaswag, ...); for reasoning, rows (dense, gptq 4-bit, wanda 2:4, ...); not for fpga. "
+                        "tasks (arc_easy, hellaswag, ...); for reasoning, rows (dense, gptq 4-bit, wanda 2:4, ...); for scale, "
+                        "STEP or STEP@LAYERS (sparsegpt, gptq, wanda, rtn, blob, onnx; onnx@32), with the steps "
+                        "they read from; not for fpga. "
                         "Their rows replace the same rows of an existing result file")
     b.add_argument("--tasks", default=None, help="reasoning only: comma list of gsm8k, math500, zero-shot "
                    "(default all three)")
