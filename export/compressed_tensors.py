@@ -158,27 +158,44 @@ def _linear_module_names(model_dir: Path) -> list[str] | None:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def _sparsity(model: CompressedModel) -> dict | None:
-    """Sparsity of the quantized linears: structure, global fraction pruned, layers with pruned weights."""
-    masked = {name: qw.prune_mask for name, qw in model.quant.items() if qw.prune_mask is not None}
-    if not masked:
-        return None
-    total = sum(qw.codes.numel() for qw in model.quant.values())
-    pruned = sum(int(mask.sum()) for mask in masked.values())
+@dataclass(frozen=True)
+class LayerFacts:
+    """What the config needs of one quantized linear, so the codes are read once and then dropped."""
+
+    scheme: CTScheme
+    group_size: int            # the layer's own group size (-1: per channel); the scheme's may be a divisor
+    weights: int               # codes.numel()
+    pruned: int | None         # prune_mask.sum(), None without a mask
+
+
+def layer_facts(model: CompressedModel) -> dict[str, LayerFacts]:
+    """Every quantized linear's scheme and pruned count, one linear at a time (a lazily read quant state holds
+    one in memory); refuses a layer whose codes break the N:M structure compression.json names."""
+    facts = {}
     nm = model.nm
-    if nm is not None:
-        n, m = nm
-        for name, mask in masked.items():
-            qw = model.quant[name]
+    for name in model.quant:
+        qw = model.quant[name]
+        if qw.prune_mask is not None and nm is not None:
+            n, m = nm
             cols = (qw.codes.shape[1] // m) * m
             nonzero = (qw.codes[:, :cols] != _zero_codes(qw)[:, :cols]).reshape(qw.codes.shape[0], -1, m)
             if int(nonzero.sum(dim=2).max()) > n:
                 raise ModelLoadError(f"{name}: compression.json says {n}:{m} pruning but a block of {m} input "
                                      f"columns holds more than {n} nonzero codes")
-        structure = f"{n}:{m}"
-    else:
-        structure = "unstructured"
-    return {"structure": structure, "global_sparsity": pruned / total, "layers": sorted(masked)}
+        facts[name] = LayerFacts(scheme_for(name, qw), qw.spec.group_size, qw.codes.numel(),
+                                 None if qw.prune_mask is None else int(qw.prune_mask.sum()))
+    return facts
+
+
+def _sparsity(model: CompressedModel, facts: dict[str, LayerFacts]) -> dict | None:
+    """Sparsity of the quantized linears: structure, global fraction pruned, layers with pruned weights."""
+    masked = sorted(name for name, f in facts.items() if f.pruned is not None)
+    if not masked:
+        return None
+    total = sum(f.weights for f in facts.values())
+    pruned = sum(facts[name].pruned for name in masked)
+    structure = "unstructured" if model.nm is None else f"{model.nm[0]}:{model.nm[1]}"
+    return {"structure": structure, "global_sparsity": pruned / total, "layers": masked}
 
 
 def _zero_codes(qw: QuantizedWeight) -> torch.Tensor:
@@ -189,19 +206,22 @@ def _zero_codes(qw: QuantizedWeight) -> torch.Tensor:
     return out
 
 
-def quantization_config_for(model: CompressedModel, linears: list[str] | None = None) -> tuple[dict, dict]:
+def quantization_config_for(model: CompressedModel, linears: list[str] | None = None,
+                            facts: dict[str, LayerFacts] | None = None) -> tuple[dict, dict]:
     """(the `quantization_config` entry of config.json, {scheme group name: [layer names]}).
 
     One config group per distinct scheme. With one scheme the group targets the class "Linear" and `ignore`
     names every other Linear (lm_head, tied or not); with several, each group lists its layers by exact name.
-    Without the list of Linear modules (`linears`), groups always target exact names."""
+    Without the list of Linear modules (`linears`), groups always target exact names. `facts`: the model's
+    `layer_facts`, when the caller has them already."""
     import compressed_tensors
     from compressed_tensors.config import DenseSparsityConfig
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
+    facts = layer_facts(model) if facts is None else facts
     by_scheme: dict[CTScheme, list[str]] = defaultdict(list)
-    for name, qw in model.quant.items():
-        by_scheme[scheme_for(name, qw)].append(name)
+    for name, f in facts.items():
+        by_scheme[f.scheme].append(name)
     schemes = sorted(by_scheme)
     if linears is not None:
         not_linear = sorted(set(model.quant) - set(linears))
@@ -217,7 +237,7 @@ def quantization_config_for(model: CompressedModel, linears: list[str] | None = 
         members[f"group_{i}"] = names
     qconfig = QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status="compressed",
                                  ignore=ignore)
-    sparsity = _sparsity(model)
+    sparsity = _sparsity(model, facts)
     sparsity_config = {}
     if sparsity is not None:
         # vLLM looks every non-ignored linear up in the sparsity targets: they must cover all quantized layers.
@@ -232,13 +252,13 @@ def quantization_config_for(model: CompressedModel, linears: list[str] | None = 
     return entry, members
 
 
-def _fused_scheme_notes(model: CompressedModel) -> list[str]:
+def _fused_scheme_notes(facts: dict[str, LayerFacts]) -> list[str]:
     """Layers that vLLM fuses (q/k/v, gate/up) but that carry different schemes (mixed precision)."""
     notes = []
     parents: dict[str, dict[str, CTScheme]] = defaultdict(dict)
-    for name, qw in model.quant.items():
+    for name, f in facts.items():
         parent, _, leaf = name.rpartition(".")
-        parents[parent][leaf] = scheme_for(name, qw)
+        parents[parent][leaf] = f.scheme
     for parent, leaves in sorted(parents.items()):
         for siblings in _FUSED_SIBLINGS:
             found = {leaves[s] for s in siblings if s in leaves}
@@ -250,12 +270,14 @@ def _fused_scheme_notes(model: CompressedModel) -> list[str]:
 
 
 def export_compressed_tensors(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                              scale_dtype: str = "float32") -> dict:
+                              scale_dtype: str = "float32", streaming: bool = False) -> dict:
     """Write the compressed-tensors (pack-quantized) checkpoint of the compressed model at `model_dir`.
 
     `scale_dtype` "float32" (default) makes the library's decompressed float32 weights equal ours bit for
     bit; "float16" halves the scale bytes (our scales are fp16-exact) and the library then decompresses in
-    float16 (our weights rounded once to fp16). Returns a summary: files and sizes, config groups with
+    float16 (our weights rounded once to fp16). `streaming`: the quantization state is read one linear at a
+    time (`QuantStateFile`) rather than all at once; either way the output is written one input shard at a time,
+    so the float model is never whole in memory. Returns a summary: files and sizes, config groups with
     their layer counts, ignore list, sparsity, notes, seconds."""
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors import safe_open
@@ -267,13 +289,13 @@ def export_compressed_tensors(model_dir: str | os.PathLike, out_dir: str | os.Pa
     if scale_dtype not in SCALE_DTYPES:
         raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
     dtype = SCALE_DTYPES[scale_dtype]
-    model = read_compressed(model_dir, require_quant=True)
+    model = read_compressed(model_dir, require_quant=True, lazy=streaming)
     check_out_dir(model.path, out_dir)
-    if not model.quant:
+    if not len(model.quant):
         raise ModelLoadError(f"{model.path / QUANT_STATE} holds no quantized layers; nothing to pack")
-    entry, members = quantization_config_for(model, _linear_module_names(model.path))
+    facts = layer_facts(model)
+    entry, members = quantization_config_for(model, _linear_module_names(model.path), facts)
     QuantizationConfig.model_validate(entry)   # what transformers and vLLM will parse
-    scheme_of = {name: scheme_for(name, qw) for name, qw in model.quant.items()}
 
     files: dict[str, int] = {}
     weight_map: dict[str, str] = {}
@@ -297,7 +319,7 @@ def export_compressed_tensors(model_dir: str | os.PathLike, out_dir: str | os.Pa
                     if not torch.equal(float_w, qw.dequantize().to(float_w.dtype)):
                         raise ModelLoadError(f"{module}: the weight in {src.name} is not scale * (code - zero) of "
                                              f"{QUANT_STATE}; the two files are out of step (re-run quantize)")
-                    for local, tensor in pack_layer(module, qw, scheme_of[module], dtype).items():
+                    for local, tensor in pack_layer(module, qw, facts[module].scheme, dtype).items():
                         tensors[f"{module}.{local}"] = tensor
                     seen.add(module)
                 else:
@@ -332,7 +354,7 @@ def export_compressed_tensors(model_dir: str | os.PathLike, out_dir: str | os.Pa
         groups[gname] = {"num_bits": w["num_bits"], "symmetric": w["symmetric"], "strategy": w["strategy"],
                          "group_size": w.get("group_size"), "layers": len(members[gname]),
                          "regrouped": sum(1 for n in members[gname]
-                                          if model.quant[n].spec.group_size not in (-1, w.get("group_size")))}
+                                          if facts[n].group_size not in (-1, w.get("group_size")))}
     sparsity = entry["sparsity_config"] or None
     return {
         "out_dir": str(Path(out_dir).resolve()),
@@ -347,6 +369,6 @@ def export_compressed_tensors(model_dir: str | os.PathLike, out_dir: str | os.Pa
         "files": files,
         "copied": copied,
         "total_bytes": sum(files.values()),
-        "notes": _fused_scheme_notes(model),
+        "notes": _fused_scheme_notes(facts),
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -20,7 +20,7 @@ from toolchain.export.onnx.external import ALIGNMENT, ExternalData
 from toolchain.export.ort_runtime import OrtDecoder, ort_session
 from toolchain.jobs import streamed
 from toolchain.jobs.config import ExportConfig, QuantConfig
-from toolchain.jobs.export import StreamingFallback, run_export
+from toolchain.jobs.export import run_export
 from toolchain.jobs.quantize import run_quantize
 from toolchain.models.streaming import StreamingCheckpoint
 from toolchain.quant import QuantStateFile, read_quant_state
@@ -182,6 +182,20 @@ def test_streamed_blob_is_byte_identical(compressed_dir, tmp_path, key):
     assert a["tensors"] == b["tensors"] and a["file_size"] == b["file_size"]
 
 
+@pytest.mark.parametrize("key", [("llama", "2:4", "4"), ("opt", None, "3")])
+def test_streamed_compressed_tensors_are_byte_identical_and_never_read_the_whole_state(compressed_dir, tmp_path,
+                                                                                      monkeypatch, key):
+    from toolchain.export import compressed_tensors, source
+
+    model_dir = compressed_dir(*key)
+    a = compressed_tensors.export_compressed_tensors(model_dir, tmp_path / "memory")
+    monkeypatch.setattr(source, "read_quant_state", lambda *_: pytest.fail("the whole quant state was read"))
+    b = compressed_tensors.export_compressed_tensors(model_dir, tmp_path / "streamed", streaming=True)
+    assert a["files"] == b["files"] and a["config_groups"] == b["config_groups"] and a["sparsity"] == b["sparsity"]
+    for name in a["files"]:
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+
+
 def test_export_streaming_option(compressed_dir, tmp_path, monkeypatch, capsys):
     model_dir = compressed_dir("llama", "2:4", "4")
     out = tmp_path / "e"
@@ -197,12 +211,10 @@ def test_export_streaming_option(compressed_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("toolchain.jobs.config.available_ram_bytes", lambda: 1)
     assert run_export(model_dir, tmp_path / "auto", ExportConfig(target="blob"))["streaming"] is True
     assert run_export(model_dir, tmp_path / "no", ExportConfig(target="blob", streaming=False))["streaming"] is False
-    # compressed-tensors is not streamed: written as in memory, with a warning that names it
-    with pytest.warns(StreamingFallback, match="compressed-tensors"):
-        run_export(model_dir, tmp_path / "ct", ExportConfig(target="compressed-tensors", streaming=True))
     capsys.readouterr()
     assert main(["export", "--model", str(model_dir), "--target", "fpga", "--streaming", "--out", str(tmp_path / "f")]) != 0
-    assert "--streaming has no effect here: it applies to --target onnx, blob (or all) only" in capsys.readouterr().err
+    assert ("--streaming has no effect here: it applies to --target onnx, blob, compressed-tensors (or all) only"
+            in capsys.readouterr().err)
     with pytest.raises(ConfigError, match="the gpu bundle loads the whole model"):
         run_export(model_dir, tmp_path / "g", ExportConfig(target="gpu", streaming=True))
 
@@ -217,22 +229,38 @@ def test_streamed_export_refuses_what_is_not_a_compressed_directory(tmp_path):
         run_export(tmp_path / "weights.bin", tmp_path / "y", ExportConfig(target="onnx", streaming=True))
 
 
-def test_scale_bench_chain_on_a_small_shape(tiny_llama_dir, tmp_path, monkeypatch):
-    """`toolchain bench scale`'s chain (prune, quantize, blob and ONNX exports, each streamed in a subprocess)
-    on the same code path with a small shape: every row has its peak memory and its artifact checked."""
+def test_scale_bench_plan_runs_what_only_names_and_the_steps_it_reads_from():
     from toolchain.bench import scale
 
-    monkeypatch.setattr(scale, "SHAPE", dict(scale.SHAPE, hidden_size=128, intermediate_size=256,
-                                             num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256))
+    assert scale.scale_plan(None) == {8: list(scale.STEPS), 32: list(scale.STEPS)}
+    # the checkpoint's readers first, so the checkpoint is deleted before the chain's outputs pile up
+    assert [s for s in scale.STEPS if scale.STEPS[s][0] is None] == list(scale.STEPS)[:3]
+    assert scale.scale_plan(["onnx@32"]) == {32: ["wanda", "rtn", "onnx"]}
+    assert scale.scale_plan(["gptq", "blob@8"]) == {8: ["gptq", "wanda", "rtn", "blob"], 32: ["gptq"]}
+    with pytest.raises(ConfigError, match="'onnx@16'"):
+        scale.scale_plan(["onnx@16"])
+
+
+def test_scale_bench_chain_on_a_small_shape(tiny_llama_dir, tmp_path, monkeypatch):
+    """`toolchain bench scale`'s chain (SparseGPT and Wanda prunes, GPTQ and RTN quantizations, blob and ONNX
+    exports, each streamed in a subprocess) on the same code path with a small shape: every row has its peak
+    memory and its artifact checked, and no model folder is left behind."""
+    from toolchain.bench import scale
+
+    shape = dict(scale.SHAPE, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=256)
     monkeypatch.setattr(scale, "DEPTHS", (2,))
-    result = scale.run_scale_bench(str(tiny_llama_dir), tmp_path)
+    result = scale.run_scale_bench(str(tiny_llama_dir), tmp_path, shape=shape)
     rows = {r["step"]: r for r in result["rows"]}
     assert list(rows) == list(scale.STEPS)
     assert all(r["peak_rss_mib"] >= r["peak_anon_mib"] > 0 for r in rows.values())
-    assert rows["wanda"]["dtypes"] == ["bfloat16"] and rows["wanda"]["linears_not_2of4"] == 0
-    assert rows["rtn"]["quant_state"] and rows["onnx"]["onnx_checker"] == "ok" and rows["blob"]["blob_tensors"] > 0
-    assert "| 2 | onnx |" in (tmp_path / "scale_llama3-8b-shape.md").read_text()
+    for step in scale.PRUNE_STEPS:
+        assert rows[step]["dtypes"] == ["bfloat16"] and rows[step]["linears_checked"] == 2 * 7
+        assert rows[step]["linears_not_2of4"] == 0
+    assert rows["gptq"]["quant_state"] and rows["rtn"]["quant_state"]
+    assert rows["onnx"]["onnx_checker"] == "ok" and rows["blob"]["blob_tensors"] > 0
+    table = (tmp_path / "scale_llama3-8b-shape.md").read_text()
+    assert "| 2 | onnx |" in table and "| 2 | gptq |" in table
     assert not list((tmp_path / "work").iterdir())   # checkpoint and outputs removed
 
 

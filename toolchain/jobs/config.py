@@ -499,7 +499,7 @@ def _onnx(cfg) -> bool:
 
 
 def _streams(cfg) -> bool:
-    return "onnx" in cfg.targets() or "blob" in cfg.targets()
+    return bool({"onnx", "blob", "compressed-tensors"} & set(cfg.targets()))
 
 
 ONNX_GRAPHS = ("fused", "plain")
@@ -532,10 +532,10 @@ class ExportConfig:
     streaming: bool | None = option(
         None, "--streaming", "never hold the whole model: ONNX reads each decoder layer from the checkpoint (a "
         "Hugging Face safetensors directory, sharded or not) when the graph builder reaches it and writes every "
-        "weight straight to model.<form>.onnx.data as it is made; the blob reads the codes one linear at a time "
-        "(docs/scale.md). Same graph and bytes as in memory. Default: streaming when three float32 copies of the "
-        "model would not fit in the available RAM; --no-streaming loads the whole model. compressed-tensors is "
-        "not streamed yet", negatable=True, applies=_streams, applies_to="to --target onnx, blob (or all) only")
+        "weight straight to model.<form>.onnx.data as it is made; the blob and compressed-tensors read the codes "
+        "one linear at a time (docs/scale.md). Same graph and bytes as in memory. Default: streaming when three "
+        "float32 copies of the model would not fit in the available RAM; --no-streaming loads the whole model",
+        negatable=True, applies=_streams, applies_to="to --target onnx, blob, compressed-tensors (or all) only")
     accel_config: str | None = option(None, "--config", "fpga: accelerator config (keys of accel.json: n, m, "
                                       "groups_per_beat, pes, weight_bits, act_bits, group_size, k_max, scale_bits, "
                                       "out_bits, clock_mhz, mem_gbps); default: a design that runs every layer of "

@@ -13,7 +13,8 @@
 Every directory is written to a temporary path and renamed, so a failed export leaves nothing half-written.
 `--streaming` (by default when the model would not fit in memory; `config.py: resolve_streaming`): the ONNX
 graph is built one decoder layer at a time from the checkpoint, its weights written to the data file as they
-are made, and the blob and ONNX read the codes one linear at a time (docs/scale.md). The manifest records
+are made, and the blob, ONNX and compressed-tensors writers read the codes one linear at a time
+(docs/scale.md). The manifest records
 `streaming` and the peak memory.
 """
 from __future__ import annotations
@@ -35,10 +36,6 @@ from .config import BUNDLE_TARGETS, ExportConfig, resolve_streaming
 MANIFEST_FORMAT = "toolchain.export/1"
 
 
-class StreamingFallback(UserWarning):
-    """A target of a streamed export was written in memory."""
-
-
 def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig | None = None,
                given: set[str] | None = None) -> dict:
     """Export `model_dir` (written by toolchain prune/quantize/compress) to `out`. Returns the artifacts'
@@ -47,7 +44,7 @@ def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Export
     cfg = cfg or ExportConfig()
     targets = cfg.validate(given)
     if cfg.streaming and targets[0] in BUNDLE_TARGETS:
-        raise ConfigError(f"--streaming applies to --target onnx, blob (or all) only; the {targets[0]} bundle loads "
+        raise ConfigError(f"--streaming applies to --target onnx, blob, compressed-tensors (or all) only; the {targets[0]} bundle loads "
                           f"the whole model: drop --streaming")
     if targets == ["fpga"]:
         from ..fpga.bundle import write_bundle
@@ -78,9 +75,8 @@ def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, target
                     lm_head: str = "float", streaming: bool = False) -> dict:
     """Write the blob / ONNX / compressed-tensors artifacts of `model_dir` into `out`; returns the manifest.
     The ONNX directory also holds genai_config.json (naming the first weight form) and the tokenizer, so
-    onnxruntime-genai runs it as it is. `streaming`: the blob and ONNX writers never hold the whole model (the
-    same artifacts; ONNX weights always in `<graph>.data`); compressed-tensors is written as in memory, with a
-    warning naming it."""
+    onnxruntime-genai runs it as it is. `streaming`: the writers never hold the whole model (the same
+    artifacts; ONNX weights always in `<graph>.data`; compressed-tensors reads the codes one linear at a time)."""
     source = read_compressed(model_dir, lazy=streaming)
     check_out_dir(model_dir, out)
     forms = parse_forms(onnx_weights, bool(source.quant)) if "onnx" in targets else []
@@ -113,12 +109,9 @@ def write_artifacts(model_dir: str | os.PathLike, out: str | os.PathLike, target
         if "compressed-tensors" in targets:
             from ..export.compressed_tensors import export_compressed_tensors
 
-            if streaming:
-                warnings.warn("--streaming: the compressed-tensors target is not streamed yet; it reads the whole "
-                              "quantization state (not the float model)", StreamingFallback, stacklevel=2)
             t0 = time.perf_counter()
             results["compressed-tensors"] = {
-                **_summary(export_compressed_tensors(model_dir, tmp / "compressed-tensors")),
+                **_summary(export_compressed_tensors(model_dir, tmp / "compressed-tensors", streaming=streaming)),
                 "seconds": round(time.perf_counter() - t0, 3)}
         manifest = {"format": MANIFEST_FORMAT, "source": str(Path(model_dir).resolve()),
                     "targets": targets, "streaming": streaming, "peak_rss_mib": round(peak_rss_mib(), 1),
