@@ -1,7 +1,8 @@
 """`toolchain bench reasoning`: does a compressed model still reason?
 
 Rows: the dense model; RTN, GPTQ and APTQ at 4 and 3 bits and APTQ at an average of 3.5; Wanda, SparseGPT and
-Barber (on SparseGPT) at 2:4. Each compression runs in its own process (`toolchain quantize` / `toolchain
+Barber (on SparseGPT) at 2:4; and the rows that re-check the pruning defaults chosen on pydoc: Barber on both
+inits at 2:4 and 50%, Barber's reference score (grad-rms), SparseGPT with the least-squares re-solve. Each compression runs in its own process (`toolchain quantize` / `toolchain
 prune`, the quant and prune benchmarks' budget: 32 x 512 pydoc calibration windows, group size 64). Every row
 is then measured on the same items:
 - GSM8K (8-shot chain of thought) and MATH-500 (4-shot) accuracy on a seeded subset of `limit` items, with the
@@ -41,6 +42,16 @@ REASONING_CONFIGS = [
     ("wanda 2:4", "prune", "wanda", "2:4", None, []),
     ("sparsegpt 2:4", "prune", "sparsegpt", "2:4", None, []),
     ("barber 2:4", "prune", "barber", "2:4", "sparsegpt", []),
+    # The pruning defaults chosen on the pydoc split, re-checked out of domain and on the zero-shot suite: Barber
+    # against its init at 50% and 2:4, on both inits; its score (the reference's grad-rms against the default
+    # taylor-exit); the least-squares re-solve.
+    ("barber(wanda) 2:4", "prune", "barber", "2:4", "wanda", []),
+    ("barber grad-rms 2:4", "prune", "barber", "2:4", "sparsegpt", ["--rebuild-score", "grad-rms"]),
+    ("sparsegpt lstsq 2:4", "prune", "sparsegpt", "2:4", None, ["--resolve", "lstsq"]),
+    ("wanda 50%", "prune", "wanda", "0.5", None, []),
+    ("barber(wanda) 50%", "prune", "barber", "0.5", "wanda", []),
+    ("sparsegpt 50%", "prune", "sparsegpt", "0.5", None, []),
+    ("barber 50%", "prune", "barber", "0.5", "sparsegpt", []),
 ]
 ROW_ORDER = ["dense", *(c[0] for c in REASONING_CONFIGS)]
 

@@ -104,6 +104,10 @@ def test_reasoning_only_and_options_are_checked(tmp_path):
     from toolchain.bench.registry import run_benchmark
 
     assert [r[0] for r in reasoning_runs(["wanda 2:4", "dense", "gptq 3-bit"])] == ["wanda 2:4", "gptq 3-bit"]
+    rows = {r[0]: r for r in reasoning_runs()}
+    # the defaults' re-check: Barber against the init it starts from, at the same sparsity
+    assert rows["barber(wanda) 50%"][2:5] == ("barber", "0.5", "wanda") and rows["wanda 50%"][2:5] == ("wanda", "0.5", None)
+    assert rows["barber grad-rms 2:4"][5] == ["--rebuild-score", "grad-rms"]
     with pytest.raises(ConfigError, match="'gptq 5-bit'"):
         reasoning_runs(["gptq 5-bit"])
     with pytest.raises(ConfigError, match="'mmlu'"):
