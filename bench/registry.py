@@ -16,6 +16,7 @@ from .quality import run_quality_bench
 from .quant import run_quant_bench
 from .reasoning import run_reasoning_bench
 from .scale import run_scale_bench
+from .streaming import run_streaming_bench
 from .structured import run_structured_bench
 
 # name -> the benchmark; each takes (model, out_dir) and, where it has configurations to pick, only=[...]
@@ -23,8 +24,8 @@ BENCHMARKS = {"prune": run_prune_bench, "prune-quality": run_quality_bench, "qua
               "export": run_export_bench, "fpga": run_fpga_bench, "fpga-dram": run_fpga_dram_bench,
               "fpga-eval": run_fpga_eval_bench, "fpga-pnr": run_fpga_pnr_bench,
               "eval": run_eval_bench, "reasoning": run_reasoning_bench,
-              "scale": run_scale_bench, "structured": run_structured_bench}
-TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "reasoning", "scale", "structured")
+              "scale": run_scale_bench, "streaming": run_streaming_bench, "structured": run_structured_bench}
+TAKES_ONLY = ("prune", "prune-quality", "quant", "export", "eval", "reasoning", "scale", "streaming", "structured")
 # the benchmarks that take task options (--tasks, --limit, --zero-shot-limit, --max-gen-toks, --ppl-windows)
 TAKES_TASK_OPTIONS = ("reasoning",)
 

@@ -290,3 +290,36 @@ def test_streamed_eval_refusals(tiny_llama_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_llama_dir), "--seqlen", "32", "--datasets", "pydoc", "--streaming",
                  "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["streaming"] is True
+
+
+def test_streaming_bench_times_both_modes_alternated_and_finds_them_identical(tiny_llama_dir, tmp_path):
+    """`toolchain bench streaming` on a tiny model: both modes run in every round, in alternating order, the
+    ratio is the median of the rounds' own ratios, and the two outputs hold the same tensors bit for bit."""
+    from toolchain.bench import streaming
+
+    result = streaming.run_streaming_bench(str(tiny_llama_dir), tmp_path, only=["gptq 4-bit"], rounds=2,
+                                           calib_samples=4, seqlen=32)
+    (row,) = result["rows"]
+    assert row["job"] == "gptq 4-bit" and all(len(v) == 2 for v in row["runs"].values())
+    per_round = [s["wall_seconds"] / m["wall_seconds"] for s, m in zip(row["runs"]["streamed"], row["runs"]["in memory"])]
+    assert row["ratios"] == [round(x, 3) for x in per_round]
+    assert row["identical"]["tensors"] > 10 and row["identical"]["differ"] == []
+    assert "identical" in (tmp_path / f"streaming_{tiny_llama_dir.name}.md").read_text()
+    assert not list((tmp_path / "work").glob("streaming-bench-*"))
+
+
+def test_same_tensors_names_a_changed_tensor(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from toolchain.bench.streaming import same_tensors
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    (f,) = copy.glob("*.safetensors")
+    tensors = load_file(str(f))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    assert same_tensors(tiny_llama_dir, copy)[1] == [name]

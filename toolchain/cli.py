@@ -325,11 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (writes their results to --out, the models they make under "
                        "--out/work)")
     b.add_argument("what", choices=["prune", "prune-quality", "quant", "export", "fpga", "fpga-dram", "fpga-eval",
-                                     "fpga-pnr", "eval", "reasoning", "scale", "structured"],
+                                     "fpga-pnr", "eval", "reasoning", "scale", "streaming", "structured"],
                    help="scale: streamed SparseGPT and Wanda 2:4 prunes and a GPTQ 4-bit quantization of a generated "
                         "Llama-3-8B-shaped bf16 checkpoint (8 and 32 layers, --model's tokenizer), a streamed RTN "
                         "4-bit quantization of the Wanda output and the streamed blob and ONNX exports of that, peak "
-                        "memory and wall time of each; about 40 GB of disk under --out/work while it runs")
+                        "memory and wall time of each; about 40 GB of disk under --out/work while it runs. streaming: "
+                        "the wall time of streamed against in-memory prune and quantize on --model, alternated, and "
+                        "their outputs compared bit for bit")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--only", default=None,
