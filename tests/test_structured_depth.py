@@ -277,3 +277,55 @@ def test_structured_bench_runs_and_measures_depth_rows(depth_dir):
     report = json.loads((depth_dir / "compression.json").read_text())
     assert decoder_params(depth_dir) == report["decoder_params"]["after"] == 3 * decoder_params(src) // 4
     assert 4 * decoder_cycles(depth_dir) == 3 * decoder_cycles(src)   # one of four equal layers is gone
+
+
+# --- --depth-share: layers first, then a width method on the shortened model ------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_depth_share_removes_the_lowest_influence_layer_then_narrows_the_rest_to_the_budget(family):
+    """With one layer made the identity, a depth share removes exactly that layer; the width method then
+    removes the rest of the budget from the kept layers, and the total meets --sparsity to within one unit."""
+    loaded = _loaded(family, layers=4)
+    _make_identity(loaded, 2)
+    before = sum(p.numel() for layer in loaded.adapter.decoder_layers(loaded.model) for p in layer.parameters())
+    cfg = PruneConfig(structured=True, sparsity="0.4", depth_share=0.5, **CALIB)
+    report = prune_loaded(loaded, random_ids(8, 32), cfg, device="cpu", progress=False)
+    assert report["depth"]["removed_layers"] == [2] and report["depth_share"] == 0.5
+    assert loaded.model.config.num_hidden_layers == 3 == report["widths"]["num_hidden_layers"]
+    after = sum(p.numel() for layer in loaded.adapter.decoder_layers(loaded.model) for p in layer.parameters())
+    assert report["decoder_params"]["before"] == before and report["decoder_params"]["after"] == after
+    # a quarter of the decoder went with the layer; the width method took the rest of the 40% from the others
+    assert report["depth"]["removed_fraction"] == pytest.approx(0.25)
+    assert report["depth"]["width_sparsity_of_kept_layers"] == pytest.approx((0.4 - 0.25) / 0.75)
+    unit = max(report["decoder_params"]["unit_params"].values()) * 3
+    assert abs((before - after) - 0.4 * before) <= unit
+    assert report["decoder_params"]["removed_fraction"] == pytest.approx(1 - after / before)
+
+
+def test_depth_share_output_loads_and_matches_the_pipeline(tmp_path):
+    loaded = _gqa_llama(layers=4)
+    cfg = PruneConfig(structured=True, sparsity="0.35", depth_share=0.5, **CALIB)
+    prune_loaded(loaded, random_ids(8, 32), cfg, device="cpu", progress=False)
+    save_model(loaded, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        assert _rel_diff(reloaded(ids).logits, loaded.model(ids).logits) <= 1e-5
+    assert reloaded.config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("sparsity, share, match", [
+    ("0.3", 1.0, "in \\[0, 1\\)"), ("0.3", -0.1, "in \\[0, 1\\)"), ("0.3", 0.05, "would remove nothing"),
+    ("0.25", 0.99, "leaving the width method nothing")])   # 4 layers: one layer is 25%
+def test_depth_share_refusals_name_the_problem(sparsity, share, match):
+    loaded = _gqa_llama(layers=4)
+    cfg = PruneConfig(structured=True, sparsity=sparsity, depth_share=share, **CALIB)
+    with pytest.raises(ConfigError, match=match):
+        prune_loaded(loaded, random_ids(8, 32), cfg, device="cpu", progress=False)
+
+
+def test_depth_share_is_refused_with_method_depth(tmp_path, tiny_llama_dir, capsys):
+    assert main(["prune", "--model", str(tiny_llama_dir), "--structured", "--method", "depth", "--sparsity", "0.3",
+                 "--depth-share", "0.5", "--out", str(tmp_path / "o")]) != 0
+    assert "--depth-share" in capsys.readouterr().err

@@ -140,6 +140,12 @@ class PruneConfig(CalibConfig):
                            "the model as it is after each removal, one walk per removed layer (default: one-shot, "
                            "every layer scored once on the dense model, as ShortGPT does)",
                            applies=_depth, applies_to="with --structured --method depth only")
+    depth_share: float = option(0.0, "--depth-share", "structured width methods: the share of --sparsity taken "
+                                "first by removing whole decoder layers (lowest Block Influence, as --method "
+                                "depth); the method then narrows the remaining layers, calibrated on the shortened "
+                                "model, to the rest of the budget. 0: widths only", type=float,
+                                applies=_structured_width, applies_to="with --structured and a method that removes "
+                                "channels (not --method depth) only")
     init: str | None = option(None, "--init", "Barber's initial pruner (default wanda)",
                               choices=tuple(INIT_METHODS), applies=_barber, applies_to="to --method barber only")
     sparsity: str = option("0.5", "--sparsity", "fraction in (0,1) such as 0.5, or N:M such as 2:4 / 4:8 "
@@ -213,7 +219,7 @@ class PruneConfig(CalibConfig):
     def calibrates(self) -> bool:
         """Magnitude pruning with nothing else asked needs no calibration text."""
         if self.structured:
-            return self.structured_method() != "magnitude" or self.allocation == "search"
+            return self.structured_method() != "magnitude" or self.allocation == "search" or self.depth_share > 0
         return (self.method != "magnitude" or self.allocation != "uniform" or self.resolve_mode != "none"
                 or self.reconstruct != "none")
 
@@ -280,6 +286,9 @@ class PruneConfig(CalibConfig):
                               f"--structured method on its output")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
+        if not 0 <= self.depth_share < 1:
+            raise ConfigError(f"--depth-share is the share of --sparsity removed as whole layers, in [0, 1); got "
+                              f"{self.depth_share:g} (for layers only use --method depth)")
         if self.search_budget < 1:
             raise ConfigError(f"--search-budget must be >= 1 (candidates evaluated, the seed included), got "
                               f"{self.search_budget}")

@@ -2,6 +2,7 @@
 model is a smaller dense model that stock transformers loads."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -106,6 +107,24 @@ def _searched_counts(loaded, engine, budget, method, sparsity, heldout, cfg, pro
     return result.best[0], info
 
 
+def _remove_layers_first(loaded: LoadedModel, calib: torch.Tensor | None, cfg: PruneConfig, sparsity: float, device,
+                         progress: bool) -> dict:
+    """`--depth-share`: whole layers by Block Influence worth that share of the budget (to within half a layer),
+    removed in place before the width method sees the model; the depth report."""
+    share = cfg.depth_share * sparsity
+    layers_cfg = dataclasses.replace(cfg, method=DEPTH_METHOD, sparsity=f"{share:.6g}", allocation="uniform",
+                                     rescore=False, depth_share=0.0)
+    try:
+        report = prune_depth_loaded(loaded, calib, layers_cfg, device, progress)
+    except ConfigError as exc:
+        raise ConfigError(f"--depth-share {cfg.depth_share:g} of --sparsity {sparsity:g} is {share:.4g} of the "
+                          f"decoder parameters as whole layers: {exc}") from None
+    if report["decoder_params"]["removed_fraction"] >= sparsity:
+        raise ConfigError(f"--depth-share {cfg.depth_share:g}: the whole layers removed already meet --sparsity "
+                          f"{sparsity:g}, leaving the width method nothing; lower --depth-share")
+    return report
+
+
 def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: PruneConfig, device,
                             progress: bool = True) -> dict:
     """Prune `loaded.model` in place into a narrower model (its config updated to match). Returns the report."""
@@ -114,7 +133,6 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
     target = cfg.validate()[0]
     method = make_structured(cfg.structured_method())
     adapter, model = loaded.adapter, loaded.model
-    budget = _budget(loaded, cfg, method)
     t0 = time.perf_counter()
     heldout = None
     if cfg.heldout_windows():
@@ -122,6 +140,12 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
             raise ConfigError(f"--allocation search holds out the last {cfg.heldout_windows()} calibration windows "
                               f"for its fitness and needs at least one more to prune with")
         calib, heldout = calib[:-cfg.heldout_windows()], calib[-cfg.heldout_windows():]
+    depth, sparsity = None, target.sparsity
+    if cfg.depth_share > 0:
+        depth = _remove_layers_first(loaded, calib, cfg, target.sparsity, device, progress)
+        gone = depth["decoder_params"]["removed_fraction"]
+        sparsity = (target.sparsity - gone) / (1 - gone)   # of the parameters the kept layers hold
+    budget = _budget(loaded, cfg, method)
     if calib is None:   # magnitude reads no activations
         calib = torch.zeros(1, 2, dtype=torch.long)
     engine = LayerEngine(model, adapter, calib, cfg.batch_size, device)
@@ -130,10 +154,10 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
         method.prepare(model, adapter.decoder_layers(model), calib, 1)
     allocation_info = {}
     if cfg.allocation == "search":
-        removal, allocation_info = _searched_counts(loaded, engine, budget, method, target.sparsity, heldout, cfg,
+        removal, allocation_info = _searched_counts(loaded, engine, budget, method, sparsity, heldout, cfg,
                                                     progress)
     elif cfg.allocation == "global":
-        removal, ranked, _ = _global_counts(engine, budget, method, target.sparsity, progress)
+        removal, ranked, _ = _global_counts(engine, budget, method, sparsity, progress)
         allocation_info["global_ranking"] = ranked
         if any(r != ranked[0] for r in ranked):
             mlp = budget.kinds[-1]
@@ -147,7 +171,7 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
                           f"gets the same widths with the ranking's attention/MLP split ({removal})")
             allocation_info["native_per_layer_widths"] = native
     else:
-        removal = uniform_removal(budget, target.sparsity)
+        removal = uniform_removal(budget, sparsity)
     t_alloc = time.perf_counter() - t0
 
     def prune_layer(i, layer, hidden):
@@ -173,25 +197,30 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
 
     biased = {k.block for k in budget.kinds if k.block in budget.bias_blocks and removal[k.name]}
     per_layer = engine.walk(prune_layer, needs_inputs=method.needs_stats, progress=progress,
-                            desc=f"prune --structured {method.name} {target.sparsity:g}")
+                            desc=f"prune --structured {method.name} {sparsity:.4g}")
     kept = {k.name: budget.limit(k) - removal[k.name] for k in budget.kinds}
     kept["channels"] *= budget.kinds[-1].consumer_cols
     biases = {k.bias_flag for k in budget.kinds if k.block in biased}
     for key, value in adapter.structured_config(model.config, kept, biases).items():
         setattr(model.config, key, value)
     after = sum(e["params_after"] for e in per_layer)
+    before = budget.total if depth is None else depth["decoder_params"]["before"]
     return {
         "method": method.name, "init": None, "structured": True, "sparsity": f"{target.sparsity:g}",
         "nm": None, "allocation": cfg.allocation, "allocation_info": allocation_info,
         "channel_multiple": cfg.channel_multiple,
-        "decoder_params": {"before": budget.total, "after": after, "removed_fraction": 1 - after / budget.total,
+        **({} if depth is None else {"depth_share": cfg.depth_share, "depth": {
+            **depth["depth"], "removed_fraction": depth["decoder_params"]["removed_fraction"],
+            "width_sparsity_of_kept_layers": sparsity}}),
+        "decoder_params": {"before": before, "after": after, "removed_fraction": 1 - after / before,
                            "target_fraction": target.sparsity,
                            "unit_params": budget.unit_params},
         "removal_per_layer": removal,
-        "global_sparsity": 1 - after / budget.total,
+        "global_sparsity": 1 - after / before,
         "widths": {"mlp_channels": kept["channels"],
                    **({"kv_heads": kept["kv_group"], "attention_heads": int(model.config.num_attention_heads)}
-                      if "kv_group" in kept else {})},
+                      if "kv_group" in kept else {}),
+                   **({} if depth is None else {"num_hidden_layers": len(depth["depth"]["kept_layers"])})},
         "seconds": {"allocation": round(t_alloc, 3), "total": round(time.perf_counter() - t0, 3)},
         "layers": per_layer,
     }
