@@ -11,7 +11,8 @@ formula (`AccelConfig.layer_cycles`, every PE busy; not a simulation) on the den
 Allocation: FLAP runs its own global standardised ranking (`--allocation global`, which sets the attention/MLP
 split here: transformers cannot load per-layer widths for Llama), LLM-Pruner's Taylor baseline block-wise
 uniform as in its paper, Wanda-sp and magnitude uniform as in FLAP's comparison; ours (obs-refit) uniform, and
-with `--allocation search` (32 candidates) as a row of its own. Depth pruning (`--method depth`, whole decoder
+with `--allocation search` (32 candidates) and with half the budget taken first as whole layers
+(`--depth-share 0.5`) as rows of their own. Depth pruning (`--method depth`, whole decoder
 layers by Block Influence, ShortGPT's one-shot ranking, and re-scored after each removal with `--rescore`) runs
 at the same budgets: 20/30/40% of SmolLM2's 30 layers are 6, 9 and 12 layers.
 """
@@ -33,6 +34,7 @@ SPARSITIES = ("0.2", "0.3", "0.4")
 #: (row name, --method, extra flags), ours first
 CONFIGS = (("obs-refit", "obs-refit", []),
            ("obs-refit search", "obs-refit", ["--allocation", "search", "--search-budget", "32"]),
+           ("obs-refit + depth", "obs-refit", ["--depth-share", "0.5"]),
            ("flap", "flap", ["--allocation", "global"]),
            ("taylor", "taylor", []),
            ("wanda-sp", "wanda-sp", []),
