@@ -10,9 +10,10 @@ formula (`AccelConfig.layer_cycles`, every PE busy; not a simulation) on the den
 
 Allocation: FLAP runs its own global standardised ranking (`--allocation global`, which sets the attention/MLP
 split here: transformers cannot load per-layer widths for Llama), LLM-Pruner's Taylor baseline block-wise
-uniform as in its paper, Wanda-sp and magnitude uniform as in FLAP's comparison; ours (obs-refit) uniform, and
+uniform as in its paper, Wanda-sp and magnitude uniform as in FLAP's comparison; ours (obs-refit) narrowing
+only (`--depth-share 0`) uniform, and
 with `--allocation search` (32 candidates) and with half the budget taken first as whole layers
-(`--depth-share 0.5`) as rows of their own. Depth pruning (`--method depth`, whole decoder
+(`--depth-share 0.5`, ours' default) as rows of their own. Depth pruning (`--method depth`, whole decoder
 layers by Block Influence, ShortGPT's one-shot ranking, and re-scored after each removal with `--rescore`) runs
 at the same budgets: 20/30/40% of SmolLM2's 30 layers are 6, 9 and 12 layers.
 """
@@ -32,8 +33,8 @@ from .common import check_only, result_stem, slug, work_dir, write_result
 
 SPARSITIES = ("0.2", "0.3", "0.4")
 #: (row name, --method, extra flags), ours first
-CONFIGS = (("obs-refit", "obs-refit", []),
-           ("obs-refit search", "obs-refit", ["--allocation", "search", "--search-budget", "32"]),
+CONFIGS = (("obs-refit", "obs-refit", ["--depth-share", "0"]),
+           ("obs-refit search", "obs-refit", ["--depth-share", "0", "--allocation", "search", "--search-budget", "32"]),
            ("obs-refit + depth", "obs-refit", ["--depth-share", "0.5"]),
            ("flap", "flap", ["--allocation", "global"]),
            ("taylor", "taylor", []),

@@ -316,7 +316,7 @@ def test_depth_share_output_loads_and_matches_the_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize("sparsity, share, match", [
-    ("0.3", 1.0, "in \\[0, 1\\)"), ("0.3", -0.1, "in \\[0, 1\\)"), ("0.3", 0.05, "would remove nothing"),
+    ("0.3", 1.0, "in \\[0, 1\\)"), ("0.3", -0.1, "in \\[0, 1\\)"), ("0.3", 0.05, "no layer would go"),
     ("0.25", 0.99, "leaving the width method nothing")])   # 4 layers: one layer is 25%
 def test_depth_share_refusals_name_the_problem(sparsity, share, match):
     loaded = _gqa_llama(layers=4)
@@ -329,3 +329,18 @@ def test_depth_share_is_refused_with_method_depth(tmp_path, tiny_llama_dir, caps
     assert main(["prune", "--model", str(tiny_llama_dir), "--structured", "--method", "depth", "--sparsity", "0.3",
                  "--depth-share", "0.5", "--out", str(tmp_path / "o")]) != 0
     assert "--depth-share" in capsys.readouterr().err
+
+
+def test_ours_takes_half_the_budget_as_layers_by_default_and_the_baselines_none():
+    loaded = _gqa_llama(layers=4)
+    report = prune_loaded(loaded, random_ids(8, 32), PruneConfig(structured=True, sparsity="0.4", **CALIB),
+                          device="cpu", progress=False)
+    assert report["method"] == "obs-refit" and report["depth_share"] == 0.5 and len(report["depth"]["removed_layers"]) == 1
+    flap = prune_loaded(_gqa_llama(layers=4), random_ids(8, 32),
+                        PruneConfig(structured=True, method="flap", sparsity="0.4", **CALIB), device="cpu", progress=False)
+    assert flap["depth_share"] == 0.0 and "depth" not in flap and flap["widths"].get("num_hidden_layers") is None
+    # half of 20% of two layers is less than half a layer: the default narrows only, and says why
+    small = prune_loaded(_loaded("llama", layers=2), random_ids(8, 32), PruneConfig(structured=True, sparsity="0.2", **CALIB),
+                         device="cpu", progress=False)
+    assert small["depth_share"] == 0.0 and "no layer would go" in small["depth_share_skipped"]
+    assert small["decoder_params"]["removed_fraction"] == pytest.approx(0.2, abs=0.05)

@@ -16,7 +16,7 @@ from ..machine import available_ram_bytes
 from ..gpu.bundle import PRECISIONS as GPU_PRECISIONS, check_bundle_options
 from ..prune import INIT_METHODS, METHODS, SparsityTarget
 from ..prune.allocation import ALLOCATIONS, check_allocation
-from ..prune.structured import (DEFAULT_STRUCTURED, DEPTH_METHOD, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS,
+from ..prune.structured import (DEFAULT_DEPTH_SHARE, DEFAULT_STRUCTURED, DEPTH_METHOD, SEARCH_WINDOWS, STRUCTURED_ALLOCATIONS,
                                 STRUCTURED_METHODS)
 from ..prune.barber import GRANULARITIES, SCORES, check_granularity, check_score
 from ..numerics.widths import SUPPORTED_BITS
@@ -140,10 +140,12 @@ class PruneConfig(CalibConfig):
                            "the model as it is after each removal, one walk per removed layer (default: one-shot, "
                            "every layer scored once on the dense model, as ShortGPT does)",
                            applies=_depth, applies_to="with --structured --method depth only")
-    depth_share: float = option(0.0, "--depth-share", "structured width methods: the share of --sparsity taken "
-                                "first by removing whole decoder layers (lowest Block Influence, as --method "
+    depth_share: float | None = option(None, "--depth-share", "structured width methods: the share of --sparsity "
+                                "taken first by removing whole decoder layers (lowest Block Influence, as --method "
                                 "depth); the method then narrows the remaining layers, calibrated on the shortened "
-                                "model, to the rest of the budget. 0: widths only", type=float,
+                                "model, to the rest of the budget. 0: widths only. Default: "
+                                f"{DEFAULT_DEPTH_SHARE} for {DEFAULT_STRUCTURED} (ours; widths only where that share "
+                                "is less than half a layer), 0 for the published baselines", type=float,
                                 applies=_structured_width, applies_to="with --structured and a method that removes "
                                 "channels (not --method depth) only")
     init: str | None = option(None, "--init", "Barber's initial pruner (default wanda)",
@@ -219,7 +221,7 @@ class PruneConfig(CalibConfig):
     def calibrates(self) -> bool:
         """Magnitude pruning with nothing else asked needs no calibration text."""
         if self.structured:
-            return self.structured_method() != "magnitude" or self.allocation == "search" or self.depth_share > 0
+            return self.structured_method() != "magnitude" or self.allocation == "search" or self.layer_share() > 0
         return (self.method != "magnitude" or self.allocation != "uniform" or self.resolve_mode != "none"
                 or self.reconstruct != "none")
 
@@ -267,6 +269,13 @@ class PruneConfig(CalibConfig):
     def structured_method(self) -> str:
         return self.method or DEFAULT_STRUCTURED
 
+    def layer_share(self) -> float:
+        """--depth-share as given, or the method's default: ours takes part of the budget as whole layers, the
+        published baselines run as published."""
+        if self.depth_share is not None:
+            return self.depth_share
+        return DEFAULT_DEPTH_SHARE if self.structured_method() == DEFAULT_STRUCTURED else 0.0
+
     def _validate_structured(self, given: set[str] | None) -> tuple[SparsityTarget, str]:
         method = self.structured_method()
         if method not in STRUCTURED_METHODS and method != DEPTH_METHOD:
@@ -286,9 +295,9 @@ class PruneConfig(CalibConfig):
                               f"--structured method on its output")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
-        if not 0 <= self.depth_share < 1:
+        if not 0 <= self.layer_share() < 1:
             raise ConfigError(f"--depth-share is the share of --sparsity removed as whole layers, in [0, 1); got "
-                              f"{self.depth_share:g} (for layers only use --method depth)")
+                              f"{self.layer_share():g} (for layers only use --method depth)")
         if self.search_budget < 1:
             raise ConfigError(f"--search-budget must be >= 1 (candidates evaluated, the seed included), got "
                               f"{self.search_budget}")

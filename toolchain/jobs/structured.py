@@ -12,6 +12,7 @@ from ..engine import LayerEngine
 from ..errors import ConfigError
 from ..models import LoadedModel
 from ..prune.structured import DEPTH_METHOD, Budget, global_removal, make_structured, uniform_removal
+from ..prune.structured.depth import layers_to_remove
 from ..prune.structured.search import MaskedFitness, evolve
 from ..prune.structured.surgery import add_zero_biases, bias_params, layer_params, shrink, unit_params
 from ..prune.structured.widths import native_per_layer_widths
@@ -107,22 +108,40 @@ def _searched_counts(loaded, engine, budget, method, sparsity, heldout, cfg, pro
     return result.best[0], info
 
 
-def _remove_layers_first(loaded: LoadedModel, calib: torch.Tensor | None, cfg: PruneConfig, sparsity: float, device,
-                         progress: bool) -> dict:
+def _layers_first_count(loaded: LoadedModel, share: float) -> int:
+    """How many layers a share of the decoder's parameters removes (the layers are of one shape, so the count
+    does not depend on their scores); 0 when the share is less than half a layer."""
+    params = [layer_params(layer) for layer in loaded.adapter.decoder_layers(loaded.model)]
+    try:
+        return len(layers_to_remove([0.0] * len(params), params, share))
+    except ConfigError:
+        return 0
+
+
+def _remove_layers_first(loaded: LoadedModel, calib: torch.Tensor, cfg: PruneConfig, sparsity: float, device,
+                         progress: bool) -> tuple[dict | None, str | None]:
     """`--depth-share`: whole layers by Block Influence worth that share of the budget (to within half a layer),
-    removed in place before the width method sees the model; the depth report."""
-    share = cfg.depth_share * sparsity
+    removed in place before the width method sees the model. Returns the depth report, or, where the default
+    share removes no layer or the whole budget, None and why (an explicit --depth-share is refused instead)."""
+    share_of_budget = cfg.layer_share()
+    share = share_of_budget * sparsity
+    n_layers = len(loaded.adapter.decoder_layers(loaded.model))
+    count = _layers_first_count(loaded, share)
+    problem = None
+    if count == 0:
+        problem = (f"--depth-share {share_of_budget:g} of --sparsity {sparsity:g} is {share:.4g} of the decoder "
+                   f"parameters, less than half of one of the {n_layers} layers: no layer would go")
+    elif count / n_layers >= sparsity:
+        problem = (f"--depth-share {share_of_budget:g}: {count} of {n_layers} whole layers already meet --sparsity "
+                   f"{sparsity:g}, leaving the width method nothing")
+    if problem is not None:
+        if cfg.depth_share is not None:
+            raise ConfigError(problem + "; choose another --depth-share (0: widths only)")
+        return None, problem.replace(f"--depth-share {share_of_budget:g}", "the default layer share") + \
+            "; widths only"
     layers_cfg = dataclasses.replace(cfg, method=DEPTH_METHOD, sparsity=f"{share:.6g}", allocation="uniform",
                                      rescore=False, depth_share=0.0)
-    try:
-        report = prune_depth_loaded(loaded, calib, layers_cfg, device, progress)
-    except ConfigError as exc:
-        raise ConfigError(f"--depth-share {cfg.depth_share:g} of --sparsity {sparsity:g} is {share:.4g} of the "
-                          f"decoder parameters as whole layers: {exc}") from None
-    if report["decoder_params"]["removed_fraction"] >= sparsity:
-        raise ConfigError(f"--depth-share {cfg.depth_share:g}: the whole layers removed already meet --sparsity "
-                          f"{sparsity:g}, leaving the width method nothing; lower --depth-share")
-    return report
+    return prune_depth_loaded(loaded, calib, layers_cfg, device, progress), None
 
 
 def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: PruneConfig, device,
@@ -140,9 +159,10 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
             raise ConfigError(f"--allocation search holds out the last {cfg.heldout_windows()} calibration windows "
                               f"for its fitness and needs at least one more to prune with")
         calib, heldout = calib[:-cfg.heldout_windows()], calib[-cfg.heldout_windows():]
-    depth, sparsity = None, target.sparsity
-    if cfg.depth_share > 0:
-        depth = _remove_layers_first(loaded, calib, cfg, target.sparsity, device, progress)
+    depth, sparsity, layers_skipped = None, target.sparsity, None
+    if cfg.layer_share() > 0:
+        depth, layers_skipped = _remove_layers_first(loaded, calib, cfg, target.sparsity, device, progress)
+    if depth is not None:
         gone = depth["decoder_params"]["removed_fraction"]
         sparsity = (target.sparsity - gone) / (1 - gone)   # of the parameters the kept layers hold
     budget = _budget(loaded, cfg, method)
@@ -209,7 +229,9 @@ def prune_structured_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg
         "method": method.name, "init": None, "structured": True, "sparsity": f"{target.sparsity:g}",
         "nm": None, "allocation": cfg.allocation, "allocation_info": allocation_info,
         "channel_multiple": cfg.channel_multiple,
-        **({} if depth is None else {"depth_share": cfg.depth_share, "depth": {
+        "depth_share": cfg.layer_share() if depth is not None else 0.0,
+        **({"depth_share_skipped": layers_skipped} if layers_skipped else {}),
+        **({} if depth is None else {"depth": {
             **depth["depth"], "removed_fraction": depth["decoder_params"]["removed_fraction"],
             "width_sparsity_of_kept_layers": sparsity}}),
         "decoder_params": {"before": before, "after": after, "removed_fraction": 1 - after / before,
