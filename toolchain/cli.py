@@ -21,15 +21,16 @@ PRUNE_EXAMPLES = """examples:
   toolchain prune --model smollm2 --method barber --init sparsegpt --sparsity 2:4 --out out/barber24
   toolchain prune --model ./my-llama --method sparsegpt --sparsity 0.6 --allocation owl --out out/sgpt60
   toolchain prune --model smollm2 --method sparsegpt --sparsity 2:4 --resolve lstsq --out out/sgpt24-ls
-  toolchain prune --model smollm2 --structured --sparsity 0.2 --out out/struct20        # ours (obs-refit)
+  toolchain prune --model smollm2 --structured --sparsity 0.2 --out out/struct20        # ours: layers + obs-refit
   toolchain prune --model smollm2 --structured --method flap --sparsity 0.2 --allocation global --out out/flap20
   toolchain prune --model smollm2 --structured --method depth --sparsity 0.2 --out out/depth20   # whole layers
 
 N:M means N kept of every M consecutive input weights (2:4 = 50%, along the reduction dimension).
 --structured removes whole KV groups and MLP channel blocks: --sparsity is the fraction of decoder-layer
 parameters removed, and the output is a smaller dense model with a plain config. --method depth removes
-whole decoder layers instead (lowest Block Influence first, met to within one layer); layers and channels
-compose as two runs (depth, then a width method on its output).
+whole decoder layers instead (lowest Block Influence first, met to within one layer). Ours (obs-refit, the
+default) takes half the budget as whole layers first and narrows the kept layers by the rest
+(--depth-share 0.5; --depth-share 0 narrows only).
 The output directory is a Hugging Face model (AutoModelForCausalLM.from_pretrained loads it) plus
 compression.json, which records what was done per layer."""
 
