@@ -143,7 +143,7 @@ class PruneConfig(CalibConfig):
     depth_share: float | None = option(None, "--depth-share", "structured width methods: the share of --sparsity "
                                 "taken first by removing whole decoder layers (lowest Block Influence, as --method "
                                 "depth); the method then narrows the remaining layers, calibrated on the shortened "
-                                "model, to the rest of the budget. 0: widths only. Default: "
+                                "model, to the rest of the budget. 0: widths only; default: "
                                 f"{DEFAULT_DEPTH_SHARE} for {DEFAULT_STRUCTURED} (ours; widths only where that share "
                                 "is less than half a layer), 0 for the published baselines", type=float,
                                 applies=_structured_width, applies_to="with --structured and a method that removes "
