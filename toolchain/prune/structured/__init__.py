@@ -23,8 +23,8 @@ DEFAULT_STRUCTURED = "obs-refit"
 #: removes whole decoder layers (prune/structured/depth.py) rather than units inside every layer
 DEPTH_METHOD = "depth"
 #: the share of the budget ours takes first as whole layers (`--depth-share`): layers cost little out of the
-#: calibration domain, the refit narrowing costs little in it (chosen on out-of-domain perplexity and zero-shot
-#: accuracy, docs/results.md)
+#: calibration domain, the refit narrowing costs little in it (chosen on out-of-domain perplexity; zero-shot
+#: accuracy could not separate the candidates; docs/results.md)
 DEFAULT_DEPTH_SHARE = 0.5
 STRUCTURED_ALLOCATIONS = ("uniform", "global", "search")
 #: calibration windows `--allocation search` draws beyond --calib-samples and holds out for its KL fitness
