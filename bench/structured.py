@@ -42,7 +42,6 @@ CONFIGS = (("obs-refit", "obs-refit", ["--depth-share", "0"]),
            ("magnitude", "magnitude", []),
            ("depth", "depth", []),
            ("depth rescore", "depth", ["--rescore"]))
-OURS = "obs-refit"
 PREFILL, DECODE_STEPS, REPEATS = 128, 32, 5
 #: the first windows of each held-out split scored (16 x 512 = 8K tokens): a dozen models x three texts stay
 #: affordable on a shared CPU
