@@ -14,7 +14,7 @@ from toolchain.errors import DataError
 from toolchain.tasks.answers import (boxed_answer, gsm8k_correct, gsm8k_extract, math_correct,
                                      math_final_answer)
 from toolchain.tasks.files import TASK_FILES, load_docs, load_mmlu, mmlu_subjects
-from toolchain.tasks.scoring import greedy_generate, score_continuations
+from toolchain.tasks.scoring import _length_chunks, greedy_generate, score_continuations
 
 # --- the offline files -------------------------------------------------------------------------------------
 
@@ -152,11 +152,27 @@ def test_batched_scorer_equals_unbatched(make):
         first = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
     reqs.append((ctx, [first]))
     reference = _unbatched(model, reqs)
-    for budget in (16, 64, 8192):  # one item per pass up to everything in one pass
-        got = score_continuations(model, reqs, batch_tokens=budget)
+    # one item per pass up to everything in one pass; continuation passes of 6 tokens (many chunks, each on its
+    # own copy of the contexts' cache rows) or of all rows at once
+    for budget, logit_values in ((16, 1 << 26), (64, 320 * 6), (8192, 320 * 6), (8192, 1 << 26)):
+        got = score_continuations(model, reqs, batch_tokens=budget, logit_values=logit_values)
         assert [g[1] for g in got] == [r[1] for r in reference]
         assert [g[0] for g in got] == pytest.approx([r[0] for r in reference], abs=1e-4)
     assert reference[-1][1]
+
+
+def test_continuation_chunks_bound_padding_and_size():
+    lengths = [1, 30, 2, 2, 29, 3, 31, 1, 60]
+    chunks = _length_chunks(lengths, budget=100, slack=0.1, min_slack=2)
+    assert sorted(k for c in chunks for k in c) == list(range(len(lengths)))
+    for chunk in chunks:
+        widths = [lengths[k] for k in chunk]
+        assert widths == sorted(widths)
+        padded = len(chunk) * max(widths)
+        assert padded <= 100 or len(chunk) == 1
+        assert padded - sum(widths) <= max(2, 0.1 * padded)
+    # lengths 1..3 together, 29..31 together, 60 alone: padding everything to 60 would be 4x the tokens
+    assert [sorted(lengths[k] for k in c) for c in chunks] == [[1, 1, 2, 2], [3], [29, 30, 31], [60]]
 
 
 @pytest.mark.parametrize("make", [make_llama, make_opt])

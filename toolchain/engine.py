@@ -104,6 +104,8 @@ class LayerEngine:
                                                         "output_attentions")}
                 raise _StopForward
 
+        if self.stream is not None:
+            self.stream.load_embeddings()
         self._move_outside_layers(self.device)
         self.layers[0] = Catcher()
         try:
@@ -116,6 +118,8 @@ class LayerEngine:
             self.layers[0] = first
             if self.device.type != "cpu":
                 self._move_outside_layers(torch.device("cpu"))
+            if self.stream is not None:
+                self.stream.release_embeddings()
         return torch.cat(captured, dim=0).float()
 
     # ---------------------------------------------------------------- the walk

@@ -109,9 +109,11 @@ class StreamingCheckpoint:
         self.adapter = adapter_for(model)
         self.layers = self.adapter.decoder_layers(model)
         self.layers_path = next(name for name, m in model.named_modules() if m is self.layers)
+        self.with_head = with_head
         head = model.get_output_embeddings()
         self._skip = set() if with_head or head is None or model.config.tie_word_embeddings else {
             f"{name}.{p}" for name, m in model.named_modules() if m is head for p, _ in head.named_parameters()}
+        self.outside_index = self.index   # what lies outside the layers is always read from the input
         self._load_outside_layers()
         self.index.release()
 
@@ -152,6 +154,30 @@ class StreamingCheckpoint:
         else:
             owner._buffers[attr] = value
 
+    def _embedding_names(self) -> list[str]:
+        embedding = self.model.get_input_embeddings()
+        prefix = next(name for name, m in self.model.named_modules() if m is embedding)
+        return [f"{prefix}.{name}" for name, _ in embedding.named_parameters()]
+
+    def release_embeddings(self) -> None:
+        """Return the input embedding table to `meta` once the walk has embedded its windows, where no LM head
+        runs (`with_head=False`). In float32 it is the largest tensor outside the decoder layers (V x d: 0.8 GB
+        at a 49k vocabulary and width 4096, 2.1 GB for Llama-3's 128k), and a layer-by-layer job needs it only
+        to make the first layer's inputs. The output writer reads it from the checkpoint, not from here."""
+        if not self.with_head:
+            self.model.get_input_embeddings().to("meta")
+
+    def load_embeddings(self) -> None:
+        """Read the input embedding table back from the checkpoint if `release_embeddings` dropped it."""
+        embedding = self.model.get_input_embeddings()
+        if not any(p.is_meta for p in embedding.parameters()):
+            return
+        for name in self._embedding_names():
+            self._assign(self.model, name, self.outside_index.tensor(name))
+        self.outside_index.release()
+        if self.model.config.tie_word_embeddings:
+            self.model.tie_weights()
+
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer `i` with its tensors read from the checkpoint, in float32 on the CPU."""
         layer = self.layers[i]
@@ -179,11 +205,11 @@ class StreamingCheckpoint:
 
     def outside_tensor(self, name: str) -> torch.Tensor:
         """A tensor outside the decoder layers as a loaded model holds it (float32), read from the checkpoint."""
-        return self.index.tensor(name).to(torch.float32)
+        return self.outside_index.tensor(name).to(torch.float32)
 
     def switch_to(self, directory: str | Path) -> None:
         """Read the decoder layers from now on from `directory` (the float32 shards a first pass wrote); what
-        lies outside the layers stays as loaded."""
+        lies outside the layers is still read from the input (`outside_index`)."""
         self.index.release()
         self.index = CheckpointIndex(directory)
 

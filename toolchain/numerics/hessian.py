@@ -13,6 +13,8 @@ same way; the preparation lives here once so the three agree to the bit:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..errors import ToolchainError
@@ -45,30 +47,56 @@ def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, name: str = "layer",
-                             retries: int = 4) -> torch.Tensor:
+                             retries: int = 4, restore: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp * I)^-1, H with its dead inputs already neutralised.
 
     U[c, c]^2 is [H^-1]_cc of the columns from c on, and row c of U carries a column's error onto the columns
     after it: what the OBS sweeps of SparseGPT and GPTQ need. When H + damp * I is not positive definite in
-    floating point, the damping grows tenfold per retry (from 1e-6 if H's diagonal mean is 0)."""
+    floating point, the damping grows tenfold per retry (from 1e-6 if H's diagonal mean is 0).
+
+    `restore`: `hessian` is then the caller's own copy, which is overwritten (damped in place, then holding the
+    inverse), so that two [in, in] matrices exist at once instead of three (on an 8B model's MLP input,
+    in = 14336, each is 0.8 GB); `restore()` returns a fresh copy, needed only when the factor of the inverse
+    fails and a retry must start again from H. The factor is bit-identical either way."""
     damp = hessian_damping(hessian, percdamp)
     for _ in range(retries + 1):
-        # At most three [in, in] matrices at once besides `hessian` (no identity, no sum temporary): on an 8B
-        # model's MLP input (in = 14336) each is 0.8 GB.
-        damped = hessian.clone()
+        if restore is None:
+            damped = hessian.clone()
+        else:
+            damped, undamped_diagonal = hessian, hessian.diagonal().clone()
         damped.diagonal().add_(damp)
         lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
         if info == 0:
-            inv = torch.cholesky_inverse(lower)
+            if restore is None:
+                del damped
+                inv = torch.cholesky_inverse(lower)
+            else:   # cholesky_inverse copies `lower` into `out` and inverts it there (LAPACK potri, in place)
+                inv = torch.cholesky_inverse(lower, out=damped)
+                del damped
             del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             del inv
             if info == 0:
                 return upper
+            del upper
+            if restore is not None:
+                hessian = restore()
+        else:
+            del lower, damped
+            if restore is not None:
+                hessian.diagonal().copy_(undamped_diagonal)
         damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=hessian.device)
     raise ToolchainError(f"{name}: the layer Hessian is not positive definite even with damping {float(damp):.3g}; "
                          f"use more calibration samples or a larger damping")
+
+
+def symmetric_permutation(matrix: torch.Tensor, perm: torch.Tensor, rows_per_step: int = 2048) -> torch.Tensor:
+    """matrix[perm][:, perm] ([n, n]) built a block of rows at a time, so that besides the input and the result
+    only a [rows_per_step, n] block exists (the two-step indexing holds a second [n, n] matrix)."""
+    out = torch.empty_like(matrix)
+    for a in range(0, matrix.shape[0], rows_per_step):
+        out[a:a + rows_per_step] = matrix[perm[a:a + rows_per_step]][:, perm]
+    return out
 
 
 def masked_conjugate_gradient(H: torch.Tensor, target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor,

@@ -28,9 +28,14 @@ class SparseGPT(PruneMethod):
 
     def _prepare(self, weight, stats):
         W = weight.detach().float().clone()
-        H = stats.hessian.to(W.device).clone()
-        W[:, neutralise_dead_inputs(H)] = 0.0
-        return W, inverse_hessian_cholesky(H, self.percdamp)
+
+        def private_hessian():   # H with its dead inputs neutralised, a copy the inverse may overwrite
+            H = stats.hessian.to(W.device, copy=True)
+            return H, neutralise_dead_inputs(H)
+
+        H, dead = private_hessian()
+        W[:, dead] = 0.0
+        return W, inverse_hessian_cholesky(H, self.percdamp, restore=lambda: private_hessian()[0])
 
     def prune(self, weight, stats, target: SparsityTarget):
         W, U = self._prepare(weight, stats)

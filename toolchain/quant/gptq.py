@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics.hessian import inverse_hessian_cholesky, neutralise_dead_inputs
+from ..numerics.hessian import inverse_hessian_cholesky, neutralise_dead_inputs, symmetric_permutation
 from .quantizer import QuantizedWeight, QuantSpec, fit_params, quantize_codes
 
 
@@ -26,13 +26,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                   prune_mask: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01,
                   act_order: bool = True, name: str = "layer") -> QuantizedWeight:
     rows, cols = weight.shape
-    H = hessian.to(weight.device).float()
-    H = (H[None] if H.dim() == 2 else H).clone()
+    H = hessian.to(weight.device).float()        # the caller's statistics: read, never modified
+    H = H[None] if H.dim() == 2 else H
     k = H.shape[0]
     if rows % k:
         raise ValueError(f"{name}: {rows} rows do not split into {k} Hessian blocks")
     W = weight.detach().float().reshape(k, rows // k, cols).clone()
-    dead = neutralise_dead_inputs(H)                                      # [k, cols]
+    diagonal = H.diagonal(dim1=1, dim2=2)
+    dead = diagonal == 0                                                  # [k, cols]
     W.masked_fill_(dead[:, None, :], 0.0)
     groups = spec.groups(cols)
     group_of = torch.empty(cols, dtype=torch.long)
@@ -46,12 +47,21 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
             scales[:, gi], zeros[:, gi] = fit_params(W[:, a:b], spec)
     mask = prune_mask if prune_mask is not None else torch.zeros_like(W, dtype=torch.bool)
 
-    perm = (torch.argsort(torch.diagonal(H, dim1=1, dim2=2).sum(0), descending=True) if act_order
+    # the order of the neutralised diagonal (dead inputs count as 1, as neutralise_dead_inputs sets them)
+    perm = (torch.argsort(diagonal.masked_fill(dead, 1.0).sum(0), descending=True) if act_order
             else torch.arange(cols, device=W.device))
     W, mask_p = W[:, perm], mask[:, perm]
-    H = H[:, perm][:, :, perm]
-    U = torch.stack([inverse_hessian_cholesky(H[j], percdamp, name) for j in range(k)])   # [k, cols, cols]
-    del H
+
+    def private_hessian(j: int) -> torch.Tensor:
+        """Block j in sweep order, dead inputs neutralised: one copy, which the inverse overwrites."""
+        Hj = symmetric_permutation(H[j], perm) if act_order else H[j].clone()
+        neutralise_dead_inputs(Hj)
+        return Hj
+
+    factors = [inverse_hessian_cholesky(private_hessian(j), percdamp, name, restore=lambda j=j: private_hessian(j))
+               for j in range(k)]
+    U = factors[0][None] if k == 1 else torch.stack(factors)   # [k, cols, cols]
+    del factors, H
     r = rows // k
     codes = torch.empty(rows, cols, dtype=torch.int32, device=W.device)
 

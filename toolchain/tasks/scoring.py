@@ -2,8 +2,9 @@
 
 - `score_continuations`: the log-likelihood of each continuation given its context. A multiple-choice item
   asks for one context with several continuations; the context is run once (its key/value cache kept) and all
-  its continuations are scored together on top of that cache. Several items share one forward pass: their
-  contexts are right-padded into one batch, and the continuations mask the padding out of the cache.
+  its continuations are scored on top of that cache. Several items share one context pass: their contexts are
+  right-padded into one batch; the continuations then run in chunks of similar length (so little of a pass is
+  padding), each on a copy of its contexts' cache rows, masking the contexts' padding out.
 - `greedy_generate`: greedy decoding of a batch of prompts with a KV cache; a row leaves the batch when it
   emits an end token or its stop check fires, so finished rows cost nothing.
 
@@ -11,14 +12,18 @@ Both take token ids and give token ids or numbers; tokenization, truncation and 
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-# Bounds one forward pass: (rows x columns attended) for the continuations, and rows x length for the contexts.
+# Bounds one context pass: rows x (context + longest continuation) tokens.
 BATCH_TOKENS = 8192
+# Bounds one continuation pass by its logits, rows x length x vocabulary float32 values (and as many again for
+# their log-softmax): 2^26 is 256 MB, 1,365 tokens at a 49k vocabulary, 444 at Qwen's 151k.
+LOGIT_VALUES = 1 << 26
 
 
 def _forward_kwargs(model) -> dict:
@@ -47,6 +52,39 @@ def _select_rows(cache, index: torch.Tensor) -> None:
     cache.reorder_cache(index)
 
 
+def _rows_of(cache, index: torch.Tensor):
+    """A cache holding `cache`'s batch rows `index` (repeats allowed), leaving `cache` as it was: each layer's
+    reorder assigns new tensors, so shallow copies of the cache and its layers suffice."""
+    if hasattr(cache, "layers"):
+        rows = copy.copy(cache)
+        rows.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        rows = copy.deepcopy(cache)
+    rows.reorder_cache(index)
+    return rows
+
+
+def _length_chunks(lengths: list[int], budget: int, slack: float = 0.1, min_slack: int = 64) -> list[list[int]]:
+    """Positions of `lengths` cut into chunks of similar length (ascending), so that padding each chunk to its
+    longest row wastes at most `slack` of its tokens (or `min_slack` tokens) and a chunk fits `budget` tokens.
+    The continuations of a multiple-choice batch range from 1 to tens of tokens; padded to the longest, most of
+    the pass would be padding."""
+    order = sorted(range(len(lengths)), key=lambda k: lengths[k])
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for k in order:
+        n, width = len(current) + 1, lengths[k]
+        if current and (n * width > budget or n * width - (used + width) > max(min_slack, slack * n * width)):
+            chunks.append(current)
+            current, used = [], 0
+        current.append(k)
+        used += lengths[k]
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def _group_batches(groups: list[tuple[tuple[int, ...], list[int]]], cont_len: list[int],
                    budget: int) -> list[list[int]]:
     """Consecutive groups (sorted longest context first) whose passes fit the token budget."""
@@ -66,7 +104,7 @@ def _group_batches(groups: list[tuple[tuple[int, ...], list[int]]], cont_len: li
 
 @torch.inference_mode()
 def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                        batch_tokens: int = BATCH_TOKENS,
+                        batch_tokens: int = BATCH_TOKENS, logit_values: int = LOGIT_VALUES,
                         progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether every continuation token is the argmax) per request.
 
@@ -87,30 +125,36 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     targets = {i: tuple(requests[i][1]) for i in last_token}
     extra = _forward_kwargs(model)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
+    cont_tokens = max(1, logit_values // model.config.vocab_size)
 
     for batch in _group_batches(groups, [len(cont) for _, cont in requests], batch_tokens):
         prefixes = [groups[g][0] for g in batch]
         members = [(slot, i) for slot, g in enumerate(batch) for i in groups[g][1]]
         width_ctx = max(len(p) for p in prefixes)
-        cont_ids = _pad([rows_in[i] for _, i in members], max(len(rows_in[i]) for _, i in members)).to(device)
-        lengths = torch.tensor([len(prefixes[slot]) for slot, _ in members], device=device)
-        positions = lengths[:, None] + torch.arange(cont_ids.shape[1], device=device)[None, :]
-        kwargs: dict = {"position_ids": positions}
+        cache = None
         if width_ctx > 0:
             # Right padding keeps every real context position exact under the causal mask; the padded cache
-            # slots are masked out of the continuation pass below.
-            ctx_out = model(_pad(prefixes, width_ctx).to(device), use_cache=True, **extra)
-            cache = _cache_of(ctx_out)
-            _select_rows(cache, torch.tensor([slot for slot, _ in members], device=device))
-            ctx_mask = torch.arange(width_ctx, device=device)[None, :] < lengths[:, None]
-            kwargs[_cache_kwarg(model)] = cache
-            kwargs["attention_mask"] = torch.cat([ctx_mask.long(), torch.ones_like(cont_ids)], dim=1)
-        logits = model(cont_ids, use_cache=width_ctx > 0, **kwargs).logits
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        for row, (_, i) in enumerate(members):
-            target = torch.tensor(targets[i], device=device)
-            lp = logprobs[row, :len(target)]
-            out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+            # slots are masked out of the continuation passes below.
+            cache = _cache_of(model(_pad(prefixes, width_ctx).to(device), use_cache=True, **extra))
+            prefix_len = torch.tensor([len(p) for p in prefixes], device=device)
+            ctx_mask = (torch.arange(width_ctx, device=device)[None, :] < prefix_len[:, None]).long()
+        # The continuations run in chunks of similar length on copies of the contexts' cache rows.
+        for chunk in _length_chunks([len(rows_in[i]) for _, i in members], cont_tokens):
+            rows = [members[k] for k in chunk]
+            cont_ids = _pad([rows_in[i] for _, i in rows], max(len(rows_in[i]) for _, i in rows)).to(device)
+            slots = torch.tensor([slot for slot, _ in rows], device=device)
+            lengths = torch.tensor([len(prefixes[slot]) for slot, _ in rows], device=device)
+            kwargs: dict = {"position_ids": lengths[:, None] + torch.arange(cont_ids.shape[1], device=device)[None, :]}
+            if cache is not None:
+                kwargs[_cache_kwarg(model)] = _rows_of(cache, slots)
+                kwargs["attention_mask"] = torch.cat([ctx_mask[slots], torch.ones_like(cont_ids)], dim=1)
+            logits = model(cont_ids, use_cache=cache is not None, **kwargs).logits
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            for row, (_, i) in enumerate(rows):
+                target = torch.tensor(targets[i], device=device)
+                lp = logprobs[row, :len(target)]
+                out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+            del logits, logprobs
         if progress is not None:
             progress(len(members))
     return out  # type: ignore[return-value]
