@@ -204,3 +204,27 @@ def test_the_cli_takes_streaming_and_dtype(tmp_path, tiny_llama_dir):
     report = json.loads((out / "compression.json").read_text())
     assert report["streaming"] is True and report["dtype"] == "float16"
     assert {t.dtype for t in weights(out).values()} == {torch.float16}
+
+
+def test_sigterm_is_an_interrupt_that_leaves_nothing_behind(tmp_path, tiny_llama_dir, monkeypatch):
+    """A job scheduler's stop (SIGTERM) removes the temporary and scratch directories as an interrupt does."""
+    import os
+    import signal
+
+    from toolchain.cli import main
+
+    load_layer = StreamingCheckpoint.load_layer
+
+    def terminated(self, i):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return load_layer(self, i)
+
+    monkeypatch.setattr(StreamingCheckpoint, "load_layer", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    parent = tmp_path / "runs"
+    status = main(["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                   "--streaming", "--calib-samples", "4", "--seqlen", "32", "--out", str(parent / "out"), "--quiet"])
+    assert status == 143
+    assert list(parent.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before     # the caller's handler is back

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import distributed
@@ -669,8 +671,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, `kill`, torchrun ending the other ranks after one failed), raised like an
+    interrupt so that every temporary and scratch directory is removed on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = (signal.signal(signal.SIGTERM, _raise_terminated)
+                if threading.current_thread() is threading.main_thread() else None)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     handler = {"prune": cmd_prune, "quantize": cmd_quantize, "compress": cmd_compress, "recover": cmd_recover, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
                "export": cmd_export, "onnx-check": cmd_onnx_check, "sim": cmd_sim, "pnr": cmd_pnr,
                "fpga-eval": cmd_fpga_eval,
@@ -684,9 +705,10 @@ def main(argv: list[str] | None = None) -> int:
     except ToolchainError as exc:
         print(f"toolchain {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_status
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", "; nothing was written", sep="",
+              file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":
