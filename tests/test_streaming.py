@@ -46,6 +46,29 @@ def test_layers_stream_on_demand_and_equal_the_in_memory_model(family, tiny_llam
     assert torch.equal(_logits(stream.model, ids), _logits(ref, ids))
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_the_embedding_table_is_dropped_after_the_first_layer_inputs_and_read_back(family, tiny_llama_dir,
+                                                                                    tiny_opt_dir):
+    from toolchain.engine import LayerEngine
+
+    path = tiny_llama_dir if family == "llama" else tiny_opt_dir
+    stream = StreamingCheckpoint(path, with_head=False)
+    embedding = stream.model.get_input_embeddings()
+    table = embedding.weight.detach().clone()
+    engine = LayerEngine(stream.model, stream.adapter, random_ids(3, 16), batch_size=2, device="cpu", stream=stream)
+    first = engine.capture_inputs()
+    assert all(p.is_meta for p in embedding.parameters())            # gone once the inputs exist
+    again = engine.capture_inputs()                                     # a second walk (compress) reads it back
+    assert torch.equal(first, again)
+    assert all(p.is_meta for p in embedding.parameters())
+    stream.load_embeddings()
+    assert torch.equal(embedding.weight, table)
+
+    kept = StreamingCheckpoint(path, with_head=True)                   # a job that runs the head keeps it
+    LayerEngine(kept.model, kept.adapter, random_ids(3, 16), device="cpu", stream=kept).capture_inputs()
+    assert not any(p.is_meta for p in kept.model.get_input_embeddings().parameters())
+
+
 @pytest.fixture()
 def sharded_bf16_dir(tmp_path, tiny_llama_dir):
     """The tiny Llama in bf16, written in several shards with model.safetensors.index.json."""
