@@ -70,8 +70,10 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, name: str =
             if restore is None:
                 del damped
                 inv = torch.cholesky_inverse(lower)
-            else:   # cholesky_inverse copies `lower` into `out` and inverts it there (LAPACK potri, in place)
-                inv = torch.cholesky_inverse(lower, out=damped)
+            else:
+                # LAPACK inverts in place in column-major storage: `out` must be column-major (the transposed
+                # view; the inverse is symmetric) or torch inverts in a temporary and copies it over.
+                inv = torch.cholesky_inverse(lower, out=damped.T)
                 del damped
             del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)

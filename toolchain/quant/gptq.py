@@ -60,7 +60,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
     factors = [inverse_hessian_cholesky(private_hessian(j), percdamp, name, restore=lambda j=j: private_hessian(j))
                for j in range(k)]
-    U = factors[0][None] if k == 1 else torch.stack(factors)   # [k, cols, cols]
+    # [k, cols, cols], row-major as the sweep reads its rows (the factors come column-major from LAPACK)
+    U = factors[0].contiguous()[None] if k == 1 else torch.stack(factors)
     del factors, H
     r = rows // k
     codes = torch.empty(rows, cols, dtype=torch.int32, device=W.device)
