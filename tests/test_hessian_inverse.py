@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from toolchain.errors import ToolchainError
+from toolchain.input_stats import InputStats
 from toolchain.numerics import hessian as hmod
 from toolchain.numerics.hessian import hessian_damping, inverse_hessian_cholesky, symmetric_permutation
 
@@ -91,3 +92,17 @@ def test_symmetric_permutation_equals_two_step_indexing(step):
     M = torch.randn(37, 37)
     perm = torch.randperm(37, generator=torch.Generator().manual_seed(1))
     assert torch.equal(symmetric_permutation(M, perm, rows_per_step=step), M[perm][:, perm])
+
+
+def test_input_stats_scale_their_sum_into_the_hessian_in_place_once():
+    x = torch.randn(2, 10, 6, generator=torch.Generator().manual_seed(2))
+    stats = InputStats(6, hessian=True)
+    stats.add_batch(x[0])
+    stats.add_batch(x[1])
+    flat = x.reshape(-1, 6)
+    expected = (flat.T @ flat) * (2.0 / 20)
+    first = stats.hessian
+    assert torch.allclose(first, expected, rtol=1e-5, atol=1e-6)
+    assert stats.hessian is first and torch.equal(stats.hessian, first)   # read again: not scaled twice
+    with pytest.raises(RuntimeError, match="no more batches"):
+        stats.add_batch(x[0])

@@ -74,10 +74,6 @@ def write_safetensors(path: str | os.PathLike, entries: Iterable[Entry], metadat
             _write_tensor(f, name, produce(), dtype, shape)
 
 
-def tensor_entry(name: str, tensor: torch.Tensor) -> Entry:
-    return name, tensor.dtype, tuple(tensor.shape), lambda: tensor
-
-
 def _copy_bytes(src, dst, size: int, name: Path) -> None:
     """Copy `size` bytes from `src`'s position to `dst`'s in the kernel; through a small buffer where the file
     system has no copy_file_range."""

@@ -131,20 +131,19 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         prefixes = [groups[g][0] for g in batch]
         members = [(slot, i) for slot, g in enumerate(batch) for i in groups[g][1]]
         width_ctx = max(len(p) for p in prefixes)
+        prefix_len = torch.tensor([len(p) for p in prefixes], device=device)
         cache = None
         if width_ctx > 0:
             # Right padding keeps every real context position exact under the causal mask; the padded cache
             # slots are masked out of the continuation passes below.
             cache = _cache_of(model(_pad(prefixes, width_ctx).to(device), use_cache=True, **extra))
-            prefix_len = torch.tensor([len(p) for p in prefixes], device=device)
             ctx_mask = (torch.arange(width_ctx, device=device)[None, :] < prefix_len[:, None]).long()
         # The continuations run in chunks of similar length on copies of the contexts' cache rows.
         for chunk in _length_chunks([len(rows_in[i]) for _, i in members], cont_tokens):
             rows = [members[k] for k in chunk]
             cont_ids = _pad([rows_in[i] for _, i in rows], max(len(rows_in[i]) for _, i in rows)).to(device)
             slots = torch.tensor([slot for slot, _ in rows], device=device)
-            lengths = torch.tensor([len(prefixes[slot]) for slot, _ in rows], device=device)
-            kwargs: dict = {"position_ids": lengths[:, None] + torch.arange(cont_ids.shape[1], device=device)[None, :]}
+            kwargs: dict = {"position_ids": prefix_len[slots, None] + torch.arange(cont_ids.shape[1], device=device)}
             if cache is not None:
                 kwargs[_cache_kwarg(model)] = _rows_of(cache, slots)
                 kwargs["attention_mask"] = torch.cat([ctx_mask[slots], torch.ones_like(cont_ids)], dim=1)
