@@ -1,12 +1,15 @@
 """`toolchain bench reasoning`: does a compressed model still reason?
 
 Rows: the dense model; RTN, GPTQ and APTQ at 4 and 3 bits and APTQ at an average of 3.5; Wanda, SparseGPT and
-Barber (on SparseGPT) at 2:4; and the rows that re-check the pruning defaults chosen on pydoc: Barber on both
-inits at 2:4 and 50%, Barber's reference score (grad-rms), SparseGPT with the least-squares re-solve. Each compression runs in its own process (`toolchain quantize` / `toolchain
-prune`, the quant and prune benchmarks' budget: 32 x 512 pydoc calibration windows, group size 64). Every row
-is then measured on the same items:
-- GSM8K (8-shot chain of thought) and MATH-500 (4-shot) accuracy on a seeded subset of `limit` items, with the
-  standard error, through `toolchain eval --tasks` (lm-eval on the local task files, docs/evaluation.md);
+Barber (on SparseGPT) at 2:4; GPTQ 3-bit after `toolchain recover`; and the rows that re-check the pruning
+defaults chosen on pydoc: Barber on both inits at 2:4 and 50%, Barber's reference score (grad-rms), SparseGPT
+with the least-squares re-solve. Each compression runs in its own process (`toolchain quantize` / `prune` /
+`recover`, the quant and prune benchmarks' budget: 32 x 512 pydoc calibration windows, group size 64); a
+quantized or recovered directory that the same command already wrote is reused. Every row is then measured on
+the same items:
+- GSM8K (8-shot chain of thought; a seeded subset of `limit` items of its held-out half, which recovery never
+  trains on) and MATH-500 (4-shot; `limit` seeded items) accuracy, with the standard error, through
+  `toolchain eval --tasks` (lm-eval on the local task files, docs/evaluation.md);
 - the zero-shot suite on a seeded subset of `zero_shot_limit` items per task;
 - perplexity on pydoc (the calibration domain) and the out-of-domain wiki and science texts, PPL_WINDOWS
   windows of 512 tokens each.
@@ -26,11 +29,15 @@ import time
 from pathlib import Path
 
 from toolchain.reference_runs import (CALIB_SAMPLES, EVAL_DATASETS, GROUP_SIZE, SEED, SEQLEN, dense_hf_dir,
-                                      prune_in_subprocess, quantize_in_subprocess)
+                                      prune_in_subprocess, quantize_in_subprocess, recover_in_subprocess)
 
 from .common import check_only, merge_rows, result_stem, slug, work_dir, write_result
 
-# name, command ("quantize" or "prune"), method, bits or sparsity, init (prune), extra flags
+# A recovery within a benchmark's budget on two cores: 300 training items, each seen once.
+RECOVER_FLAGS = ["--examples", "300", "--steps", "75", "--batch-size", "4"]
+
+# name, command ("quantize", "prune" or "recover"), method, bits or sparsity, init (prune) or the row recovered,
+# extra flags
 REASONING_CONFIGS = [
     ("rtn 4-bit", "quantize", "rtn", "4", None, []),
     ("gptq 4-bit", "quantize", "gptq", "4", None, []),
@@ -52,6 +59,9 @@ REASONING_CONFIGS = [
     ("barber(wanda) 50%", "prune", "barber", "0.5", "wanda", []),
     ("sparsegpt 50%", "prune", "sparsegpt", "0.5", None, []),
     ("barber 50%", "prune", "barber", "0.5", "sparsegpt", []),
+    # Deployment-safe recovery (`toolchain recover`, scales, norms and biases only) of a quantized row, here in
+    # the init column: trained on GSM8K's training half, scored like every row on its held-out half.
+    ("gptq 3-bit recovered", "recover", None, None, "gptq 3-bit", RECOVER_FLAGS),
 ]
 ROW_ORDER = ["dense", *(c[0] for c in REASONING_CONFIGS)]
 
@@ -65,6 +75,8 @@ ZERO_SHOT_LIMIT = 50  # items per zero-shot task
 MAX_GEN_TOKS = 256    # lm-eval's default cap on a chain of thought
 PPL_WINDOWS = 16      # 512-token windows of each perplexity text (8K tokens)
 TASK_SEED = 0
+# Every row is scored on GSM8K items `toolchain recover` never trains on, so a recovered row is comparable.
+HELDOUT_POOL = "the held-out half (toolchain/tasks/splits.py)"
 
 
 def reasoning_runs(only: list[str] | None = None) -> list[tuple]:
@@ -111,6 +123,8 @@ def run_reasoning_bench(model: str, out_dir: str | Path, only: list[str] | None 
     samples_dir = Path(f"{stem}")
     settings = {"tasks": list(task_names), "limit": limit, "zero_shot_limit": zero_shot_limit, "seed": TASK_SEED,
                 "max_gen_toks": max_gen_toks, "ppl_windows": ppl_windows, "seqlen": seqlen}
+    if "gsm8k" in task_names:
+        settings["gsm8k_pool"] = HELDOUT_POOL
     command = _command(model, only, settings)
     rows: list[dict] = []
 
@@ -131,7 +145,13 @@ def run_reasoning_bench(model: str, out_dir: str | Path, only: list[str] | None 
     for name, command_name, method, level, init, extra in runs:
         target = work / "reasoning" / slug(name)
         if command_name == "quantize":
-            facts = quantize_in_subprocess(src, target, method, level, extra)
+            facts = quantize_in_subprocess(src, target, method, level, extra, reuse=True)
+        elif command_name == "recover":
+            _, _, base_method, base_level, _, base_extra = next(c for c in REASONING_CONFIGS if c[0] == init)
+            base = work / "reasoning" / slug(init)
+            quantize_in_subprocess(src, base, base_method, base_level, base_extra, reuse=True)
+            facts = {**recover_in_subprocess(base, target, extra, reuse=True), "recovered_from": init}
+            facts["command"] = facts["command"].replace(f"--model {base}", f"--model <{init} output>")
         else:
             facts = prune_in_subprocess(src, target, method, init, level, extra, calib_samples, seqlen)
         # The command as a user types it: the model by name, an output of their choice.
@@ -188,6 +208,7 @@ def measure(model_dir: Path, task_names: tuple[str, ...], settings: dict, sample
     from toolchain.tasks import ZERO_SHOT
     from toolchain.tasks.backend import ToolchainLM
     from toolchain.tasks.run import evaluate_tasks, write_task_results
+    from toolchain.tasks.splits import gsm8k_split
 
     start = time.perf_counter()
     loaded = load_model(model_dir)
@@ -196,8 +217,9 @@ def measure(model_dir: Path, task_names: tuple[str, ...], settings: dict, sample
     row["tasks"] = {}
     for name in (n for n in task_names if n in GENERATIVE):
         t0 = time.perf_counter()
+        exclude = {"gsm8k": gsm8k_split()[0]} if name == "gsm8k" else None
         result = evaluate_tasks(names=(name,), limit=settings["limit"], seed=settings["seed"], lm=lm,
-                                max_gen_toks=settings["max_gen_toks"], progress=False)
+                                max_gen_toks=settings["max_gen_toks"], progress=False, exclude=exclude)
         write_task_results(result, samples_dir)
         task = result["tasks"][name]
         row["tasks"][name] = {**generative_summary(name, task, loaded.tokenizer, settings["max_gen_toks"]),

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from toolchain.errors import ConfigError
+from toolchain.tasks.splits import gsm8k_split
 from toolchain.tasks.failures import (CLASSES, arithmetic_slips, classify_failure, flips, ranks, repetition_loop,
                                       spearman)
 
@@ -119,10 +120,11 @@ def test_reasoning_only_and_options_are_checked(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
-    """Dense, RTN 4-bit and Wanda 2:4 on 3 GSM8K items and 2 items per zero-shot task. A run stopped by a
-    failing compression keeps the rows it finished; a later run adds its rows; every row is measured, every
-    wrong answer classified, and the flips agree with the per-item scores."""
+def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Dense, RTN 4-bit, Wanda 2:4, GPTQ 3-bit and its recovery on 3 GSM8K items and 2 items per zero-shot task.
+    A run stopped by a failing compression keeps the rows it finished; a later run adds its rows; every row is
+    measured on held-out GSM8K items, every wrong answer classified, and the flips agree with the per-item
+    scores."""
     from toolchain import reference_runs
     from toolchain.bench import reasoning
     from toolchain.cli import main
@@ -146,11 +148,23 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
         reasoning.run_reasoning_bench(str(tiny_llama_dir), out, only=["dense", "rtn 4-bit", "wanda 2:4"], **options)
     assert [r["name"] for r in json.loads(stem.with_suffix(".json").read_text())["rows"]] == ["dense", "rtn 4-bit"]
     monkeypatch.setattr(reasoning, "prune_in_subprocess", real_prune)
-    result = reasoning.run_reasoning_bench(str(tiny_llama_dir), out, only=["wanda 2:4"], **options)
+    monkeypatch.setattr(reasoning, "REASONING_CONFIGS", [
+        (*c[:5], ["--examples", "8", "--steps", "3", "--batch-size", "2"]) if c[1] == "recover" else c
+        for c in reasoning.REASONING_CONFIGS])
+    capsys.readouterr()
+    result = reasoning.run_reasoning_bench(str(tiny_llama_dir), out,
+                                           only=["wanda 2:4", "gptq 3-bit", "gptq 3-bit recovered"], **options)
+    # the recovery starts from the GPTQ row's directory, quantized once
+    assert capsys.readouterr().out.count("reusing") == 1
 
     saved = json.loads(stem.with_suffix(".json").read_text())
-    assert [r["name"] for r in saved["rows"]] == ["dense", "rtn 4-bit", "wanda 2:4"]
+    assert [r["name"] for r in saved["rows"]] == ["dense", "rtn 4-bit", "gptq 3-bit", "wanda 2:4",
+                                                  "gptq 3-bit recovered"]
     assert saved["rows"] == result["rows"]
+    recovered = saved["rows"][-1]
+    assert recovered["recovered_from"] == "gptq 3-bit" and recovered["recover_steps"] == 3
+    assert recovered["command"].startswith("toolchain recover --model <gptq 3-bit output> --out OUT")
+    heldout = set(gsm8k_split()[1])
     for row in saved["rows"]:
         task = row["tasks"]["gsm8k"]
         assert task["items"] == 3 and set(row["ppl"]) == {"pydoc", "wiki", "science"}
@@ -163,6 +177,7 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
         assert len(row["zero_shot"]["tasks"]) == 8 and 0 <= row["zero_shot"]["average"] <= 1
         samples = (stem / reasoning.slug(row["name"]) / "samples_gsm8k.jsonl").read_text().splitlines()
         assert [json.loads(s)["doc_id"] for s in samples] == sorted(int(k) for k in task["correct"])
+        assert {int(k) for k in task["correct"]} <= heldout
     dense = saved["rows"][0]["tasks"]["gsm8k"]["correct"]
     for row in saved["rows"][1:]:
         f = saved["analysis"]["flips"][row["name"]]["gsm8k"]

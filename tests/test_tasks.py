@@ -14,7 +14,8 @@ from toolchain.errors import DataError
 from toolchain.tasks.answers import (boxed_answer, gsm8k_correct, gsm8k_extract, math_correct,
                                      math_final_answer)
 from toolchain.tasks.files import TASK_FILES, load_docs, load_mmlu, mmlu_subjects
-from toolchain.tasks.scoring import _length_chunks, greedy_generate, score_continuations
+from toolchain.tasks.scoring import (_length_chunks, common_prefix_length, greedy_generate, prefix_cache,
+                                     score_continuations)
 
 # --- the offline files -------------------------------------------------------------------------------------
 
@@ -150,6 +151,10 @@ def test_batched_scorer_equals_unbatched(make):
     ctx = reqs[0][0]
     with torch.no_grad():
         first = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+    # WinoGrande's shape: each option written into the same sentence, then the same continuation
+    g = torch.Generator().manual_seed(3)
+    sentence, rest = torch.randint(0, 320, (14,), generator=g).tolist(), torch.randint(0, 320, (4,), generator=g).tolist()
+    reqs += [(sentence + [7, 8], rest), (sentence + [9], rest), (sentence[:12] + [5, 6, 7], rest)]
     reqs.append((ctx, [first]))
     reference = _unbatched(model, reqs)
     # one item per pass up to everything in one pass; continuation passes of 6 tokens (many chunks, each on its
@@ -159,6 +164,16 @@ def test_batched_scorer_equals_unbatched(make):
         assert [g[1] for g in got] == [r[1] for r in reference]
         assert [g[0] for g in got] == pytest.approx([r[0] for r in reference], abs=1e-4)
     assert reference[-1][1]
+
+
+def test_contexts_with_a_long_common_start_share_it():
+    from toolchain.tasks.scoring import _shared_stems
+
+    a, b, c = (1, 2, 3, 4, 5, 6, 7, 8), (1, 2, 3, 4, 5, 6, 9), (1, 2, 30, 40, 50)
+    groups = {tuple(sorted(m)): stem for stem, m in _shared_stems([a, b, a, c, (4,)])}
+    # the same context twice: all but its last token; a and b: their common six tokens; c shares two tokens of
+    # five with them, too little to run apart from its own; a one-token context has an empty stem
+    assert groups == {(0, 1, 2): (1, 2, 3, 4, 5, 6), (3,): (1, 2, 30, 40), (4,): ()}
 
 
 def test_continuation_chunks_bound_padding_and_size():
@@ -201,6 +216,47 @@ def test_cached_generation_equals_full_recompute(make):
     early = greedy_generate(model, prompts, 10, stop=lambda ids: ids[-1] == stop_token, eos_ids=[eos])
     assert early == expected
     assert any(len(e) < len(r) for e, r in zip(expected, reference)) or len(reference[1]) == 1
+
+
+def _reference_generation(model, prompts, steps, stop_token):
+    """One prompt at a time, the whole sequence recomputed for every token."""
+    reference = []
+    with torch.no_grad():
+        for p in prompts:
+            ids, out = list(p), []
+            for _ in range(steps):
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                out.append(token)
+                ids.append(token)
+                if token == stop_token:
+                    break
+            reference.append(out)
+    return reference
+
+
+def test_common_prefix_length_leaves_every_prompt_a_token():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 4, 6]]) == 3
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2   # the shorter prompt keeps its last token
+    assert common_prefix_length([[7, 1], [8, 1]]) == 0
+    assert common_prefix_length([[1, 2]]) == 1
+
+
+@pytest.mark.parametrize("make", [make_llama, make_opt])
+def test_generation_on_a_shared_prefix_equals_full_recompute(make):
+    model = make(320)
+    g = torch.Generator().manual_seed(2)
+    examples = torch.randint(0, 320, (17,), generator=g).tolist()   # the few-shot part every prompt repeats
+    prompts = [examples + torch.randint(0, 320, (n,), generator=g).tolist() for n in (5, 1, 9, 3)]
+    shared = common_prefix_length(prompts)
+    assert shared >= 17
+    reference = _reference_generation(model, prompts, 8, stop_token=5)
+    cache = prefix_cache(model, prompts[0][:shared])
+    # Two batches reuse the one prefix cache; it must come out of the first batch unchanged.
+    got = (greedy_generate(model, prompts[:2], 8, stop=lambda ids: ids[-1] == 5, prefix=(shared, cache))
+           + greedy_generate(model, prompts[2:], 8, stop=lambda ids: ids[-1] == 5, prefix=(shared, cache)))
+    assert got == reference
+    with pytest.raises(ValueError, match="shared prefix"):
+        greedy_generate(model, [prompts[0][:shared]], 4, prefix=(shared, cache))
 
 
 # --- through lm-eval ---------------------------------------------------------------------------------------

@@ -129,3 +129,25 @@ def quantize_in_subprocess(model_dir: Path, out: Path, method: str, bits: str, e
             "avg_bits_with_params": round(q["avg_bits_with_params"], 4),
             "weight_mib": round(q["weight_bytes"] / 2**20, 2), "peak_rss_mib": report["peak_rss_mib"],
             "command": _as_typed(cmd)}
+
+
+def recover_in_subprocess(model_dir: Path, out: Path, extra: list[str], quiet: bool = True,
+                          reuse: bool = False) -> dict:
+    """`toolchain recover` of a quantized directory in its own process; its time, memory and loss.
+
+    reuse: as for `quantize_in_subprocess`."""
+    cmd = _toolchain_command("recover", "--model", str(model_dir), "--out", str(out),
+                             *(["--quiet"] if quiet else []), *extra)
+    marker = out / "bench_command.json"
+    if not (reuse and marker.is_file() and json.loads(marker.read_text()) == _as_typed(cmd)
+            and (out / "compression.json").is_file()):
+        subprocess.run(cmd, check=True)
+        marker.write_text(json.dumps(_as_typed(cmd)) + "\n")
+    else:
+        print(f"reusing {out} (made by the same command)", flush=True)
+    report = json.loads((out / "compression.json").read_text())
+    r = report["recovery"]
+    return {"recover_seconds": r["total_seconds"], "recover_steps": r["steps"], "recover_examples": r["data"]["examples"],
+            "recover_loss": {k: r["loss"][k] for k in ("before", "after")}, "peak_rss_mib": r["peak_rss_mib"],
+            "command": _as_typed(cmd)}
+

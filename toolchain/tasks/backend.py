@@ -5,7 +5,8 @@ split, left truncation, stop-sequence handling and post-processing are inherited
 see the same tokens; only the forward passes are organised differently (scoring.py):
 - log-likelihood requests that share a context (the choices of a multiple-choice item) run that context once
   and score all its continuations on its KV cache, several items per forward pass;
-- generation is greedy with a KV cache, in batches, each row leaving the batch as soon as it stops.
+- generation is greedy with a KV cache, in batches, each row leaving the batch as soon as it stops; the
+  prompts' common start (a few-shot prompt's examples) is computed once per task and shared by every batch.
 
 `lm_eval --model toolchain --model_args pretrained=smollm2` works once this module is imported (it registers
 the name); `toolchain eval --tasks` builds it around an already loaded model.
@@ -20,7 +21,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ModelLoadError
-from .scoring import BATCH_TOKENS, greedy_generate, score_continuations
+from .scoring import BATCH_TOKENS, common_prefix_length, greedy_generate, prefix_cache, score_continuations
 
 GEN_BATCH = 8  # prompts decoded together; a few-shot prompt is long, so the cache, not compute, bounds this
 
@@ -81,6 +82,9 @@ class ToolchainLM(HFLM):
                                   f"{self.max_length}-token window")
             prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_ctx) for i in members}
             order = sorted(members, key=lambda i: -len(prompts[i]))
+            # A few-shot task puts the same examples before every question: run them once for the task.
+            shared = common_prefix_length([prompts[i] for i in order]) if len(order) > 1 else 0
+            prefix = (shared, prefix_cache(self.model, prompts[order[0]][:shared])) if shared else None
 
             def stopped(ids: list[int]) -> bool:
                 text = self.tok_decode(ids, skip_special_tokens=False)
@@ -88,7 +92,8 @@ class ToolchainLM(HFLM):
 
             for start in range(0, len(order), self.gen_batch_size):
                 chunk = order[start:start + self.gen_batch_size]
-                generated = greedy_generate(self.model, [prompts[i] for i in chunk], max_new, stopped, sorted(eos_ids))
+                generated = greedy_generate(self.model, [prompts[i] for i in chunk], max_new, stopped,
+                                            sorted(eos_ids), prefix)
                 for i, ids in zip(chunk, generated):
                     text = postprocess_generated_text(self.tok_decode(ids), until, None)
                     out[i] = text

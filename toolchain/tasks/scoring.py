@@ -6,7 +6,8 @@
   right-padded into one batch; the continuations then run in chunks of similar length (so little of a pass is
   padding), each on a copy of its contexts' cache rows, masking the contexts' padding out.
 - `greedy_generate`: greedy decoding of a batch of prompts with a KV cache; a row leaves the batch when it
-  emits an end token or its stop check fires, so finished rows cost nothing.
+  emits an end token or its stop check fires, so finished rows cost nothing. The prompts' common start (a
+  few-shot task's examples) can run once for a whole task (`prefix_cache`) and be shared by every batch.
 
 Both take token ids and give token ids or numbers; tokenization, truncation and stop strings are the caller's.
 """
@@ -85,7 +86,31 @@ def _length_chunks(lengths: list[int], budget: int, slack: float = 0.1, min_slac
     return chunks
 
 
-def _group_batches(groups: list[tuple[tuple[int, ...], list[int]]], cont_len: list[int],
+def _shared_stems(contexts: list[tuple[int, ...]], share: float = 0.5) -> list[tuple[tuple[int, ...], list[int]]]:
+    """(stem, the requests that run on it) groups: requests with the same context share all of it but its last
+    token; contexts that differ only near their end (WinoGrande puts each option into the same sentence) share
+    their common start when it is at least `share` of every member's context. In sorted order contexts with a
+    common start are neighbours, so one pass over them finds the groups."""
+    order = sorted(range(len(contexts)), key=lambda k: contexts[k])
+    groups: list[tuple[int, list[int]]] = []   # (stem length, members); the stem is a prefix of every member
+    for k in order:
+        ctx = contexts[k]
+        if groups:
+            stem_len, members = groups[-1]
+            first = contexts[members[0]]
+            n = 0
+            limit = min(stem_len, len(ctx) - 1)
+            while n < limit and ctx[n] == first[n]:
+                n += 1
+            shortest = min(len(ctx), min(len(contexts[m]) for m in members))
+            if n > 0 and n >= share * shortest:
+                groups[-1] = (n, [*members, k])
+                continue
+        groups.append((len(ctx) - 1, [k]))
+    return [(contexts[members[0]][:stem_len], members) for stem_len, members in groups]
+
+
+def _group_batches(groups: list[tuple[tuple[int, ...], list[int]]], cont_len: dict[int, int],
                    budget: int) -> list[list[int]]:
     """Consecutive groups (sorted longest context first) whose passes fit the token budget."""
     batches, current, rows, width_ctx, width_cont = [], [], 0, 0, 0
@@ -113,21 +138,25 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     one context pass.
     """
     device = next(model.parameters()).device
-    groups_by_ctx: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or not cont:
             raise ValueError(f"request {i}: context and continuation must be non-empty")
-        groups_by_ctx.setdefault(tuple(ctx), []).append(i)
-    # The prefix is the context minus its last token; that token opens every continuation row.
-    groups = sorted(((ctx[:-1], members) for ctx, members in groups_by_ctx.items()), key=lambda g: -len(g[0]))
-    last_token = {i: requests[i][0][-1] for members in groups_by_ctx.values() for i in members}
-    rows_in = {i: (last_token[i], *requests[i][1][:-1]) for i in last_token}
-    targets = {i: tuple(requests[i][1]) for i in last_token}
+    # Each group's stem runs once; a member's row is the rest of its context, then its continuation but the
+    # last token. The stem leaves every context at least its last token, whose logits score the first
+    # continuation token.
+    groups = sorted(_shared_stems([tuple(ctx) for ctx, _ in requests]), key=lambda g: -len(g[0]))
+    rows_in, offset = {}, {}
+    for stem, members in groups:
+        for i in members:
+            ctx, cont = requests[i]
+            rows_in[i] = (*ctx[len(stem):], *cont[:-1])
+            offset[i] = len(ctx) - len(stem) - 1
+    targets = {i: tuple(cont) for i, (_, cont) in enumerate(requests)}
     extra = _forward_kwargs(model)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     cont_tokens = max(1, logit_values // model.config.vocab_size)
 
-    for batch in _group_batches(groups, [len(cont) for _, cont in requests], batch_tokens):
+    for batch in _group_batches(groups, {i: len(r) for i, r in rows_in.items()}, batch_tokens):
         prefixes = [groups[g][0] for g in batch]
         members = [(slot, i) for slot, g in enumerate(batch) for i in groups[g][1]]
         width_ctx = max(len(p) for p in prefixes)
@@ -151,7 +180,7 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
             logprobs = F.log_softmax(logits.float(), dim=-1)
             for row, (_, i) in enumerate(rows):
                 target = torch.tensor(targets[i], device=device)
-                lp = logprobs[row, :len(target)]
+                lp = logprobs[row, offset[i]:offset[i] + len(target)]
                 out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
             del logits, logprobs
         if progress is not None:
@@ -159,26 +188,57 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     return out  # type: ignore[return-value]
 
 
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each prompt at least its last token (whose logits
+    give the first generated token)."""
+    first, length = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = 0
+        while n < length and p[n] == first[n]:
+            n += 1
+        length = n
+    return max(length, 0)
+
+
+@torch.inference_mode()
+def prefix_cache(model, prefix: Sequence[int]):
+    """The key/value cache of `prefix` (one row), to be shared by every prompt that starts with it: a few-shot
+    prompt repeats the same examples before each question, so they are computed once for the whole task."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor([list(prefix)], dtype=torch.long, device=device)
+    return _cache_of(model(ids, use_cache=True, **_forward_kwargs(model)))
+
+
 @torch.inference_mode()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     stop: Callable[[list[int]], bool] | None = None,
-                    eos_ids: Sequence[int] = ()) -> list[list[int]]:
+                    eos_ids: Sequence[int] = (), prefix: tuple[int, object] | None = None) -> list[list[int]]:
     """Greedy continuations of a batch of prompts (token ids), with a KV cache.
 
-    Prompts are left-padded; positions count real tokens only. A row is finished when it emits a token of
-    `eos_ids` (kept in its output), when `stop(generated ids)` is true, or after `max_new_tokens`; finished
-    rows are dropped from the cache.
+    `prefix` (length, cache from `prefix_cache`): every prompt starts with those `length` tokens, which are not
+    run again; each row starts from a copy of that cache and only its own tokens are computed. The rest of each
+    prompt is left-padded after the prefix; positions count real tokens only. A row is finished when it emits
+    a token of `eos_ids` (kept in its output), when `stop(generated ids)` is true, or after `max_new_tokens`;
+    finished rows are dropped from the cache.
     """
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+    shared, shared_cache = prefix if prefix is not None else (0, None)
+    own = [list(p)[shared:] for p in prompts]
+    if not all(own):
+        raise ValueError(f"every prompt needs a token after the {shared}-token shared prefix")
+    width = max(len(p) for p in own)
+    ids = torch.zeros((len(own), width), dtype=torch.long)
+    mask = torch.zeros((len(own), width), dtype=torch.long)
+    for r, p in enumerate(own):
+        ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
         mask[r, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **_forward_kwargs(model))
+    positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs: dict = {}
+    if shared_cache is not None:
+        kwargs[_cache_kwarg(model)] = _rows_of(shared_cache, torch.zeros(len(own), dtype=torch.long, device=device))
+        mask = torch.cat([torch.ones((len(own), shared), dtype=torch.long, device=device), mask], dim=1)
+    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **_forward_kwargs(model), **kwargs)
     cache, next_pos = _cache_of(out), positions[:, -1] + 1
     generated: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))
