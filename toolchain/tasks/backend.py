@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, ModelLoadError
 from .scoring import BATCH_TOKENS, common_prefix_length, greedy_generate, prefix_cache, score_continuations
 
-GEN_BATCH = 8  # prompts decoded together; a few-shot prompt is long, so the cache, not compute, bounds this
+GEN_BATCH = 32  # prompts decoded together: a decoding step reads every weight once for the whole batch
 
 
 @register_model("toolchain")
