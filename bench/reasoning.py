@@ -351,9 +351,12 @@ def reasoning_table(result: dict) -> str:
     gen = [n for n in s["tasks"] if n in GENERATIVE]
     texts = list(dict.fromkeys(k for r in result["rows"] for k in r["ppl"]))
     flips = result["analysis"].get("flips", {})
+    items = f"{s['limit']} per generative task" + (" (GSM8K's from its held-out half)" if s.get("gsm8k_pool") else "")
+    if "zero-shot" in s["tasks"]:
+        items += f", {s['zero_shot_limit']} per zero-shot task"
     lines = [f"`{result['command']}`", "",
-             f"Model: {result['model']}; calibration {result['calibration']}. Items: {s['limit']} per generative "
-             f"task, {s['zero_shot_limit']} per zero-shot task (seed {s['seed']}, the same items for every row); "
+             f"Model: {result['model']}; calibration {result['calibration']}. Items: {items} (seed {s['seed']}, "
+             "the same items for every row); "
              f"generation capped at {s['max_gen_toks']} tokens; perplexity on {s['ppl_windows']} windows of "
              f"{s['seqlen']} tokens per text (wiki and science are out of the calibration domain). Accuracy ± "
              "standard error; flips against dense: right->wrong / wrong->right; wrong answers by class: "
@@ -377,6 +380,7 @@ def reasoning_table(result: dict) -> str:
         if "zero-shot" in s["tasks"]:
             cells.append(f"{r['zero_shot']['average']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _recovery_lines(result["rows"], gen)
     rho = result["analysis"].get("spearman", {})
     if rho:
         lines += ["", "Spearman rank correlation across the compressed rows between the relative perplexity "
@@ -385,6 +389,28 @@ def reasoning_table(result: dict) -> str:
     if result.get("plot"):
         lines += ["", f"Failure classes per row: {result['plot']}"]
     return "\n".join(lines) + "\n"
+
+
+def _recovery_lines(rows: list[dict], gen: list[str]) -> list[str]:
+    """Per recovered row: what the recovery ran, and per generative task the share of the accuracy its base row
+    lost against dense that it regains."""
+    by_name = {r["name"]: r for r in rows}
+    lines = []
+    for r in rows:
+        base, dense = by_name.get(r.get("recovered_from")), by_name.get("dense")
+        if base is None:
+            continue
+        lines += ["", f"{r['name']}: `toolchain recover` of the {base['name']} row, {r['recover_steps']} steps on "
+                      f"{r['recover_examples']} GSM8K training-half examples in {r['recover_seconds']:.0f} s (training "
+                      f"loss {r['recover_loss']['before']:.3f} -> {r['recover_loss']['after']:.3f})."]
+        for n in gen:
+            b, got = base["tasks"][n]["accuracy"], r["tasks"][n]["accuracy"]
+            text = f"- {n}: {b:.3f} -> {got:.3f}"
+            if dense is not None and dense["tasks"][n]["accuracy"] > b:
+                text += (f" (dense {dense['tasks'][n]['accuracy']:.3f}): regains "
+                         f"{(got - b) / (dense['tasks'][n]['accuracy'] - b):.0%} of the accuracy lost")
+            lines.append(text)
+    return lines
 
 
 def _rho_text(rho: float | None) -> str:

@@ -188,6 +188,8 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
                                                   for t in ("pydoc", "wiki", "science")}
     table = stem.with_suffix(".md").read_text()
     assert "| wanda 2:4 |" in table and "Spearman" in table
+    assert "gptq 3-bit recovered: `toolchain recover` of the gptq 3-bit row, 3 steps" in table
+    assert "GSM8K's from its held-out half" in table and "per zero-shot task" in table
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
