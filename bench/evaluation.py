@@ -9,12 +9,13 @@ choice) are identical.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from toolchain.reference_runs import dense_hf_dir
 
-from .common import check_only, result_stem, work_dir, write_result
+from .common import check_only, merge_rows, result_stem, work_dir, write_result
 
 LIMIT = 200  # items per task
 SEED = 0
@@ -51,6 +52,7 @@ def run_eval_bench(model: str, out_dir: str | Path, only: list[str] | None = Non
     hf_lm = HFLM(pretrained=str(src), dtype="float32", device="cpu", batch_size=1)
     load_hf = time.perf_counter() - start
     rows = []
+    stem = result_stem(out_dir, "eval", model)
     for name in names:
         ours = evaluate_tasks(names=(name,), limit=limit, seed=SEED, lm=ours_lm, progress=False)
         theirs = evaluate_tasks(names=(name,), limit=limit, seed=SEED, lm=hf_lm, batch_size=1, progress=False)
@@ -60,11 +62,32 @@ def run_eval_bench(model: str, out_dir: str | Path, only: list[str] | None = Non
                      "metrics_hf": b["metrics"], **_agreement(a["samples"], b["samples"])})
         print(f"{name}: toolchain {ours['seconds']:.1f} s, hf {theirs['seconds']:.1f} s, "
               f"{rows[-1]['identical_predictions']}/{a['items']} identical", flush=True)
-        # Written after every task, so a long run that is stopped keeps the tasks it finished.
-        result = _result(model, only, limit, load_ours, load_hf, rows, library_versions(),
-                         partial=len(rows) < len(names))
-        write_result(result_stem(out_dir, "eval", model), result, list(ZERO_SHOT), lambda r: r["task"], eval_table)
+        # Written after every task, so a long run that is stopped keeps the tasks it finished; the other tasks'
+        # rows of an earlier run with the same items stay, and the suite's totals are over all of them.
+        merged, earlier_command = _with_earlier(stem, rows, limit)
+        result = _result(model, only, limit, load_ours, load_hf, merged, library_versions(), partial=False)
+        if earlier_command:
+            result["earlier_rows_from"] = earlier_command
+        write_result(stem, result, list(ZERO_SHOT), lambda r: r["task"], eval_table)
     return result
+
+
+def _with_earlier(stem: Path, rows: list[dict], limit: int) -> tuple[list[dict], str | None]:
+    """This run's rows over those of the saved result for the other tasks, when it scored the same items."""
+    path = Path(f"{stem}.json")
+    if not path.is_file():
+        return list(rows), None
+    saved = json.loads(path.read_text())
+    if (saved.get("limit"), saved.get("seed")) != (limit, SEED):
+        return list(rows), None
+    mine = {r["task"] for r in rows}
+    kept = [r for r in saved.get("rows", []) if r["task"] not in mine]
+    if not kept:
+        return list(rows), None
+    command = saved.get("earlier_rows_from") or saved.get("command")
+    from toolchain.tasks import ZERO_SHOT
+
+    return merge_rows(kept, rows, list(ZERO_SHOT), lambda r: r["task"]), command
 
 
 def _result(model: str, only, limit: int, load_ours: float, load_hf: float, rows: list[dict], versions,
@@ -84,7 +107,9 @@ def _result(model: str, only, limit: int, load_ours: float, load_hf: float, rows
 
 def eval_table(result: dict) -> str:
     lines = [f"`{result['command']}`: {result['limit']} items per task (seed {result['seed']}); lm-eval `hf` at "
-             f"batch size {result['hf_batch_size']}, float32, CPU", "",
+             f"batch size {result['hf_batch_size']}, float32, CPU"
+             + (f"; the other tasks' rows are from `{result['earlier_rows_from']}`, on the same items"
+                if result.get("earlier_rows_from") else ""), "",
              "| task | items | toolchain s | lm-eval hf s | speedup | identical acc / acc_norm predictions | "
              "acc (toolchain / hf) | acc_norm (toolchain / hf) |",
              "|---|---|---|---|---|---|---|---|"]

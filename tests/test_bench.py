@@ -246,3 +246,18 @@ def test_genai_table_gives_the_paired_ratio_on_our_row_only():
                          "new_tokens": 64, "rounds": 3, "block_size": 64})
     lines = [line for line in table.splitlines() if line.startswith("| 0 |")]
     assert "0.950, 1.020" in lines[0] and "1.000" not in lines[1]
+
+
+def test_eval_bench_keeps_other_tasks_rows_of_the_same_items(tmp_path):
+    from toolchain.bench.evaluation import LIMIT, SEED, _with_earlier
+
+    stem = tmp_path / "eval_m"
+    old = [{"task": "arc_easy", "toolchain_s": 1.0}, {"task": "winogrande", "toolchain_s": 9.0}]
+    (tmp_path / "eval_m.json").write_text(json.dumps({"limit": LIMIT, "seed": SEED, "command": "first run",
+                                                      "rows": old}))
+    fresh = [{"task": "winogrande", "toolchain_s": 5.0}]
+    rows, earlier = _with_earlier(stem, fresh, LIMIT)
+    assert rows == [old[0], fresh[0]] and earlier == "first run"
+    # other items: nothing of the earlier result is kept
+    assert _with_earlier(stem, fresh, LIMIT + 1) == (fresh, None)
+    assert _with_earlier(tmp_path / "none", fresh, LIMIT) == (fresh, None)
