@@ -190,34 +190,6 @@ def test_continuation_chunks_bound_padding_and_size():
     assert [sorted(lengths[k] for k in c) for c in chunks] == [[1, 1, 2, 2], [3], [29, 30, 31], [60]]
 
 
-@pytest.mark.parametrize("make", [make_llama, make_opt])
-def test_cached_generation_equals_full_recompute(make):
-    model = make(320)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (7, 3, 12, 1)]
-    stop_token = 5
-
-    reference = []
-    with torch.no_grad():
-        for p in prompts:
-            ids, out = list(p), []
-            for _ in range(10):
-                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-                out.append(token)
-                ids.append(token)
-                if token == stop_token:
-                    break
-            reference.append(out)
-    got = greedy_generate(model, prompts, 10, stop=lambda ids: ids[-1] == stop_token)
-    assert got == reference
-    # Rows that emit an end token leave the batch; the others go on exactly as before.
-    eos = reference[1][0]
-    expected = [r[:r.index(eos) + 1] if eos in r else r for r in reference]
-    early = greedy_generate(model, prompts, 10, stop=lambda ids: ids[-1] == stop_token, eos_ids=[eos])
-    assert early == expected
-    assert any(len(e) < len(r) for e, r in zip(expected, reference)) or len(reference[1]) == 1
-
-
 def _reference_generation(model, prompts, steps, stop_token):
     """One prompt at a time, the whole sequence recomputed for every token."""
     reference = []
@@ -232,6 +204,23 @@ def _reference_generation(model, prompts, steps, stop_token):
                     break
             reference.append(out)
     return reference
+
+
+@pytest.mark.parametrize("make", [make_llama, make_opt])
+def test_cached_generation_equals_full_recompute(make):
+    model = make(320)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (7, 3, 12, 1)]
+    stop_token = 5
+    reference = _reference_generation(model, prompts, 10, stop_token)
+    got = greedy_generate(model, prompts, 10, stop=lambda ids: ids[-1] == stop_token)
+    assert got == reference
+    # Rows that emit an end token leave the batch; the others go on exactly as before.
+    eos = reference[1][0]
+    expected = [r[:r.index(eos) + 1] if eos in r else r for r in reference]
+    early = greedy_generate(model, prompts, 10, stop=lambda ids: ids[-1] == stop_token, eos_ids=[eos])
+    assert early == expected
+    assert any(len(e) < len(r) for e, r in zip(expected, reference)) or len(reference[1]) == 1
 
 
 def test_common_prefix_length_leaves_every_prompt_a_token():

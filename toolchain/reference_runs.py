@@ -109,21 +109,27 @@ def prune_in_subprocess(model_dir: Path, out: Path, method: str, init: str | Non
             "command": _as_typed(cmd)}
 
 
+def _run_once(cmd: list[str], out: Path, reuse: bool) -> dict:
+    """Run `cmd`, which writes `out`, and return its compression.json. With `reuse`, an `out` this very command
+    wrote before (its `bench_command.json` holds the command) is taken as it is, so a stopped benchmark resumes
+    without running it again."""
+    marker = out / "bench_command.json"
+    if reuse and marker.is_file() and json.loads(marker.read_text()) == _as_typed(cmd) \
+            and (out / "compression.json").is_file():
+        print(f"reusing {out} (made by the same command)", flush=True)
+    else:
+        subprocess.run(cmd, check=True)
+        marker.write_text(json.dumps(_as_typed(cmd)) + "\n")
+    return json.loads((out / "compression.json").read_text())
+
+
 def quantize_in_subprocess(model_dir: Path, out: Path, method: str, bits: str, extra: list[str],
                            quiet: bool = True, reuse: bool = False) -> dict:
     """`toolchain quantize` (symmetric, GROUP_SIZE groups) in its own process; its time, bits and memory.
 
-    reuse: an `out` that this very command wrote before (its `bench_command.json` holds the command) is taken as
-    it is, so a benchmark that was stopped resumes without quantizing again."""
+    reuse: see `_run_once`."""
     cmd = quantize_command(model_dir, out, method, bits, extra, quiet)
-    marker = out / "bench_command.json"
-    if not (reuse and marker.is_file() and json.loads(marker.read_text()) == _as_typed(cmd)
-            and (out / "compression.json").is_file()):
-        subprocess.run(cmd, check=True)
-        marker.write_text(json.dumps(_as_typed(cmd)) + "\n")
-    else:
-        print(f"reusing {out} (made by the same command)", flush=True)
-    report = json.loads((out / "compression.json").read_text())
+    report = _run_once(cmd, out, reuse)
     q = report["quantization"]
     return {"quant_seconds": q["seconds"]["total"], "avg_bits": round(q["avg_bits"], 4),
             "avg_bits_with_params": round(q["avg_bits_with_params"], 4),
@@ -135,17 +141,10 @@ def recover_in_subprocess(model_dir: Path, out: Path, extra: list[str], quiet: b
                           reuse: bool = False) -> dict:
     """`toolchain recover` of a quantized directory in its own process; its time, memory and loss.
 
-    reuse: as for `quantize_in_subprocess`."""
+    reuse: see `_run_once`."""
     cmd = _toolchain_command("recover", "--model", str(model_dir), "--out", str(out),
                              *(["--quiet"] if quiet else []), *extra)
-    marker = out / "bench_command.json"
-    if not (reuse and marker.is_file() and json.loads(marker.read_text()) == _as_typed(cmd)
-            and (out / "compression.json").is_file()):
-        subprocess.run(cmd, check=True)
-        marker.write_text(json.dumps(_as_typed(cmd)) + "\n")
-    else:
-        print(f"reusing {out} (made by the same command)", flush=True)
-    report = json.loads((out / "compression.json").read_text())
+    report = _run_once(cmd, out, reuse)
     r = report["recovery"]
     return {"recover_seconds": r["total_seconds"], "recover_steps": r["steps"], "recover_examples": r["data"]["examples"],
             "recover_loss": {k: r["loss"][k] for k in ("before", "after")}, "peak_rss_mib": r["peak_rss_mib"],
