@@ -65,7 +65,7 @@ def run_eval_bench(model: str, out_dir: str | Path, only: list[str] | None = Non
         # Written after every task, so a long run that is stopped keeps the tasks it finished; the other tasks'
         # rows of an earlier run with the same items stay, and the suite's totals are over all of them.
         merged, earlier_command = _with_earlier(stem, rows, limit)
-        result = _result(model, only, limit, load_ours, load_hf, merged, library_versions(), partial=False)
+        result = _result(model, only, limit, load_ours, load_hf, merged, library_versions())
         if earlier_command:
             result["earlier_rows_from"] = earlier_command
         write_result(stem, result, list(ZERO_SHOT), lambda r: r["task"], eval_table)
@@ -90,8 +90,7 @@ def _with_earlier(stem: Path, rows: list[dict], limit: int) -> tuple[list[dict],
     return merge_rows(kept, rows, list(ZERO_SHOT), lambda r: r["task"]), command
 
 
-def _result(model: str, only, limit: int, load_ours: float, load_hf: float, rows: list[dict], versions,
-            partial: bool) -> dict:
+def _result(model: str, only, limit: int, load_ours: float, load_hf: float, rows: list[dict], versions) -> dict:
     total_ours = load_ours + sum(r["toolchain_s"] for r in rows)
     total_hf = load_hf + sum(r["hf_s"] for r in rows)
     return {
@@ -101,7 +100,7 @@ def _result(model: str, only, limit: int, load_ours: float, load_hf: float, rows
                     f"run_eval_bench(\"{model}\", OUT, limit={limit})'"),
         "load_s": {"toolchain": load_ours, "hf": load_hf},
         "total_s": {"toolchain": total_ours, "hf": total_hf}, "speedup": total_hf / total_ours,
-        "versions": versions, "rows": list(rows), "partial": partial,
+        "versions": versions, "rows": list(rows),
     }
 
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from toolchain.errors import ConfigError
-from toolchain.tasks.splits import gsm8k_split
 from toolchain.tasks.failures import (CLASSES, arithmetic_slips, classify_failure, flips, ranks, repetition_loop,
                                       spearman)
+from toolchain.tasks.splits import gsm8k_split
 
 # --- arithmetic slips ---------------------------------------------------------------------------------------
 

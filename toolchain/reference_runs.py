@@ -149,4 +149,3 @@ def recover_in_subprocess(model_dir: Path, out: Path, extra: list[str], quiet: b
     return {"recover_seconds": r["total_seconds"], "recover_steps": r["steps"], "recover_examples": r["data"]["examples"],
             "recover_loss": {k: r["loss"][k] for k in ("before", "after")}, "peak_rss_mib": r["peak_rss_mib"],
             "command": _as_typed(cmd)}
-

@@ -19,15 +19,14 @@ import random
 from toolchain.models import load_model
 from toolchain.tasks.files import load_docs
 from toolchain.tasks.scoring import score_continuations
-from toolchain.tasks.splits import SPLIT_TASK, cot_target, gsm8k_split
+from toolchain.tasks.splits import SPLIT_TASK, cot_pair, gsm8k_split
 
 
 def answer_loss(model_dir: str, items: list[int]) -> dict:
     loaded = load_model(model_dir)
     docs = load_docs(SPLIT_TASK)
     tok = loaded.tokenizer
-    pairs = [(tok(f"Q: {docs[i]['question']}\nA:", add_special_tokens=False).input_ids,
-              tok(f" {cot_target(docs[i]['answer'])}\n\n", add_special_tokens=False).input_ids) for i in items]
+    pairs = [tuple(tok(text, add_special_tokens=False).input_ids for text in cot_pair(docs[i])) for i in items]
     scores = score_continuations(loaded.model, pairs)
     tokens = sum(len(t) for _, t in pairs)
     nll = -sum(s for s, _ in scores) / tokens
@@ -42,9 +41,14 @@ def main() -> None:
     parser.add_argument("--dense", help="the dense model among --models, for the regained share")
     parser.add_argument("--base", help="the compressed model before recovery among --models")
     args = parser.parse_args()
+    models = args.models.split(",")
+    if args.items < 1:
+        parser.error(f"--items must be positive, got {args.items}")
+    if (args.dense or args.base) and not (args.dense in models and args.base in models):
+        parser.error("--dense and --base go together and must each be one of --models")
     heldout = gsm8k_split()[1]
     items = sorted(random.Random(args.seed).sample(heldout, min(args.items, len(heldout))))
-    rows = {m: answer_loss(m, items) for m in args.models.split(",")}
+    rows = {m: answer_loss(m, items) for m in models}
     for m, r in rows.items():
         line = f"{m}: nll {r['nll']:.4f} per token, ppl {r['ppl']:.3f} ({r['items']} items, {r['tokens']} tokens)"
         if args.dense in rows and args.base in rows and m not in (args.dense, args.base):

@@ -2,7 +2,8 @@
 
 - `score_continuations`: the log-likelihood of each continuation given its context. A multiple-choice item
   asks for one context with several continuations; the context is run once (its key/value cache kept) and all
-  its continuations are scored on top of that cache. Several items share one context pass: their contexts are
+  its continuations are scored on top of that cache; contexts that differ only near their end (WinoGrande) run
+  their common start once the same way. Several items share one context pass: their contexts are
   right-padded into one batch; the continuations then run in chunks of similar length (so little of a pass is
   padding), each on a copy of its contexts' cache rows, masking the contexts' padding out.
 - `greedy_generate`: greedy decoding of a batch of prompts with a KV cache; a row leaves the batch when it
@@ -134,8 +135,8 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     """(sum of log p(continuation | context), whether every continuation token is the argmax) per request.
 
     Each request is (context ids, continuation ids), both non-empty. The model sees context + continuation[:-1]
-    and is scored on the continuation, as lm-eval's `hf` backend does; requests with the same context share
-    one context pass.
+    and is scored on the continuation, as lm-eval's `hf` backend does; requests whose contexts share their start
+    (`_shared_stems`) run it once.
     """
     device = next(model.parameters()).device
     for i, (ctx, cont) in enumerate(requests):

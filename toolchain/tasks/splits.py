@@ -72,11 +72,16 @@ def cot_target(answer: str) -> str:
 
 
 def gsm8k_training_texts(indices: list[int]) -> list[tuple[str, str]]:
-    """(prompt, target) per training item, as the 8-shot CoT prompt frames one exemplar: `Q: ...\\nA:` and
-    ` <chain of thought> The answer is N.` followed by the blank line that ends an answer there."""
+    """(prompt, target) per training item (`cot_pair`); held-out items are refused."""
     train = set(gsm8k_split()[0])
     stray = sorted(set(indices) - train)
     if stray:
         raise DataError(f"GSM8K items {stray[:5]} are held out for evaluation, not for recovery training")
     docs = load_docs(SPLIT_TASK)
-    return [(f"Q: {docs[i]['question']}\nA:", f" {cot_target(docs[i]['answer'])}\n\n") for i in indices]
+    return [cot_pair(docs[i]) for i in indices]
+
+
+def cot_pair(doc: dict) -> tuple[str, str]:
+    """(prompt, target) of one GSM8K item as the 8-shot CoT prompt frames an exemplar: `Q: ...\\nA:` and
+    ` <chain of thought> The answer is N.` followed by the blank line that ends an answer there."""
+    return f"Q: {doc['question']}\nA:", f" {cot_target(doc['answer'])}\n\n"
