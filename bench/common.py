@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
+from toolchain.atomic import atomic_file
 from toolchain.errors import ConfigError
 
 
@@ -65,10 +66,13 @@ def merge_rows(kept: list[dict], fresh: list[dict], order: list[str], key: Calla
 
 
 def _write(stem: Path, result: dict, table: Callable[[dict], str]) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(table(result))
-    print(table(result))
+    """The JSON and its table, each through a temporary file (a stopped run never leaves half a result, and
+    the earlier one it merges with stays whole)."""
+    text = table(result)
+    for suffix, content in ((".json", json.dumps(result, indent=2) + "\n"), (".md", text)):
+        with atomic_file(f"{stem}{suffix}") as tmp:
+            tmp.write_text(content)
+    print(text)
 
 
 def write_result(stem: Path, result: dict, order: list[str], key: Callable[[dict], str],

@@ -19,7 +19,9 @@ right->wrong and wrong->right). Across the compressed rows, Spearman's rank corr
 increase and the accuracy loss says whether perplexity predicted the damage.
 
 Results: <out>/reasoning_<model>.{json,md,png} (the plot: wrong answers per class and row), written after every
-row, and every item's generation under <out>/reasoning_<model>/<row>/samples_<task>.jsonl.
+row, and every item's generation under <out>/reasoning_<model>/<row>/samples_<task>.jsonl. A run adds its rows
+and tasks to an earlier result's where the settings agree (`_merged`). The compressed models stay under
+<out>/work/reasoning/<model>/<row>.
 """
 from __future__ import annotations
 
@@ -129,11 +131,12 @@ def run_reasoning_bench(model: str, out_dir: str | Path, only: list[str] | None 
     rows: list[dict] = []
 
     def save() -> dict:
-        result = {"benchmark": "reasoning", "model": str(model), "command": command, "settings": settings,
+        merged_rows, merged_settings, earlier_commands = _merged(stem, rows, settings)
+        result = {"benchmark": "reasoning", "model": str(model), "command": command, "settings": merged_settings,
+                  "commands": list(dict.fromkeys([*earlier_commands, command])),
                   "calibration": f"pydoc {calib_samples}x{seqlen}, seed {SEED}; group size {GROUP_SIZE}",
-                  "cpu_threads": os.cpu_count(), "versions": library_versions(),
-                  "rows": _merged(stem, rows, settings)}
-        result["analysis"] = analyse(result["rows"], task_names)
+                  "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": merged_rows}
+        result["analysis"] = analyse(result["rows"], tuple(merged_settings["tasks"]))
         result["plot"] = plot_taxonomy(result, Path(f"{stem}.png"))
         write_result(stem, result, ROW_ORDER, lambda r: r["name"], reasoning_table)
         return result
@@ -143,12 +146,12 @@ def run_reasoning_bench(model: str, out_dir: str | Path, only: list[str] | None 
         rows.append({"name": "dense", **measure(src, task_names, settings, samples_dir / "dense")})
         result = save()
     for name, command_name, method, level, init, extra in runs:
-        target = work / "reasoning" / slug(name)
+        target = work / "reasoning" / slug(str(model)) / slug(name)
         if command_name == "quantize":
             facts = quantize_in_subprocess(src, target, method, level, extra, reuse=True)
         elif command_name == "recover":
             _, _, base_method, base_level, _, base_extra = next(c for c in REASONING_CONFIGS if c[0] == init)
-            base = work / "reasoning" / slug(init)
+            base = target.parent / slug(init)
             quantize_in_subprocess(src, base, base_method, base_level, base_extra, reuse=True)
             facts = {**recover_in_subprocess(base, target, extra, reuse=True), "recovered_from": init}
             facts["command"] = facts["command"].replace(f"--model {base}", f"--model <{init} output>")
@@ -175,18 +178,54 @@ def _command(model: str, only: list[str] | None, settings: dict) -> str:
     return " ".join(parts)
 
 
-def _merged(stem: Path, rows: list[dict], settings: dict) -> list[dict]:
-    """This run's rows over an earlier result's rows measured with the same settings (other rows are dropped:
-    flips and correlations need the same items, caps and texts)."""
+# The settings every measure depends on, and those each task's measure depends on.
+SHARED_SETTINGS = ("seed", "ppl_windows", "seqlen")
+TASK_SETTINGS = {"gsm8k": ("limit", "max_gen_toks", "gsm8k_pool"), "math500": ("limit", "max_gen_toks"),
+                 "zero-shot": ("zero_shot_limit",)}
+
+
+def _merged(stem: Path, rows: list[dict], settings: dict) -> tuple[list[dict], dict, list[str]]:
+    """This run's rows over an earlier result's, the settings of the merged table, and the commands that
+    measured the earlier rows kept. Flips and correlations
+    need the same items, caps and texts, so an earlier measure is kept only where its settings are this run's:
+    with other perplexity windows or seed the earlier rows are dropped; an earlier task measured with other
+    settings for that task is dropped from every row. A row measured again keeps its earlier measures of the
+    tasks this run did not measure (so `--tasks zero-shot` adds a column to a GSM8K table)."""
     path = Path(f"{stem}.json")
-    earlier = []
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
-            earlier = saved.get("rows", [])
-        else:
-            print(f"{path}: earlier rows were measured with other settings; they are replaced", flush=True)
-    return merge_rows(earlier, rows, ROW_ORDER, lambda r: r["name"])
+    merged = dict(settings)
+    if not path.is_file():
+        return merge_rows([], rows, ROW_ORDER, lambda r: r["name"]), merged, []
+    saved = json.loads(path.read_text())
+    before = saved.get("settings", {})
+    if any(before.get(k) != settings[k] for k in SHARED_SETTINGS):
+        print(f"{path}: earlier rows were measured with other perplexity windows or seed; they are replaced",
+              flush=True)
+        return merge_rows([], rows, ROW_ORDER, lambda r: r["name"]), merged, []
+    mine = set(settings["tasks"])
+    used = {k for t in mine for k in TASK_SETTINGS[t]}
+    for t in (t for t in before.get("tasks", []) if t not in mine):
+        merged.update({k: before[k] for k in TASK_SETTINGS[t] if k not in used and k in before})
+    kept = [t for t in before.get("tasks", []) if all(before.get(k) == merged.get(k) for k in TASK_SETTINGS[t])]
+    dropped = [t for t in before.get("tasks", []) if t not in kept]
+    if dropped:
+        print(f"{path}: earlier {', '.join(dropped)} results were measured with other settings; they are dropped",
+              flush=True)
+    merged["tasks"] = [t for t in (*GENERATIVE, "zero-shot") if t in mine or t in kept]
+
+    def earlier_measures(row: dict) -> dict:
+        row = {**row, "tasks": {t: v for t, v in row.get("tasks", {}).items() if t in kept}}
+        if "zero-shot" not in kept:
+            row.pop("zero_shot", None)
+        return row
+
+    earlier = {r["name"]: earlier_measures(r) for r in saved.get("rows", [])}
+    fresh = []
+    for row in rows:
+        old = earlier.get(row["name"], {})
+        fresh.append({**old, **row, "tasks": {**old.get("tasks", {}), **row["tasks"]},
+                      **({"zero_shot": old["zero_shot"]} if "zero_shot" in old and "zero_shot" not in row else {})})
+    commands = saved.get("commands", [saved["command"]] if "command" in saved else [])
+    return merge_rows(list(earlier.values()), fresh, ROW_ORDER, lambda r: r["name"]), merged, commands
 
 
 # --- measuring one model ----------------------------------------------------------------------------------
@@ -288,21 +327,26 @@ def analyse(rows: list[dict], task_names: tuple[str, ...]) -> dict:
     measures = [n for n in task_names if n in GENERATIVE] + (["zero-shot"] if "zero-shot" in task_names else [])
     for r in others:
         out["flips"][r["name"]] = {}
-        for name in (n for n in task_names if n in GENERATIVE):
+        for name in (n for n in task_names if n in GENERATIVE and n in dense["tasks"] and n in r["tasks"]):
             f = flips({int(k): v for k, v in dense["tasks"][name]["correct"].items()},
                       {int(k): v for k, v in r["tasks"][name]["correct"].items()})
             out["flips"][r["name"]][name] = f
-    for measure_name in measures:
+    for measure_name in (m for m in measures if _accuracy(dense, m) is not None):
+        measured = [r for r in others if _accuracy(r, measure_name) is not None]
         for text in dense["ppl"]:
-            ppl_change = [r["ppl"][text] / dense["ppl"][text] - 1 for r in others]
-            acc_change = [_accuracy(r, measure_name) - _accuracy(dense, measure_name) for r in others]
+            ppl_change = [r["ppl"][text] / dense["ppl"][text] - 1 for r in measured]
+            acc_change = [_accuracy(r, measure_name) - _accuracy(dense, measure_name) for r in measured]
             out["spearman"][f"{measure_name} vs ppl {text}"] = {"rho": spearman(ppl_change, acc_change),
-                                                                 "rows": len(others)}
+                                                                 "rows": len(measured)}
     return out
 
 
-def _accuracy(row: dict, measure_name: str) -> float:
-    return row["zero_shot"]["average"] if measure_name == "zero-shot" else row["tasks"][measure_name]["accuracy"]
+def _accuracy(row: dict, measure_name: str) -> float | None:
+    """The row's accuracy on a generative task or its zero-shot average; None where the row lacks it."""
+    if measure_name == "zero-shot":
+        return row["zero_shot"]["average"] if "zero_shot" in row else None
+    task = row.get("tasks", {}).get(measure_name)
+    return None if task is None else task["accuracy"]
 
 
 # --- the report -------------------------------------------------------------------------------------------
@@ -328,13 +372,14 @@ def plot_taxonomy(result: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(1, len(names), figsize=(max(6, 0.9 * len(rows)) * len(names), 4.5), squeeze=False)
     colours = {"truncation": "#d62728", "format": "#ff7f0e", "arithmetic": "#1f77b4", "reasoning": "#7f7f7f"}
     for ax, name in zip(axes[0], names):
-        bottom = [0] * len(rows)
+        measured = [r for r in rows if name in r["tasks"]]
+        bottom = [0] * len(measured)
         for cls in CLASSES:
-            counts = [r["tasks"][name]["taxonomy"][cls] for r in rows]
-            ax.bar(range(len(rows)), counts, bottom=bottom, label=cls, color=colours[cls])
+            counts = [r["tasks"][name]["taxonomy"][cls] for r in measured]
+            ax.bar(range(len(measured)), counts, bottom=bottom, label=cls, color=colours[cls])
             bottom = [b + c for b, c in zip(bottom, counts)]
-        ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=40, ha="right")
-        ax.set_ylabel(f"wrong answers (of {rows[0]['tasks'][name]['items']})")
+        ax.set_xticks(range(len(measured)), [r["name"] for r in measured], rotation=40, ha="right")
+        ax.set_ylabel(f"wrong answers (of {measured[0]['tasks'][name]['items']})")
         ax.set_title(f"{result['model']}: {name} failures by class")
         ax.legend()
     fig.tight_layout()
@@ -351,34 +396,42 @@ def reasoning_table(result: dict) -> str:
     gen = [n for n in s["tasks"] if n in GENERATIVE]
     texts = list(dict.fromkeys(k for r in result["rows"] for k in r["ppl"]))
     flips = result["analysis"].get("flips", {})
-    items = f"{s['limit']} per generative task" + (" (GSM8K's from its held-out half)" if s.get("gsm8k_pool") else "")
+    items = []
+    if gen:
+        items.append(f"{s['limit']} per generative task" + (" (GSM8K's from its held-out half)"
+                                                            if s.get("gsm8k_pool") else ""))
     if "zero-shot" in s["tasks"]:
-        items += f", {s['zero_shot_limit']} per zero-shot task"
-    lines = [f"`{result['command']}`", "",
-             f"Model: {result['model']}; calibration {result['calibration']}. Items: {items} (seed {s['seed']}, "
-             "the same items for every row); "
-             f"generation capped at {s['max_gen_toks']} tokens; perplexity on {s['ppl_windows']} windows of "
+        items.append(f"{s['zero_shot_limit']} per zero-shot task")
+    commands = result.get("commands", [result["command"]])
+    lines = [*(line for c in commands for line in (f"`{c}`", "")),
+             f"Model: {result['model']}; calibration {result['calibration']}. Items: {', '.join(items)} (seed "
+             f"{s['seed']}, the same items for every row measured on a task); "
+             + (f"generation capped at {s['max_gen_toks']} tokens; " if gen else "")
+             + f"perplexity on {s['ppl_windows']} windows of "
              f"{s['seqlen']} tokens per text (wiki and science are out of the calibration domain). Accuracy ± "
              "standard error; flips against dense: right->wrong / wrong->right; wrong answers by class: "
              + ", ".join(CLASSES) + ".", ""]
     head = ["configuration", *(f"ppl {t}" for t in texts)]
     for n in gen:
-        head += [f"{n} ({result['rows'][0]['tasks'][n]['metric'].replace(',none', '')})" if result["rows"] else n,
-                 f"{n} flips", f"{n} failures T/F/A/R"]
+        metric = next((r["tasks"][n]["metric"].replace(",none", "") for r in result["rows"] if n in r["tasks"]), None)
+        head += [f"{n} ({metric})" if metric else n, f"{n} flips", f"{n} failures T/F/A/R"]
     if "zero-shot" in s["tasks"]:
         head.append("zero-shot avg acc")
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in result["rows"]:
         cells = [r["name"], *(f"{r['ppl'][t]:.2f}" if t in r["ppl"] else "-" for t in texts)]
         for n in gen:
-            t = r["tasks"][n]
+            t = r["tasks"].get(n)
+            if t is None:   # a row measured only on other tasks
+                cells += ["-", "-", "-"]
+                continue
             cells.append(f"{t['accuracy']:.3f} ± {t['stderr']:.3f}" if t["stderr"] is not None
                          else f"{t['accuracy']:.3f}")
             f = flips.get(r["name"], {}).get(n)
             cells.append(f"{len(f['right_to_wrong'])} / {len(f['wrong_to_right'])}" if f else "-")
             cells.append("/".join(str(t["taxonomy"][c]) for c in CLASSES))
         if "zero-shot" in s["tasks"]:
-            cells.append(f"{r['zero_shot']['average']:.3f}")
+            cells.append(f"{r['zero_shot']['average']:.3f}" if "zero_shot" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += _recovery_lines(result["rows"], gen)
     rho = result["analysis"].get("spearman", {})
@@ -403,10 +456,10 @@ def _recovery_lines(rows: list[dict], gen: list[str]) -> list[str]:
         lines += ["", f"{r['name']}: `toolchain recover` of the {base['name']} row, {r['recover_steps']} steps on "
                       f"{r['recover_examples']} GSM8K training-half examples in {r['recover_seconds']:.0f} s (training "
                       f"loss {r['recover_loss']['before']:.3f} -> {r['recover_loss']['after']:.3f})."]
-        for n in gen:
+        for n in (n for n in gen if n in base["tasks"] and n in r["tasks"]):
             b, got = base["tasks"][n]["accuracy"], r["tasks"][n]["accuracy"]
             text = f"- {n}: {b:.3f} -> {got:.3f}"
-            if dense is not None and dense["tasks"][n]["accuracy"] > b:
+            if dense is not None and n in dense["tasks"] and dense["tasks"][n]["accuracy"] > b:
                 text += (f" (dense {dense['tasks'][n]['accuracy']:.3f}): regains "
                          f"{(got - b) / (dense['tasks'][n]['accuracy'] - b):.0%} of the accuracy lost")
             lines.append(text)

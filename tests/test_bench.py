@@ -121,6 +121,16 @@ def test_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path):
                                                               ("matmulnbits acc4", 0)]
     assert merge_rows([], [{"form": "x"}], list(FORMS), lambda r: r["form"]) == [{"form": "x"}]
 
+    # a write that fails part-way (here: the table) leaves the earlier result whole and no stray file
+    before = sorted(p.name for p in tmp_path.iterdir()), (tmp_path / "export_tiny.json").read_text()
+
+    def broken(r):
+        raise RuntimeError("table failed")
+
+    with pytest.raises(RuntimeError, match="table failed"):
+        write_result(stem, {"onnx": rows, "partial": False}, list(FORMS), lambda r: r["form"], broken, rows="onnx")
+    assert (sorted(p.name for p in tmp_path.iterdir()), (tmp_path / "export_tiny.json").read_text()) == before
+
 
 def test_prune_bench_runs_only_what_is_asked_and_writes_under_out(tmp_path, monkeypatch):
     """The whole prune benchmark with its runs faked: --only decides the rows, and nothing lands in the cwd."""

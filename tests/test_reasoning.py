@@ -193,6 +193,72 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _row(name, ppl, gsm8k=None, zero_shot=None):
+    """A measured row as the bench writes it: perplexities, and GSM8K items right (True) or wrong."""
+    row = {"name": name, "ppl": {"pydoc": ppl, "wiki": 2 * ppl}, "tasks": {}}
+    if gsm8k is not None:
+        row["tasks"]["gsm8k"] = {"metric": "exact_match,strict-match", "accuracy": sum(gsm8k) / len(gsm8k),
+                                 "stderr": 0.1, "items": len(gsm8k),
+                                 "correct": {str(i): ok for i, ok in enumerate(gsm8k)},
+                                 "failures": {str(i): "reasoning" for i, ok in enumerate(gsm8k) if not ok},
+                                 "taxonomy": {c: (c == "reasoning") * gsm8k.count(False) for c in CLASSES}}
+    if zero_shot is not None:
+        row["zero_shot"] = {"average": zero_shot, "tasks": {}}
+    return row
+
+
+def test_a_run_on_other_tasks_adds_columns_to_the_earlier_table(tmp_path, capsys):
+    """`--tasks zero-shot` after a GSM8K run: rows keep their GSM8K scores, gain the zero-shot average, and rows
+    measured by only one run show '-' in the other's columns; a task measured with other settings, or rows with
+    other perplexity windows, are dropped rather than compared."""
+    from toolchain.bench.reasoning import _merged, analyse, reasoning_table
+
+    stem = tmp_path / "reasoning_m"
+    shared = {"seed": 0, "ppl_windows": 8, "seqlen": 512, "max_gen_toks": 256}
+    gsm8k_run = {**shared, "tasks": ["gsm8k"], "limit": 4, "zero_shot_limit": 50, "gsm8k_pool": "held out"}
+    stem.with_suffix(".json").write_text(json.dumps({
+        "command": "bench --tasks gsm8k", "settings": gsm8k_run,
+        "rows": [_row("dense", 10.0, gsm8k=[True, True, False, False]),
+                 _row("gptq 3-bit", 12.0, gsm8k=[True, False, False, False])]}))
+    zero_shot_run = {**shared, "tasks": ["zero-shot"], "limit": 50, "zero_shot_limit": 20}
+    rows, settings, commands = _merged(stem, [_row("dense", 10.0, zero_shot=0.5),
+                                              _row("wanda 2:4", 15.0, zero_shot=0.4)], zero_shot_run)
+    assert settings["tasks"] == ["gsm8k", "zero-shot"] and commands == ["bench --tasks gsm8k"]
+    # the GSM8K columns keep the settings they were measured with
+    assert settings["limit"] == 4 and settings["gsm8k_pool"] == "held out" and settings["zero_shot_limit"] == 20
+    by_name = {r["name"]: r for r in rows}
+    assert [r["name"] for r in rows] == ["dense", "gptq 3-bit", "wanda 2:4"]
+    assert by_name["dense"]["tasks"]["gsm8k"]["accuracy"] == 0.5 and by_name["dense"]["zero_shot"]["average"] == 0.5
+    assert "zero_shot" not in by_name["gptq 3-bit"] and "gsm8k" not in by_name["wanda 2:4"]["tasks"]
+    analysis = analyse(rows, tuple(settings["tasks"]))
+    assert analysis["flips"]["gptq 3-bit"]["gsm8k"]["right_to_wrong"] == [1]
+    assert analysis["flips"]["wanda 2:4"] == {}
+    assert analysis["spearman"]["gsm8k vs ppl wiki"]["rows"] == 1
+    assert analysis["spearman"]["zero-shot vs ppl wiki"]["rows"] == 1
+    table = reasoning_table({"command": "bench --tasks zero-shot", "commands": [*commands, "bench --tasks zero-shot"],
+                             "model": "m", "calibration": "c", "settings": settings, "rows": rows,
+                             "analysis": analysis})
+    assert "| gptq 3-bit | 12.00 | 24.00 | 0.250 ± 0.100 | 1 / 0 | 0/0/0/3 | - |" in table
+    assert "| wanda 2:4 | 15.00 | 30.00 | - | - | - | 0.400 |" in table
+    assert "`bench --tasks gsm8k`" in table and "`bench --tasks zero-shot`" in table
+
+    # GSM8K again with another limit: the rows not measured again lose their GSM8K scores
+    stem.with_suffix(".json").write_text(json.dumps({"commands": commands, "settings": settings, "rows": rows}))
+    rows2, settings2, _ = _merged(stem, [_row("dense", 10.0, gsm8k=[True, False])],
+                                  {**shared, "tasks": ["gsm8k"], "limit": 2, "zero_shot_limit": 50,
+                                   "gsm8k_pool": "held out"})
+    assert "dropped" in capsys.readouterr().out
+    assert settings2["tasks"] == ["gsm8k", "zero-shot"] and settings2["zero_shot_limit"] == 20
+    by_name = {r["name"]: r for r in rows2}
+    assert by_name["dense"]["tasks"]["gsm8k"]["items"] == 2 and by_name["dense"]["zero_shot"]["average"] == 0.5
+    assert by_name["gptq 3-bit"]["tasks"] == {} and by_name["wanda 2:4"]["zero_shot"]["average"] == 0.4
+
+    # other perplexity windows: nothing earlier is comparable
+    rows3, settings3, commands3 = _merged(stem, [_row("dense", 9.0, zero_shot=0.5)],
+                                          {**zero_shot_run, "ppl_windows": 16})
+    assert [r["name"] for r in rows3] == ["dense"] and settings3["tasks"] == ["zero-shot"] and commands3 == []
+
+
 def test_answer_found_is_the_strict_extraction():
     from toolchain.bench.reasoning import answer_found
 
