@@ -358,8 +358,8 @@ def plot_taxonomy(result: dict, path: Path) -> str | None:
     from toolchain.atomic import atomic_file
     from toolchain.tasks.failures import CLASSES
 
-    names = [n for n in result["settings"]["tasks"] if n in GENERATIVE]
     rows = result["rows"]
+    names = [n for n in result["settings"]["tasks"] if n in GENERATIVE and any(n in r["tasks"] for r in rows)]
     if not names or not rows:
         return None
     try:
