@@ -186,11 +186,13 @@ TASK_SETTINGS = {"gsm8k": ("limit", "max_gen_toks", "gsm8k_pool"), "math500": ("
 
 def _merged(stem: Path, rows: list[dict], settings: dict) -> tuple[list[dict], dict, list[str]]:
     """This run's rows over an earlier result's, the settings of the merged table, and the commands that
-    measured the earlier rows kept. Flips and correlations
-    need the same items, caps and texts, so an earlier measure is kept only where its settings are this run's:
-    with other perplexity windows or seed the earlier rows are dropped; an earlier task measured with other
-    settings for that task is dropped from every row. A row measured again keeps its earlier measures of the
-    tasks this run did not measure (so `--tasks zero-shot` adds a column to a GSM8K table)."""
+    measured the earlier rows kept.
+
+    Flips and correlations need the same items, caps and texts, so an earlier measure is kept only where its
+    settings are this run's: with other perplexity windows or seed the earlier rows are dropped; an earlier task
+    measured with other settings for that task is dropped from every row. A row measured again keeps its
+    earlier measures of the tasks this run did not measure (so `--tasks zero-shot` adds a column to a GSM8K
+    table)."""
     path = Path(f"{stem}.json")
     merged = dict(settings)
     if not path.is_file():
