@@ -146,7 +146,7 @@ def run_reasoning_bench(model: str, out_dir: str | Path, only: list[str] | None 
         rows.append({"name": "dense", **measure(src, task_names, settings, samples_dir / "dense")})
         result = save()
     for name, command_name, method, level, init, extra in runs:
-        target = work / "reasoning" / slug(str(model)) / slug(name)
+        target = work / "reasoning" / slug(Path(str(model)).name) / slug(name)   # named as its result files
         if command_name == "quantize":
             facts = quantize_in_subprocess(src, target, method, level, extra, reuse=True)
         elif command_name == "recover":
