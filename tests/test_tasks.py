@@ -251,9 +251,15 @@ def test_generation_on_a_shared_prefix_equals_full_recompute(make):
 # --- through lm-eval ---------------------------------------------------------------------------------------
 
 
-def test_eval_tasks_cli_matches_lm_eval_hf_backend(tiny_llama_dir, tmp_path, capsys):
+def test_eval_tasks_cli_matches_lm_eval_hf_backend(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    from lm_eval.tasks._index import TaskIndex
     from toolchain.cli import main
     from toolchain.tasks.run import evaluate_tasks
+
+    # Our tasks are built objects: neither backend may pay for lm-eval's scan of its own task YAMLs.
+    scanned = []
+    build = TaskIndex.build
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(lambda paths, **k: scanned.extend(paths) or build(paths, **k)))
 
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(tiny_llama_dir), "--datasets", "none", "--tasks", "arc_easy,winogrande,gsm8k",
@@ -280,6 +286,7 @@ def test_eval_tasks_cli_matches_lm_eval_hf_backend(tiny_llama_dir, tmp_path, cap
             assert [i["prediction_norm"] for i in items] == [i["prediction_norm"] for i in theirs]
             for a, b in zip(items, theirs):
                 assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-3)
+    assert scanned == []
 
 
 def test_task_yamls_for_the_lm_eval_cli_equal_the_in_process_definitions(tmp_path):

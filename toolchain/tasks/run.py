@@ -82,6 +82,7 @@ def evaluate_tasks(loaded=None, names: tuple[str, ...] = (), limit: int | None =
         raise DataError(f"unknown backend {backend!r}; choose toolchain or hf")
     start = time.perf_counter()
     raw = simple_evaluate(model=model, model_args=model_args, tasks=tasks, samples=items, batch_size=batch_size,
+                          task_manager=_task_manager(model_args),
                           gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
                           log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                           fewshot_random_seed=seed)
@@ -97,6 +98,15 @@ def evaluate_tasks(loaded=None, names: tuple[str, ...] = (), limit: int | None =
         "tasks": {name: _task_summary(name, raw["results"][name], raw["samples"][name], by_name[name])
                   for name in names},
     }
+
+
+def _task_manager(model_args: dict | None):
+    """An lm-eval task manager with an empty index. Our tasks are built objects (`build_tasks`), never looked up
+    by name; left to itself, `simple_evaluate` makes a manager that parses every task YAML lm-eval ships (about
+    14,000 files, seconds of CPU) on every call."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=False, metadata=dict(model_args or {}))
 
 
 def _version(package: str) -> str:
