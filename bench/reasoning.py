@@ -53,10 +53,14 @@ REASONING_CONFIGS = [
     ("barber 2:4", "prune", "barber", "2:4", "sparsegpt", []),
     # The pruning defaults chosen on the pydoc split, re-checked out of domain and on the zero-shot suite: Barber
     # against its init at 50% and 2:4, on both inits; its score (the reference's grad-rms against the default
-    # taylor-exit); the least-squares re-solve.
+    # taylor-exit); its re-solve of changed rows (SparseGPT's OBS sweep against the default lstsq); its loss guard;
+    # the opt-in least-squares re-solve and block reconstruction.
     ("barber(wanda) 2:4", "prune", "barber", "2:4", "wanda", []),
     ("barber grad-rms 2:4", "prune", "barber", "2:4", "sparsegpt", ["--rebuild-score", "grad-rms"]),
+    ("barber obs 2:4", "prune", "barber", "2:4", "sparsegpt", ["--rebuild-solver", "obs"]),
+    ("barber no guard 2:4", "prune", "barber", "2:4", "sparsegpt", ["--no-loss-guard"]),
     ("sparsegpt lstsq 2:4", "prune", "sparsegpt", "2:4", None, ["--resolve", "lstsq"]),
+    ("sparsegpt lstsq block 2:4", "prune", "sparsegpt", "2:4", None, ["--resolve", "lstsq", "--reconstruct", "block"]),
     ("wanda 50%", "prune", "wanda", "0.5", None, []),
     ("barber(wanda) 50%", "prune", "barber", "0.5", "wanda", []),
     ("sparsegpt 50%", "prune", "sparsegpt", "0.5", None, []),

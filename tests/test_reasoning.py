@@ -120,6 +120,26 @@ def test_reasoning_only_and_options_are_checked(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_every_reasoning_row_is_a_valid_command(tmp_path):
+    """Each row's command line parses and passes its job's validation, so a mistyped or inapplicable flag in a
+    row fails here, not an hour into a benchmark run."""
+    from toolchain.bench.reasoning import REASONING_CONFIGS
+    from toolchain.cli import build_parser
+    from toolchain.jobs.config import PruneConfig, QuantConfig
+    from toolchain.jobs.options import config_from_args
+    from toolchain.reference_runs import prune_command, quantize_command
+
+    parser = build_parser()
+    for name, command, method, value, init, extra in REASONING_CONFIGS:
+        if command == "recover":
+            continue
+        cmd = (prune_command(tmp_path, tmp_path / "out", method, init, value, extra) if command == "prune"
+               else quantize_command(tmp_path, tmp_path / "out", method, value, extra))
+        args = parser.parse_args(cmd[3:])
+        cfg, given = config_from_args(PruneConfig if command == "prune" else QuantConfig, args)
+        cfg.validate(given)
+
+
 def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """Dense, RTN 4-bit, Wanda 2:4, GPTQ 3-bit and its recovery on 3 GSM8K items and 2 items per zero-shot task.
     A run stopped by a failing compression keeps the rows it finished; a later run adds its rows; every row is
