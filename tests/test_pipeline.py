@@ -27,6 +27,10 @@ def test_prune_cli_writes_loadable_model_and_report(tiny_dir, tmp_path, capsys):
                                      "split_tokens": report["calibration"]["split_tokens"]}
     assert all(v["nm_valid"] for layer in report["layers"] for v in layer["linears"].values())
     assert {"torch", "transformers", "toolchain"} <= set(report["versions"])
+    # Memory after each layer, to tell a per-layer peak from growth with depth: the peak never falls.
+    peaks = [layer["memory_mib"]["peak_rss"] for layer in report["layers"]]
+    assert len(peaks) == len(report["layers"]) and peaks == sorted(peaks) and peaks[-1] <= report["peak_rss_mib"]
+    assert all(0 < layer["memory_mib"]["anon_after"] <= layer["memory_mib"]["peak_rss"] for layer in report["layers"])
     # The machine a timing depends on, and the precision Barber's gradients ran in on it.
     assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert report["machine"]["threads"] == torch.get_num_threads()

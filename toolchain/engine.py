@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .machine import memory_line
+from .machine import memory_line, peak_cuda_mib, peak_rss_mib, proc_status_mib
 from .models.base import ArchAdapter, SubBlock, first_tensor
 from .input_stats import InputStats
 
@@ -155,6 +155,11 @@ class LayerEngine:
             else:
                 layer.to("cpu")
             entry["seconds"] = round(time.perf_counter() - start, 3)
+            # After each layer: whether the peak is set by one layer's work (flat in depth) or grows with depth.
+            anon, cuda = proc_status_mib("RssAnon"), peak_cuda_mib()
+            entry["memory_mib"] = {"peak_rss": round(peak_rss_mib(), 1),
+                                   **({"anon_after": round(anon, 1)} if anon is not None else {}),
+                                   **({"peak_cuda": round(cuda, 1)} if cuda is not None else {})}
             entries.append(entry)
             bar.set_postfix_str(memory_line(), refresh=False)
         return entries
