@@ -228,3 +228,47 @@ def test_sigterm_is_an_interrupt_that_leaves_nothing_behind(tmp_path, tiny_llama
     assert status == 143
     assert list(parent.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is before     # the caller's handler is back
+
+
+def test_merged_quant_state_equals_one_write_and_maps_one_part_at_a_time(tmp_path, monkeypatch):
+    """A streamed run's per-layer parts merge into the file one write of the whole state gives; while the codes
+    are copied only the part being read is open, so the pages read from earlier parts leave the resident set
+    and the merge's peak does not grow with the number of layers."""
+    import safetensors
+
+    from toolchain.quant import QuantSpec, rtn_quantize, write_quant_state
+    from toolchain.quant.state import merge_quant_state
+
+    spec = QuantSpec(bits=4, group_size=8)
+    torch.manual_seed(0)
+    state = {f"model.layers.{i}.mlp.{n}": rtn_quantize(torch.randn(6, 16), spec, None)
+             for i in range(4) for n in ("up_proj", "down_proj")}
+    parts = []
+    for i in range(4):
+        parts.append(tmp_path / f"part-{i}.safetensors")
+        write_quant_state(parts[-1], {k: v for k, v in state.items() if f".{i}." in k})
+    write_quant_state(tmp_path / "whole.safetensors", state)
+
+    live, most = set(), [0]
+    real_open = safetensors.safe_open
+
+    class Tracked:
+        def __init__(self, path, **kwargs):
+            self.handle = real_open(path, **kwargs)
+            live.add(id(self))
+            most[0] = max(most[0], len(live))
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __del__(self):
+            live.discard(id(self))
+
+    monkeypatch.setattr(safetensors, "safe_open", Tracked)
+    merge_quant_state(parts, tmp_path / "merged.safetensors")
+    monkeypatch.undo()
+    assert most[0] == 1 and not live
+    merged, whole = read_quant_state(tmp_path / "merged.safetensors"), read_quant_state(tmp_path / "whole.safetensors")
+    assert list(merged) == list(whole)
+    for name in whole:
+        assert torch.equal(merged[name].codes, whole[name].codes) and torch.equal(merged[name].scales, whole[name].scales)

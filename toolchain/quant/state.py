@@ -144,12 +144,24 @@ def merge_quant_state(parts: list[Path], path: str | os.PathLike) -> None:
 
     from ..models.shards import DTYPES_BY_CODE, write_safetensors
 
-    handles = [safe_open(str(p), framework="pt") for p in parts]
+    # Only the part being copied is open: a part's memory map keeps the pages read from it in this process's
+    # resident set until it is closed, so holding every part open would grow the peak with the model's depth.
+    open_part: dict[Path, object] = {}
+
+    def read(part: Path, name: str) -> torch.Tensor:
+        if part not in open_part:
+            open_part.clear()
+            open_part[part] = safe_open(str(part), framework="pt")
+        return open_part[part].get_tensor(name)
+
     entries, layers = [], {}
-    for handle in handles:
+    for part in parts:
+        handle = safe_open(str(part), framework="pt")
         layers.update(json.loads(handle.metadata()["toolchain"])["layers"])
         for name in handle.keys():
             piece = handle.get_slice(name)
             entries.append((name, DTYPES_BY_CODE[piece.get_dtype()], tuple(piece.get_shape()),
-                            lambda h=handle, n=name: h.get_tensor(n)))
+                            lambda p=part, n=name: read(p, n)))
+        del handle
     write_safetensors(path, entries, {"toolchain": json.dumps({"format": FORMAT, "layers": layers})})
+    open_part.clear()
