@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .machine import memory_line, peak_cuda_mib, peak_rss_mib, proc_status_mib, release_free_memory
+from .machine import memory_line, peak_cuda_mib, peak_rss_mib, proc_status_mib
 from .models.base import ArchAdapter, SubBlock, first_tensor
 from .input_stats import InputStats
 
@@ -152,7 +152,6 @@ class LayerEngine:
                 sink(i, layer)
             if self.stream is not None:
                 self.stream.free_layer(i)
-                release_free_memory()
             else:
                 layer.to("cpu")
             entry["seconds"] = round(time.perf_counter() - start, 3)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..machine import release_free_memory
 from . import adapter_for
 from .loading import check_safetensors, gguf_file
 from .shards import DTYPES_BY_CODE as STORED_DTYPES, INDEX
@@ -188,9 +189,12 @@ class StreamingCheckpoint:
         return layer
 
     def free_layer(self, i: int) -> None:
-        """Return decoder layer `i` to `meta`, releasing its memory (and the checkpoint's memory maps)."""
+        """Return decoder layer `i` to `meta`, releasing its memory (and the checkpoint's memory maps), and hand
+        the freed heap pages back to the kernel (`machine.release_free_memory`: without it the resident set of a
+        walk over an 8B-shaped model grew by about 80 MiB a layer)."""
         self.layers[i].to("meta")
         self.index.release()
+        release_free_memory()
 
     def layer_state(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
         """Decoder layer `i`'s tensors under their checkpoint names, as `save_pretrained` would write them."""
