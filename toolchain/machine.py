@@ -85,8 +85,8 @@ def release_free_memory() -> bool:
 
     A streamed walk frees each layer's tensors, but tensors below glibc's mmap threshold (which grows to 32 MiB
     once a large block is freed) live in the heap, and the few small blocks still live between the freed ones
-    keep glibc from shrinking it: the resident set then grows layer after layer (on an 8B-shaped model by about
-    80 MiB a layer) although nothing is leaked. Trimming after each layer keeps the peak per-layer."""
+    keep glibc from shrinking it: the resident set then grows layer after layer although nothing is leaked.
+    Trimming after each layer keeps the peak per-layer (docs/scale.md has the measurement)."""
     global _LIBC_TRIM
     if _LIBC_TRIM is None:
         try:

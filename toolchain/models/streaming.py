@@ -190,8 +190,8 @@ class StreamingCheckpoint:
 
     def free_layer(self, i: int) -> None:
         """Return decoder layer `i` to `meta`, releasing its memory (and the checkpoint's memory maps), and hand
-        the freed heap pages back to the kernel (`machine.release_free_memory`: without it the resident set of a
-        walk over an 8B-shaped model grew by about 80 MiB a layer)."""
+        the freed heap pages back to the kernel (`machine.release_free_memory`), so a walk's resident set does not
+        grow with the number of layers."""
         self.layers[i].to("meta")
         self.index.release()
         release_free_memory()
