@@ -296,3 +296,16 @@ def test_freed_heap_memory_goes_back_to_the_kernel(tmp_path):
     returned = float(subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True,
                                     env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout)
     assert returned > 100      # MiB of the 160 freed
+
+
+def test_a_streamed_walk_trims_the_heap_after_every_layer(tmp_path, tiny_llama_dir, monkeypatch):
+    """`StreamingCheckpoint.free_layer` is where every streamed walk (the layer engine's, the ONNX builder's)
+    hands freed layer memory back; a walk that stopped calling it would grow with depth again."""
+    from toolchain.models import streaming
+
+    calls = []
+    monkeypatch.setattr(streaming, "release_free_memory", lambda: calls.append(1) or True)
+    run_prune(str(tiny_llama_dir), tmp_path / "out", PruneConfig(method="wanda", sparsity="0.5", streaming=True, **CALIB),
+              progress=False)
+    layers = json.loads((tiny_llama_dir / "config.json").read_text())["num_hidden_layers"]
+    assert len(calls) == layers

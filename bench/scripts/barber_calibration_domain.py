@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from toolchain.atomic import atomic_file
 from toolchain.bench.reasoning import perplexities
 from toolchain.models import load_model
 from toolchain.reference_runs import SEQLEN, dense_hf_dir, prune_in_subprocess
@@ -48,8 +49,8 @@ def main() -> None:
     base, barber = (r["ppl"] for r in rows)
     print("barber against its init: " + ", ".join(f"{k} {barber[k] / base[k] - 1:+.1%}" for k in base))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "dataset": args.dataset, "rows": rows},
-                                              indent=2) + "\n")
+        with atomic_file(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps({"model": args.model, "dataset": args.dataset, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
