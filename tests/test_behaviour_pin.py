@@ -187,16 +187,16 @@ PINS = {
         "AMD EPYC / AVX512 / 2 threads": {
             "barber_wanda_gptq.weights": "03a40b0d1f74c1d6",
             "barber_wanda_gptq.quant_state": "83c0441512e0af36",
-            "sparsegpt_lstsq_aptq.weights": "0f7e865f72dce5c8",
-            "sparsegpt_lstsq_aptq.quant_state": "4fe03fc71b39e946",
-            "barber_sparsegpt.weights": "91d8c5cac7891820"
+            "sparsegpt_lstsq_aptq.weights": "f46ea95c11380b85",
+            "sparsegpt_lstsq_aptq.quant_state": "5a685a507338d5d5",
+            "barber_sparsegpt.weights": "bd3de474c8e38844"
         },
         "AMD EPYC / AVX512 / 1 threads": {
             "barber_wanda_gptq.weights": "03a40b0d1f74c1d6",
             "barber_wanda_gptq.quant_state": "83c0441512e0af36",
-            "sparsegpt_lstsq_aptq.weights": "b3facd8adb8cbeaa",
-            "sparsegpt_lstsq_aptq.quant_state": "9cb76dfaf1791e88",
-            "barber_sparsegpt.weights": "b3cb67ec2167bd5f"
+            "sparsegpt_lstsq_aptq.weights": "f46ea95c11380b85",
+            "sparsegpt_lstsq_aptq.quant_state": "5a685a507338d5d5",
+            "barber_sparsegpt.weights": "bd3de474c8e38844"
         }
     }
 }

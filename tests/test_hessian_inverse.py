@@ -1,6 +1,7 @@
-"""`inverse_hessian_cholesky`: the factor the OBS sweeps read, bit-identical whether it may overwrite the caller's
-copy (`restore`) or not, on the first try and through every retry path; `symmetric_permutation` equals
-two-step indexing."""
+"""`inverse_hessian_cholesky`: the factor the OBS sweeps read, from the reversed Hessian's Cholesky factor on the
+CPU and the reference's way elsewhere, the two equal to rounding; bit-identical whether it may overwrite the
+caller's copy (`restore`) or not, on the first try and through every retry path; `symmetric_permutation` and
+`reverse_in_place` equal plain indexing."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from toolchain.errors import ToolchainError
 from toolchain.input_stats import InputStats
 from toolchain.numerics import hessian as hmod
-from toolchain.numerics.hessian import hessian_damping, inverse_hessian_cholesky, symmetric_permutation
+from toolchain.numerics.hessian import (hessian_damping, inverse_hessian_cholesky, reverse_in_place,
+                                        symmetric_permutation)
 
 
 def gram(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -18,25 +20,45 @@ def gram(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
 
 
 def textbook(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """The reference code's recipe, one try: chol((H + damp I)^-1) upper."""
-    damped = H + hessian_damping(H, percdamp) * torch.eye(H.shape[0])
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    """The reference code's recipe, one try, in float64: chol((H + damp I)^-1) upper."""
+    H = H.double()
+    damped = H + hessian_damping(H, percdamp) * torch.eye(H.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True).float()
 
 
 def both_modes(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    kept = inverse_hessian_cholesky(H, percdamp)
-    assert torch.equal(H, H.clone())
-    consumed = inverse_hessian_cholesky(H.clone(), percdamp, restore=H.clone)
+    kept, damp = inverse_hessian_cholesky(H, percdamp)
+    consumed, damp_consumed = inverse_hessian_cholesky(H.clone(), percdamp, restore=H.clone)
+    assert torch.equal(damp, damp_consumed)
     return kept, consumed
 
 
-def test_the_factor_inverts_the_damped_hessian_in_both_modes():
-    H = gram(48, 200)
+@pytest.mark.parametrize("n", [48, 301])
+def test_the_factor_inverts_the_damped_hessian_in_both_modes(n):
+    H = gram(n, 4 * n)
     kept, consumed = both_modes(H, 0.01)
     assert torch.equal(kept, consumed)
-    assert torch.allclose(kept, textbook(H, 0.01), rtol=1e-4, atol=1e-5)
-    damped = H + hessian_damping(H, 0.01) * torch.eye(48)
-    assert torch.allclose(kept.T @ kept @ damped, torch.eye(48), atol=1e-3)
+    assert torch.equal(kept, kept.triu())
+    assert torch.allclose(kept, textbook(H, 0.01), rtol=1e-3, atol=1e-4)
+    damped = H + hessian_damping(H, 0.01) * torch.eye(n)
+    assert torch.allclose(kept.T @ kept @ damped, torch.eye(n), atol=1e-3)
+
+
+def test_the_reversed_factor_agrees_with_the_reference_recipe_and_reuses_the_callers_memory():
+    H = gram(200, 600)
+    damped = H + hessian_damping(H, 0.01) * torch.eye(200)
+    reference = hmod._factor_of_inverse(damped.clone())
+    mine = damped.clone()
+    upper = hmod._factor_reversed(mine)
+    assert upper.data_ptr() == mine.data_ptr()          # computed where the caller's copy was: no third matrix
+    assert torch.allclose(upper, reference, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(upper, textbook(H, 0.01), rtol=1e-3, atol=1e-4)
+
+
+def test_the_damping_used_is_returned():
+    H = gram(32, 100)
+    _, damp = inverse_hessian_cholesky(H, 0.05)
+    assert torch.allclose(damp, 0.05 * H.diagonal().mean())
 
 
 def test_the_caller_copy_is_left_untouched_without_restore():
@@ -55,30 +77,35 @@ def test_a_failed_first_factor_retries_with_more_damping_identically():
     kept, consumed = both_modes(H, 0.01)
     assert torch.equal(kept, consumed)
     assert torch.allclose(kept, textbook(H, 0.1), rtol=1e-3, atol=1e-4)
+    assert torch.allclose(inverse_hessian_cholesky(H, 0.01)[1], 0.1 * H.diagonal().mean())
 
 
-def test_a_failed_factor_of_the_inverse_restores_h_and_retries_identically(monkeypatch):
+def test_a_failed_triangular_inverse_restores_h_and_retries_identically(monkeypatch):
     H = gram(40, 120)
-    real = torch.linalg.cholesky_ex
-    calls = {"upper": 0}
+    real = hmod._factor_reversed
+    calls = {"n": 0}
 
-    def flaky(A, upper=False, **kwargs):       # the first factor of an inverse reports failure once per run
-        L, info = real(A, upper=upper, **kwargs)
-        if upper:
-            calls["upper"] += 1
-            if calls["upper"] == 1:
-                return L, torch.ones_like(info)
-        return L, info
+    def flaky(damped):       # the first triangular inverse of a run fails (after overwriting the caller's copy)
+        calls["n"] += 1
+        upper = real(damped)
+        return None if calls["n"] == 1 else upper
 
-    monkeypatch.setattr(hmod.torch.linalg, "cholesky_ex", flaky)
-    kept = inverse_hessian_cholesky(H, 0.01)
-    calls["upper"] = 0
+    monkeypatch.setattr(hmod, "_factor_reversed", flaky)
+    kept, _ = inverse_hessian_cholesky(H, 0.01)
+    calls["n"] = 0
     restored = []
-    consumed = inverse_hessian_cholesky(H.clone(), 0.01, restore=lambda: restored.append(1) or H.clone())
+    consumed, damp = inverse_hessian_cholesky(H.clone(), 0.01, restore=lambda: restored.append(1) or H.clone())
     assert restored == [1]
     assert torch.equal(kept, consumed)
-    monkeypatch.setattr(hmod.torch.linalg, "cholesky_ex", real)
-    assert torch.allclose(kept, textbook(H, 0.1), rtol=1e-4, atol=1e-5)   # the retry used ten times the damping
+    assert torch.allclose(damp, 0.1 * H.diagonal().mean())
+    assert torch.allclose(kept, textbook(H, 0.1), rtol=1e-3, atol=1e-4)   # the retry used ten times the damping
+
+
+@pytest.mark.parametrize("n, step", [(1, 4), (6, 1), (7, 2), (37, 5), (64, 256)])
+def test_reverse_in_place_equals_flipping_both_axes(n, step):
+    M = torch.randn(n, n)
+    expected = M.flip((0, 1))
+    assert torch.equal(reverse_in_place(M, rows_per_step=step), expected)
 
 
 def test_no_positive_definite_damping_is_an_error():

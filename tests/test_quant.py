@@ -207,3 +207,25 @@ def test_damp_reaches_gptq_is_recorded_and_is_refused_for_rtn(tiny_llama_dir, tm
     assert main(["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--damp", "1.5", *common,
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--damp must be in (0, 1), got 1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blocks, act_order, symmetric, pruned",
+                         [(1, True, True, False), (1, False, False, True), (4, True, True, True),
+                          (4, False, True, False)])
+def test_gptq_row_error_is_its_objective_under_the_callers_hessian(blocks, act_order, symmetric, pruned):
+    """The sweep's own errors give each row's (w - deq) H (w - deq)^T exactly (the quantize job reports it
+    instead of a product with H), with dead inputs, per-block Hessians, masks and either column order."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(blocks, 160, 300, generator=g) * torch.rand(160, generator=g)[None, :, None]
+    x[:, 7] = 0                                             # a dead input
+    x[blocks - 1, 11] = 0                                   # dead in one block only
+    H = 2 * x @ x.transpose(1, 2) / 300
+    H = H[0] if blocks == 1 else H
+    w = torch.randn(48, 160, generator=g)
+    mask = torch.rand(48, 160, generator=g) < 0.3 if pruned else None
+    w = w.masked_fill(mask, 0) if pruned else w
+    qw = gptq_quantize(w, H, QuantSpec(3, 32, symmetric), mask, act_order=act_order)
+    d = (qw.dequantize() - w).reshape(blocks, -1, 160)
+    exact = (torch.bmm(d, H.reshape(blocks, 160, 160)) * d).sum(2).reshape(-1)
+    assert qw.row_error.shape == (48,)
+    assert torch.allclose(qw.row_error, exact, rtol=1e-4, atol=1e-4 * float(exact.mean()))

@@ -137,7 +137,8 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
             if needs_calibration:
                 H = hessians[name]
                 # relative error of the method's own objective: tr(dW H dW^T) / tr(W H W^T)
-                info["rel_error"] = hessian_error(deq - w, H) / max(hessian_error(w, H), 1e-30)
+                # (the numerator comes from GPTQ's own sweep, which saves a product with H per linear)
+                info["rel_error"] = float(qw.row_error.sum()) / max(hessian_error(w, H), 1e-30)
                 info["hessian"] = "attention" if name in qkv else "layer"
             if sensitivity:
                 info["sensitivity"] = sensitivity[(i, name)]

@@ -35,7 +35,7 @@ class SparseGPT(PruneMethod):
 
         H, dead = private_hessian()
         W[:, dead] = 0.0
-        return W, inverse_hessian_cholesky(H, self.percdamp, restore=lambda: private_hessian()[0])
+        return W, inverse_hessian_cholesky(H, self.percdamp, restore=lambda: private_hessian()[0])[0]
 
     def prune(self, weight, stats, target: SparsityTarget):
         W, U = self._prepare(weight, stats)

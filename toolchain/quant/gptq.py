@@ -45,12 +45,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     if act_order:  # static groups: parameters from the original weights, in natural column order
         for gi, (a, b) in enumerate(groups):
             scales[:, gi], zeros[:, gi] = fit_params(W[:, a:b], spec)
-    mask = prune_mask if prune_mask is not None else torch.zeros_like(W, dtype=torch.bool)
 
     # the order of the neutralised diagonal (dead inputs count as 1, as neutralise_dead_inputs sets them)
     perm = (torch.argsort(diagonal.masked_fill(dead, 1.0).sum(0), descending=True) if act_order
             else torch.arange(cols, device=W.device))
-    W, mask_p = W[:, perm], mask[:, perm]
+    # The sweep runs on the transpose, [cols, rows] in sweep order: a column is then one contiguous row, and
+    # each column's reads and writes (weights, codes, mask, error) are contiguous where [rows, cols] strides.
+    Wt = W.T[perm].contiguous()
+    mask_t = prune_mask.T[perm].contiguous() if prune_mask is not None else None
+    scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()       # [groups, rows]
+    del W
 
     def private_hessian(j: int) -> torch.Tensor:
         """Block j in sweep order, dead inputs neutralised: one copy, which the inverse overwrites."""
@@ -60,16 +64,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
     factors = [inverse_hessian_cholesky(private_hessian(j), percdamp, name, restore=lambda j=j: private_hessian(j))
                for j in range(k)]
-    # [k, cols, cols], row-major as the sweep reads its rows (the factors come column-major from LAPACK)
-    U = factors[0].contiguous()[None] if k == 1 else torch.stack(factors)
+    damps = torch.stack([torch.as_tensor(damp, dtype=torch.float32) for _, damp in factors]).to(Wt.device)
+    # [k, cols, cols], row-major as the sweep reads its rows
+    U = factors[0][0].contiguous()[None] if k == 1 else torch.stack([upper for upper, _ in factors])
     del factors, H
     r = rows // k
-    codes = torch.empty(rows, cols, dtype=torch.int32, device=W.device)
+    codes_t = torch.empty(cols, rows, dtype=torch.int32, device=Wt.device)
+    swept_error = torch.zeros(rows, device=Wt.device)    # per row, the sum of the sweep's e^2
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].reshape(k, r, i2 - i1).clone(), U[:, i1:i2, i1:i2]   # row block j uses U[j]
-        err = torch.zeros_like(W1)
+        W1, U1 = Wt[i1:i2].reshape(i2 - i1, k, r).clone(), U[:, i1:i2, i1:i2]   # row block j uses U[j]
+        err = torch.empty_like(W1)
         for c in range(i2 - i1):
             col = int(perm[i1 + c])
             gi = int(group_of[col])
@@ -77,21 +83,47 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                 # Dynamic group: fit on this group's current weights (this block's columns carry the
                 # in-block updates; later blocks' columns carry the lazy updates made so far).
                 a, b = groups[gi]
-                current = torch.cat([W1[:, :, c:c + min(b, i2) - a].reshape(rows, -1),
-                                     W[:, i2:i2 + max(0, b - i2)]], dim=1)
-                scales[:, gi], zeros[:, gi] = fit_params(current, spec)
-            w = W1[:, :, c].reshape(rows)
-            q = quantize_codes(w[:, None], scales[:, gi], zeros[:, gi], spec)[:, 0]
-            q = torch.where(mask_p[:, i1 + c], zeros[:, gi], q)
-            codes[:, i1 + c] = q
-            deq = scales[:, gi] * (q - zeros[:, gi]).float()
+                current = torch.cat([W1[c:c + min(b, i2) - a].reshape(-1, rows), Wt[i2:i2 + max(0, b - i2)]])
+                scales_t[gi], zeros_t[gi] = fit_params(current.T, spec)
+            w = W1[c].reshape(rows)
+            q = quantize_codes(w[:, None], scales_t[gi], zeros_t[gi], spec)[:, 0]
+            if mask_t is not None:
+                q = torch.where(mask_t[i1 + c], zeros_t[gi], q)
+            codes_t[i1 + c] = q
+            deq = scales_t[gi] * (q - zeros_t[gi]).float()
             e = (w - deq).reshape(k, r) / U1[:, c, c][:, None]
-            W1[:, :, c:] -= e[:, :, None] * U1[:, c, c:][:, None, :]
-            err[:, :, c] = e
-        W[:, i2:] -= torch.bmm(err, U[:, i1:i2, i2:]).reshape(rows, -1)
+            W1[c:] -= U1[:, c, c:].T[:, :, None] * e[None]
+            err[c] = e
+        swept_error += err.square().sum(0).reshape(rows)
+        if i2 < cols:   # the lazy update of the later columns, in place
+            if k == 1:
+                Wt[i2:].addmm_(U[0, i1:i2, i2:].T, err.reshape(i2 - i1, rows), alpha=-1)
+            else:
+                Wt[i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), err.transpose(0, 1)).transpose(0, 1
+                                                                                                    ).reshape(-1, rows)
+    del Wt, U
 
     inverse = torch.argsort(perm)
-    return QuantizedWeight(codes[:, inverse].contiguous(), scales, zeros, spec, prune_mask)
+    codes = codes_t.T[:, inverse]             # [rows, cols] in natural column order, contiguous
+    del codes_t
+    qw = QuantizedWeight(codes, scales_t.T.contiguous(), zeros_t.T.contiguous(), spec, prune_mask)
+    qw.row_error = _undamped(swept_error, damps, qw, weight, dead)
+    return qw
+
+
+def _undamped(swept_error: torch.Tensor, damps: torch.Tensor, qw: QuantizedWeight, weight: torch.Tensor,
+              dead: torch.Tensor) -> torch.Tensor:
+    """Each row's (w - deq) H (w - deq)^T under the caller's H, from the sweep's own errors, without a product
+    with H.
+
+    The sweep ends with W - Q = E U (E its scaled errors, U upper with U^T U = (H + damp I)^-1), so
+    (W - Q)(H + damp I)(W - Q)^T = E E^T: a row's damped error is the sum of its e^2. The damping's share,
+    damp * |w - deq|^2, is subtracted. Dead inputs (zero rows and columns of H) add nothing: the sweep zeroed
+    their weights and quantized them to exactly 0, and the caller's H ignores them."""
+    k, cols = dead.shape
+    delta = qw.dequantize().sub_(weight.to(torch.float32)).reshape(k, -1, cols).masked_fill_(dead[:, None, :], 0.0)
+    damped_share = delta.square().sum(2) * damps[:, None]                 # [k, rows / k]
+    return (swept_error.reshape(k, -1) - damped_share).reshape(-1)
 
 
 def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor], spec: QuantSpec,
@@ -115,6 +147,6 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor]
     for w, m in zip(weights, prune_masks):
         rows = slice(start, start + w.shape[0])
         out.append(QuantizedWeight(joint.codes[rows].contiguous(), joint.scales[rows].contiguous(),
-                                   joint.zeros[rows].contiguous(), spec, m))
+                                   joint.zeros[rows].contiguous(), spec, m, joint.row_error[rows].clone()))
         start += w.shape[0]
     return out
