@@ -213,8 +213,9 @@ def test_damp_reaches_gptq_is_recorded_and_is_refused_for_rtn(tiny_llama_dir, tm
                          [(1, True, True, False), (1, False, False, True), (4, True, True, True),
                           (4, False, True, False)])
 def test_gptq_row_error_is_its_objective_under_the_callers_hessian(blocks, act_order, symmetric, pruned):
-    """The sweep's own errors give each row's (w - deq) H (w - deq)^T exactly (the quantize job reports it
-    instead of a product with H), with dead inputs, per-block Hessians, masks and either column order."""
+    """The sweep's own errors give each row's (w - deq) H (w - deq)^T, and the factor of H^-1 each row's
+    w H w^T (the quantize job reports their ratio without a product with H), with dead inputs, per-block
+    Hessians, masks and either column order."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(blocks, 160, 300, generator=g) * torch.rand(160, generator=g)[None, :, None]
     x[:, 7] = 0                                             # a dead input
@@ -229,3 +230,6 @@ def test_gptq_row_error_is_its_objective_under_the_callers_hessian(blocks, act_o
     exact = (torch.bmm(d, H.reshape(blocks, 160, 160)) * d).sum(2).reshape(-1)
     assert qw.row_error.shape == (48,)
     assert torch.allclose(qw.row_error, exact, rtol=1e-4, atol=1e-4 * float(exact.mean()))
+    w_ = w.reshape(blocks, -1, 160)
+    energy = (torch.bmm(w_, H.reshape(blocks, 160, 160)) * w_).sum(2).reshape(-1)
+    assert torch.allclose(qw.row_energy, energy, rtol=1e-4)

@@ -38,15 +38,6 @@ def average_bits(weights: dict[str, QuantizedWeight]) -> dict:
             "weight_bytes": (code_bits + param_bits) / 8}
 
 
-def hessian_error(dw: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(dW H dW^T), with H one matrix or a stack [k, in, in] over k equal row blocks."""
-    if hessian.dim() == 2:
-        return float(((dw @ hessian) * dw).sum())
-    k = hessian.shape[0]
-    blocks = dw.reshape(k, -1, dw.shape[1])
-    return float((torch.bmm(blocks, hessian) * blocks).sum())
-
-
 def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantConfig, device=None,
                     progress: bool = True) -> tuple[dict, dict[str, QuantizedWeight]]:
     """Quantize every decoder linear of `loaded.model` in place (weights become their dequantized values).
@@ -135,10 +126,9 @@ def quantize_loaded(loaded: LoadedModel, calib: torch.Tensor | None, cfg: QuantC
             deq = qw.dequantize()
             info = {"bits": qw.spec.bits, "pruned": 0.0 if masks[name] is None else float(masks[name].float().mean())}
             if needs_calibration:
-                H = hessians[name]
                 # relative error of the method's own objective: tr(dW H dW^T) / tr(W H W^T)
-                # (the numerator comes from GPTQ's own sweep, which saves a product with H per linear)
-                info["rel_error"] = float(qw.row_error.sum()) / max(hessian_error(w, H), 1e-30)
+                # (both from GPTQ's sweep and its factor of H^-1: no product with H, docs/quantization.md)
+                info["rel_error"] = float(qw.row_error.sum()) / max(float(qw.row_energy.sum()), 1e-30)
                 info["hessian"] = "attention" if name in qkv else "layer"
             if sensitivity:
                 info["sensitivity"] = sensitivity[(i, name)]

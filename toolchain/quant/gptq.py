@@ -69,6 +69,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     U = factors[0][0].contiguous()[None] if k == 1 else torch.stack([upper for upper, _ in factors])
     del factors, H
     r = rows // k
+    damped_energy = _damped_row_energy(Wt, U)      # before the sweep changes Wt
     codes_t = torch.empty(cols, rows, dtype=torch.int32, device=Wt.device)
     swept_error = torch.zeros(rows, device=Wt.device)    # per row, the sum of the sweep's e^2
 
@@ -104,26 +105,39 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     del Wt, U
 
     inverse = torch.argsort(perm)
-    codes = codes_t.T[:, inverse]             # [rows, cols] in natural column order, contiguous
+    codes = codes_t.T[:, inverse].contiguous()    # [rows, cols] in natural column order (already contiguous on CPU)
     del codes_t
     qw = QuantizedWeight(codes, scales_t.T.contiguous(), zeros_t.T.contiguous(), spec, prune_mask)
-    qw.row_error = _undamped(swept_error, damps, qw, weight, dead)
+    W0 = weight.to(torch.float32).reshape(k, r, cols).masked_fill(dead[:, None, :], 0.0)   # the swept weights
+    qw.row_error = _undamped(swept_error, damps, qw.dequantize().reshape(k, r, cols).sub_(W0))
+    qw.row_energy = _undamped(damped_energy, damps, W0)
     return qw
 
 
-def _undamped(swept_error: torch.Tensor, damps: torch.Tensor, qw: QuantizedWeight, weight: torch.Tensor,
-              dead: torch.Tensor) -> torch.Tensor:
-    """Each row's (w - deq) H (w - deq)^T under the caller's H, from the sweep's own errors, without a product
-    with H.
+def _damped_row_energy(Wt: torch.Tensor, U: torch.Tensor, rows_per_step: int = 2048) -> torch.Tensor:
+    """Each row's w (H + damp I) w^T, from the factor: U^T U = (H + damp I)^-1 makes it |U^-T w^T|^2, one
+    triangular solve (half the flops of a product with H). Wt: [cols, rows] in sweep order, U: [k, cols, cols]."""
+    cols, rows = Wt.shape
+    k = U.shape[0]
+    r = rows // k
+    energy = torch.empty(rows, device=Wt.device)
+    for j in range(k):
+        for a in range(j * r, (j + 1) * r, rows_per_step):
+            b = min(a + rows_per_step, (j + 1) * r)
+            energy[a:b] = torch.linalg.solve_triangular(U[j].T, Wt[:, a:b], upper=False).square().sum(0)
+    return energy
 
-    The sweep ends with W - Q = E U (E its scaled errors, U upper with U^T U = (H + damp I)^-1), so
-    (W - Q)(H + damp I)(W - Q)^T = E E^T: a row's damped error is the sum of its e^2. The damping's share,
-    damp * |w - deq|^2, is subtracted. Dead inputs (zero rows and columns of H) add nothing: the sweep zeroed
-    their weights and quantized them to exactly 0, and the caller's H ignores them."""
-    k, cols = dead.shape
-    delta = qw.dequantize().sub_(weight.to(torch.float32)).reshape(k, -1, cols).masked_fill_(dead[:, None, :], 0.0)
-    damped_share = delta.square().sum(2) * damps[:, None]                 # [k, rows / k]
-    return (swept_error.reshape(k, -1) - damped_share).reshape(-1)
+
+def _undamped(damped: torch.Tensor, damps: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """d H d^T per row under the caller's H, from d (H + damp I) d^T ([rows]): less the damping's share
+    damp * |d|^2, with d ([k, rows / k, cols], zero on each block's dead inputs) and damp ([k]) per Hessian block.
+
+    The sweep's own errors give the damped error: it ends with W - Q = E U (E its scaled errors, U upper with
+    U^T U = (H + damp I)^-1), so (W - Q)(H + damp I)(W - Q)^T = E E^T, a row's sum of e^2. Dead inputs add
+    nothing to either: the sweep zeroed their weights (and quantized them to exactly 0), and the caller's H is
+    zero there."""
+    k = delta.shape[0]
+    return (damped.reshape(k, -1) - delta.square().sum(2) * damps[:, None]).reshape(-1)
 
 
 def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor], spec: QuantSpec,
@@ -147,6 +161,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor]
     for w, m in zip(weights, prune_masks):
         rows = slice(start, start + w.shape[0])
         out.append(QuantizedWeight(joint.codes[rows].contiguous(), joint.scales[rows].contiguous(),
-                                   joint.zeros[rows].contiguous(), spec, m, joint.row_error[rows].clone()))
+                                   joint.zeros[rows].contiguous(), spec, m, joint.row_error[rows].clone(),
+                                   joint.row_energy[rows].clone()))
         start += w.shape[0]
     return out

@@ -105,8 +105,10 @@ class QuantizedWeight:
     zeros: torch.Tensor        # int32 [out, n_groups]; all 0 when symmetric
     spec: QuantSpec
     prune_mask: torch.Tensor | None = None   # bool [out, in], True = pruned (code = zero)
-    # GPTQ's own objective per output row, (w - deq) H (w - deq)^T under its calibration H ([out]); None otherwise
+    # GPTQ's objective per output row under its calibration H ([out]; None from other methods): the error
+    # (w - deq) H (w - deq)^T, and w H w^T, the scale it is relative to
     row_error: torch.Tensor | None = None
+    row_energy: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.zeros, self.spec)
