@@ -272,6 +272,41 @@ def test_merged_quant_state_equals_one_write_and_maps_one_part_at_a_time(tmp_pat
     assert list(merged) == list(whole)
     for name in whole:
         assert torch.equal(merged[name].codes, whole[name].codes) and torch.equal(merged[name].scales, whole[name].scales)
+    assert all(part.exists() for part in parts)     # kept unless asked
+
+
+def test_a_consuming_merge_deletes_each_part_once_copied(tmp_path, monkeypatch):
+    """A streamed run's merge deletes each part as soon as the merge has moved past it, so the disk never holds
+    the quantization state twice (a 32-layer 8B-shape GPTQ run filled the disk at the merge)."""
+    from toolchain.models import shards
+    from toolchain.quant import QuantSpec, rtn_quantize, write_quant_state
+    from toolchain.quant.state import merge_quant_state
+
+    spec = QuantSpec(bits=4, group_size=8)
+    torch.manual_seed(0)
+    state = {f"model.layers.{i}.mlp.{n}": rtn_quantize(torch.randn(6, 16), spec, None)
+             for i in range(3) for n in ("up_proj", "down_proj")}
+    parts = []
+    for i in range(3):
+        parts.append(tmp_path / f"part-{i}.safetensors")
+        write_quant_state(parts[-1], {k: v for k, v in state.items() if f".{i}." in k})
+    seen = []
+    real = shards._write_tensor
+
+    def spy(f, name, tensor, dtype, shape):   # which parts still exist as each tensor is written
+        seen.append((int(name.split(".")[2]), [p.exists() for p in parts]))
+        return real(f, name, tensor, dtype, shape)
+
+    monkeypatch.setattr(shards, "_write_tensor", spy)
+    merge_quant_state(parts, tmp_path / "merged.safetensors", consume=True)
+    monkeypatch.undo()
+    assert not any(p.exists() for p in parts)
+    for layer, exists in seen:
+        assert exists == [i >= layer for i in range(3)]     # earlier parts gone, this and later ones kept
+    merged = read_quant_state(tmp_path / "merged.safetensors")
+    assert list(merged) == list(state)
+    for name, qw in state.items():
+        assert torch.equal(merged[name].codes, qw.codes) and torch.equal(merged[name].scales, qw.scales)
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc_trim, /proc")

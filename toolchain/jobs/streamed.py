@@ -87,7 +87,7 @@ class StreamedOutput:
                                           None)
 
     def write_quant_state(self, path: Path) -> None:
-        merge_quant_state(self._quant_parts, path)
+        merge_quant_state(self._quant_parts, path, consume=True)   # the parts are scratch
 
     @contextlib.contextmanager
     def first_pass(self):

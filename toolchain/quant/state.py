@@ -137,9 +137,10 @@ class QuantStateFile(MutableMapping):
         return other
 
 
-def merge_quant_state(parts: list[Path], path: str | os.PathLike) -> None:
+def merge_quant_state(parts: list[Path], path: str | os.PathLike, consume: bool = False) -> None:
     """Write one quant_state.safetensors from per-layer parts (each written by `write_quant_state`), reading
-    one tensor at a time: a streamed run never holds the whole model's codes."""
+    one tensor at a time: a streamed run never holds the whole model's codes. `consume`: delete each part once
+    its last tensor is copied, so the disk holds the state about once, not twice (at 70B, 130 GB each)."""
     from safetensors import safe_open
 
     from ..models.shards import DTYPES_BY_CODE, write_safetensors
@@ -148,9 +149,15 @@ def merge_quant_state(parts: list[Path], path: str | os.PathLike) -> None:
     # resident set until it is closed, so holding every part open would grow the peak with the model's depth.
     open_part: dict[Path, object] = {}
 
+    def close_open_part() -> None:
+        for done in list(open_part):
+            del open_part[done]
+            if consume:   # the entries come part by part, in order: nothing later reads this one
+                done.unlink()
+
     def read(part: Path, name: str) -> torch.Tensor:
         if part not in open_part:
-            open_part.clear()
+            close_open_part()
             open_part[part] = safe_open(str(part), framework="pt")
         return open_part[part].get_tensor(name)
 
@@ -164,4 +171,4 @@ def merge_quant_state(parts: list[Path], path: str | os.PathLike) -> None:
                             lambda p=part, n=name: read(p, n)))
         del handle
     write_safetensors(path, entries, {"toolchain": json.dumps({"format": FORMAT, "layers": layers})})
-    open_part.clear()
+    close_open_part()
