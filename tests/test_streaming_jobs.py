@@ -230,23 +230,31 @@ def test_sigterm_is_an_interrupt_that_leaves_nothing_behind(tmp_path, tiny_llama
     assert signal.getsignal(signal.SIGTERM) is before     # the caller's handler is back
 
 
+def _layer_parts(tmp_path, layers: int):
+    """A small quantization state of `layers` layers and its per-layer part files, as a streamed run writes them."""
+    from toolchain.quant import QuantSpec, rtn_quantize, write_quant_state
+
+    spec = QuantSpec(bits=4, group_size=8)
+    torch.manual_seed(0)
+    state = {f"model.layers.{i}.mlp.{n}": rtn_quantize(torch.randn(6, 16), spec, None)
+             for i in range(layers) for n in ("up_proj", "down_proj")}
+    parts = []
+    for i in range(layers):
+        parts.append(tmp_path / f"part-{i}.safetensors")
+        write_quant_state(parts[-1], {k: v for k, v in state.items() if f".{i}." in k})
+    return state, parts
+
+
 def test_merged_quant_state_equals_one_write_and_maps_one_part_at_a_time(tmp_path, monkeypatch):
     """A streamed run's per-layer parts merge into the file one write of the whole state gives; while the codes
     are copied only the part being read is open, so the pages read from earlier parts leave the resident set
     and the merge's peak does not grow with the number of layers."""
     import safetensors
 
-    from toolchain.quant import QuantSpec, rtn_quantize, write_quant_state
+    from toolchain.quant import write_quant_state
     from toolchain.quant.state import merge_quant_state
 
-    spec = QuantSpec(bits=4, group_size=8)
-    torch.manual_seed(0)
-    state = {f"model.layers.{i}.mlp.{n}": rtn_quantize(torch.randn(6, 16), spec, None)
-             for i in range(4) for n in ("up_proj", "down_proj")}
-    parts = []
-    for i in range(4):
-        parts.append(tmp_path / f"part-{i}.safetensors")
-        write_quant_state(parts[-1], {k: v for k, v in state.items() if f".{i}." in k})
+    state, parts = _layer_parts(tmp_path, 4)
     write_quant_state(tmp_path / "whole.safetensors", state)
 
     live, most = set(), [0]
@@ -279,17 +287,9 @@ def test_a_consuming_merge_deletes_each_part_once_copied(tmp_path, monkeypatch):
     """A streamed run's merge deletes each part as soon as the merge has moved past it, so the disk never holds
     the quantization state twice (a 32-layer 8B-shape GPTQ run filled the disk at the merge)."""
     from toolchain.models import shards
-    from toolchain.quant import QuantSpec, rtn_quantize, write_quant_state
     from toolchain.quant.state import merge_quant_state
 
-    spec = QuantSpec(bits=4, group_size=8)
-    torch.manual_seed(0)
-    state = {f"model.layers.{i}.mlp.{n}": rtn_quantize(torch.randn(6, 16), spec, None)
-             for i in range(3) for n in ("up_proj", "down_proj")}
-    parts = []
-    for i in range(3):
-        parts.append(tmp_path / f"part-{i}.safetensors")
-        write_quant_state(parts[-1], {k: v for k, v in state.items() if f".{i}." in k})
+    state, parts = _layer_parts(tmp_path, 3)
     seen = []
     real = shards._write_tensor
 
