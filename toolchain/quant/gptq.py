@@ -137,7 +137,8 @@ def _undamped(damped: torch.Tensor, damps: torch.Tensor, delta: torch.Tensor) ->
     nothing to either: the sweep zeroed their weights (and quantized them to exactly 0), and the caller's H is
     zero there."""
     k = delta.shape[0]
-    return (damped.reshape(k, -1) - delta.square().sum(2) * damps[:, None]).reshape(-1)
+    # the norm reduces without a squared [rows, in] copy (at an 8B model's gate/up projection, 0.47 GB)
+    return (damped.reshape(k, -1) - torch.linalg.vector_norm(delta, dim=2).square() * damps[:, None]).reshape(-1)
 
 
 def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor], spec: QuantSpec,
