@@ -2,8 +2,9 @@
 
 Rows: the dense model; RTN, GPTQ and APTQ at 4 and 3 bits and APTQ at an average of 3.5; Wanda, SparseGPT and
 Barber (on SparseGPT) at 2:4; GPTQ 3-bit after `toolchain recover`; and the rows that re-check the pruning
-defaults chosen on pydoc: Barber on both inits at 2:4 and 50%, Barber's reference score (grad-rms), SparseGPT
-with the least-squares re-solve. Each compression runs in its own process (`toolchain quantize` / `prune` /
+defaults chosen on pydoc: Barber on both inits at 2:4 and 50%, Barber's reference score (grad-rms), its OBS
+re-solve, its loss guard off, five times its swap fraction, and SparseGPT with the least-squares re-solve and
+block reconstruction. Each compression runs in its own process (`toolchain quantize` / `prune` /
 `recover`, the quant and prune benchmarks' budget: 32 x 512 pydoc calibration windows, group size 64); a
 quantized or recovered directory that the same command already wrote is reused. Every row is then measured on
 the same items:
@@ -54,11 +55,12 @@ REASONING_CONFIGS = [
     # The pruning defaults chosen on the pydoc split, re-checked out of domain and on the zero-shot suite: Barber
     # against its init at 50% and 2:4, on both inits; its score (the reference's grad-rms against the default
     # taylor-exit); its re-solve of changed rows (SparseGPT's OBS sweep against the default lstsq); its loss guard;
-    # the opt-in least-squares re-solve and block reconstruction.
+    # its swap fraction α (five times the default 0.01); the opt-in least-squares re-solve and block reconstruction.
     ("barber(wanda) 2:4", "prune", "barber", "2:4", "wanda", []),
     ("barber grad-rms 2:4", "prune", "barber", "2:4", "sparsegpt", ["--rebuild-score", "grad-rms"]),
     ("barber obs 2:4", "prune", "barber", "2:4", "sparsegpt", ["--rebuild-solver", "obs"]),
     ("barber no guard 2:4", "prune", "barber", "2:4", "sparsegpt", ["--no-loss-guard"]),
+    ("barber alpha=0.05 2:4", "prune", "barber", "2:4", "sparsegpt", ["--rebuild-ratio", "0.05"]),
     ("sparsegpt lstsq 2:4", "prune", "sparsegpt", "2:4", None, ["--resolve", "lstsq"]),
     ("sparsegpt lstsq block 2:4", "prune", "sparsegpt", "2:4", None, ["--resolve", "lstsq", "--reconstruct", "block"]),
     ("wanda 50%", "prune", "wanda", "0.5", None, []),

@@ -109,6 +109,7 @@ def test_reasoning_only_and_options_are_checked(tmp_path):
     # the defaults' re-check: Barber against the init it starts from, at the same sparsity
     assert rows["barber(wanda) 50%"][2:5] == ("barber", "0.5", "wanda") and rows["wanda 50%"][2:5] == ("wanda", "0.5", None)
     assert rows["barber grad-rms 2:4"][5] == ["--rebuild-score", "grad-rms"]
+    assert rows["barber alpha=0.05 2:4"][5] == ["--rebuild-ratio", "0.05"]
     with pytest.raises(ConfigError, match="'gptq 5-bit'"):
         reasoning_runs(["gptq 5-bit"])
     with pytest.raises(ConfigError, match="'mmlu'"):
