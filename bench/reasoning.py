@@ -448,7 +448,8 @@ def reasoning_table(result: dict) -> str:
     rho = result["analysis"].get("spearman", {})
     if rho:
         lines += ["", "Spearman rank correlation across the compressed rows between the relative perplexity "
-                  "increase and the accuracy change (a value near -1 means perplexity predicted the loss; near 0, it did not):", ""]
+                  "increase and the accuracy change (near -1: perplexity predicted the loss; near 0: it did not):",
+                  ""]
         lines += [f"- {k}: {_rho_text(v['rho'])} (over {v['rows']} compressed rows)" for k, v in rho.items()]
     if result.get("plot"):
         lines += ["", f"Failure classes per row: {result['plot']}"]
