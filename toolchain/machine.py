@@ -20,9 +20,24 @@ def library_versions() -> dict:
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
+def blas_kernels() -> str | None:
+    """The kernel family of the BLAS that scipy's LAPACK calls (OpenBLAS picks it from the CPU, and two
+    machines with the same CPU name can get different ones), or None where threadpoolctl cannot tell."""
+    try:
+        import scipy.linalg  # noqa: F401  (loads the BLAS, so threadpoolctl can see it)
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    for info in threadpool_info():
+        if info.get("user_api") == "blas":
+            return f"{info.get('internal_api')} {info.get('architecture')}"
+    return None
+
+
 def machine_description() -> dict:
     """What a timing (and, through kernel choice, float rounding) depends on: the CPU, the vector extensions
-    PyTorch dispatches to, and the threads it uses."""
+    PyTorch dispatches to, the threads it uses, and the kernels of the BLAS behind scipy (the inverse Hessian
+    factor runs there, toolchain/numerics/hessian.py)."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -32,7 +47,7 @@ def machine_description() -> dict:
     except OSError:
         pass
     return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "blas": blas_kernels(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
