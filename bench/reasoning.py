@@ -49,8 +49,8 @@ REASONING_CONFIGS = [
     ("rtn 3-bit", "quantize", "rtn", "3", None, []),
     ("gptq 3-bit", "quantize", "gptq", "3", None, []),
     ("aptq 3-bit", "quantize", "aptq", "3", None, []),
-    ("aptq 3.5 avg", "quantize", "aptq", "3.5", None, []),
-    # the same average over three widths (docs/aptq.md: on small models the paper's 2/4 scheme loses to it)
+    # the APTQ paper's scheme (2 and 4 bits), then the same average over three widths, the default
+    ("aptq 3.5 avg", "quantize", "aptq", "3.5", None, ["--candidates", "2,4"]),
     ("aptq 3.5 avg 2/3/4", "quantize", "aptq", "3.5", None, ["--candidates", "2,3,4"]),
     ("wanda 2:4", "prune", "wanda", "2:4", None, []),
     ("sparsegpt 2:4", "prune", "sparsegpt", "2:4", None, []),

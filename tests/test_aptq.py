@@ -190,8 +190,8 @@ def test_allocation_rejects_a_budget_outside_the_candidates(budget):
                                                 ("opt", "local")])
 def test_aptq_mixed_precision_meets_the_budget_exactly(family, sensitivity):
     lm = _loaded(family, layers=2)
-    cfg = QuantConfig(method="aptq", bits="3.5", group_size=32, calib_samples=4, seqlen=24, batch_size=2,
-                      sensitivity=sensitivity, hutchinson_samples=2)
+    cfg = QuantConfig(method="aptq", bits="3.5", candidates="2,4", group_size=32, calib_samples=4, seqlen=24,
+                      batch_size=2, sensitivity=sensitivity, hutchinson_samples=2)
     report, state = quantize_loaded(lm, _calib(), cfg, device="cpu", progress=False)
     assert report["avg_bits"] == 3.5
     widths = {qw.spec.bits for qw in state.values()}
@@ -251,6 +251,13 @@ def test_aptq_keeps_a_pruning_mask_and_nm():
 def test_bad_quant_configs_fail_clearly(cfg, message):
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_an_average_without_candidates_chooses_among_2_3_and_4_bits():
+    """The default widths of a mixed-precision run: three, not the paper's two (docs/aptq.md, section 7)."""
+    plan = QuantConfig(method="aptq", bits="3.5").validate()
+    assert plan.budget == 3.5 and plan.candidates == (2, 3, 4)
+    assert QuantConfig(method="aptq", bits="3.5", candidates="4,2").validate().candidates == (2, 4)
 
 
 def test_group_size_larger_than_the_input_is_refused():

@@ -28,7 +28,9 @@ RESOLVE_MODES = ("none", "lstsq")
 RECONSTRUCT_MODES = ("none", "block")
 QUANT_METHODS = ("rtn", "gptq", "aptq")
 SENSITIVITIES = ("model", "local")
-DEFAULT_CANDIDATES = (2, 4)
+# Three widths, not the APTQ paper's 2 and 4: a 2/4 mix at 3.5 bits loses to uniform 3 bits out of the
+# calibration domain and on zero-shot accuracy (docs/aptq.md, section 7).
+DEFAULT_CANDIDATES = (2, 3, 4)
 
 
 def _barber(cfg) -> bool:
@@ -344,8 +346,8 @@ class QuantConfig(CalibConfig):
                                      "or 3.0 (written with a decimal point), met exactly by per-layer widths from "
                                      "--candidates", required=True)
     candidates: str | None = option(None, "--candidates", "aptq mixed precision: comma list of widths to choose "
-                                    "from (default 2,4, the APTQ paper's scheme; on small models 2,3,4 is much "
-                                    "better, see docs/aptq.md); giving it makes --bits an average")
+                                    "from (default 2,3,4; 2,4 is the APTQ paper's scheme, which loses out of "
+                                    "domain, see docs/aptq.md); giving it makes --bits an average")
     group_size: int = option(128, "--group-size", "input columns per scale; -1 = one scale per output row; a shorter "
                              "last group is allowed", type=int)
     asym: bool = option(False, "--asym", "asymmetric (min/max with a zero point) instead of symmetric")
