@@ -1,13 +1,13 @@
 """`toolchain bench reasoning`: does a compressed model still reason?
 
 Rows: the dense model; RTN, GPTQ and APTQ at 4 and 3 bits and APTQ at an average of 3.5 (over 2 and 4 bits, the
-paper's scheme, and over 2, 3 and 4); Wanda, SparseGPT and
-Barber (on SparseGPT) at 2:4; GPTQ 3-bit after `toolchain recover`; and the rows that re-check the pruning
-defaults chosen on pydoc: Barber on both inits at 2:4 and 50%, Barber's reference score (grad-rms), its OBS
-re-solve, its loss guard off, five times its swap fraction, and SparseGPT with the least-squares re-solve and
-block reconstruction. Each compression runs in its own process (`toolchain quantize` / `prune` /
-`recover`, the quant and prune benchmarks' budget: 32 x 512 pydoc calibration windows, group size 64); a
-quantized or recovered directory that the same command already wrote is reused. Every row is then measured on
+paper's scheme, and over 2, 3 and 4); Wanda, SparseGPT and Barber (on SparseGPT) at 2:4; GPTQ 3-bit after `toolchain
+recover`; and the rows that re-check the pruning defaults chosen on pydoc: Barber on both inits at 2:4 and 50%,
+Barber's reference score (grad-rms), its OBS re-solve, its loss guard off, five times its swap fraction, and
+SparseGPT with the least-squares re-solve and block reconstruction. Each compression runs in its own process
+(`toolchain quantize` / `prune` / `recover`, the quant and prune benchmarks' budget: 32 x 512 pydoc calibration
+windows, group size 64); a quantized or recovered directory that the same command already wrote is reused. Every row
+is then measured on
 the same items:
 - GSM8K (8-shot chain of thought; a seeded subset of `limit` items of its held-out half, which recovery never
   trains on) and MATH-500 (4-shot; `limit` seeded items) accuracy, with the standard error, through
