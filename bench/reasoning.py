@@ -6,9 +6,8 @@ recover`; and the rows that re-check the pruning defaults chosen on pydoc: Barbe
 Barber's reference score (grad-rms), its OBS re-solve, its loss guard off, five times its swap fraction, and
 SparseGPT with the least-squares re-solve and block reconstruction. Each compression runs in its own process
 (`toolchain quantize` / `prune` / `recover`, the quant and prune benchmarks' budget: 32 x 512 pydoc calibration
-windows, group size 64); a quantized or recovered directory that the same command already wrote is reused. Every row
-is then measured on
-the same items:
+windows, group size 64); a quantized or recovered directory that the same command already wrote is reused. Every
+row is then measured on the same items:
 - GSM8K (8-shot chain of thought; a seeded subset of `limit` items of its held-out half, which recovery never
   trains on) and MATH-500 (4-shot; `limit` seeded items) accuracy, with the standard error, through
   `toolchain eval --tasks` (lm-eval on the local task files, docs/evaluation.md);
