@@ -21,17 +21,17 @@ def library_versions() -> dict:
 
 
 def blas_kernels() -> str | None:
-    """The kernel family of the BLAS that scipy's LAPACK calls (OpenBLAS picks it from the CPU, and two
-    machines with the same CPU name can get different ones), or None where threadpoolctl cannot tell."""
+    """The kernel family of each BLAS loaded once scipy's LAPACK is (OpenBLAS picks it from the CPU, and two
+    machines with the same CPU name can get different ones), e.g. "openblas Haswell"; None where threadpoolctl
+    sees none."""
     try:
         import scipy.linalg  # noqa: F401  (loads the BLAS, so threadpoolctl can see it)
         from threadpoolctl import threadpool_info
     except ImportError:
         return None
-    for info in threadpool_info():
-        if info.get("user_api") == "blas":
-            return f"{info.get('internal_api')} {info.get('architecture')}"
-    return None
+    found = sorted({f"{i.get('internal_api')} {i.get('architecture')}" for i in threadpool_info()
+                    if i.get("user_api") == "blas"})
+    return ", ".join(found) or None
 
 
 def machine_description() -> dict:
