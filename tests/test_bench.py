@@ -105,6 +105,18 @@ def test_fpga_takes_no_only(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_help_describes_every_benchmark_the_registry_runs(capsys):
+    """The parser cannot import the benchmarks (they sit above it), so it keeps its own list of them; it must be
+    the registry's, each with a description in `--help`."""
+    from toolchain.cli.parser import BENCHMARKS as DESCRIBED
+
+    assert list(DESCRIBED) == list(BENCHMARKS)
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"\n  {name} " in text for name in BENCHMARKS)
+
+
 def test_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path):
     stem = tmp_path / "export_tiny"
 
