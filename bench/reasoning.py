@@ -14,9 +14,10 @@ row is then measured on the same items:
 - the zero-shot suite on a seeded subset of `zero_shot_limit` items per task;
 - perplexity on pydoc (the calibration domain) and the out-of-domain wiki and science texts, PPL_WINDOWS
   windows of 512 tokens each.
-For each generative task, every item a row gets wrong is classified (toolchain/tasks/failures.py: truncation
-or loop, format, arithmetic slip, wrong reasoning path) and compared with the dense model's answer (flips
-right->wrong and wrong->right). Across the compressed rows, Spearman's rank correlation between the perplexity
+For each generative task, every item a row gets wrong is classified on its text up to the answer the task
+scores (toolchain/tasks/failures.py: truncation or loop, format, arithmetic slip, wrong reasoning path) and
+compared with the dense model's answer (flips right->wrong and wrong->right); the items that answer and then
+run on to the cap or loop, right or wrong, are counted apart. Across the compressed rows, Spearman's rank correlation between the perplexity
 increase and the accuracy loss says whether perplexity predicted the damage.
 
 Results: <out>/reasoning_<model>.{json,md,png} (the plot: wrong answers per class and row), written after every
@@ -288,37 +289,32 @@ def measure(model_dir: Path, task_names: tuple[str, ...], settings: dict, sample
     return row
 
 
-def answer_found(name: str, generation: str) -> bool:
-    """Whether the task's strict extraction reads an answer from the generation."""
-    if name == "gsm8k":
-        from toolchain.tasks.answers import INVALID, gsm8k_extract
-
-        return gsm8k_extract(generation, strict=True) != INVALID
-    from lm_eval.tasks.minerva_math.utils import get_unnormalized_answer
-
-    return get_unnormalized_answer(generation) != "[invalidanswer]"
-
-
 def generative_summary(name: str, task: dict, tokenizer, max_gen_toks: int) -> dict:
-    """Accuracy ± standard error, and every item's correctness and (when wrong) failure class."""
-    from toolchain.tasks.failures import CLASSES, classify_failure
+    """Accuracy ± standard error, and every item's correctness, whether it ran on past its answer, and (when
+    wrong) its failure class."""
+    from toolchain.tasks.answers import answer_end
+    from toolchain.tasks.failures import CLASSES, classify_failure, runs_on
 
     metrics = {k: v for k, v in task["metrics"].items()}
-    correct, failures = {}, {}
+    correct, failures, ran_on = {}, {}, []
     for item in task["samples"]:
         ok = bool(item[ITEM_KEY[name]])
         correct[item["doc_id"]] = ok
+        text = item["generation"]
+        # The stop string is cut from the text; a generation that stopped on it is shorter than the cap.
+        # Re-encoding may merge a token or two, hence the slack.
+        truncated = len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_gen_toks - 2
+        end = answer_end(name, text)
+        if runs_on(text, end, truncated):
+            ran_on.append(item["doc_id"])
         if not ok:
-            text = item["generation"]
-            # The stop string is cut from the text; a generation that stopped on it is shorter than the cap.
-            # Re-encoding may merge a token or two, hence the slack.
-            truncated = len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_gen_toks - 2
-            failures[item["doc_id"]] = classify_failure(text, answer_found(name, text), truncated)
+            failures[item["doc_id"]] = classify_failure(text, end, truncated)
     return {"metric": PRIMARY[name], "accuracy": metrics[PRIMARY[name]], "stderr": task["stderr"][PRIMARY[name]],
             "metrics": metrics, "items": len(correct),
             "correct": {str(k): v for k, v in correct.items()},
             "failures": {str(k): v for k, v in failures.items()},
-            "taxonomy": {c: sum(v == c for v in failures.values()) for c in CLASSES}}
+            "taxonomy": {c: sum(v == c for v in failures.values()) for c in CLASSES},
+            "ran_on": sorted(ran_on)}
 
 
 # --- across rows ------------------------------------------------------------------------------------------
@@ -419,12 +415,13 @@ def reasoning_table(result: dict) -> str:
              + (f"generation capped at {s['max_gen_toks']} tokens; " if gen else "")
              + f"perplexity on {s['ppl_windows']} windows of "
              f"{s['seqlen']} tokens per text (wiki and science are out of the calibration domain). Accuracy ± "
-             "standard error; flips against dense: right->wrong / wrong->right; wrong answers by class: "
-             + ", ".join(CLASSES) + ".", ""]
+             "standard error; flips against dense: right->wrong / wrong->right; wrong answers by class, judged "
+             "on the text up to the answer the task scores: " + ", ".join(CLASSES) + "; ran on: items (right or "
+             "wrong) that gave their answer, then ran to the cap or looped instead of stopping.", ""]
     head = ["configuration", *(f"ppl {t}" for t in texts)]
     for n in gen:
         metric = next((r["tasks"][n]["metric"].replace(",none", "") for r in result["rows"] if n in r["tasks"]), None)
-        head += [f"{n} ({metric})" if metric else n, f"{n} flips", f"{n} failures T/F/A/R"]
+        head += [f"{n} ({metric})" if metric else n, f"{n} flips", f"{n} failures T/F/A/R", f"{n} ran on"]
     if "zero-shot" in s["tasks"]:
         head.append("zero-shot avg acc")
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -433,13 +430,14 @@ def reasoning_table(result: dict) -> str:
         for n in gen:
             t = r["tasks"].get(n)
             if t is None:   # a row measured only on other tasks
-                cells += ["-", "-", "-"]
+                cells += ["-", "-", "-", "-"]
                 continue
             cells.append(f"{t['accuracy']:.3f} ± {t['stderr']:.3f}" if t["stderr"] is not None
                          else f"{t['accuracy']:.3f}")
             f = flips.get(r["name"], {}).get(n)
             cells.append(f"{len(f['right_to_wrong'])} / {len(f['wrong_to_right'])}" if f else "-")
             cells.append("/".join(str(t["taxonomy"][c]) for c in CLASSES))
+            cells.append(str(len(t["ran_on"])) if "ran_on" in t else "-")
         if "zero-shot" in s["tasks"]:
             cells.append(f"{r['zero_shot']['average']:.3f}" if "zero_shot" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from toolchain.errors import ConfigError
+from toolchain.tasks.answers import answer_end
 from toolchain.tasks.failures import (CLASSES, arithmetic_slips, classify_failure, flips, ranks, repetition_loop,
-                                      spearman)
+                                      runs_on, spearman)
 from toolchain.tasks.splits import gsm8k_split
 
 # --- arithmetic slips ---------------------------------------------------------------------------------------
@@ -62,19 +63,32 @@ def test_repetition_loops():
 
 
 CHAIN_OK = "Tom has 3 + 4 = 7 apples. He eats 2, so 7 - 2 = 5. The answer is 5."
+CUT = "Tom has 3 + 4 = 7 apples. He eats 2, so 7 - 2 ="
 
 
-@pytest.mark.parametrize("generation, found, truncated, expected", [
-    (CHAIN_OK, True, True, "truncation"),                                   # the cap comes first
-    ("Tom has 3 apples and 4 more. " * 5, False, False, "truncation"),      # a loop without the cap
-    ("Tom has 3 + 4 = 7 apples. So he has 7", False, False, "format"),    # no "The answer is"
-    ("Tom has 3 + 4 = 8 apples. The answer is 8.", False, False, "format"),  # unreadable beats arithmetic
-    ("Tom has 3 + 4 = 8 apples. The answer is 8.", True, False, "arithmetic"),
-    (CHAIN_OK, True, False, "reasoning"),                                   # right sums, wrong path
+@pytest.mark.parametrize("generation, truncated, expected", [
+    (CUT, True, "truncation"),                                               # no answer before the cap
+    ("Tom has 3 apples and 4 more. " * 5, False, "truncation"),              # a loop without the cap
+    ("Tom has 3 + 4 = 7 apples. So he has 7", False, "format"),              # no "The answer is"
+    ("Tom has 3 + 4 = 8 apples. The answer: 8.", False, "format"),           # unreadable beats arithmetic
+    ("Tom has 3 + 4 = 8 apples. The answer is 8.", False, "arithmetic"),
+    (CHAIN_OK, False, "reasoning"),                                          # right sums, wrong path
+    # answered, then ran on: judged on the text up to the answer the task scores, not on the run-on
+    (CHAIN_OK + " Then 5 + 5 = 11." * 30, True, "reasoning"),
+    (CHAIN_OK + " The answer is 5." * 20, False, "reasoning"),
+    ("Tom has 3 + 4 = 8 apples. The answer is 8." + " He is 8." * 40, True, "arithmetic"),
+    ("Tom has 3 apples and 4 more. " * 4 + "The answer is 7.", False, "truncation"),   # looped, then answered
 ])
-def test_classification_order(generation, found, truncated, expected):
-    assert classify_failure(generation, found, truncated) == expected
+def test_classification_order(generation, truncated, expected):
+    assert classify_failure(generation, answer_end("gsm8k", generation), truncated) == expected
     assert expected in CLASSES
+
+
+def test_an_answer_then_a_run_on_is_counted_apart():
+    assert runs_on(CHAIN_OK + " The answer is 5." * 20, answer_end("gsm8k", CHAIN_OK), False)   # looping
+    assert runs_on(CHAIN_OK + " Next, Ann has 6 + 1 = 7 pears and", len(CHAIN_OK), True)         # to the cap
+    assert not runs_on(CHAIN_OK, len(CHAIN_OK), False)                                           # stopped
+    assert not runs_on(CUT, None, True)              # no answer: that is truncation, not a run-on
 
 
 # --- flips and correlation ----------------------------------------------------------------------------------
@@ -194,6 +208,7 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
         assert sum(task["taxonomy"].values()) == len(wrong)
         # six tokens cannot hold a chain of thought: a wrong answer is cut off or unreadable
         assert set(task["failures"].values()) <= {"truncation", "format"}
+        assert set(task["ran_on"]) <= {int(k) for k in task["correct"]}
         assert task["accuracy"] == pytest.approx(sum(task["correct"].values()) / 3)
         assert len(row["zero_shot"]["tasks"]) == 8 and 0 <= row["zero_shot"]["average"] <= 1
         samples = (stem / reasoning.slug(row["name"]) / "samples_gsm8k.jsonl").read_text().splitlines()
@@ -213,6 +228,29 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     assert "GSM8K's from its held-out half" in table and "per zero-shot task" in table
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the stored generations classify again to the same result (bench/scripts/reclassify_reasoning.py), and a
+    # samples file that does not score as its row did is refused before anything is written
+    import importlib.util
+    from pathlib import Path
+
+    from toolchain.errors import ToolchainError
+
+    script = Path(reasoning.__file__).parent / "scripts" / "reclassify_reasoning.py"
+    spec = importlib.util.spec_from_file_location("reclassify_reasoning", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    again = module.reclassify(str(tiny_llama_dir), out)
+    assert again["rows"] == saved["rows"] and json.loads(stem.with_suffix(".json").read_text()) == again
+    samples = stem / reasoning.slug("wanda 2:4") / "samples_gsm8k.jsonl"
+    first, *rest = samples.read_text().splitlines()
+    item = json.loads(first)
+    item["exact_match,strict-match"] = 1.0 - item["exact_match,strict-match"]
+    samples.write_text("\n".join([json.dumps(item), *rest]) + "\n")
+    before = stem.with_suffix(".json").read_text()
+    with pytest.raises(ToolchainError, match="correctness differs"):
+        module.reclassify(str(tiny_llama_dir), out)
+    assert stem.with_suffix(".json").read_text() == before
+
 
 def _row(name, ppl, gsm8k=None, zero_shot=None):
     """A measured row as the bench writes it: perplexities, and GSM8K items right (True) or wrong."""
@@ -222,7 +260,8 @@ def _row(name, ppl, gsm8k=None, zero_shot=None):
                                  "stderr": 0.1, "items": len(gsm8k),
                                  "correct": {str(i): ok for i, ok in enumerate(gsm8k)},
                                  "failures": {str(i): "reasoning" for i, ok in enumerate(gsm8k) if not ok},
-                                 "taxonomy": {c: (c == "reasoning") * gsm8k.count(False) for c in CLASSES}}
+                                 "taxonomy": {c: (c == "reasoning") * gsm8k.count(False) for c in CLASSES},
+                                 "ran_on": [0]}
     if zero_shot is not None:
         row["zero_shot"] = {"average": zero_shot, "tasks": {}}
     return row
@@ -259,8 +298,8 @@ def test_a_run_on_other_tasks_adds_columns_to_the_earlier_table(tmp_path, capsys
     table = reasoning_table({"command": "bench --tasks zero-shot", "commands": [*commands, "bench --tasks zero-shot"],
                              "model": "m", "calibration": "c", "settings": settings, "rows": rows,
                              "analysis": analysis})
-    assert "| gptq 3-bit | 12.00 | 24.00 | 0.250 ± 0.100 | 1 / 0 | 0/0/0/3 | - |" in table
-    assert "| wanda 2:4 | 15.00 | 30.00 | - | - | - | 0.400 |" in table
+    assert "| gptq 3-bit | 12.00 | 24.00 | 0.250 ± 0.100 | 1 / 0 | 0/0/0/3 | 1 | - |" in table
+    assert "| wanda 2:4 | 15.00 | 30.00 | - | - | - | - | 0.400 |" in table
     assert "`bench --tasks gsm8k`" in table and "`bench --tasks zero-shot`" in table
 
     # GSM8K again with another limit: the rows not measured again lose their GSM8K scores
@@ -280,11 +319,26 @@ def test_a_run_on_other_tasks_adds_columns_to_the_earlier_table(tmp_path, capsys
     assert [r["name"] for r in rows3] == ["dense"] and settings3["tasks"] == ["zero-shot"] and commands3 == []
 
 
-def test_answer_found_is_the_strict_extraction():
-    from toolchain.bench.reasoning import answer_found
+def test_answer_end_is_where_the_scored_answer_ends():
+    """The first strict match, the one lm-eval scores; for MATH the same regex and appended ending as lm-eval's
+    Minerva extraction, so the two agree on whether there is an answer."""
+    from lm_eval.tasks.minerva_math.utils import get_unnormalized_answer
 
-    assert answer_found("gsm8k", "3 + 4 = 7. The answer is 7.")
-    assert not answer_found("gsm8k", "3 + 4 = 7, so Tom has 7 apples.")
-    assert not answer_found("gsm8k", "The answer is $7.")   # strict: no dollar sign before the number
-    assert answer_found("math500", "So x = 5.\nFinal Answer: The final answer is $5$. I hope it is correct.")
-    assert not answer_found("math500", "So the answer is $\\boxed{5}$.")
+    text = "3 + 4 = 7. The answer is 7. Then 7 + 1 = 8. The answer is 8."
+    # lm-eval's strict pattern ends in "." (any character): here the space after the number's own period
+    assert text[:answer_end("gsm8k", text)] == "3 + 4 = 7. The answer is 7. "
+    assert answer_end("gsm8k", "3 + 4 = 7, so Tom has 7 apples.") is None
+    assert answer_end("gsm8k", "The answer is $7.") is None      # strict: no dollar sign before the number
+    done = "So x = 5.\nFinal Answer: The final answer is $5$. I hope it is correct."
+    cut = "So x = 5.\nFinal Answer: The final answer is $5$. "  # cut before "I hope it is correct.": still read
+    for generation, expected in [(done + "\nHuman: and 2 + 2?", done), (cut, cut)]:
+        assert generation[:answer_end("math500", generation)] == expected
+        assert get_unnormalized_answer(generation) == "$5$"
+    assert answer_end("math500", "So the answer is $\\boxed{5}$.") is None
+    assert get_unnormalized_answer("So the answer is $\\boxed{5}$.") == "[invalidanswer]"
+    assert answer_end("math500", "Final Answer: The final answer is $5$") is None   # nor does lm-eval read it
+    assert get_unnormalized_answer("Final Answer: The final answer is $5$") == "[invalidanswer]"
+    with pytest.raises(ValueError, match="no answer extraction"):
+        answer_end("arc_easy", "A")
+
+

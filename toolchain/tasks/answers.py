@@ -13,6 +13,10 @@ GSM8K_STRICT = r"The answer is (\-?[0-9\.\,]+)."
 GSM8K_FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
 GSM8K_IGNORE = (",", r"\$", "(?s).*#### ", r"\.$")
 INVALID = "[invalid]"
+# lm-eval's Minerva extraction (minerva_math/utils.py: get_unnormalized_answer), which appends MATH_END to the
+# text first, so a generation cut right after its answer still has one.
+MATH_FINAL = r"Final Answer: The final answer is(.*?). I hope it is correct."
+MATH_END = "I hope it is correct."
 
 
 def gsm8k_target(answer: str) -> str:
@@ -30,6 +34,18 @@ def gsm8k_extract(text: str, strict: bool = True) -> str:
         return INVALID
     last = matches[-1]
     return next((group for group in last if group), INVALID) if isinstance(last, tuple) else last
+
+
+def answer_end(task: str, text: str) -> int | None:
+    """Where the answer the task's strict extraction reads ends in `text` (the first match, the one scored), or
+    None when there is none. The text after it does not change the score."""
+    if task == "gsm8k":
+        match = re.search(GSM8K_STRICT, text)
+    elif task == "math500":
+        match = re.search(MATH_FINAL, text + MATH_END)
+    else:
+        raise ValueError(f"no answer extraction for task {task!r}")
+    return None if match is None else min(match.end(), len(text))
 
 
 def gsm8k_normalise(number: str) -> str:

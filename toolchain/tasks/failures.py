@@ -1,17 +1,21 @@
 """Why a generated answer is wrong: a rule-based failure taxonomy, and per-item flips between two models.
 
-A wrong answer falls in the first class whose rule matches, in this order:
-- `truncation`: the generation ran into the token cap, or it is stuck in a repetition loop (the same chunk
-  of at least LOOP_MIN_CHARS characters three times in a row, or one line of at least LOOP_MIN_CHARS
-  characters LOOP_LINES times);
+The task scores the first answer its strict extraction reads (`answers.answer_end`), so a wrong answer is
+judged on the generation up to the end of that answer; what the model writes after it cannot change the score.
+It falls in the first class whose rule matches, in this order:
+- `truncation`: no answer, and the generation ran into the token cap; or the text up to the answer (the whole
+  generation when there is none) is stuck in a repetition loop (the same chunk of at least LOOP_MIN_CHARS
+  characters three times in a row, or one line of at least LOOP_MIN_CHARS characters LOOP_LINES times);
 - `format`: no answer in the form the task asks for ("The answer is N." for GSM8K, "Final Answer: The final
   answer is ..." for MATH), so the strict extraction finds nothing;
-- `arithmetic`: an equation "a op b ... = c" in the chain of thought whose left side does not compute to c
+- `arithmetic`: an equation "a op b ... = c" before the answer whose left side does not compute to c
   (`arithmetic_slips`);
 - `reasoning`: the rest: a well-formed answer reached by correct arithmetic on a wrong path.
 
-Truncation comes first because a cut-off or looping generation has no answer for the same reason; format
-before arithmetic because an answer that cannot be read is wrong whatever its arithmetic.
+Truncation comes first because a cut-off or looping generation has no answer for that reason; format before
+arithmetic because an answer that cannot be read is wrong whatever its arithmetic. A generation that answers
+and then runs on (to the cap, or looping: a compressed model that no longer stops) is counted apart, right or
+wrong (`runs_on`): it costs tokens, not the answer.
 """
 from __future__ import annotations
 
@@ -109,16 +113,25 @@ def repetition_loop(text: str) -> bool:
     return re.search(pattern, text, re.S) is not None
 
 
-def classify_failure(generation: str, answer_found: bool, truncated: bool = False) -> str:
-    """The class of a wrong answer (one of CLASSES). `answer_found`: the task's strict extraction read an
-    answer; `truncated`: the generation used every token it was allowed."""
-    if truncated or repetition_loop(generation):
-        return "truncation"
-    if not answer_found:
+def classify_failure(generation: str, answer_end: int | None, truncated: bool = False) -> str:
+    """The class of a wrong answer (one of CLASSES). `answer_end`: where the answer the task's strict extraction
+    reads ends (None: it reads none); `truncated`: the generation used every token it was allowed."""
+    if answer_end is None:
+        if truncated or repetition_loop(generation):
+            return "truncation"
         return "format"
-    if arithmetic_slips(generation):
+    judged = generation[:answer_end]
+    if repetition_loop(judged):
+        return "truncation"
+    if arithmetic_slips(judged):
         return "arithmetic"
     return "reasoning"
+
+
+def runs_on(generation: str, answer_end: int | None, truncated: bool = False) -> bool:
+    """The generation gave its answer, then went on to the token cap or into a repetition loop instead of
+    stopping."""
+    return answer_end is not None and (truncated or repetition_loop(generation[answer_end:]))
 
 
 def flips(reference: dict[int, bool], other: dict[int, bool]) -> dict:
