@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.reference_runs import CALIB_SAMPLES, SEQLEN, dense_hf_dir
+from toolchain.reference_runs import CALIB_SAMPLES, SEQLEN, dense_hf_dir, run_command
 
 from .common import check_only, result_stem, work_dir, write_result
 
@@ -34,10 +34,9 @@ def compressed_source(model: str, work: Path) -> Path:
     out = work / "export-src-wanda2of4-gptq4g64"
     if not (out / "quant_state.safetensors").is_file():
         src = dense_hf_dir(model, work)
-        subprocess.run([sys.executable, "-m", "toolchain.cli", "compress", "--model", str(src), "--prune", "wanda",
-                        "--sparsity", "2:4", "--quant", "gptq", "--bits", "4", "--group-size", "64",
-                        "--calib-samples", str(CALIB_SAMPLES), "--seqlen", str(SEQLEN), "--quiet", "--out", str(out)],
-                       check=True)
+        run_command([sys.executable, "-m", "toolchain.cli", "compress", "--model", str(src), "--prune", "wanda",
+                     "--sparsity", "2:4", "--quant", "gptq", "--bits", "4", "--group-size", "64",
+                     "--calib-samples", str(CALIB_SAMPLES), "--seqlen", str(SEQLEN), "--quiet", "--out", str(out)])
     return out
 
 
@@ -141,7 +140,7 @@ def run_export_bench(model: str, out_dir: str | Path, only: list[str] | None = N
     cmd = [sys.executable, "-m", "toolchain.cli", "export", "--model", str(src), "--target", "all",
            "--onnx-weights", "float,qdq,matmulnbits", "--out", str(out)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    run_command(cmd, stdout=subprocess.DEVNULL)
     result["export_seconds"] = round(time.perf_counter() - t0, 1)
     result["export_command"] = "toolchain " + " ".join(cmd[3:])
     manifest = json.loads((out / "manifest.json").read_text())

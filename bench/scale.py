@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from toolchain.reference_runs import run_command
+
 from .common import check_only, result_stem, work_dir, write_result
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -161,7 +163,7 @@ def run_step(step: str, src: Path, out: Path) -> dict:
     if step in ("blob", "onnx"):
         cmd.remove("--quiet")   # export prints its artifacts and has no --quiet
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stdout=subprocess.DEVNULL)
+    run_command(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     report = json.loads((out / ("manifest.json" if step in ("blob", "onnx") else "compression.json")).read_text())
     row = {"step": step, "command": "toolchain " + " ".join(STEPS[step][1]), "wall_seconds": round(wall, 1),

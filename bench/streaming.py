@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from toolchain.reference_runs import CALIB_SAMPLES, GROUP_SIZE, SEQLEN, dense_hf_dir
+from toolchain.reference_runs import CALIB_SAMPLES, GROUP_SIZE, SEQLEN, dense_hf_dir, run_command
 
 from .common import check_only, result_stem, work_dir, write_result
 
@@ -60,7 +60,7 @@ def run_job(src: Path, out: Path, job: str, mode: str, calib: list[str]) -> dict
     cmd = [sys.executable, "-m", "toolchain.cli", *JOBS[job], *calib, MODES[mode], "--model", str(src), "--out",
            str(out), "--quiet"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    run_command(cmd, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     report = json.loads((out / "compression.json").read_text())
     if bool(report.get("streaming")) != (mode == "streamed"):

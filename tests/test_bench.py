@@ -283,3 +283,62 @@ def test_eval_bench_keeps_other_tasks_rows_of_the_same_items(tmp_path):
     # other items: nothing of the earlier result is kept
     assert _with_earlier(stem, fresh, LIMIT + 1) == (fresh, None)
     assert _with_earlier(tmp_path / "none", fresh, LIMIT) == (fresh, None)
+
+
+CHILD = """
+import pathlib, signal, sys, time
+here = pathlib.Path(sys.argv[1])
+
+def stop(signum, frame):
+    time.sleep(1.0)    # a cleanup slower than subprocess.run's quarter second of grace
+    (here / "cleaned").write_text("yes")
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, stop)
+(here / "ready").write_text("yes")
+time.sleep(60)
+"""
+
+PARENT = """
+import signal, sys
+from toolchain.reference_runs import run_command
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, stop)
+try:
+    run_command([sys.executable, sys.argv[1], sys.argv[2]])
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_stopped_benchmark_waits_for_its_child_to_clean_up(tmp_path):
+    """A benchmark stopped while a job runs in its own process passes the stop on and waits, so the job removes
+    its temporary directories (subprocess.run would kill it a quarter second after the interrupt)."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "child.py").write_text(CHILD)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "child.py"), str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert parent.poll() is None and time.monotonic() < deadline, "the child never started"
+        time.sleep(0.05)
+    parent.terminate()
+    assert parent.wait(timeout=60) == 130
+    assert (tmp_path / "cleaned").read_text() == "yes"
+
+
+def test_a_failing_child_is_an_error():
+    import subprocess
+    import sys
+
+    from toolchain.reference_runs import run_command
+
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_command([sys.executable, "-c", "raise SystemExit(3)"])
+    assert failed.value.returncode == 3
+    run_command([sys.executable, "-c", "pass"])

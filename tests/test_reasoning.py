@@ -3,7 +3,6 @@ Spearman's rank correlation, and the whole bench on a tiny model with a tiny lim
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -164,11 +163,11 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     from toolchain.bench import reasoning
     from toolchain.cli import main
 
-    def in_process(cmd, check):
+    def in_process(cmd):
         # `python -m toolchain.cli ARGS` without a new interpreter: the same command, a fast test
         assert cmd[1:3] == ["-m", "toolchain.cli"] and main(cmd[3:]) == 0
 
-    monkeypatch.setattr(reference_runs, "subprocess", SimpleNamespace(run=in_process))
+    monkeypatch.setattr(reference_runs, "run_command", in_process)
     out = tmp_path / "bench"
     options = dict(limit=3, zero_shot_limit=2, max_gen_toks=6, tasks="gsm8k,zero-shot", ppl_windows=2,
                    calib_samples=4, seqlen=64)

@@ -93,13 +93,38 @@ def quantize_command(model_dir: Path, out: Path, method: str, bits: str, extra: 
     return _toolchain_command("quantize", *args, *_calibration_args("quantize", args, CALIB_SAMPLES, SEQLEN))
 
 
+# How long a stopped child may take to remove its temporary and scratch directories before it is killed.
+CHILD_CLEANUP_SECONDS = 120
+
+
+def run_command(cmd: list[str], **popen_kwargs) -> None:
+    """`subprocess.run(cmd, check=True)`, except when this process is stopped (Ctrl-C, SIGTERM) while the child
+    runs: the child is then sent SIGTERM and waited for, so that it removes its temporary and scratch
+    directories (a job's --out and streaming scratch) as any stopped `toolchain` command does; `subprocess.run`
+    would kill it a quarter second after the interrupt, leaving them behind."""
+    process = subprocess.Popen(cmd, **popen_kwargs)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=CHILD_CLEANUP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
 def prune_in_subprocess(model_dir: Path, out: Path, method: str, init: str | None, sparsity: str,
                         extra: list[str], calib: int = CALIB_SAMPLES, seqlen: int = SEQLEN,
                         quiet: bool = True) -> dict:
     """`toolchain prune` in its own process; its time, peak memory and global sparsity."""
     cmd = prune_command(model_dir, out, method, init, sparsity, extra, calib, seqlen, quiet)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    run_command(cmd)
     wall = time.perf_counter() - t0
     report = json.loads((out / "compression.json").read_text())
     return {"prune_seconds": report["seconds"]["total"], "process_seconds": round(wall, 1),
@@ -118,7 +143,7 @@ def _run_once(cmd: list[str], out: Path, reuse: bool) -> dict:
             and (out / "compression.json").is_file():
         print(f"reusing {out} (made by the same command)", flush=True)
     else:
-        subprocess.run(cmd, check=True)
+        run_command(cmd)
         marker.write_text(json.dumps(_as_typed(cmd)) + "\n")
     return json.loads((out / "compression.json").read_text())
 
