@@ -21,11 +21,17 @@ def _quant_summary(q: dict) -> str:
             f"{q['avg_bits_with_params']:.3f} with scales/zeros, {q['seconds']['total']:.1f} s")
 
 
+def _run_job(run, config_class, args) -> dict:
+    """A model-writing job with one config, built from the command line; `given` (the flags that were on it)
+    lets the job refuse a flag its method would ignore."""
+    cfg, given = config_from_args(config_class, args)
+    return run(args.model, args.out, cfg, device=args.device, progress=not args.quiet, given=given)
+
+
 def cmd_prune(args) -> int:
     from ..jobs.prune import run_prune
 
-    cfg, given = config_from_args(PruneConfig, args)
-    report = run_prune(args.model, args.out, cfg, device=args.device, progress=not args.quiet, given=given)
+    report = _run_job(run_prune, PruneConfig, args)
     print(f"pruned {args.model} with {_prune_summary(report)}, peak RSS {report['peak_rss_mib']:.0f} MiB "
           f"-> {report['out']}")
     return 0
@@ -34,8 +40,7 @@ def cmd_prune(args) -> int:
 def cmd_quantize(args) -> int:
     from ..jobs.quantize import run_quantize
 
-    cfg, given = config_from_args(QuantConfig, args)
-    report = run_quantize(args.model, args.out, cfg, device=args.device, progress=not args.quiet, given=given)
+    report = _run_job(run_quantize, QuantConfig, args)
     print(f"quantized {args.model} with {_quant_summary(report['quantization'])} -> {report['out']}")
     return 0
 
@@ -55,8 +60,7 @@ def cmd_compress(args) -> int:
 def cmd_recover(args) -> int:
     from ..jobs.recover import run_recover
 
-    cfg, given = config_from_args(RecoverConfig, args)
-    report = run_recover(args.model, args.out, cfg, device=args.device, progress=not args.quiet, given=given)
+    report = _run_job(run_recover, RecoverConfig, args)
     r = report["recovery"]
     print(f"recovered {args.model}: {r['objective']} loss {r['loss']['before']:.4f} -> {r['loss']['after']:.4f} on "
           f"{r['data']['examples']} {r['data']['name']} examples, {r['steps']} steps, {r['seconds']:.1f} s; "
