@@ -40,13 +40,21 @@ def test_correct_arithmetic_is_no_slip(text):
     ("10 / 3 = 3", "10 / 3", "3", 10 / 3),       # an integer for a fraction is a slip, not rounding
     ("3 + 4 = 7 + 1 = 9", "7 + 1", "9", 8.0),    # the second link of a chain
     ("box 3 + 4 = 9 ok", "3 + 4", "9", 7.0),     # the 'x' of a word is not a multiplication
+    ("so $3 + 4 = 8$.", "3 + 4", "8", 7.0),      # inline LaTeX math
 ])
 def test_wrong_arithmetic_is_found(text, expression, stated, actual):
     assert arithmetic_slips(text) == [(expression, stated, pytest.approx(actual))]
 
 
 @pytest.mark.parametrize("text", ["2x + 3 = 7", "50 * 20% = 10", "2 hours * 3 = 6", "12 / 0 = 5", "7 = 7",
-                                  "x = 5"])
+                                  "x = 5",
+                                  # LaTeX a MATH solution writes: fragments of expressions the checker cannot
+                                  # compute, on either side of the "=", are not slips
+                                  "$S=\\frac{14}{2}(105+196)=14\\cdot301=4214.$",
+                                  "(-1)^{1984} (1984 - 2) = -1 + 0",
+                                  "= 0 + \\dots + 0 - 1 = -1984",
+                                  "$7 \\times 21 + 53 = 147 + 53 = 200$",
+                                  "so 31 + 5 = 6^{2}"])
 def test_equations_that_are_not_plain_arithmetic_are_skipped(text):
     assert arithmetic_slips(text) == []
 

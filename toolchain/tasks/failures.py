@@ -9,7 +9,8 @@ It falls in the first class whose rule matches, in this order:
 - `format`: no answer in the form the task asks for ("The answer is N." for GSM8K, "Final Answer: The final
   answer is ..." for MATH), so the strict extraction finds nothing;
 - `arithmetic`: an equation "a op b ... = c" before the answer whose left side does not compute to c
-  (`arithmetic_slips`);
+  (`arithmetic_slips`; an expression cut out of LaTeX the checker does not compute, such as the argument of
+  `\\frac{..}{..}(3 + 4)` or a product `= 14\\cdot 301`, is skipped rather than guessed at);
 - `reasoning`: the rest: a well-formed answer reached by correct arithmetic on a wrong path.
 
 Truncation comes first because a cut-off or looping generation has no answer for that reason; format before
@@ -33,6 +34,11 @@ LOOP_LINES = 3
 _NUMBER = r"\$?\d[\d,]*(?:\.\d+)?"
 # An equation's right side, then (scanning backwards from its "=") the characters a left side may hold.
 _EQUATION = re.compile(r"=\s*(-?" + _NUMBER + r")")
+# A stated number that goes on as an expression ("= 14\\cdot301", "= 2^{3}", "= 3(4)") is not the value.
+_CONTINUED = re.compile(r"\s*[\\^_{(*×/÷]")
+# Characters that end a notation the checker does not compute ("\\frac{a}{b}(3 + 4)", "x^{2} (3 - 1)"): an
+# expression right after one is a fragment of a larger one.
+_NOTATION_END = set("}^_\\")
 _LEFT_CHARS = set("0123456789.,+-*/×xX÷()$ ")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -60,6 +66,8 @@ def _left_side(text: str, end: int) -> str | None:
     start = end
     while start > 0 and text[start - 1] in _LEFT_CHARS:
         start -= 1
+    if start > 0 and (text[start - 1] in _NOTATION_END or _after_latex_command(text, start)):
+        return None
     raw = _THOUSANDS.sub("", text[start:end])
     # A comma that is not a thousands separator separates clauses: the expression is what follows it.
     raw = raw.rsplit(",", 1)[-1].replace("$", "")
@@ -73,6 +81,14 @@ def _left_side(text: str, end: int) -> str | None:
     if not re.match(r"^-?[\d(]", raw) or not re.search(r"[\d)]\s*[-+*/]\s*[\d(]", raw):
         return None
     return raw
+
+
+def _after_latex_command(text: str, start: int) -> bool:
+    """The run starts right after a LaTeX command's name ("\\dots 0 - 1"), which may take it as an argument."""
+    i = start
+    while i > 0 and text[i - 1].isalpha():
+        i -= 1
+    return i < start and i > 0 and text[i - 1] == "\\"
 
 
 def _agrees(actual: float, stated_text: str) -> bool:
@@ -96,6 +112,8 @@ def arithmetic_slips(text: str) -> list[tuple[str, str, float]]:
         try:
             actual = _evaluate(ast.parse(expression, mode="eval"))
         except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+            continue
+        if _CONTINUED.match(text, match.end()):
             continue
         stated = match.group(1).replace("$", "")
         if not _agrees(actual, stated.rstrip(",")):
