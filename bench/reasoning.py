@@ -236,6 +236,10 @@ def _merged(stem: Path, rows: list[dict], settings: dict) -> tuple[list[dict], d
         fresh.append({**old, **row, "tasks": {**old.get("tasks", {}), **row["tasks"]},
                       **({"zero_shot": old["zero_shot"]} if "zero_shot" in old and "zero_shot" not in row else {})})
     commands = saved.get("commands", [saved["command"]] if "command" in saved else [])
+    # The earlier commands stay listed while something they measured is left: a row this run did not measure
+    # again, or a task column kept. When this run replaced all of it they measured nothing in the table.
+    if not kept and all(name in {r["name"] for r in rows} for name in earlier):
+        commands = []
     return merge_rows(list(earlier.values()), fresh, ROW_ORDER, lambda r: r["name"]), merged, commands
 
 

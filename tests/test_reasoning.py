@@ -325,6 +325,14 @@ def test_a_run_on_other_tasks_adds_columns_to_the_earlier_table(tmp_path, capsys
                                           {**zero_shot_run, "ppl_windows": 16})
     assert [r["name"] for r in rows3] == ["dense"] and settings3["tasks"] == ["zero-shot"] and commands3 == []
 
+    # the same rows again with another cap on their only task: nothing the earlier commands measured is left
+    earlier = {**shared, "tasks": ["gsm8k"], "limit": 2, "zero_shot_limit": 50, "gsm8k_pool": "held out"}
+    stem.with_suffix(".json").write_text(json.dumps({"commands": ["bench --limit 20"], "settings": earlier,
+                                                     "rows": [_row("dense", 10.0, gsm8k=[True, False])]}))
+    _, _, commands4 = _merged(stem, [_row("dense", 10.0, gsm8k=[True, False, True])],
+                              {**shared, "tasks": ["gsm8k"], "limit": 3, "zero_shot_limit": 50, "gsm8k_pool": "held out"})
+    assert commands4 == []
+
 
 def test_answer_end_is_where_the_scored_answer_ends():
     """The first strict match, the one lm-eval scores; for MATH the same regex and appended ending as lm-eval's
