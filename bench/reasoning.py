@@ -17,8 +17,8 @@ row is then measured on the same items:
 For each generative task, every item a row gets wrong is classified on its text up to the answer the task
 scores (toolchain/tasks/failures.py: truncation or loop, format, arithmetic slip, wrong reasoning path) and
 compared with the dense model's answer (flips right->wrong and wrong->right); the items that answer and then
-run on to the cap or loop, right or wrong, are counted apart. Across the compressed rows, Spearman's rank correlation between the perplexity
-increase and the accuracy loss says whether perplexity predicted the damage.
+run on to the cap or loop, right or wrong, are counted apart. Across the compressed rows, Spearman's rank
+correlation between the perplexity increase and the accuracy loss says whether perplexity predicted the damage.
 
 Results: <out>/reasoning_<model>.{json,md,png} (the plot: wrong answers per class and row), written after every
 row, and every item's generation under <out>/reasoning_<model>/<row>/samples_<task>.jsonl. A run adds its rows
