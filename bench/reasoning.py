@@ -238,7 +238,7 @@ def _merged(stem: Path, rows: list[dict], settings: dict) -> tuple[list[dict], d
     commands = saved.get("commands", [saved["command"]] if "command" in saved else [])
     # The earlier commands stay listed while something they measured is left: a row this run did not measure
     # again, or a task column kept. When this run replaced all of it they measured nothing in the table.
-    if not kept and all(name in {r["name"] for r in rows} for name in earlier):
+    if not kept and set(earlier) <= {r["name"] for r in rows}:
         commands = []
     return merge_rows(list(earlier.values()), fresh, ROW_ORDER, lambda r: r["name"]), merged, commands
 

@@ -246,6 +246,12 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("reclassify_reasoning", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    stale = json.loads(stem.with_suffix(".json").read_text())
+    for row in stale["rows"]:           # classes from other rules: the generations, not the file, decide them
+        task = row["tasks"]["gsm8k"]
+        task.update(failures={k: "reasoning" for k in task["failures"]}, ran_on=[-1],
+                    taxonomy={c: 0 for c in CLASSES})
+    stem.with_suffix(".json").write_text(json.dumps(stale))
     again = module.reclassify(str(tiny_llama_dir), out)
     assert again["rows"] == saved["rows"] and json.loads(stem.with_suffix(".json").read_text()) == again
     samples = stem / reasoning.slug("wanda 2:4") / "samples_gsm8k.jsonl"
@@ -255,6 +261,10 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     samples.write_text("\n".join([json.dumps(item), *rest]) + "\n")
     before = stem.with_suffix(".json").read_text()
     with pytest.raises(ToolchainError, match="correctness differs"):
+        module.reclassify(str(tiny_llama_dir), out)
+    assert stem.with_suffix(".json").read_text() == before
+    samples.unlink()
+    with pytest.raises(ToolchainError, match="samples_gsm8k.jsonl is missing"):
         module.reclassify(str(tiny_llama_dir), out)
     assert stem.with_suffix(".json").read_text() == before
 

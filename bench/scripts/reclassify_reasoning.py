@@ -34,6 +34,9 @@ def reclassify(model: str, out_dir: str | Path) -> dict:
     for row in result["rows"]:
         for name, stored in row["tasks"].items():
             samples_file = stem / slug(row["name"]) / f"samples_{name}.jsonl"
+            if not samples_file.is_file():
+                raise ToolchainError(f"{samples_file} is missing: {path}'s {row['name']} {name} column cannot be "
+                                     "classified again without its generations")
             samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
             task = {"metrics": stored["metrics"], "stderr": {stored["metric"]: stored["stderr"]}, "samples": samples}
             summary = generative_summary(name, task, tokenizer, cap)
@@ -52,7 +55,10 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="the --model the benchmark ran on (smollm2, qwen05, ...)")
     parser.add_argument("--out", default="bench/results", help="the benchmark's --out (default %(default)s)")
     args = parser.parse_args()
-    result = reclassify(args.model, args.out)
+    try:
+        result = reclassify(args.model, args.out)
+    except ToolchainError as exc:
+        raise SystemExit(f"reclassify_reasoning: error: {exc}") from None
     for row in result["rows"]:
         for name, task in row["tasks"].items():
             print(f"{row['name']:28} {name:8} wrong by class {task['taxonomy']}, ran on {len(task['ran_on'])}")

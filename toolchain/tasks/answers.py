@@ -14,7 +14,7 @@ GSM8K_FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
 GSM8K_IGNORE = (",", r"\$", "(?s).*#### ", r"\.$")
 INVALID = "[invalid]"
 # lm-eval's Minerva extraction (minerva_math/utils.py: get_unnormalized_answer), which appends MATH_END to the
-# text first, so a generation cut right after its answer still has one.
+# text first, so a generation that stops after "is X. " and before MATH_END still has its answer.
 MATH_FINAL = r"Final Answer: The final answer is(.*?). I hope it is correct."
 MATH_END = "I hope it is correct."
 

@@ -106,14 +106,14 @@ def arithmetic_slips(text: str) -> list[tuple[str, str, float]]:
     an equation that is not plain arithmetic (a variable, a unit inside, a percent) is skipped."""
     slips = []
     for match in _EQUATION.finditer(text):
+        if _CONTINUED.match(text, match.end()):
+            continue
         expression = _left_side(text, match.start())
         if expression is None:
             continue
         try:
             actual = _evaluate(ast.parse(expression, mode="eval"))
         except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
-            continue
-        if _CONTINUED.match(text, match.end()):
             continue
         stated = match.group(1).replace("$", "")
         if not _agrees(actual, stated.rstrip(",")):
