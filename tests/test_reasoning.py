@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from toolchain.errors import ConfigError
 from toolchain.tasks.answers import answer_end
@@ -238,6 +239,7 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     for row in saved["rows"]:
         task = row["tasks"]["gsm8k"]
         assert task["items"] == 3 and set(row["ppl"]) == {"pydoc", "wiki", "science"}
+        assert row["threads"] == torch.get_num_threads()
         wrong = [k for k, ok in task["correct"].items() if not ok]
         assert sorted(task["failures"]) == sorted(wrong)
         assert sum(task["taxonomy"].values()) == len(wrong)
