@@ -119,8 +119,38 @@ def test_quant_state_round_trip(tmp_path, sym):
         assert torch.equal(r.codes, qw.codes) and torch.equal(r.scales, qw.scales) and torch.equal(r.zeros, qw.zeros)
         assert torch.equal(r.dequantize(), qw.dequantize())
         assert (r.prune_mask is None) == (qw.prune_mask is None or not qw.prune_mask.any())
+        if r.prune_mask is not None:
+            assert torch.equal(r.prune_mask, qw.prune_mask)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ToolchainError, match="cannot read quant state"):
+        read_quant_state(tmp_path / "bad.safetensors")
+
+
+def test_quant_state_packs_masks_eight_to_a_byte_and_reads_format_1(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 13)                       # 13 columns: the last byte of each row is partly padding
+    mask = torch.rand(5, 13) < 0.4
+    qw = rtn_quantize(w.masked_fill(mask, 0), QuantSpec(4, -1, True), mask)
+    path = tmp_path / "quant_state.safetensors"
+    write_quant_state(path, {"layer": qw})
+    stored = load_file(str(path))["layer.prune_mask"]
+    assert stored.dtype == torch.uint8 and list(stored.shape) == [5, 2]
+    assert int(stored[0, 0]) == sum(int(mask[0, j]) << j for j in range(8))     # least significant bit first
+    assert torch.equal(read_quant_state(path)["layer"].prune_mask, mask)
+    # a format-1 file (one byte per position) still reads, and a mask of the wrong shape is refused by name
+    tensors = {"layer.codes": qw.codes.to(torch.int8), "layer.scales": qw.scales.half(),
+               "layer.prune_mask": mask.to(torch.uint8)}
+    meta = {"bits": 4, "group_size": -1, "symmetric": True, "shape": [5, 13], "groups": [[0, 13]]}
+    save_file(tensors, str(tmp_path / "v1.safetensors"),
+              metadata={"toolchain": json.dumps({"format": "toolchain.quant_state/1", "layers": {"layer": meta}})})
+    assert torch.equal(read_quant_state(tmp_path / "v1.safetensors")["layer"].prune_mask, mask)
+    save_file({**tensors, "layer.prune_mask": mask.to(torch.uint8)}, str(tmp_path / "bad.safetensors"),
+              metadata={"toolchain": json.dumps({"format": "toolchain.quant_state/2", "layers": {"layer": meta}})})
+    with pytest.raises(ToolchainError, match=r"layer.prune_mask has shape \[5, 13\], expected \[5, 2\]"):
         read_quant_state(tmp_path / "bad.safetensors")
 
 
