@@ -263,3 +263,31 @@ def test_gptq_row_error_is_its_objective_under_the_callers_hessian(blocks, act_o
     w_ = w.reshape(blocks, -1, 160)
     energy = (torch.bmm(w_, H.reshape(blocks, 160, 160)) * w_).sum(2).reshape(-1)
     assert torch.allclose(qw.row_energy, energy, rtol=1e-4)
+
+
+def test_a_job_whose_output_cannot_fit_is_refused_before_any_work(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from transformers import AutoModelForCausalLM
+
+    from toolchain.jobs import common
+    from toolchain.jobs.config import QuantConfig
+    from toolchain.jobs.quantize import run_quantize
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    params = sum(p.numel() for p in model.parameters())
+    decoder_linears = sum(m.weight.numel() for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and n.startswith("model.layers."))
+    assert common.output_bytes_at_least(model, torch.float32, codes=False) == 4 * params
+    assert common.output_bytes_at_least(model, torch.bfloat16, codes=True) == 2 * params + decoder_linears
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    started = []
+    monkeypatch.setattr(common, "calibration_for", lambda *a: started.append(1))
+    out = tmp_path / "deep" / "q"                                    # its parent does not exist yet
+    with pytest.raises(ConfigError, match=r"--out .*q: its file system has 0.0 GiB free and the output needs"):
+        run_quantize(str(tiny_llama_dir), out, QuantConfig(method="gptq", bits=4, group_size=8, calib_samples=2,
+                                                               seqlen=16))
+    assert not started and not out.exists() and not out.parent.exists()
