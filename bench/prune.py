@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from toolchain.reference_runs import CALIB_SAMPLES, SEQLEN, dense_hf_dir, heldout_perplexity, prune_in_subprocess
 
 from .common import check_only, model_fp32_mib, result_stem, work_dir, write_result
@@ -74,7 +76,8 @@ def run_prune_bench(model: str, out_dir: str | Path, only: list[str] | None = No
               f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
     result = {"benchmark": "prune", "model": str(model), "calibration": f"pydoc {CALIB_SAMPLES}x{SEQLEN}, seed 0",
               "eval": f"pydoc held-out split, seqlen {SEQLEN}", "model_fp32_mib": round(fp32_mib, 1),
-              "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": rows, "partial": bool(only)}
+              "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+              "versions": library_versions(), "rows": rows, "partial": bool(only)}
     order = ["dense@-"] + [f"{n}@{s}" for s in SPARSITIES for n, *_ in PRUNE_CONFIGS]
     write_result(result_stem(out_dir, "prune", model), result, order, lambda r: f"{r['name']}@{r['sparsity']}",
                  markdown_table)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from toolchain.reference_runs import CALIB_SAMPLES, SEQLEN, dense_hf_dir, heldout_perplexity, prune_in_subprocess
 
 from .common import check_only, model_fp32_mib, result_stem, slug, work_dir, write_result
@@ -77,7 +79,8 @@ def run_quality_bench(model: str, out_dir: str | Path, only: list[str] | None = 
         result = {"benchmark": "prune-quality", "model": str(model),
                   "calibration": f"pydoc {CALIB_SAMPLES}x{SEQLEN}, seed 0",
                   "eval": f"pydoc held-out split, seqlen {SEQLEN}", "model_fp32_mib": round(fp32_mib, 1),
-                  "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": list(rows),
+                  "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                  "versions": library_versions(), "rows": list(rows),
                   "partial": partial}
         write_result(stem, result, order, lambda r: f"{r['name']}@{r['sparsity']}", quality_table)
         return result

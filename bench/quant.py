@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from toolchain.reference_runs import (CALIB_SAMPLES, EVAL_DATASETS, GROUP_SIZE, SEED, SEQLEN, dense_hf_dir,
                                       heldout_perplexities, loaded_perplexities, prune_in_subprocess,
                                       quantize_in_subprocess)
@@ -69,7 +71,8 @@ def run_quant_bench(model: str, out_dir: str | Path, only: list[str] | None = No
         result = {"benchmark": "quant", "model": str(model), "group_size": GROUP_SIZE,
                   "calibration": f"pydoc {CALIB_SAMPLES}x{SEQLEN}, seed {SEED}",
                   "eval": f"held-out splits {', '.join(EVAL_DATASETS)}, seqlen {SEQLEN}",
-                  "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": list(rows),
+                  "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                  "versions": library_versions(), "rows": list(rows),
                   "partial": partial}
         write_result(result_stem(out_dir, "quant", model), result, order, lambda r: r["name"], quant_table)
         return result

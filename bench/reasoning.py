@@ -144,7 +144,7 @@ def run_reasoning_bench(model: str, out_dir: str | Path, only: list[str] | None 
         result = {"benchmark": "reasoning", "model": str(model), "command": command, "settings": merged_settings,
                   "commands": list(dict.fromkeys([*earlier_commands, command])),
                   "calibration": f"pydoc {calib_samples}x{seqlen}, seed {SEED}; group size {GROUP_SIZE}",
-                  "cpu_threads": os.cpu_count(), "versions": library_versions(), "rows": merged_rows}
+                  "cpu_count": os.cpu_count(), "versions": library_versions(), "rows": merged_rows}
         result["analysis"] = analyse(result["rows"], tuple(merged_settings["tasks"]))
         result["plot"] = plot_taxonomy(result, Path(f"{stem}.png"))
         write_result(stem, result, ROW_ORDER, lambda r: r["name"], reasoning_table)
@@ -258,6 +258,8 @@ def perplexities(loaded, windows: int = PPL_WINDOWS, seqlen: int = SEQLEN) -> di
 
 def measure(model_dir: Path, task_names: tuple[str, ...], settings: dict, samples_dir: Path) -> dict:
     """Perplexities, generative-task accuracy with every wrong item classified, and the zero-shot suite."""
+    import torch
+
     from toolchain.models import load_model
     from toolchain.tasks import ZERO_SHOT
     from toolchain.tasks.backend import ToolchainLM
@@ -290,6 +292,9 @@ def measure(model_dir: Path, task_names: tuple[str, ...], settings: dict, sample
         row["zero_shot"] = {"tasks": accs, "average": sum(a["acc"] for a in accs.values()) / len(accs),
                             "seconds": round(time.perf_counter() - t0, 1)}
     row["eval_seconds"] = round(time.perf_counter() - start, 1)
+    # Rows of one result come from runs at different thread counts (two benchmarks side by side run at one
+    # thread each); a row's seconds mean nothing without its own.
+    row["threads"] = torch.get_num_threads()
     return row
 
 

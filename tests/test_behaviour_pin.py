@@ -50,6 +50,22 @@ def _safetensors_digest(paths) -> str:
     return _digest(items)
 
 
+def _quant_state_digest(path: Path) -> str:
+    """The integer state as it reads back, digested as the tensors of quant_state format 1 (one byte per mask
+    position), so that a change of storage which reads back the same state keeps its pin."""
+    from toolchain.quant import read_quant_state
+
+    items = []
+    for name, qw in read_quant_state(path).items():
+        items.append((f"{name}.codes", qw.codes.to(torch.int8 if qw.spec.symmetric else torch.uint8)))
+        items.append((f"{name}.scales", qw.scales.half()))
+        if not qw.spec.symmetric:
+            items.append((f"{name}.zeros", qw.zeros.to(torch.uint8)))
+        if qw.prune_mask is not None:
+            items.append((f"{name}.prune_mask", qw.prune_mask.to(torch.uint8)))
+    return _digest(items)
+
+
 def _onnx_digest(path: Path) -> str:
     import onnx
     from onnx import numpy_helper
@@ -94,7 +110,7 @@ def _compress(src: Path, out: Path, prune: dict | None, quant: dict | None) -> P
 def _model_digests(d: Path) -> dict:
     out = {"weights": _safetensors_digest(sorted(d.glob("model*.safetensors")))}
     if (d / "quant_state.safetensors").exists():
-        out["quant_state"] = _safetensors_digest([d / "quant_state.safetensors"])
+        out["quant_state"] = _quant_state_digest(d / "quant_state.safetensors")
     return out
 
 

@@ -119,8 +119,38 @@ def test_quant_state_round_trip(tmp_path, sym):
         assert torch.equal(r.codes, qw.codes) and torch.equal(r.scales, qw.scales) and torch.equal(r.zeros, qw.zeros)
         assert torch.equal(r.dequantize(), qw.dequantize())
         assert (r.prune_mask is None) == (qw.prune_mask is None or not qw.prune_mask.any())
+        if r.prune_mask is not None:
+            assert torch.equal(r.prune_mask, qw.prune_mask)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ToolchainError, match="cannot read quant state"):
+        read_quant_state(tmp_path / "bad.safetensors")
+
+
+def test_quant_state_packs_masks_eight_to_a_byte_and_reads_format_1(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 13)                       # 13 columns: the last byte of each row is partly padding
+    mask = torch.rand(5, 13) < 0.4
+    qw = rtn_quantize(w.masked_fill(mask, 0), QuantSpec(4, -1, True), mask)
+    path = tmp_path / "quant_state.safetensors"
+    write_quant_state(path, {"layer": qw})
+    stored = load_file(str(path))["layer.prune_mask"]
+    assert stored.dtype == torch.uint8 and list(stored.shape) == [5, 2]
+    assert int(stored[0, 0]) == sum(int(mask[0, j]) << j for j in range(8))     # least significant bit first
+    assert torch.equal(read_quant_state(path)["layer"].prune_mask, mask)
+    # a format-1 file (one byte per position) still reads, and a mask of the wrong shape is refused by name
+    tensors = {"layer.codes": qw.codes.to(torch.int8), "layer.scales": qw.scales.half(),
+               "layer.prune_mask": mask.to(torch.uint8)}
+    meta = {"bits": 4, "group_size": -1, "symmetric": True, "shape": [5, 13], "groups": [[0, 13]]}
+    save_file(tensors, str(tmp_path / "v1.safetensors"),
+              metadata={"toolchain": json.dumps({"format": "toolchain.quant_state/1", "layers": {"layer": meta}})})
+    assert torch.equal(read_quant_state(tmp_path / "v1.safetensors")["layer"].prune_mask, mask)
+    save_file({**tensors, "layer.prune_mask": mask.to(torch.uint8)}, str(tmp_path / "bad.safetensors"),
+              metadata={"toolchain": json.dumps({"format": "toolchain.quant_state/2", "layers": {"layer": meta}})})
+    with pytest.raises(ToolchainError, match=r"layer.prune_mask has shape \[5, 13\], expected \[5, 2\]"):
         read_quant_state(tmp_path / "bad.safetensors")
 
 
@@ -233,3 +263,31 @@ def test_gptq_row_error_is_its_objective_under_the_callers_hessian(blocks, act_o
     w_ = w.reshape(blocks, -1, 160)
     energy = (torch.bmm(w_, H.reshape(blocks, 160, 160)) * w_).sum(2).reshape(-1)
     assert torch.allclose(qw.row_energy, energy, rtol=1e-4)
+
+
+def test_a_job_whose_output_cannot_fit_is_refused_before_any_work(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from transformers import AutoModelForCausalLM
+
+    from toolchain.jobs import common
+    from toolchain.jobs.config import QuantConfig
+    from toolchain.jobs.quantize import run_quantize
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    params = sum(p.numel() for p in model.parameters())
+    decoder_linears = sum(m.weight.numel() for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and n.startswith("model.layers."))
+    assert common.output_bytes_at_least(model, torch.float32, codes=False) == 4 * params
+    assert common.output_bytes_at_least(model, torch.bfloat16, codes=True) == 2 * params + decoder_linears
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    started = []
+    monkeypatch.setattr(common, "calibration_for", lambda *a: started.append(1))
+    out = tmp_path / "deep" / "q"                                    # its parent does not exist yet
+    with pytest.raises(ConfigError, match=r"--out .*q: its file system has 0.0 GiB free and the output needs"):
+        run_quantize(str(tiny_llama_dir), out, QuantConfig(method="gptq", bits=4, group_size=8, calib_samples=2,
+                                                               seqlen=16))
+    assert not started and not out.exists() and not out.parent.exists()

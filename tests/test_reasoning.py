@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from toolchain.errors import ConfigError
 from toolchain.tasks.answers import answer_end
@@ -26,6 +27,12 @@ from toolchain.tasks.splits import gsm8k_split
     "3 + 4 = 7 + 1 = 8",                        # a chain: both links hold
     "It costs $5 per day, so 5 * 7 = 35.",
     "1, 2, 3 + 4 = 7",                          # a list before the sum
+    "4 * 15 + 2 * 5 = 60 + 10 = 70",            # a chain that rewrites the whole expression
+    "$500 - 60 = $500 - 60 = $440",             # a loop restating its left side
+    "$2^{3} + 7 = 8 + 7 = 15$",                 # LaTeX: a power, then a rewriting chain
+    "$\\frac{1}{2} \\cdot 4 = 2$, and \\(7 \\times 6 = 42\\)",
+    "$1{,}000 + 24 = 1{,}024$",
+    "$$\\left(\\dfrac{3}{4}\\right)(8) = 6$$",
 ])
 def test_correct_arithmetic_is_no_slip(text):
     assert arithmetic_slips(text) == []
@@ -41,6 +48,16 @@ def test_correct_arithmetic_is_no_slip(text):
     ("3 + 4 = 7 + 1 = 9", "7 + 1", "9", 8.0),    # the second link of a chain
     ("box 3 + 4 = 9 ok", "3 + 4", "9", 7.0),     # the 'x' of a word is not a multiplication
     ("so $3 + 4 = 8$.", "3 + 4", "8", 7.0),      # inline LaTeX math
+    ("12 / 4 = 3 * 2 = 5", "3 * 2", "5", 6.0),   # running on from 3 holds; the second link does not
+    # LaTeX read as the arithmetic it writes
+    ("$\\frac{7 \\cdot 6 \\cdot 5}{3 \\cdot 4 \\cdot 2} = 35$", "((7  *  6  *  5)/(3  *  4  *  2))", "35", 8.75),
+    ("\\[\\tfrac{1}{2} \\times 5 \\times 5 = 25\\]", "((1)/(2))  *  5  *  5", "25", 12.5),
+    ("$1 \\cdot 8^7 + 1 = 1048577$", "1  *  8**(7) + 1", "1048577", 8 ** 7 + 1.0),
+    ("\\( 2^{10} \\div 4 = 512 \\)", "2**(10)  /  4", "512", 256.0),
+    # a right side that goes on as an expression is read whole: 7 * 301, not 14 * 301
+    ("$S=\\frac{14}{2}(105+196)=14\\cdot301=4214.$", "((14)/(2))*(105+196)", "14 * 301", 2107.0),
+    ("we get $5 \\cdot 6 = 4^2$, which is true", "5  *  6", "4**(2)", 30.0),
+    ("It costs $5 and $7 x 2 = 15.", "7 * 2", "15", 14.0),   # two currency signs are not math: x is a times
 ])
 def test_wrong_arithmetic_is_found(text, expression, stated, actual):
     assert arithmetic_slips(text) == [(expression, stated, pytest.approx(actual))]
@@ -50,11 +67,15 @@ def test_wrong_arithmetic_is_found(text, expression, stated, actual):
                                   "x = 5",
                                   # LaTeX a MATH solution writes: fragments of expressions the checker cannot
                                   # compute, on either side of the "=", are not slips
-                                  "$S=\\frac{14}{2}(105+196)=14\\cdot301=4214.$",
                                   "(-1)^{1984} (1984 - 2) = -1 + 0",
                                   "= 0 + \\dots + 0 - 1 = -1984",
                                   "$7 \\times 21 + 53 = 147 + 53 = 200$",
-                                  "so 31 + 5 = 6^{2}"])
+                                  "so 31 + 5 = 6^{2}",
+                                  "$5x(1-\\frac{1}{5}) = 4x$",        # in math, x is a variable
+                                  "$f(1 + 2) = 7$",                    # a function's argument
+                                  "$1 + a \\cdot 1 + 1 = 3$",          # a term of a sum over a variable
+                                  "$|1 + z| = \\sqrt{1^2 + 1} = 2$",    # the argument of a command
+                                  "$2^{100} - 1 = 7$"])                # an exponent no one works by hand
 def test_equations_that_are_not_plain_arithmetic_are_skipped(text):
     assert arithmetic_slips(text) == []
 
@@ -89,6 +110,14 @@ CUT = "Tom has 3 + 4 = 7 apples. He eats 2, so 7 - 2 ="
 def test_classification_order(generation, truncated, expected):
     assert classify_failure(generation, answer_end("gsm8k", generation), truncated) == expected
     assert expected in CLASSES
+
+
+def test_a_latex_slip_in_a_math_solution_is_arithmetic():
+    final = "\nFinal Answer: The final answer is $4214$. I hope it is correct."
+    slipped = "The sum is\n$$S=\\frac{n}{2}(a+l)=\\frac{14}{2}(105+196)=14\\cdot301=4214.$$" + final
+    right = "The sum is\n$$S=\\frac{n}{2}(a+l)=\\frac{14}{2}(105+196)=7\\cdot301=2107.$$" + final
+    assert classify_failure(slipped, answer_end("math500", slipped)) == "arithmetic"
+    assert classify_failure(right, answer_end("math500", right)) == "reasoning"
 
 
 def test_an_answer_then_a_run_on_is_counted_apart():
@@ -210,6 +239,7 @@ def test_bench_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     for row in saved["rows"]:
         task = row["tasks"]["gsm8k"]
         assert task["items"] == 3 and set(row["ppl"]) == {"pydoc", "wiki", "science"}
+        assert row["threads"] == torch.get_num_threads()
         wrong = [k for k, ok in task["correct"].items() if not ok]
         assert sorted(task["failures"]) == sorted(wrong)
         assert sum(task["taxonomy"].values()) == len(wrong)

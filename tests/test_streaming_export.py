@@ -208,7 +208,7 @@ def test_export_streaming_option(compressed_dir, tmp_path, monkeypatch, capsys):
         {a["path"] for a in manifest["artifacts"]}
     onnx.checker.check_model(str(out / "onnx/model.matmulnbits.onnx"))
     # the default follows the memory available, as prune and quantize do: too little RAM streams
-    monkeypatch.setattr("toolchain.jobs.config.available_ram_bytes", lambda: 1)
+    monkeypatch.setattr("toolchain.jobs.config.calibration.available_ram_bytes", lambda: 1)
     assert run_export(model_dir, tmp_path / "auto", ExportConfig(target="blob"))["streaming"] is True
     assert run_export(model_dir, tmp_path / "no", ExportConfig(target="blob", streaming=False))["streaming"] is False
     capsys.readouterr()

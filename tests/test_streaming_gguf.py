@@ -90,6 +90,6 @@ def test_streamed_perplexity_of_a_gguf(q8_gguf):
 
 def test_gguf_streaming_decision(q8_gguf, monkeypatch):
     assert resolve_streaming(str(q8_gguf), PruneConfig(method="wanda", sparsity="2:4")) is False
-    monkeypatch.setattr("toolchain.jobs.config.available_ram_bytes", lambda: 1)
+    monkeypatch.setattr("toolchain.jobs.config.calibration.available_ram_bytes", lambda: 1)
     assert resolve_streaming(str(q8_gguf), PruneConfig(method="wanda", sparsity="2:4")) is True
     assert np.isclose(float32_bytes(q8_gguf) / 4, sum(t.n_elements for t in gguf.GGUFReader(str(q8_gguf)).tensors))

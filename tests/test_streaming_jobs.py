@@ -174,11 +174,11 @@ def test_bf16_in_gives_bf16_out_and_dtype_overrides(tmp_path, bf16_dir):
 
 
 def test_the_streaming_decision(tmp_path, tiny_llama_dir, monkeypatch):
-    from toolchain.jobs import config
+    from toolchain.jobs.config import calibration
 
     src = str(tiny_llama_dir)
     assert resolve_streaming(src, PruneConfig(method="wanda")) is False          # fits easily: in memory
-    monkeypatch.setattr(config, "available_ram_bytes", lambda: 1000)
+    monkeypatch.setattr(calibration, "available_ram_bytes", lambda: 1000)
     assert resolve_streaming(src, PruneConfig(method="wanda")) is True           # would not fit: streams
     assert resolve_streaming(src, PruneConfig(method="wanda", streaming=False)) is False
     # an option that needs the whole model keeps the default in memory, and refuses an explicit --streaming

@@ -3,8 +3,11 @@ it for streaming), make the calibration windows, measure memory, record the fact
 write the output."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
+
+import torch
 
 from .. import distributed
 from ..data import calibration_data
@@ -12,7 +15,7 @@ from ..errors import ConfigError
 from ..machine import AnonPeak, library_versions, machine_description, peak_cuda_mib, peak_rss_mib
 from ..models import load_model, save_model
 from ..models.loading import check_out_dir, is_named_model
-from .config import CalibConfig, output_dtype, resolve_streaming
+from .config import CalibConfig, QuantConfig, output_dtype, resolve_streaming
 from .streamed import StreamedOutput, open_streamed
 
 COMPRESSION_FORMAT = "toolchain.compression/1"
@@ -52,6 +55,28 @@ def check_distributed(prune=None, quant=None) -> None:
                           f"Run it in one process (without torchrun)")
 
 
+def output_bytes_at_least(model: torch.nn.Module, dtype: torch.dtype, codes: bool) -> int:
+    """A lower bound on what the output directory takes: every parameter in the output dtype and, quantizing,
+    one byte of code per weight of each decoder layer's linears (scales, masks and the tokenizer come on top)."""
+    size = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    if codes:
+        size += sum(m.weight.numel() for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}.")
+    return size
+
+
+def check_disk_space(out: str | Path, needed: int) -> None:
+    """Refuse, before any work, an --out whose file system has less free space than `needed` bytes: the output
+    is written beside it and renamed, so a full disk would otherwise surface only at the end of the run."""
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise ConfigError(f"--out {out}: its file system has {free / 2**30:.1f} GiB free and the output needs at "
+                          f"least {needed / 2**30:.1f} GiB; free some space or choose another directory")
+
+
 def run_job(model_spec: str, out: str | Path, cfg: CalibConfig, work, calibrate: bool = True,
             configs: tuple[CalibConfig, ...] = ()):
     """Refuse an --out that would overwrite the input (before any work), load the model (or, streaming, open
@@ -69,6 +94,8 @@ def run_job(model_spec: str, out: str | Path, cfg: CalibConfig, work, calibrate:
             loaded = open_streamed(model_spec) if streaming else load_model(model_spec)
             loaded.save_dtype = dtype
             t_load = time.perf_counter() - t0
+            codes = any(isinstance(c, QuantConfig) for c in (configs or (cfg,)))
+            check_disk_space(out, output_bytes_at_least(loaded.model, dtype, codes))
             calib, calib_info = calibration_for(loaded, cfg) if calibrate else (None, None)
             world = distributed.setup()
             calib, windows_per_rank = distributed.shard_windows(calib, world)

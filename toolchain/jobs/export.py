@@ -11,7 +11,7 @@
     --target gpu                 a 2:4 TensorRT-ready bundle (toolchain.gpu.bundle, docs/gpu.md)
 
 Every directory is written to a temporary path and renamed, so a failed export leaves nothing half-written.
-`--streaming` (by default when the model would not fit in memory; `config.py: resolve_streaming`): the ONNX
+`--streaming` (by default when the model would not fit in memory; `config/calibration.py: resolve_streaming`): the ONNX
 graph is built one decoder layer at a time from the checkpoint, its weights written to the data file as they
 are made, and the blob, ONNX and compressed-tensors writers read the codes one linear at a time
 (docs/scale.md). The manifest records

@@ -4,9 +4,14 @@ Per quantized linear, with its full module name as prefix (e.g. `model.layers.0.
   `<name>.codes`       int8 (symmetric, signed) or uint8 (asymmetric) [out, in]; pruned weights hold the zero code
   `<name>.scales`      float16 [out, n_groups] (exact: scales are fp16 when they are made)
   `<name>.zeros`       uint8 [out, n_groups], asymmetric only (symmetric zero is 0)
-  `<name>.prune_mask`  uint8 [out, in], 1 = pruned, only for layers with pruned weights
-The safetensors metadata key `toolchain` holds JSON: {"format": "toolchain.quant_state/1", "layers":
+  `<name>.prune_mask`  uint8 [out, ceil(in / 8)], eight positions per byte along `in`, least significant bit
+                       first (numpy's packbits, bitorder "little"), 1 = pruned; only for layers with pruned weights
+The safetensors metadata key `toolchain` holds JSON: {"format": "toolchain.quant_state/2", "layers":
 {name: {"bits", "group_size", "symmetric", "shape", "groups": [[start, end], ...]}}}.
+
+Format 1 stored the mask as one uint8 per weight [out, in]; it is still read. A model with any exact zero has a
+mask (zeros are pruned weights), and a dense model dequantized from a GGUF has a few in most layers, so one byte
+per weight made the mask as large as the codes.
 """
 from __future__ import annotations
 
@@ -15,12 +20,14 @@ import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ToolchainError
 from .quantizer import QuantizedWeight, QuantSpec
 
-FORMAT = "toolchain.quant_state/1"
+FORMAT = "toolchain.quant_state/2"
+UNPACKED_MASK_FORMAT = "toolchain.quant_state/1"
 
 
 def write_quant_state(path: str | os.PathLike, weights: dict[str, QuantizedWeight]) -> None:
@@ -34,30 +41,49 @@ def write_quant_state(path: str | os.PathLike, weights: dict[str, QuantizedWeigh
         if not sym:
             tensors[f"{name}.zeros"] = qw.zeros.to(torch.uint8).contiguous().cpu()
         if qw.prune_mask is not None and bool(qw.prune_mask.any()):
-            tensors[f"{name}.prune_mask"] = qw.prune_mask.to(torch.uint8).contiguous().cpu()
+            tensors[f"{name}.prune_mask"] = pack_mask(qw.prune_mask)
         layers[name] = {"bits": qw.spec.bits, "group_size": qw.spec.group_size, "symmetric": sym,
                         "shape": list(qw.codes.shape), "groups": [list(g) for g in qw.spec.groups(qw.codes.shape[1])]}
     save_file(tensors, str(path), metadata={"toolchain": json.dumps({"format": FORMAT, "layers": layers})})
 
 
-def _read_linear(handle, path: Path, name: str, info: dict, keys: set[str]) -> QuantizedWeight:
-    """One linear's QuantizedWeight from an open quant_state file."""
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool [out, in] mask as uint8 [out, ceil(in / 8)], eight positions per byte, least significant first."""
+    return torch.from_numpy(np.packbits(mask.cpu().numpy().astype(bool), axis=1, bitorder="little"))
+
+
+def unpack_mask(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """`pack_mask` undone: bool [out, columns]."""
+    bits = np.unpackbits(packed.numpy(), axis=1, count=columns, bitorder="little")
+    return torch.from_numpy(bits).bool()
+
+
+def _read_linear(handle, path: Path, name: str, info: dict, keys: set[str], packed: bool = True) -> QuantizedWeight:
+    """One linear's QuantizedWeight from an open quant_state file (`packed`: its masks are bit-packed, format 2)."""
     spec = QuantSpec(info["bits"], info["group_size"], info["symmetric"])
     codes = handle.get_tensor(f"{name}.codes").to(torch.int32)
     scales = handle.get_tensor(f"{name}.scales").float()
     zeros = (handle.get_tensor(f"{name}.zeros").to(torch.int32) if not spec.symmetric
              else torch.zeros_like(scales, dtype=torch.int32))
-    mask = handle.get_tensor(f"{name}.prune_mask").bool() if f"{name}.prune_mask" in keys else None
     if list(codes.shape) != info["shape"]:
         raise ToolchainError(f"{path}: {name}.codes has shape {list(codes.shape)}, metadata says {info['shape']}")
+    mask = None
+    if f"{name}.prune_mask" in keys:
+        stored = handle.get_tensor(f"{name}.prune_mask")
+        rows, columns = codes.shape
+        expected = [rows, (columns + 7) // 8] if packed else [rows, columns]
+        if list(stored.shape) != expected:
+            raise ToolchainError(f"{path}: {name}.prune_mask has shape {list(stored.shape)}, expected {expected}")
+        mask = unpack_mask(stored, columns) if packed else stored.bool()
     return QuantizedWeight(codes, scales, zeros, spec, mask)
 
 
-def _layers_of(handle, path: Path) -> dict:
+def _layers_of(handle, path: Path) -> tuple[dict, bool]:
+    """The file's per-linear metadata, and whether its masks are bit-packed."""
     meta = json.loads((handle.metadata() or {}).get("toolchain", "{}"))
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, UNPACKED_MASK_FORMAT):
         raise ToolchainError(f"{path}: not a {FORMAT} file (format {meta.get('format')!r})")
-    return meta["layers"]
+    return meta["layers"], meta["format"] == FORMAT
 
 
 def read_quant_state(path: str | os.PathLike) -> dict[str, QuantizedWeight]:
@@ -67,8 +93,8 @@ def read_quant_state(path: str | os.PathLike) -> dict[str, QuantizedWeight]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
-            return {name: _read_linear(handle, path, name, info, keys)
-                    for name, info in _layers_of(handle, path).items()}
+            layers, packed = _layers_of(handle, path)
+            return {name: _read_linear(handle, path, name, info, keys, packed) for name, info in layers.items()}
     except ToolchainError:
         raise
     except Exception as exc:
@@ -90,7 +116,7 @@ class QuantStateFile(MutableMapping):
         try:
             with safe_open(str(self.path), framework="pt") as handle:
                 self.keys_in_file = set(handle.keys())
-                self.layers = _layers_of(handle, self.path)
+                self.layers, self.packed = _layers_of(handle, self.path)
         except ToolchainError:
             raise
         except Exception as exc:
@@ -106,7 +132,7 @@ class QuantStateFile(MutableMapping):
             raise KeyError(name)
         try:
             with safe_open(str(self.path), framework="pt") as handle:
-                return _read_linear(handle, self.path, name, self.layers[name], self.keys_in_file)
+                return _read_linear(handle, self.path, name, self.layers[name], self.keys_in_file, self.packed)
         except ToolchainError:
             raise
         except Exception as exc:
@@ -134,6 +160,7 @@ class QuantStateFile(MutableMapping):
         """A view of the same file with its own overlay (as `dict.copy` gives the in-memory state)."""
         other = object.__new__(QuantStateFile)
         other.path, other.keys_in_file, other.layers, other.added = self.path, self.keys_in_file, self.layers, dict(self.added)
+        other.packed = self.packed
         return other
 
 
@@ -164,7 +191,10 @@ def merge_quant_state(parts: list[Path], path: str | os.PathLike, consume: bool 
     entries, layers = [], {}
     for part in parts:
         handle = safe_open(str(part), framework="pt")
-        layers.update(json.loads(handle.metadata()["toolchain"])["layers"])
+        meta = json.loads(handle.metadata()["toolchain"])
+        if meta.get("format") != FORMAT:   # masks packed or not: one file cannot hold both
+            raise ToolchainError(f"{part}: format {meta.get('format')!r}, the merged file is {FORMAT}")
+        layers.update(meta["layers"])
         for name in handle.keys():
             piece = handle.get_slice(name)
             entries.append((name, DTYPES_BY_CODE[piece.get_dtype()], tuple(piece.get_shape()),

@@ -9,8 +9,9 @@ It falls in the first class whose rule matches, in this order:
 - `format`: no answer in the form the task asks for ("The answer is N." for GSM8K, "Final Answer: The final
   answer is ..." for MATH), so the strict extraction finds nothing;
 - `arithmetic`: an equation "a op b ... = c" before the answer whose left side does not compute to c
-  (`arithmetic_slips`; an expression cut out of LaTeX the checker does not compute, such as the argument of
-  `\\frac{..}{..}(3 + 4)` or a product `= 14\\cdot 301`, is skipped rather than guessed at);
+  (`arithmetic_slips`; LaTeX math is read as the arithmetic it writes, `\\frac{a}{b}`, `\\cdot`, `\\times`,
+  `2^{3}`; an expression cut out of notation the checker does not compute, such as a term after `\\dots` or
+  the argument of `\\sqrt{..}`, is skipped rather than guessed at);
 - `reasoning`: the rest: a well-formed answer reached by correct arithmetic on a wrong path.
 
 Truncation comes first because a cut-off or looping generation has no answer for that reason; format before
@@ -34,7 +35,7 @@ LOOP_LINES = 3
 _NUMBER = r"\$?\d[\d,]*(?:\.\d+)?"
 # An equation's right side, then (scanning backwards from its "=") the characters a left side may hold.
 _EQUATION = re.compile(r"=\s*(-?" + _NUMBER + r")")
-# A stated number that goes on as an expression ("= 14\\cdot301", "= 2^{3}", "= 3(4)") is not the value.
+# A stated number that goes on as an expression ("= 14 * 301", "= 2^{3}", "= 3(4)") is not the value by itself.
 _CONTINUED = re.compile(r"\s*[\\^_{(*×/÷]")
 # Characters that end a notation the checker does not compute ("\\frac{a}{b}(3 + 4)", "x^{2} (3 - 1)"): an
 # expression right after one is a fragment of a larger one.
@@ -42,6 +43,20 @@ _NOTATION_END = set("}^_\\")
 _LEFT_CHARS = set("0123456789.,+-*/×xX÷()$ ")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+MATH_X = "\U0001d465"     # mathematical italic small x
+POWER_MAX_EXPONENT = 64   # a larger exponent is not hand arithmetic, and its value would not fit a float
+
+# LaTeX math: the segments ($..$, $$..$$, \(..\), \[..\]) whose arithmetic is rewritten in the plain form the
+# checker reads. A segment without markup is left as it is: a pair of currency signs ("$5 and $7") is not math.
+_MATH_SEGMENT = re.compile(r"(?<!\\)\$\$(.*?)(?<!\\)\$\$"              # $$..$$ (an escaped \$ is a dollar sign)
+                           r"|(?<!\\)\$((?:[^$]|(?<=\\)\$)*?)(?<!\\)\$"   # $..$
+                           r"|\\\((.*?)\\\)|\\\[(.*?)\\\]", re.S)        # \(..\), \[..\]
+_LATEX_OPERATOR = re.compile(r"\\(?:times|cdot|div)(?![A-Za-z])")
+_LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad(?![A-Za-z])")
+_FRACTION = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_POWER = re.compile(r"(?<=[\d)])\s*\^\s*(?:\{([^{}]*)\}|(\d))")
+# A number or a closing parenthesis directly before "(" multiplies it: "3(4 + 1)", "(2)(5)".
+_IMPLIED_PRODUCT = re.compile(r"(?<=[\d)])\s*(?=\()")
 
 
 def _number(text: str) -> float:
@@ -57,7 +72,49 @@ def _evaluate(node: ast.AST) -> float:
         return -_evaluate(node.operand)
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        base, exponent = _evaluate(node.left), _evaluate(node.right)
+        if abs(exponent) > POWER_MAX_EXPONENT or (base < 0 and exponent != int(exponent)):
+            raise ValueError("not hand arithmetic")
+        return base ** exponent
     raise ValueError("not arithmetic")
+
+
+def _plain_math(segment: str) -> str:
+    """A LaTeX math segment's arithmetic in plain form: `\\frac{a}{b}` as ((a)/(b)), `\\cdot` and `\\times` as
+    *, `\\div` as /, `2^{3}` as 2**(3), `\\left(`/`\\right)` as parentheses, a product written by juxtaposition
+    with *. Anything else (a variable, `\\sqrt`, `\\dots`) stays, and the checker skips the expressions next to it."""
+    # In math an x is a variable, never a times sign: the math-italic letter keeps the plain-text rule
+    # ("3 x 4") from reading it as one.
+    text = segment.replace("{,}", ",").replace("x", MATH_X).replace("X", MATH_X)
+    text = _LATEX_SPACE.sub(" ", text)
+    text = re.sub(r"\\left\s*\(|\\bigl?\s*\(", "(", text)
+    text = re.sub(r"\\right\s*\)|\\bigr?\s*\)", ")", text)
+    text = _LATEX_OPERATOR.sub(lambda m: " / " if m.group(0) == "\\div" else " * ", text)
+    while True:   # innermost first: the pattern takes only braces with no braces inside
+        rewritten = _FRACTION.sub(r"((\1)/(\2))", text)
+        if rewritten == text:
+            break
+        text = rewritten
+    text = _POWER.sub(lambda m: "**(" + (m.group(1) if m.group(1) is not None else m.group(2)) + ")", text)
+    return _IMPLIED_PRODUCT.sub("*", text)
+
+
+def plain_arithmetic(text: str) -> str:
+    """`text` with each LaTeX math segment that holds markup rewritten by `_plain_math`, its delimiters as spaces."""
+    def rewrite(match: re.Match) -> str:
+        inner = next(group for group in match.groups() if group is not None)
+        if not any(mark in inner for mark in "\\^{"):
+            return match.group(0)
+        return " " + _plain_math(inner) + " "
+    return _MATH_SEGMENT.sub(rewrite, text)
+
+
+def _plain_expression(raw: str) -> str:
+    """A run of text as a Python expression: no thousands separators or dollar signs, × ÷ and a spaced x as
+    operators."""
+    raw = _THOUSANDS.sub("", raw).replace("$", "").replace("×", "*").replace("÷", "/")
+    return re.sub(r"(?<=[\d)\s])[xX](?=[\s\d(])", "*", raw).strip()
 
 
 def _left_side(text: str, end: int) -> str | None:
@@ -68,13 +125,18 @@ def _left_side(text: str, end: int) -> str | None:
         start -= 1
     if start > 0 and (text[start - 1] in _NOTATION_END or _after_latex_command(text, start)):
         return None
-    raw = _THOUSANDS.sub("", text[start:end])
     # A comma that is not a thousands separator separates clauses: the expression is what follows it.
-    raw = raw.rsplit(",", 1)[-1].replace("$", "")
-    # The run may start inside a word ("box 3 + 4": "x 3 + 4"): the expression starts at its first number.
-    raw = re.sub(r"^[^\d(-]*", "", raw)
-    raw = raw.replace("×", "*").replace("÷", "/")
-    raw = re.sub(r"(?<=[\d)\s])[xX](?=[\s\d(])", "*", raw).strip()
+    clause = [m.end() for m in re.finditer(r",(?!\d{3}(?!\d))", text[start:end])]
+    if clause:
+        start += clause[-1]
+    # The run may start inside a word ("box 3 + 4": "x 3 + 4"): the expression starts at its first number. An
+    # operator before that number ("a * 1 + 1") means the expression goes on over a variable, and a parenthesis
+    # or minus sign right after a letter ("f(1 + 2)", "a-1") belongs to a function or a variable.
+    lead = re.match(r"[^\d(-]*", text[start:end]).group(0)
+    first = start + len(lead)
+    if re.search(r"[-+*/×÷)]", lead) or (first > 0 and text[first - 1].isalpha() and text[first] in "(-"):
+        return None
+    raw = _plain_expression(text[first:end])
     # Opening parentheses of an enclosing clause, "(so 3 + 4 = 7", are not part of the expression.
     while raw.count("(") > raw.count(")") and raw.startswith("("):
         raw = raw[1:].strip()
@@ -100,24 +162,53 @@ def _agrees(actual: float, stated_text: str) -> bool:
     return abs(actual - stated) <= tolerance + 1e-12
 
 
+def _right_side(text: str, start: int) -> tuple[str, float] | None:
+    """The whole expression after an "=" (its first number at `start`) up to where it ends (the next "=", a word,
+    a comma that separates clauses), with its value; None when it runs into notation the checker does not
+    compute or is not plain arithmetic."""
+    end = start
+    while end < len(text) and text[end] in _LEFT_CHARS:
+        end += 1
+    if end < len(text) and (text[end] in _NOTATION_END or text[end] == "{"):
+        return None
+    raw = _plain_expression(re.split(r",(?!\d{3}(?!\d))", text[start:end], maxsplit=1)[0]).rstrip(".")
+    try:
+        return raw, _evaluate(ast.parse(raw, mode="eval"))
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, OverflowError):
+        return None
+
+
 def arithmetic_slips(text: str) -> list[tuple[str, str, float]]:
-    """Every equation "expression = number" in `text` whose expression does not compute to the number:
-    (expression, stated number, computed value). Expressions are + - * / × ÷ x over numbers and parentheses;
-    an equation that is not plain arithmetic (a variable, a unit inside, a percent) is skipped."""
+    """Every equation "expression = right side" in `text` whose expression does not compute to the right side:
+    (expression, stated right side, computed value). Expressions are + - * / × ÷ x and powers over numbers and
+    parentheses, LaTeX math read as such (`plain_arithmetic`); an equation that is not plain arithmetic (a
+    variable, a unit inside, a percent) is skipped.
+
+    A chain either runs on from a value ("3 + 4 = 7 + 1 = 8": 7 is 3 + 4) or rewrites the whole expression
+    ("2^3 + 7 = 8 + 7 = 15"), so a link is a slip only when its expression equals neither the right side's first
+    number nor the whole right side."""
     slips = []
+    text = plain_arithmetic(text)
     for match in _EQUATION.finditer(text):
-        if _CONTINUED.match(text, match.end()):
-            continue
+        continued = _CONTINUED.match(text, match.end()) is not None
         expression = _left_side(text, match.start())
         if expression is None:
             continue
         try:
             actual = _evaluate(ast.parse(expression, mode="eval"))
-        except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, OverflowError):
             continue
-        stated = match.group(1).replace("$", "")
-        if not _agrees(actual, stated.rstrip(",")):
-            slips.append((expression, stated, actual))
+        stated = match.group(1).replace("$", "").rstrip(",")
+        if not continued and _agrees(actual, stated):
+            continue
+        whole = _right_side(text, match.start(1))
+        if whole is None:
+            if not continued:
+                slips.append((expression, stated, actual))
+            continue
+        if abs(actual - whole[1]) <= 1e-9 * max(1.0, abs(actual)) or _agrees(actual, stated):
+            continue
+        slips.append((expression, whole[0] if continued else stated, actual))
     return slips
 
 
