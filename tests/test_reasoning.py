@@ -71,7 +71,7 @@ def test_wrong_arithmetic_is_found(text, expression, stated, actual):
                                   "= 0 + \\dots + 0 - 1 = -1984",
                                   "$7 \\times 21 + 53 = 147 + 53 = 200$",
                                   "so 31 + 5 = 6^{2}",
-                                  "$5x(1-\\frac{1}{5}) = 4x$",        # in math, x is a variable
+                                  "$5x(1-\\frac{1}{5}) = 5x\\cdot\\frac{4}{5} = 4x$",  # in math, x is a variable
                                   "$f(1 + 2) = 7$",                    # a function's argument
                                   "$1 + a \\cdot 1 + 1 = 3$",          # a term of a sum over a variable
                                   "$|1 + z| = \\sqrt{1^2 + 1} = 2$",    # the argument of a command

@@ -206,6 +206,21 @@ def test_a_failed_write_leaves_nothing(compressed_dir, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_that_cannot_fit_is_refused_before_training(compressed_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import toolchain.jobs.recover as job
+
+    src = compressed_dir("llama", "2:4", "4", 32)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(job, "recover_scales", lambda *a, **k: pytest.fail("trained before checking the disk"))
+    with pytest.raises(ConfigError, match="its file system has 0.0 GiB free"):
+        run_recover(str(src), tmp_path / "out", RecoverConfig(**FAST), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_gsm8k_split_is_fixed_disjoint_and_recorded():
     from toolchain.tasks.splits import SPLIT_RULE, excluded_items, gsm8k_split, indices_sha256, split_record
 

@@ -22,6 +22,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..machine import library_versions, machine_description, peak_rss_mib
 from ..models import load_model, save_model
 from ..models.loading import check_out_dir
+from .common import check_disk_space, output_bytes_at_least
 from ..quant import QuantizedWeight, read_quant_state, write_quant_state
 from ..quant.recover import Examples, RecoverSettings, pad_examples, recover_scales
 from .config import RecoverConfig
@@ -99,6 +100,7 @@ def run_recover(model_dir: str, out: str | Path, cfg: RecoverConfig, device=None
     if loaded.tokenizer is None:
         raise ModelLoadError(f"{model_dir} has no tokenizer; recover tokenizes its training text")
     check_in_step(loaded.model, state)
+    check_disk_space(out, output_bytes_at_least(loaded.model, next(loaded.model.parameters()).dtype, codes=True))
     teacher = None
     if cfg.teacher is not None:
         teacher = load_model(cfg.teacher, with_tokenizer=False).model
